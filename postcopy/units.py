@@ -1,0 +1,52 @@
+"""Parsing of human-written sizes and rates for the command line."""
+from __future__ import annotations
+
+import argparse
+import re
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(bit|bps|B)?(?:/s)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``4096``, ``64K``, ``256M``, ``2GiB`` into bytes (binary units)."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G/T suffix")
+    return int(match.group(1)) * _SUFFIX[match.group(2).upper()]
+
+
+def parse_rate(text: str) -> int:
+    """Parse a link rate into bits per second: ``100mbit``, ``1gbit``, ``50MB`` (bytes)."""
+    match = _RATE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"rate {text!r} is not like 100mbit, 1gbit or 50MB")
+    value = float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[match.group(2).upper()]
+    unit = (match.group(3) or "bit").lower()
+    return int(value * 8 if unit == "b" and match.group(3) == "B" else value)
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes: a bad size is a usage error (exit code 2)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def rate_arg(text: str) -> int:
+    """argparse type for link rates in bits per second."""
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
