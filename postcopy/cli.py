@@ -10,6 +10,10 @@ import sys
 # handler(args) returns the exit code.
 SUBCOMMAND_MODULES = [
     "postcopy.guest.cli",
+    "postcopy.doctor",
+    "postcopy.agent_cli",
+    "postcopy.demo",
+    "postcopy.bench",
 ]
 
 

@@ -1,0 +1,434 @@
+/* guest_vm: RAM layout, vCPU step loop and RAM hash of the postcopy guest.
+ * See guest_vm.h for the layout; the Python side (postcopy/guest/runtime.py) holds
+ * the policy (threads, pause/resume, control socket). */
+#define _GNU_SOURCE
+#include "guest_vm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+#ifndef MADV_NOHUGEPAGE
+#define MADV_NOHUGEPAGE 15
+#endif
+
+#define PM_PRESENT (1ULL << 63)
+#define PM_SWAP (1ULL << 62)
+
+_Static_assert(sizeof(struct pc_guest_hdr) <= PC_GUEST_VCPU_OFFSET, "header overlaps vCPU records");
+_Static_assert(sizeof(struct pc_vcpu_state) == 64, "vCPU record is one cache line");
+_Static_assert(PC_GUEST_VCPU_OFFSET + PC_GUEST_MAX_THREADS * 64 <= 4096, "state page overflow");
+_Static_assert(sizeof(struct pc_vcpu_local) == 64, "local record is one cache line");
+
+static inline uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+/* Uniform-enough index in [0, n) from the high bits of r, without a division. */
+static inline uint64_t mulhi(uint64_t r, uint64_t n) { return (uint64_t)(((unsigned __int128)r * n) >> 64); }
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static inline struct pc_vcpu_state *vcpu_state(void *ram, int tid)
+{
+    return (struct pc_vcpu_state *)((char *)ram + PC_GUEST_VCPU_OFFSET) + tid;
+}
+
+uint64_t pc_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+int pc_guest_layout(uint64_t ram_size, uint64_t page_size, uint32_t threads, uint32_t workload,
+                    double working_set, struct pc_guest_info *out)
+{
+    if (page_size < 64 || (page_size & (page_size - 1)) || ram_size % page_size)
+        return PC_GUEST_ESIZE;
+    if (threads < 1 || threads > PC_GUEST_MAX_THREADS)
+        return PC_GUEST_ETHREADS;
+    if (workload > PC_WL_HOTSPOT)
+        return PC_GUEST_EWORKLOAD;
+    if (!(working_set > 0.0 && working_set <= 1.0))
+        return PC_GUEST_EPARAM;
+    uint64_t shared = ram_size / 16;
+    if (shared > PC_GUEST_SHARED_MAX)
+        shared = PC_GUEST_SHARED_MAX;
+    shared -= shared % page_size;
+    if (shared < page_size)
+        shared = page_size;
+    if (ram_size < page_size + shared + threads * page_size)
+        return PC_GUEST_ELAYOUT;
+    uint64_t slice_pages = (ram_size - page_size - shared) / page_size / threads;
+    uint64_t ws = (uint64_t)((double)slice_pages * working_set);
+    if (ws < 1)
+        ws = 1;
+    if (ws > slice_pages)
+        ws = slice_pages;
+    uint64_t hot = ws / 10;
+    memset(out, 0, sizeof(*out));
+    out->ram_size = ram_size;
+    out->page_size = page_size;
+    out->threads = threads;
+    out->workload = workload;
+    out->working_set = working_set;
+    out->shared_off = page_size;
+    out->shared_len = shared;
+    out->slice_off = page_size + shared;
+    out->slice_len = slice_pages * page_size;
+    out->ws_pages = ws;
+    out->hot_pages = hot ? hot : 1;
+    return 0;
+}
+
+int pc_guest_boot(void *ram, uint64_t ram_size, uint64_t page_size, uint32_t threads,
+                  uint32_t workload, uint64_t seed, uint64_t steps_target, double rate,
+                  double working_set)
+{
+    struct pc_guest_info lay;
+    int rc = pc_guest_layout(ram_size, page_size, threads, workload, working_set, &lay);
+    if (rc)
+        return rc;
+    if (!(rate >= 0.0))
+        return PC_GUEST_EPARAM;
+    struct pc_guest_hdr *h = ram;
+    memset(ram, 0, page_size);
+    h->magic = PC_GUEST_MAGIC;
+    h->version = PC_GUEST_VERSION;
+    h->page_size = (uint32_t)page_size;
+    h->ram_size = ram_size;
+    h->threads = threads;
+    h->workload = workload;
+    h->seed = seed;
+    h->steps_target = steps_target;
+    h->rate = rate;
+    h->working_set = working_set;
+    h->shared_off = lay.shared_off;
+    h->shared_len = lay.shared_len;
+    h->slice_off = lay.slice_off;
+    h->slice_len = lay.slice_len;
+    h->ws_pages = lay.ws_pages;
+    h->hot_pages = lay.hot_pages;
+    for (uint32_t t = 0; t < threads; t++) {
+        uint64_t x = seed ^ ((uint64_t)(t + 1) * 0xD1B54A32D192ED03ULL);
+        struct pc_vcpu_state *v = vcpu_state(ram, (int)t);
+        for (int i = 0; i < 4; i++)
+            v->rng[i] = splitmix64(&x);
+    }
+    uint64_t x = seed ^ 0x5348415245445f31ULL; /* "SHARED_1" */
+    uint64_t *shared = (uint64_t *)((char *)ram + lay.shared_off);
+    for (uint64_t i = 0; i < lay.shared_len / 8; i++)
+        shared[i] = splitmix64(&x);
+    return 0;
+}
+
+int pc_guest_check(const void *ram, uint64_t ram_size, uint64_t page_size,
+                   struct pc_guest_info *out)
+{
+    struct pc_guest_hdr h;
+    memcpy(&h, ram, sizeof(h)); /* one read of guest RAM; may fault under userfaultfd */
+    if (h.magic != PC_GUEST_MAGIC)
+        return PC_GUEST_EBADMAGIC;
+    if (h.version != PC_GUEST_VERSION)
+        return PC_GUEST_EVERSION;
+    if (h.ram_size != ram_size || h.page_size != page_size)
+        return PC_GUEST_ESIZE;
+    struct pc_guest_info lay;
+    int rc = pc_guest_layout(h.ram_size, h.page_size, h.threads, h.workload, h.working_set, &lay);
+    if (rc)
+        return rc;
+    if (lay.shared_off != h.shared_off || lay.shared_len != h.shared_len ||
+        lay.slice_off != h.slice_off || lay.slice_len != h.slice_len ||
+        lay.ws_pages != h.ws_pages || lay.hot_pages != h.hot_pages || !(h.rate >= 0.0))
+        return PC_GUEST_ELAYOUT;
+    lay.seed = h.seed;
+    lay.steps_target = h.steps_target;
+    lay.rate = h.rate;
+    *out = lay;
+    return 0;
+}
+
+void pc_guest_load_locals(const void *ram, struct pc_vcpu_local *local, int threads)
+{
+    for (int t = 0; t < threads; t++)
+        __atomic_store_n(&local[t].steps_done, vcpu_state((void *)ram, t)->steps_done, __ATOMIC_RELAXED);
+}
+
+/* Sleep until deadline (CLOCK_MONOTONIC ns) in short slices so a pause is seen soon.
+ * Returns 1 if the pause flag was raised meanwhile. */
+static int pace(uint64_t deadline, volatile int *pause_flag)
+{
+    for (;;) {
+        if (__atomic_load_n(pause_flag, __ATOMIC_ACQUIRE))
+            return 1;
+        uint64_t now = pc_monotonic_ns();
+        if (now >= deadline)
+            return 0;
+        uint64_t until = deadline - now > 10000000ULL ? now + 10000000ULL : deadline;
+        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ULL),
+                              .tv_nsec = (long)(until % 1000000000ULL)};
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+    }
+}
+
+int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
+                uint64_t limit, struct pc_vcpu_local *local)
+{
+    struct pc_guest_info info;
+    /* Re-check: the state page may have been replaced (migration) or discarded since. */
+    int rc = pc_guest_check(ram, ram_size, (uint64_t)sysconf(_SC_PAGESIZE), &info);
+    if (rc)
+        return rc;
+    if (tid < 0 || (uint32_t)tid >= info.threads)
+        return PC_GUEST_EPARAM;
+    const uint64_t words_mask = info.page_size / 8 - 1;
+    const int page_shift = __builtin_ctzll(info.page_size / 8);
+    const uint64_t *shared = (const uint64_t *)((char *)ram + info.shared_off);
+    const uint64_t shared_words = info.shared_len / 8;
+    uint64_t *slice = (uint64_t *)((char *)ram + info.slice_off + (uint64_t)tid * info.slice_len);
+    const uint64_t ws = info.ws_pages, hot = info.hot_pages;
+    const uint32_t wl = info.workload;
+    double rate = info.rate;
+    if (rate <= 0.0 && wl == PC_WL_IDLE)
+        rate = 1000.0; /* idle sleeps per step by default */
+    const uint64_t interval = rate > 0.0 ? (uint64_t)(1e9 / rate) : 0;
+
+    struct pc_vcpu_state *v = vcpu_state(ram, tid);
+    uint64_t s0 = v->rng[0], s1 = v->rng[1], s2 = v->rng[2], s3 = v->rng[3];
+    uint64_t steps = v->steps_done;
+    uint64_t seq = steps % ws;
+    uint64_t first = 0;
+    uint64_t next = interval ? pc_monotonic_ns() : 0;
+
+    __atomic_store_n(&local->first_step_ns, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&local->steps_done, steps, __ATOMIC_RELAXED);
+    while (steps < limit) {
+        if (__atomic_load_n(pause_flag, __ATOMIC_ACQUIRE))
+            return PC_VCPU_PAUSED;
+        if (interval) {
+            if (pace(next, pause_flag))
+                return PC_VCPU_PAUSED;
+            next += interval;
+        }
+        /* xoshiro256** */
+        const uint64_t r = rotl64(s1 * 5, 7) * 9;
+        const uint64_t t = s1 << 17;
+        s2 ^= s0;
+        s3 ^= s1;
+        s1 ^= s2;
+        s0 ^= s3;
+        s2 ^= t;
+        s3 = rotl64(s3, 45);
+
+        const uint64_t sh = ((const volatile uint64_t *)shared)[mulhi(rotl64(r, 21), shared_words)];
+        uint64_t page;
+        switch (wl) {
+        case PC_WL_RANDOM_WRITE:
+            page = mulhi(r, ws);
+            break;
+        case PC_WL_SEQUENTIAL:
+            page = seq;
+            if (++seq == ws)
+                seq = 0;
+            break;
+        case PC_WL_HOTSPOT: /* ~90% of writes into the first tenth of the working set */
+            page = ((r >> 9) & 1023) < 922 ? mulhi(r, hot) : mulhi(r, ws);
+            break;
+        default:
+            page = UINT64_MAX; /* idle: no write */
+            break;
+        }
+        if (page != UINT64_MAX)
+            slice[(page << page_shift) | (r & words_mask)] += r ^ sh;
+        steps++;
+        v->rng[0] = s0;
+        v->rng[1] = s1;
+        v->rng[2] = s2;
+        v->rng[3] = s3;
+        v->steps_done = steps;
+        const uint64_t now = pc_monotonic_ns();
+        v->heartbeat_ns = now;
+        if (!first) {
+            first = now;
+            __atomic_store_n(&local->first_step_ns, now, __ATOMIC_RELAXED);
+        }
+        __atomic_store_n(&local->steps_done, steps, __ATOMIC_RELAXED);
+        __atomic_store_n(&local->last_step_ns, now, __ATOMIC_RELEASE);
+        /* Behind schedule (e.g. after a long fault): no burst to catch up. */
+        if (interval && next + interval < now)
+            next = now;
+    }
+    return PC_VCPU_LIMIT;
+}
+
+/* ---- hash ---------------------------------------------------------------------- */
+
+#define H1 0x9E3779B185EBCA87ULL
+#define H2 0xC2B2AE3D27D4EB4FULL
+#define H3 0x165667B19E3779F9ULL
+#define H4 0x85EBCA77C2B2AE63ULL
+
+static inline uint64_t hround(uint64_t acc, uint64_t in)
+{
+    acc += in * H2;
+    acc = rotl64(acc, 31);
+    return acc * H1;
+}
+
+static inline uint64_t avalanche(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= H2;
+    h ^= h >> 29;
+    h *= H3;
+    return h ^ (h >> 32);
+}
+
+/* Guest RAM holds doubles and integers alike: read it as words that alias anything. */
+typedef uint64_t __attribute__((may_alias)) pc_word;
+
+/* xxh64-style four-lane hash of one page (page_size is a multiple of 32). */
+static uint64_t page_hash(const pc_word *p, uint64_t page_size)
+{
+    uint64_t v1 = H1 + H2, v2 = H2, v3 = 0, v4 = (uint64_t)0 - H1;
+    for (uint64_t i = 0; i < page_size / 8; i += 4) {
+        v1 = hround(v1, p[i]);
+        v2 = hround(v2, p[i + 1]);
+        v3 = hround(v3, p[i + 2]);
+        v4 = hround(v4, p[i + 3]);
+    }
+    return avalanche(rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18));
+}
+
+static inline uint64_t combine(uint64_t h, uint64_t ph) { return rotl64(h ^ hround(0, ph), 27) * H1 + H4; }
+
+/* Hash pages [first, end) assuming they may contain data. */
+static uint64_t hash_run(uint64_t h, const char *ram, uint64_t first, uint64_t end, uint64_t ps)
+{
+    for (uint64_t pg = first; pg < end; pg++)
+        h = combine(h, page_hash((const pc_word *)(ram + pg * ps), ps));
+    return h;
+}
+
+static uint64_t zero_run(uint64_t h, uint64_t zero_hash, uint64_t n)
+{
+    while (n--)
+        h = combine(h, zero_hash);
+    return h;
+}
+
+uint64_t pc_guest_hash(const void *ram, uint64_t ram_size, uint64_t page_size, int memfd)
+{
+    const char *base = ram;
+    const uint64_t npages = ram_size / page_size;
+    uint64_t *buf = calloc(1, page_size);
+    if (!buf)
+        return 0;
+    const uint64_t zero_hash = page_hash(buf, page_size);
+
+    /* State page with the timing fields (heartbeats, rate) zeroed: they are not state. */
+    memcpy(buf, base, page_size);
+    char *state = (char *)buf;
+    memset(state + offsetof(struct pc_guest_hdr, rate), 0, sizeof(double));
+    for (int t = 0; t < PC_GUEST_MAX_THREADS; t++)
+        memset(state + PC_GUEST_VCPU_OFFSET + t * sizeof(struct pc_vcpu_state) +
+                   offsetof(struct pc_vcpu_state, heartbeat_ns), 0, sizeof(uint64_t));
+    uint64_t h = combine(H3 ^ ram_size, page_hash(buf, page_size));
+    free(buf);
+
+    uint64_t pg = 1;
+    if (memfd >= 0) {
+        /* Holes read as zero; everything else (incl. swapped pages) is data. */
+        while (pg < npages) {
+            off_t data = lseek(memfd, (off_t)(pg * page_size), SEEK_DATA);
+            uint64_t dpg = data < 0 ? npages : (uint64_t)data / page_size;
+            if (dpg > npages)
+                dpg = npages;
+            h = zero_run(h, zero_hash, dpg - pg);
+            if (dpg >= npages)
+                break;
+            off_t hole = lseek(memfd, (off_t)(dpg * page_size), SEEK_HOLE);
+            uint64_t hpg = hole < 0 ? npages : ((uint64_t)hole + page_size - 1) / page_size;
+            if (hpg > npages)
+                hpg = npages;
+            if (hpg <= dpg)
+                hpg = dpg + 1;
+            h = hash_run(h, base, dpg, hpg, page_size);
+            pg = hpg;
+        }
+    } else {
+        /* Private anonymous: not present and not swapped reads as zero (and, under
+         * userfaultfd, would fault: never touch it). */
+        int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        uint64_t ents[512];
+        while (pg < npages) {
+            uint64_t n = npages - pg < 512 ? npages - pg : 512;
+            ssize_t got = -1;
+            if (pm >= 0)
+                got = pread(pm, ents, n * 8, (off_t)(((uintptr_t)base / page_size + pg) * 8));
+            if (got != (ssize_t)(n * 8)) {
+                h = hash_run(h, base, pg, pg + n, page_size);
+            } else {
+                for (uint64_t i = 0; i < n; i++)
+                    h = ents[i] & (PM_PRESENT | PM_SWAP)
+                            ? combine(h, page_hash((const pc_word *)(base + (pg + i) * page_size), page_size))
+                            : combine(h, zero_hash);
+            }
+            pg += n;
+        }
+        if (pm >= 0)
+            close(pm);
+    }
+    return avalanche(h ^ npages);
+}
+
+/* ---- memory -------------------------------------------------------------------- */
+
+void *pc_guest_map(uint64_t size, int fd)
+{
+    void *p = fd >= 0 ? mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                      : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    /* Page granularity everywhere: dirty logging, discard and userfaultfd all work on
+     * base pages, and a THP would turn one touched byte into 2 MiB of "data". */
+    madvise(p, size, MADV_NOHUGEPAGE);
+    return p;
+}
+
+int pc_guest_discard(void *ram, uint64_t off, uint64_t len, int memfd)
+{
+    if (madvise((char *)ram + off, len, MADV_DONTNEED))
+        return -errno;
+    /* A shared mapping's DONTNEED only drops PTEs; the page cache still has the data. */
+    if (memfd >= 0 && fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len))
+        return -errno;
+    return 0;
+}
+
+struct pc_vcpu_local *pc_vcpu_locals_new(int n)
+{
+    size_t sz = (size_t)(n > 0 ? n : 1) * sizeof(struct pc_vcpu_local);
+    void *p = aligned_alloc(64, sz);
+    if (p)
+        memset(p, 0, sz);
+    return p;
+}
+
+void pc_vcpu_locals_free(struct pc_vcpu_local *p) { free(p); }

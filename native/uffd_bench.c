@@ -1,0 +1,151 @@
+/* uffd_bench: see uffd_bench.h. */
+#define _GNU_SOURCE
+#include "uffd_bench.h"
+#include "uffd_ops.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+struct server {
+	int uffd;
+	int stop_fd; /* eventfd: the main thread is done */
+	uint64_t page_size;
+	uint64_t src;  /* one page of content to copy */
+	int spin;      /* busy-poll the uffd instead of sleeping in poll(2) */
+	volatile int stop; /* spin mode: the main thread is done */
+	int error;     /* first -errno seen by the server */
+};
+
+static void *serve(void *arg)
+{
+	struct server *s = arg;
+	struct pc_uffd_event ev[16];
+
+	for (;;) {
+		if (s->spin) {
+			/* Nonblocking read in a loop: no wakeup of an idle CPU per fault. */
+			if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE))
+				return NULL;
+			goto read;
+		}
+		struct pollfd pfd[2] = {
+			{ .fd = s->uffd, .events = POLLIN },
+			{ .fd = s->stop_fd, .events = POLLIN },
+		};
+		if (poll(pfd, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			s->error = -errno;
+			return NULL;
+		}
+		if (pfd[1].revents & POLLIN)
+			return NULL;
+read:;
+		int n = pc_uffd_read_events(s->uffd, ev, 16, 0);
+		if (n < 0) {
+			s->error = n;
+			return NULL;
+		}
+		for (int i = 0; i < n; i++) {
+			if (ev[i].kind != UFFD_EVENT_PAGEFAULT)
+				continue;
+			uint64_t page = ev[i].address & ~(s->page_size - 1);
+			int64_t r = pc_uffd_copy(s->uffd, page, s->src, s->page_size, 0, NULL);
+			if (r == -EEXIST) /* installed already: just release the waiter */
+				r = pc_uffd_wake(s->uffd, page, s->page_size);
+			if (r < 0 && !s->error)
+				s->error = (int)r;
+		}
+	}
+}
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int pc_bench_uffd_roundtrip(size_t npages, uint64_t *lat_ns)
+{
+	return pc_bench_uffd_roundtrip_ex(npages, lat_ns, 0);
+}
+
+int pc_bench_uffd_roundtrip_ex(size_t npages, uint64_t *lat_ns, int flags)
+{
+	struct server s = { .uffd = -1, .stop_fd = -1, .spin = !!(flags & PC_BENCH_SPIN) };
+	uint8_t *dst = MAP_FAILED, *src = MAP_FAILED;
+	pthread_t thread;
+	int started = 0, ret = 0;
+
+	if (npages == 0)
+		return -EINVAL;
+	s.page_size = (uint64_t)sysconf(_SC_PAGESIZE);
+	size_t len = npages * s.page_size;
+
+	src = mmap(NULL, s.page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (src == MAP_FAILED || dst == MAP_FAILED) {
+		ret = -errno;
+		goto out;
+	}
+	/* One fault per 4 KiB page, as the migrated guest sees them. */
+	madvise(dst, len, MADV_NOHUGEPAGE);
+	memset(src, 0xA5, s.page_size);
+	s.src = (uint64_t)(uintptr_t)src;
+
+	s.uffd = pc_uffd_open(1, NULL);
+	if (s.uffd < 0) {
+		ret = s.uffd;
+		goto out;
+	}
+	if ((ret = pc_uffd_api(s.uffd, 0, NULL, NULL)) < 0)
+		goto out;
+	if ((ret = pc_uffd_register(s.uffd, (uint64_t)(uintptr_t)dst, len,
+				    UFFDIO_REGISTER_MODE_MISSING, NULL)) < 0)
+		goto out;
+	s.stop_fd = eventfd(0, EFD_CLOEXEC);
+	if (s.stop_fd < 0) {
+		ret = -errno;
+		goto out;
+	}
+	if ((ret = -pthread_create(&thread, NULL, serve, &s)) < 0)
+		goto out;
+	started = 1;
+
+	for (size_t i = 0; i < npages; i++) {
+		const volatile uint8_t *p = dst + i * s.page_size;
+		uint64_t t0 = now_ns();
+		uint8_t v = *p; /* read fault on a missing page */
+		lat_ns[i] = now_ns() - t0;
+		if (v != 0xA5 && !ret)
+			ret = -EIO;
+	}
+
+out:
+	if (started) {
+		uint64_t one = 1;
+		__atomic_store_n(&s.stop, 1, __ATOMIC_RELEASE);
+		if (write(s.stop_fd, &one, sizeof(one)) < 0 && !ret)
+			ret = -errno;
+		pthread_join(thread, NULL);
+		if (s.error && !ret)
+			ret = s.error;
+	}
+	if (s.stop_fd >= 0)
+		close(s.stop_fd);
+	if (s.uffd >= 0)
+		close(s.uffd);
+	if (dst != MAP_FAILED)
+		munmap(dst, len);
+	if (src != MAP_FAILED)
+		munmap(src, s.page_size);
+	return ret;
+}

@@ -1,0 +1,84 @@
+"""``postcopy source`` and ``postcopy dest``: the two halves of a migration, for real
+hosts (the demo runs the same commands inside its namespaces)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+from postcopy import wire
+from postcopy.destination import DestConfig, DestinationAgent, DestinationError
+from postcopy.report import write_json
+from postcopy.source import MigrationError, SourceAgent, SourceConfig
+from postcopy.transport import parse_endpoint
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    try:
+        return parse_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _key(args) -> bytes:
+    try:
+        return wire.load_key(args.key_file)
+    except (OSError, ValueError, wire.ProtocolError) as exc:
+        raise SystemExit(f"postcopy: cannot use key file {args.key_file}: {exc}")
+
+
+def register(subparsers) -> None:
+    src = subparsers.add_parser("source", help="migrate a running guest to a destination agent")
+    src.add_argument("--guest", required=True, metavar="PATH", help="the guest's control socket")
+    src.add_argument("--connect", required=True, type=_endpoint, metavar="HOST:PORT")
+    src.add_argument("--key-file", required=True, metavar="FILE", help="shared key (both agents)")
+    src.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    src.add_argument("--push-delay", type=float, default=0.0, metavar="SECONDS",
+                     help="benchmarks: serve demand faults alone this long before pushing")
+    src.set_defaults(func=run_source)
+
+    dst = subparsers.add_parser("dest", help="receive a migration and run the guest here")
+    dst.add_argument("--listen", required=True, type=_endpoint, metavar="HOST:PORT")
+    dst.add_argument("--key-file", required=True, metavar="FILE")
+    dst.add_argument("--backing", choices=("memfd", "anon"), default="memfd", help="RAM backing of the incoming guest")
+    dst.add_argument("--attach", metavar="PATH", help="control socket of an incoming guest already started")
+    dst.add_argument("--workdir", metavar="DIR", help="where the incoming guest's control socket goes")
+    dst.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    dst.set_defaults(func=run_dest)
+
+
+def run_source(args) -> int:
+    agent = SourceAgent(SourceConfig(guest_control=args.guest, endpoint=args.connect, key=_key(args),
+                                     push_delay=args.push_delay))
+    try:
+        figures = agent.run()
+    except MigrationError as exc:
+        print(f"postcopy source: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        write_json(args.json, figures)
+    dest = figures.get("dest", {})
+    print(f"migrated: total {figures['total_ms']:.1f} ms, downtime {dest.get('downtime_ms') or float('nan'):.2f} ms, "
+          f"sent {figures['bytes_sent'] / 2**20:.1f} MiB")
+    return 0
+
+
+def run_dest(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="postcopy-dest-", dir=args.workdir) as workdir:
+        agent = DestinationAgent(DestConfig(listen=args.listen, key=_key(args), workdir=workdir,
+                                            backing=args.backing, guest_control=args.attach))
+        try:
+            agent.bind()
+            print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)
+            figures = agent.run()
+        except (DestinationError, wire.ProtocolError, OSError) as exc:
+            print(f"postcopy dest: {exc}", file=sys.stderr)
+            if agent.guest_proc is not None and agent.guest_proc.poll() is None:
+                agent.guest_proc.kill()
+                agent.guest_proc.wait()
+            return 1
+    if args.json:
+        write_json(args.json, figures)
+    print(json.dumps({"final_hash": figures.get("final_hash"), "downtime_ms": figures.get("downtime_ms")}))
+    return 0

@@ -1,0 +1,141 @@
+"""``postcopy bench``: postcopy figures as ratios to baselines measured in the same run
+on the same machine (raw TCP over the same veth, the in-process uffd round trip with a
+C handler)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from postcopy import report
+from postcopy.demo import DemoOptions, run_demo
+from postcopy.guest import GuestParams
+from postcopy.netns import Testbed
+
+BENCH_PORT = 7020
+
+
+def network_baselines(bulk_bytes: int, rtt_count: int) -> dict:
+    """Raw TCP bulk throughput and 4 KiB request/response RTT between the two hosts,
+    each side its own process, as the agents are."""
+    with Testbed() as bed:
+        server = bed.popen(bed.dest, [sys.executable, "-m", "postcopy.benchnet", "server", str(BENCH_PORT), "2"],
+                           stdout=subprocess.PIPE, text=True)
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("benchmark server did not start")
+        results = {}
+        for kind, n in (("bulk", bulk_bytes), ("rtt", rtt_count)):
+            out = bed.run(bed.source, [sys.executable, "-m", "postcopy.benchnet", kind, bed.dest.address,
+                                       str(BENCH_PORT), str(n)], timeout=120, capture_output=True, text=True, check=True)
+            results[kind] = json.loads(out.stdout)
+        server.wait(timeout=30)
+    rtt = report.latency_summary(results["rtt"]["latencies_us"])
+    return {"tcp_bulk_bytes_per_s": results["bulk"]["bytes_per_s"], "tcp_rtt_4k_us": rtt}
+
+
+def uffd_roundtrip(npages: int) -> dict:
+    """In-process fault round trip: fault, C handler thread reads the event, UFFDIO_COPY, wake."""
+    from postcopy._native import ffi, lib
+
+    lat = ffi.new("uint64_t[]", npages)
+    rc = lib.pc_bench_uffd_roundtrip(npages, lat)
+    if rc != 0:
+        raise OSError(-rc if rc < 0 else rc, "uffd round-trip benchmark failed")
+    return report.latency_summary(lat[i] / 1e3 for i in range(npages))
+
+
+def migration(ram: int, *, workload: str, steps: int, push_delay: float = 0.0, threads: int = 2) -> dict:
+    params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, working_set=1.0)
+    return run_demo(DemoOptions(params=params, migrate_after=0.5, port=BENCH_PORT + 1, push_delay=push_delay))
+
+
+def _ratio(value, base):
+    return None if value is None or not base else value / base
+
+
+def run_bench(quick: bool) -> dict:
+    started = time.monotonic()
+    base = network_baselines(bulk_bytes=(1 if quick else 4) << 30, rtt_count=5000 if quick else 20000)
+    base["uffd_roundtrip_us"] = uffd_roundtrip(2000 if quick else 20000)
+    # Demand faults alone first (the pusher waits), then with the pusher running.
+    demand = migration(256 << 20, workload="random-write", steps=4_000_000, push_delay=1.0)
+    small = migration(256 << 20, workload="sequential", steps=3_000_000)
+    large = migration(2 << 30, workload="sequential", steps=3_000_000)
+    fault_base = (base["tcp_rtt_4k_us"]["p50"] or 0) + (base["uffd_roundtrip_us"]["p50"] or 0)
+    fault_base_p99 = (base["tcp_rtt_4k_us"]["p99"] or 0) + (base["uffd_roundtrip_us"]["p99"] or 0)
+    no_push = demand["dest"]["fault_latency_us_before_push"]
+    with_push = demand["dest"]["fault_latency_us_during_push"]
+    push_rate = small["dest"]["push_bytes_per_s"]
+    figures = {
+        "push_bytes_per_s": push_rate,
+        "fault_us_without_pusher": no_push,
+        "fault_us_with_pusher": with_push,
+        "downtime_ms_256M": small["downtime_ms"],
+        "downtime_ms_2G": large["downtime_ms"],
+        "agent_max_rss_mib_2G": {"source": large["source"]["max_rss_kib"] / 1024,
+                                 "dest": large["source"]["dest"]["max_rss_kib"] / 1024},
+        "verified": all(r["verified"] for r in (demand, small, large)),
+    }
+    ratios = {
+        "push_vs_tcp_bulk": _ratio(push_rate, base["tcp_bulk_bytes_per_s"]),
+        "fault_p50_vs_rtt_plus_uffd": _ratio(no_push["p50"], fault_base),
+        "fault_p99_vs_rtt_plus_uffd": _ratio(no_push["p99"], fault_base_p99),
+        "fault_p99_with_vs_without_pusher": _ratio(with_push["p99"], no_push["p99"]),
+    }
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "quick": quick,
+        "baselines": base,
+        "postcopy": figures,
+        "ratios": ratios,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def format_bench(result: dict) -> str:
+    b, f, r = result["baselines"], result["postcopy"], result["ratios"]
+
+    def num(v, fmt="{:.2f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [
+        f"kernel {result['kernel']}, {result['cpus']} CPUs, {'quick' if result['quick'] else 'full'} run",
+        "baselines:",
+        f"  TCP bulk over veth          {b['tcp_bulk_bytes_per_s'] / 1e9:.2f} GB/s",
+        f"  TCP 4 KiB RTT over veth     p50 {num(b['tcp_rtt_4k_us']['p50'], '{:.1f}')} µs  p99 {num(b['tcp_rtt_4k_us']['p99'], '{:.1f}')} µs",
+        f"  uffd round trip (C handler) p50 {num(b['uffd_roundtrip_us']['p50'], '{:.1f}')} µs  p99 {num(b['uffd_roundtrip_us']['p99'], '{:.1f}')} µs",
+        "postcopy:",
+        f"  push throughput             {num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s"
+        f"   ({num(r['push_vs_tcp_bulk'])}x TCP bulk)",
+        f"  demand fault, no pusher     p50 {num(f['fault_us_without_pusher']['p50'], '{:.1f}')} µs"
+        f" ({num(r['fault_p50_vs_rtt_plus_uffd'])}x RTT+uffd)  p99 {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs"
+        f" ({num(r['fault_p99_vs_rtt_plus_uffd'])}x)",
+        f"  demand fault, pusher on     p50 {num(f['fault_us_with_pusher']['p50'], '{:.1f}')} µs"
+        f"  p99 {num(f['fault_us_with_pusher']['p99'], '{:.1f}')} µs ({num(r['fault_p99_with_vs_without_pusher'])}x without)",
+        f"  downtime                    256 MiB {num(f['downtime_ms_256M'])} ms, 2 GiB {num(f['downtime_ms_2G'])} ms",
+        f"  agent max RSS at 2 GiB      source {f['agent_max_rss_mib_2G']['source']:.0f} MiB,"
+        f" dest {f['agent_max_rss_mib_2G']['dest']:.0f} MiB",
+        f"  all migrations verified     {f['verified']}",
+        f"({result['seconds']:.0f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure postcopy against same-run baselines")
+    p.add_argument("--quick", action="store_true", help="smaller samples (about a minute)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_bench(args.quick)
+    print(format_bench(result))
+    if args.json:
+        report.write_json(args.json, result)
+    return 0

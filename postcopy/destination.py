@@ -1,0 +1,349 @@
+"""The destination agent: starts (or attaches to) the incoming guest, takes its
+userfaultfd, resumes it as soon as the state arrives, and runs the fault server: fault
+events become page requests on the urgent channel, arriving runs are installed with one
+UFFDIO_COPY each, and the range is unregistered once every page is in."""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from postcopy import report, wire
+from postcopy.guest.control import GuestClient, wait_for_control
+from postcopy.transport import Channel, ChannelClosed, PeerInfo, handshake, tune
+from postcopy.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
+                           Userfaultfd, address_of)
+
+MISSING, REQUESTED, PRESENT, ZERO = 0, 1, 2, 3
+
+
+class DestinationError(RuntimeError):
+    """The incoming migration failed; the message says why."""
+
+
+@dataclass
+class DestConfig:
+    listen: tuple[str, int]
+    key: bytes
+    workdir: str
+    backing: str = "memfd"
+    guest_control: str | None = None  # attach to this incoming guest instead of starting one
+    accept_timeout: float = 60.0
+
+
+class DestinationAgent:
+    """Receives one postcopy migration. Use :meth:`run` (or :meth:`bind` then :meth:`run`)."""
+
+    def __init__(self, config: DestConfig, listener: socket.socket | None = None):
+        self.config = config
+        self.listener = listener
+        self.guest_proc: subprocess.Popen | None = None
+        self.final_hash: str | None = None
+        self._lock = threading.Lock()
+        self._all_in = threading.Event()
+        self._stop = threading.Event()
+        self._fault_started: dict[int, int] = {}  # page -> ns the fault event was read
+        self._faults: list[tuple[int, float]] = []  # (ns the fault was read, µs to wake)
+        self._first_push_ns: int | None = None
+        self._pages = {cause: 0 for cause in report.PAGE_CAUSES}
+        self._in_count = 0
+        self._thread_error: BaseException | None = None
+
+    def bind(self) -> socket.socket:
+        """Listen on the configured endpoint (call before run to learn the port)."""
+        if self.listener is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.config.listen)
+            sock.listen(4)
+            self.listener = sock
+        return self.listener
+
+    def _accept(self, name: str, session: bytes | None) -> tuple[Channel, PeerInfo]:
+        self.listener.settimeout(self.config.accept_timeout)
+        try:
+            sock, _ = self.listener.accept()
+        except socket.timeout as exc:
+            raise DestinationError(f"no source connected within {self.config.accept_timeout:.0f} s") from exc
+        sock.settimeout(None)
+        tune(sock, urgent=(name == "urgent"))
+        channel = Channel(sock, name)
+        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session)
+        try:
+            peer = handshake(channel, "server", self.config.key, hello)
+        except BaseException:
+            channel.close()
+            raise
+        if peer.hello.channel != name or (session is not None and peer.hello.session != session):
+            channel.close()
+            raise DestinationError(f"expected the {name} channel of this session, got {peer.hello.channel!r}")
+        return channel, peer
+
+    # -- guest -----------------------------------------------------------------------
+    def _start_guest(self, ram_size: int) -> str:
+        control = os.path.join(self.config.workdir, "incoming.sock")
+        argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
+                "--backing", self.config.backing, "--control", control]
+        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        wait_for_control(control, timeout=30, proc=self.guest_proc)
+        return control
+
+    def _read_guest_output(self) -> None:
+        for line in self.guest_proc.stdout:
+            if line.startswith("final_hash "):
+                self.final_hash = line.split()[1]
+
+    # -- the migration -----------------------------------------------------------------
+    def run(self) -> dict:
+        """Receive the migration; returns the destination's figures (also sent to the
+        source in Complete)."""
+        self.bind()
+        main, peer = self._accept("main", None)
+        urgent = None
+        try:
+            urgent, _ = self._accept("urgent", peer.hello.session)
+            layout = peer.layout
+            if len(layout.regions) != 1 or layout.regions[0][0] != 0:
+                raise DestinationError(f"unsupported RAM layout {layout.regions}")
+            control = self.config.guest_control or self._start_guest(layout.regions[0][1])
+            guest = GuestClient(control)
+            info, fds = guest.take_fds()
+            uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
+            if "memfd" in fds:
+                os.close(fds["memfd"])
+            self._setup(info, uffd, layout)
+            figures = self._receive(main, urgent, guest, uffd)
+            main.send(wire.Complete(info=figures))
+        except (ChannelClosed, wire.ProtocolError, UffdError, OSError) as exc:
+            self._stop.set()
+            raise DestinationError(f"incoming migration failed: {exc}. The guest here has not run on "
+                                   f"incomplete data past the failure point; it stays blocked.") from exc
+        finally:
+            self._stop.set()
+            for channel in (main, urgent):
+                if channel is not None:
+                    channel.close()
+        if self.guest_proc is not None:
+            reader = threading.Thread(target=self._read_guest_output, daemon=True)
+            reader.start()
+            self.guest_proc.wait()
+            reader.join(timeout=5)
+            figures["guest_exit_code"] = self.guest_proc.returncode
+        figures["final_hash"] = self.final_hash
+        return figures
+
+    def _setup(self, info: dict, uffd: Userfaultfd, layout: wire.Layout) -> None:
+        self.uffd = uffd
+        self.base = info["ram_address"]
+        self.page_size = layout.page_size
+        self.npages = layout.total_pages
+        self.state = bytearray(self.npages)
+
+    def _receive(self, main: Channel, urgent: Channel, guest: GuestClient, uffd: Userfaultfd) -> dict:
+        started = time.monotonic()
+        faults = threading.Thread(target=self._guard, args=(self._serve_faults, urgent), name="fault-server", daemon=True)
+        replies = threading.Thread(target=self._guard, args=(self._receive_urgent, urgent), name="urgent-receiver", daemon=True)
+        faults.start()
+        replies.start()
+        switchover: dict | None = None
+        resumed: dict | None = None
+        push_done = False
+        while not push_done:
+            message = main.recv()
+            if isinstance(message, wire.PageRun):
+                if self._first_push_ns is None and message.cause == wire.Cause.PUSHED:
+                    self._first_push_ns = time.monotonic_ns()
+                self._install(message.first_page, message.npages, message.data, message.cause)
+            elif isinstance(message, wire.ZeroRange):
+                self._mark_zero(message.first_page, message.npages)
+            elif isinstance(message, wire.Switchover):
+                switchover = message.info
+                resumed = guest.resume()
+            elif isinstance(message, wire.Ping):
+                main.send(wire.Pong(token=message.token))  # guest up, fault server running
+            elif isinstance(message, wire.PushDone):
+                push_done = True
+            elif isinstance(message, wire.Error):
+                raise DestinationError(f"the source failed: {message.reason}")
+            else:
+                raise wire.ProtocolError(f"unexpected {type(message).__name__} on the main channel")
+        while not self._all_in.wait(0.5):
+            if self._thread_error is not None:
+                raise self._thread_error
+        all_in = time.monotonic()
+        # Every non-zero page is in; the pages still missing are exactly the zero ones,
+        # which the kernel fills with zeros itself once the range is unregistered.
+        self._stop.set()
+        faults.join()
+        uffd.unregister(self.base, self.npages * self.page_size)
+        first_step = self._first_step(guest)
+        guest.close()
+        latencies = [us for _, us in self._faults]
+        push_from = self._first_push_ns or time.monotonic_ns()
+        downtime_ms = None
+        if switchover and first_step:
+            downtime_ms = (first_step - switchover["last_heartbeat_ns"]) / 1e6
+        pushed_bytes = self._pages["pushed"] * self.page_size
+        push_seconds = (all_in - push_from / 1e9) if self._first_push_ns else None
+        return {
+            # Faults served before the pusher's first run arrived, and while it ran.
+            "fault_latency_us_before_push": report.latency_summary(us for t, us in self._faults if t < push_from),
+            "fault_latency_us_during_push": report.latency_summary(us for t, us in self._faults if t >= push_from),
+            "push_bytes_per_s": pushed_bytes / push_seconds if push_seconds else None,
+            "pages": dict(self._pages),
+            "fault_latency_us": report.latency_summary(latencies),
+            "fault_latency_histogram": report.pow2_histogram(latencies),
+            "blocktime_ms": sum(latencies) / 1e3,
+            "downtime_ms": downtime_ms,
+            "resumed_ns": resumed and resumed.get("resumed_ns"),
+            "first_step_ns": first_step,
+            "receive_ms": (all_in - started) * 1e3,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+
+    def _first_step(self, guest: GuestClient) -> int | None:
+        """When the guest completed its first step after resume (polls briefly)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                value = guest.status().get("first_step_after_resume_ns")
+            except Exception:
+                return None  # the guest already finished and left
+            if value:
+                return value
+            time.sleep(0.001)
+        return None
+
+    def _guard(self, target, channel: Channel) -> None:
+        try:
+            target(channel)
+        except ChannelClosed:
+            if not self._stop.is_set():
+                self._thread_error = DestinationError("the urgent channel closed before every page was in")
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._thread_error = exc
+
+    # -- installing pages ----------------------------------------------------------------
+    def _install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
+        """Install a run with one UFFDIO_COPY; pages already there (push and demand race)
+        are skipped one by one and their waiters woken."""
+        ps = self.page_size
+        src = address_of(data)
+        done = 0
+        while done < npages:
+            dst = self.base + (first + done) * ps
+            try:
+                copied = self.uffd.copy(dst, src + done * ps, (npages - done) * ps) // ps
+            except PageExistsError:
+                # Installed meanwhile by the other channel; its waiter was woken by that
+                # copy, but a thread that faulted after it may wait on us: wake it.
+                self.uffd.wake(dst, ps)
+                done += 1
+                continue
+            self._installed(first + done, copied, cause)
+            done += copied
+
+    def _installed(self, first: int, count: int, cause: wire.Cause) -> None:
+        now = time.monotonic_ns()
+        with self._lock:
+            self.state[first:first + count] = bytes([PRESENT]) * count
+            self._pages[_CAUSE_NAMES.get(cause, "pushed")] += count
+            self._in_count += count
+            if self._fault_started:
+                for page in [p for p in self._fault_started if first <= p < first + count]:
+                    started = self._fault_started.pop(page)
+                    self._faults.append((started, (now - started) / 1e3))
+            if self._in_count >= self.npages:
+                self._all_in.set()
+
+    def _mark_zero(self, first: int, npages: int) -> None:
+        """Pages that hold only zeros: nothing crosses the wire for them. Threads already
+        waiting on one get a UFFDIO_ZEROPAGE now; later faults get it on the spot."""
+        with self._lock:
+            end = first + npages
+            new = self.state.count(MISSING, first, end) + self.state.count(REQUESTED, first, end)
+            waiting = [p for p in self._fault_started if first <= p < end]
+            for lo, hi in _spans_not_present(self.state, first, end):
+                self.state[lo:hi] = bytes([ZERO]) * (hi - lo)
+            self._pages["zero"] += new
+            self._in_count += new
+            if self._in_count >= self.npages:
+                self._all_in.set()
+        for page in waiting:
+            self._zero_fill(page)
+
+    def _zero_fill(self, page: int) -> None:
+        addr = self.base + page * self.page_size
+        try:
+            self.uffd.zeropage(addr, self.page_size)
+        except PageExistsError:
+            self.uffd.wake(addr, self.page_size)
+        now = time.monotonic_ns()
+        with self._lock:
+            started = self._fault_started.pop(page, None)
+            if started is not None:
+                self._faults.append((started, (now - started) / 1e3))
+
+    # -- fault server and urgent replies -------------------------------------------------
+    def _serve_faults(self, urgent: Channel) -> None:
+        """Read fault events in batches; request each missing page once."""
+        ps, base, npages = self.page_size, self.base, self.npages
+        while not self._stop.is_set():
+            for event in self.uffd.read_events(64, timeout=0.05):
+                if event.kind is not EventKind.PAGEFAULT:
+                    continue
+                page = (event.address - base) // ps
+                if not 0 <= page < npages:
+                    continue
+                now = time.monotonic_ns()
+                with self._lock:
+                    state = self.state[page]
+                    if state in (MISSING, ZERO) and page not in self._fault_started:
+                        self._fault_started[page] = now
+                    if state == MISSING:
+                        self.state[page] = REQUESTED
+                if state == MISSING:
+                    urgent.send(wire.PageRequest(first_page=page, npages=1))
+                elif state == ZERO:
+                    self._zero_fill(page)
+                elif state == PRESENT:
+                    self.uffd.wake(base + page * ps, ps)
+
+    def _receive_urgent(self, urgent: Channel) -> None:
+        while True:
+            message = urgent.recv()
+            if isinstance(message, wire.PageRun):
+                self._install(message.first_page, message.npages, message.data, message.cause)
+            elif isinstance(message, wire.ZeroRange):
+                self._mark_zero(message.first_page, message.npages)
+            else:
+                raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
+
+
+_CAUSE_NAMES = {
+    wire.Cause.PRECOPY: "precopy",
+    wire.Cause.RESENT: "resent",
+    wire.Cause.DEMAND: "demand",
+    wire.Cause.PUSHED: "pushed",
+    wire.Cause.STATE: "pushed",
+}
+
+
+def _spans_not_present(state: bytearray, first: int, end: int):
+    """Sub-ranges of [first, end) whose pages are not PRESENT (those become ZERO)."""
+    pos = first
+    marker = bytes([PRESENT])
+    while pos < end:
+        hit = state.find(marker, pos, end)
+        if hit < 0:
+            yield pos, end
+            return
+        if hit > pos:
+            yield pos, hit
+        pos = hit + 1

@@ -1,0 +1,358 @@
+"""The guest's control socket: both ends.
+
+Protocol: a Unix SOCK_STREAM socket, one JSON object per line each way. A request is
+``{"cmd": NAME, ...fields}``; a reply is ``{"ok": true, ...}`` or ``{"ok": false,
+"error": "..."}``. The ``fds`` reply carries the guest's memfd and userfaultfd as
+SCM_RIGHTS ancillary data on the reply line. Commands:
+
+=========== ==============================================================================
+status      state, pid, RAM geometry, threads, workload, steps, timing fields, uffd
+pause       parks every vCPU at a step boundary, replies once all are parked
+resume      lets the vCPUs run (an incoming guest then faults in its state page)
+run_until   ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
+hash        64-bit RAM hash (heartbeats excluded), paused or finished guests only
+fds         memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid
+discard     ``{"ranges": [[offset, length], ...]}``: the ranges read as missing or zero
+quit        reply, then the guest exits 0 without printing its hash
+=========== ==============================================================================
+
+Connections are served one thread each, commands one at a time.
+"""
+from __future__ import annotations
+
+import array
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+MAX_LINE = 1 << 20
+MAX_FDS = 8
+
+
+class GuestError(RuntimeError):
+    """The guest refused a request (``ok`` false) or is gone."""
+
+
+# ---- server ---------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves a :class:`postcopy.guest.runtime.Guest` on a Unix socket (mode 0600)."""
+
+    def __init__(self, path: str, guest, on_quit: Callable[[], None]):
+        self.path = path
+        self.guest = guest
+        self.on_quit = on_quit
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        _remove_stale(path)
+        old = os.umask(0o177)  # the socket file is born 0600
+        try:
+            self._sock.bind(path)
+        finally:
+            os.umask(old)
+        self._sock.listen(8)
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._sock.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as rfile:
+            while True:
+                line = rfile.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE:
+                    _send(conn, {"ok": False, "error": "request line too long"})
+                    return
+                reply, fds, quitting = self._dispatch(line)
+                try:
+                    _send(conn, reply, fds)
+                except OSError:
+                    return
+                if quitting:
+                    self.on_quit()
+                    return
+
+    def _dispatch(self, line: bytes) -> tuple[dict, list[int], bool]:
+        from postcopy.guest.runtime import GuestStateError
+
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ValueError("want a JSON object with a string 'cmd'")
+        except ValueError as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}, [], False
+        cmd, g = req["cmd"], self.guest
+        try:
+            fds: list[int] = []
+            if cmd == "status":
+                reply = g.status()
+            elif cmd == "pause":
+                reply = g.pause()
+            elif cmd == "resume":
+                reply = g.resume()
+            elif cmd == "run_until":
+                steps = req.get("steps")
+                if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                    raise GuestStateError("run_until wants a non-negative integer 'steps'")
+                reply = g.run_until(steps)
+            elif cmd == "hash":
+                reply = {"hash": g.ram_hash()}
+            elif cmd == "fds":
+                reply, fds = g.fds()
+            elif cmd == "discard":
+                reply = g.discard(req.get("ranges"))
+            elif cmd == "quit":
+                return {"ok": True}, [], True
+            else:
+                raise GuestStateError(f"unknown command {cmd!r}")
+        except GuestStateError as exc:
+            return {"ok": False, "error": str(exc)}, [], False
+        except Exception as exc:  # keep serving; the client gets the reason
+            print(f"guest: {cmd} failed: {exc!r}", file=sys.stderr)
+            return {"ok": False, "error": f"{cmd} failed: {exc}"}, [], False
+        return {"ok": True, **reply}, fds, False
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse to steal a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return  # not a socket: bind() reports it
+    finally:
+        probe.close()
+    raise OSError(f"control socket {path} is in use by another guest")
+
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    if fds:
+        sent = socket.send_fds(sock, [data], fds)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+# ---- client ---------------------------------------------------------------------------
+
+
+class GuestClient:
+    """Client of a guest's control socket. Context manager; not thread safe."""
+
+    def __init__(self, path: str, timeout: float = 10.0):
+        self.path = path
+        self._buf = b""
+        self._fds: list[int] = []
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            self._sock = None
+            raise GuestError(f"cannot reach guest control socket {path}: {exc.strerror or exc}") from None
+
+    def __enter__(self) -> "GuestClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def _roundtrip(self, cmd: str, fields: dict) -> tuple[dict, list[int]]:
+        if self._sock is None:
+            raise GuestError(f"guest control connection {self.path} is closed")
+        try:
+            _send(self._sock, {"cmd": cmd, **fields})
+            line, fds = self._read_line()
+        except (OSError, ValueError) as exc:
+            self.close()  # a late reply would desynchronise the stream
+            what = "no reply within the timeout" if isinstance(exc, TimeoutError) else exc
+            raise GuestError(f"guest {self.path}: {cmd}: {what}") from None
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise GuestError(f"guest {cmd}: {reply.get('error', 'failed')}")
+        return reply, fds
+
+    def _read_line(self) -> tuple[bytes, list[int]]:
+        while b"\n" not in self._buf:
+            fds = array.array("i")
+            data, anc, flags, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise OSError("file descriptors truncated (too many)")
+            if not data:
+                raise ConnectionError("guest closed the connection")
+            self._buf += data
+            if len(self._buf) > MAX_LINE:
+                raise ValueError("reply line too long")
+        line, self._buf = self._buf.split(b"\n", 1)
+        fds, self._fds = self._fds, []
+        return line, fds
+
+    def request(self, cmd: str, **fields) -> dict:
+        """Send one command; returns the reply. Raises GuestError if ok is false or the
+        guest is gone. Descriptors that come with the reply are closed."""
+        reply, fds = self._roundtrip(cmd, fields)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    def status(self) -> dict:
+        return self.request("status")
+
+    def pause(self) -> dict:
+        return self.request("pause")
+
+    def resume(self) -> dict:
+        return self.request("resume")
+
+    def run_until(self, steps: int) -> dict:
+        """Resume a paused guest and wait until every vCPU has done exactly ``steps``."""
+        return self.request("run_until", steps=steps)
+
+    def hash(self) -> str:
+        return self.request("hash")["hash"]
+
+    def take_fds(self) -> tuple[dict, dict[str, int]]:
+        """The ``fds`` reply and the received descriptors by name ("memfd", "uffd");
+        the caller owns (and must close) them."""
+        reply, fds = self._roundtrip("fds", {})
+        if len(fds) != len(reply["fds"]):
+            for fd in fds:
+                os.close(fd)
+            raise GuestError(f"guest sent {len(fds)} descriptors for {reply['fds']}")
+        return reply, dict(zip(reply["fds"], fds))
+
+    def discard(self, ranges: list[tuple[int, int]]) -> dict:
+        return self.request("discard", ranges=[[int(o), int(n)] for o, n in ranges])
+
+    def quit(self) -> None:
+        """Ask the guest to exit (0, no hash printed)."""
+        self.request("quit")
+        self.close()
+
+
+def wait_for_control(path: str, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until the guest's control socket answers ``status``. If ``proc`` (the
+    guest) exits first, raise GuestError at once with its exit code and stderr."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            err = ""
+            if proc.stderr is not None:
+                err = proc.stderr.read()
+                err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            raise GuestError(f"guest exited with status {proc.returncode} before its control socket "
+                             f"answered: {err.strip() or '(no stderr)'}")
+        try:
+            with GuestClient(path, timeout=max(0.1, deadline - time.monotonic())) as client:
+                client.status()
+            return
+        except GuestError:
+            if time.monotonic() >= deadline:
+                raise GuestError(f"guest control socket {path} did not answer within {timeout} s") from None
+        time.sleep(0.02)
+
+
+# ---- launching ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestParams:
+    """Everything that determines a guest's final RAM (plus its backing)."""
+
+    ram: int
+    threads: int
+    workload: str
+    seed: int
+    steps: int | None
+    rate: float = 0
+    working_set: float = 1.0
+    backing: str = "memfd"
+
+    def argv(self, *, control: str | None = None, incoming: bool = False, linger: bool = False,
+             start_paused: bool = False, pause_at: int | None = None) -> list[str]:
+        """Command line that starts this guest. An incoming guest gets only RAM size and
+        backing: the rest comes with its state page."""
+        argv = [sys.executable, "-m", "postcopy", "guest", "--ram", str(self.ram), "--backing", self.backing]
+        if incoming:
+            argv.append("--incoming")
+        else:
+            argv += ["--threads", str(self.threads), "--workload", self.workload, "--seed", str(self.seed),
+                     "--rate", repr(float(self.rate)), "--working-set", repr(float(self.working_set))]
+            if self.steps is not None:
+                argv += ["--steps", str(self.steps)]
+        if control:
+            argv += ["--control", control]
+        if linger:
+            argv.append("--linger")
+        if start_paused:
+            argv.append("--start-paused")
+        if pause_at is not None:
+            argv += ["--pause-at", str(pause_at)]
+        return argv
+
+
+def parse_final_hash(stdout: str) -> str:
+    """The hash from a guest's ``final_hash <16 hex>`` stdout line."""
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "final_hash" and len(parts[1]) == 16:
+            return parts[1]
+    raise GuestError(f"no final_hash line in guest output {stdout!r}")
+
+
+def reference_hash(params: GuestParams, timeout: float | None = None) -> str:
+    """Run the same guest without migration to completion and return its final hash.
+
+    The rate limit is dropped (it is timing, not state, and is not hashed)."""
+    if params.steps is None:
+        raise ValueError("reference_hash needs a step target (steps)")
+    proc = subprocess.run(dataclasses.replace(params, rate=0).argv(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise GuestError(f"reference guest exited {proc.returncode}: {proc.stderr.strip()}")
+    return parse_final_hash(proc.stdout)

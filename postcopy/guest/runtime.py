@@ -1,0 +1,415 @@
+"""The guest machine: guest RAM plus vCPU threads that run the C workload in it.
+
+All guest state (parameters, step counters, RNG states, heartbeats, data) lives in the
+guest RAM; this module only keeps process-local bookkeeping: the pause flag, the vCPU
+threads and the timing of the latest resume. Every access to guest RAM goes through a C
+call (cffi releases the GIL), because an incoming guest's RAM is registered with
+userfaultfd and a touch may block until some other process serves the page: a thread
+blocked while holding the GIL would stop the whole process, control socket included.
+
+States: ``incoming`` (empty RAM waiting for pages and ``resume``), ``running``,
+``paused`` (every vCPU parked at a step boundary), ``finished`` (every vCPU reached
+the step target).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from postcopy._native import ffi, lib
+
+WORKLOADS: dict[str, int] = {"idle": 0, "random-write": 1, "sequential": 2, "hotspot": 3}
+WORKLOAD_NAMES = {v: k for k, v in WORKLOADS.items()}
+BACKINGS = ("memfd", "anon")
+MAX_THREADS: int = lib.PC_GUEST_MAX_THREADS
+PAGE_SIZE: int = mmap.PAGESIZE
+_UNLIMITED = (1 << 64) - 1
+
+_CHECK_ERRORS = {
+    lib.PC_GUEST_EBADMAGIC: "the state page holds no guest (bad magic)",
+    lib.PC_GUEST_EVERSION: "the state page has another layout version",
+    lib.PC_GUEST_ESIZE: "RAM size or page size differs from the state page's",
+    lib.PC_GUEST_ETHREADS: f"thread count must be 1..{MAX_THREADS}",
+    lib.PC_GUEST_EWORKLOAD: "unknown workload",
+    lib.PC_GUEST_ELAYOUT: "RAM is too small for the layout (state page, shared slice, one page per thread)",
+    lib.PC_GUEST_EPARAM: "bad parameter (working set must be in (0, 1], rate >= 0)",
+}
+
+
+class GuestStateError(RuntimeError):
+    """A request that the guest cannot honour in its current state (or with these
+    arguments); reported to the control client as ``{"ok": false, "error": ...}``."""
+
+
+@dataclass(frozen=True)
+class BootParams:
+    """What a fresh guest writes into its state page."""
+
+    threads: int
+    workload: str
+    seed: int
+    steps: int | None = None
+    rate: float = 0.0
+    working_set: float = 1.0
+
+
+def layout_error(ram: int, threads: int, workload: str, working_set: float) -> str | None:
+    """Why these parameters cannot make a guest, or None if they can."""
+    if workload not in WORKLOADS:
+        return f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})"
+    if ram <= 0 or ram % PAGE_SIZE:
+        return f"RAM size {ram} is not a positive multiple of the page size ({PAGE_SIZE})"
+    if not 1 <= threads <= MAX_THREADS:
+        return f"--threads must be 1..{MAX_THREADS}"
+    if not 0.0 < working_set <= 1.0:
+        return "--working-set must be a fraction in (0, 1]"
+    info = ffi.new("struct pc_guest_info *")
+    rc = lib.pc_guest_layout(ram, PAGE_SIZE, threads, WORKLOADS[workload], working_set, info)
+    if rc == lib.PC_GUEST_ELAYOUT:
+        shared = max(PAGE_SIZE, min(ram // 16, 1 << 20) // PAGE_SIZE * PAGE_SIZE)
+        need = PAGE_SIZE + shared + threads * PAGE_SIZE
+        return (f"RAM {ram} bytes is too small for {threads} thread(s): needs at least {need} "
+                "(state page, shared slice, one page per thread)")
+    if rc:
+        return _CHECK_ERRORS.get(rc, f"layout error {rc}")
+    return None
+
+
+class Guest:
+    """Guest RAM and its vCPUs. Thread safe; the control server calls in from its
+    threads, the vCPU threads report back, the main thread waits in :meth:`wait_exit`."""
+
+    def __init__(self, ram_size: int, backing: str = "memfd", *, incoming: bool = False):
+        if backing not in BACKINGS:
+            raise ValueError(f"backing must be one of {BACKINGS}")
+        self.ram_size = ram_size
+        self.page_size = PAGE_SIZE
+        self.backing = backing
+        self.memfd: int | None = None
+        if backing == "memfd":
+            self.memfd = os.memfd_create("postcopy-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, ram_size)
+        ptr = lib.pc_guest_map(ram_size, -1 if self.memfd is None else self.memfd)
+        if ptr == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"cannot map {ram_size} bytes of guest RAM: {os.strerror(err)}")
+        # Never unmapped: the process exits with it (munmap of uffd-registered RAM could
+        # wait for an UNMAP event reader).
+        self._ram = ptr
+        self.address = int(ffi.cast("uintptr_t", ptr))
+        self._cond = threading.Condition()
+        self._op = threading.Lock()  # one control command at a time
+        self._pause_flag = ffi.new("int *")
+        self._locals = None
+        self._local_ptrs: list = []
+        self._info = None
+        self._running = 0
+        self._starting = False
+        self._pause_requested = False
+        self._stop_at: int | None = None
+        self._state = "incoming" if incoming else "paused"
+        self._resumed_ns: int | None = None
+        self._paused_ns: int | None = None
+        self._fatal: str | None = None
+        self._quit = False
+        self._fds_taken = False
+        self.uffd = None
+        if incoming:
+            self._open_uffd()
+
+    # ---- set-up -------------------------------------------------------------------
+
+    def _open_uffd(self) -> None:
+        from postcopy.uffd import Feature, Mode, Userfaultfd
+
+        required = Feature.MISSING_SHMEM if self.memfd is not None else Feature(0)
+        optional = Feature.THREAD_ID | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
+        self.uffd = Userfaultfd(features=required, optional=optional)
+        self.uffd.register(self.address, self.ram_size, Mode.MISSING)
+
+    def boot(self, params: BootParams) -> None:
+        """Write a fresh state page and shared slice (the guest stays paused)."""
+        error = layout_error(self.ram_size, params.threads, params.workload, params.working_set)
+        if error:
+            raise ValueError(error)
+        rc = lib.pc_guest_boot(self._ram, self.ram_size, self.page_size, params.threads,
+                               WORKLOADS[params.workload], params.seed & _UNLIMITED,
+                               params.steps or 0, float(params.rate), float(params.working_set))
+        if rc:
+            raise ValueError(_CHECK_ERRORS.get(rc, f"boot error {rc}"))
+        self._load()
+
+    def _load(self) -> None:
+        """Read and check the state page (may block on a userfaultfd fault)."""
+        info = ffi.new("struct pc_guest_info *")
+        rc = lib.pc_guest_check(self._ram, self.ram_size, self.page_size, info)
+        if rc:
+            raise GuestStateError(_CHECK_ERRORS.get(rc, f"state page check failed ({rc})"))
+        locals_ = ffi.gc(lib.pc_vcpu_locals_new(info.threads), lib.pc_vcpu_locals_free)
+        lib.pc_guest_load_locals(self._ram, locals_, info.threads)
+        with self._cond:
+            self._info = info
+            self._locals = locals_
+            self._local_ptrs = [locals_ + t for t in range(info.threads)]
+
+    # ---- bookkeeping ----------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def threads(self) -> int | None:
+        return int(self._info.threads) if self._info else None
+
+    @property
+    def steps_target(self) -> int | None:
+        return int(self._info.steps_target) or None if self._info else None
+
+    def steps(self) -> list[int]:
+        """Steps done per vCPU (process-local mirror; never touches guest RAM)."""
+        return [int(p.steps_done) for p in self._local_ptrs]
+
+    def last_heartbeat_ns(self) -> int | None:
+        beats = [int(p.last_step_ns) for p in self._local_ptrs]
+        return max(beats) if beats and max(beats) else None
+
+    def first_step_after_resume_ns(self) -> int | None:
+        firsts = [int(p.first_step_ns) for p in self._local_ptrs if p.first_step_ns]
+        return min(firsts) if firsts else None
+
+    def _spawn(self) -> None:
+        """Start one Python thread per vCPU (cond held)."""
+        target = self.steps_target or _UNLIMITED
+        limit = min(target, self._stop_at) if self._stop_at is not None else target
+        for p in self._local_ptrs:
+            p.first_step_ns = 0
+        self._pause_flag[0] = 0
+        self._running = len(self._local_ptrs)
+        for tid in range(self._running):
+            threading.Thread(target=self._vcpu, args=(tid, limit), name=f"vcpu{tid}", daemon=True).start()
+
+    def _vcpu(self, tid: int, limit: int) -> None:
+        rc = lib.pc_vcpu_run(self._ram, self.ram_size, tid, self._pause_flag, limit, self._local_ptrs[tid])
+        with self._cond:
+            if rc < 0:
+                self._fatal = f"vCPU {tid} refused to run: {_CHECK_ERRORS.get(rc, rc)}"
+            self._running -= 1
+            if self._running == 0:
+                self._all_parked()
+            self._cond.notify_all()
+
+    def _all_parked(self) -> None:
+        self._paused_ns = time.monotonic_ns()
+        target = self.steps_target
+        if not self._pause_requested and target and all(s >= target for s in self.steps()):
+            self._state = "finished"
+        else:  # paused by request, or stopped at run_until / --pause-at
+            self._state = "paused"
+
+    def _wait_parked(self) -> None:
+        while self._starting or self._running:
+            self._cond.wait()
+
+    def _start_incoming(self) -> None:
+        try:
+            self._load()  # faults on the state page: served by whoever holds the uffd
+        except GuestStateError as exc:
+            with self._cond:
+                self._fatal = f"incoming RAM: {exc}"
+                self._starting = False
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._starting = False
+            if self._pause_requested:
+                self._paused_ns = time.monotonic_ns()
+                self._state = "paused"
+            else:
+                self._spawn()
+            self._cond.notify_all()
+
+    # ---- commands ---------------------------------------------------------------------
+
+    def _pause_reply(self) -> dict:
+        return {"state": self._state, "paused_ns": self._paused_ns,
+                "last_heartbeat_ns": self.last_heartbeat_ns(), "steps": self.steps()}
+
+    def resume(self, *, stop_at: int | None = None) -> dict:
+        """Let the vCPUs run (from ``paused`` or ``incoming``). An incoming guest reads
+        its state page in the background, so the reply does not wait for the page."""
+        with self._op, self._cond:
+            if self._state == "running":
+                raise GuestStateError("guest is already running")
+            if self._state == "finished":
+                raise GuestStateError("guest has finished its steps")
+            self._stop_at = stop_at
+            self._pause_requested = False
+            self._pause_flag[0] = 0
+            self._resumed_ns = time.monotonic_ns()
+            if self._state == "incoming":
+                if not self._fds_taken:
+                    raise GuestStateError("resume of an incoming guest before its userfaultfd was handed "
+                                          "out (fds): the first page would never arrive")
+                self._state = "running"
+                self._starting = True
+                threading.Thread(target=self._start_incoming, name="incoming", daemon=True).start()
+            else:
+                self._state = "running"
+                self._spawn()
+            self._cond.notify_all()
+            return {"resumed_ns": self._resumed_ns}
+
+    def pause(self) -> dict:
+        """Park every vCPU at a step boundary; returns once all are parked (so it waits
+        as long as a vCPU waits for a userfaultfd fault to be served)."""
+        with self._op, self._cond:
+            if self._state == "incoming":
+                raise GuestStateError("guest is incoming: nothing runs yet")
+            if self._state == "running":
+                self._pause_requested = True
+                self._pause_flag[0] = 1
+                self._wait_parked()
+            return self._pause_reply()
+
+    def run_until(self, steps: int) -> dict:
+        """Resume and park again when every vCPU has done exactly ``steps`` steps (or
+        reached its target first, or a ``pause`` came in between)."""
+        with self._op:
+            if self._state != "paused":
+                raise GuestStateError(f"run_until needs a paused guest (state {self._state})")
+            done = self.steps()
+            if steps < max(done):
+                raise GuestStateError(f"vCPUs are already past step {steps}: {done}")
+        self.resume(stop_at=steps)
+        with self._cond:
+            self._wait_parked()
+            return self._pause_reply()
+
+    def status(self) -> dict:
+        with self._cond:
+            info = self._info
+            return {
+                "state": self._state,
+                "pid": os.getpid(),
+                "ram_size": self.ram_size,
+                "page_size": self.page_size,
+                "backing": self.backing,
+                "ram_address": self.address,
+                "threads": self.threads,
+                "workload": WORKLOAD_NAMES.get(int(info.workload)) if info else None,
+                "seed": int(info.seed) if info else None,
+                "working_set": float(info.working_set) if info else None,
+                "rate": float(info.rate) if info else None,
+                "steps": self.steps(),
+                "steps_target": self.steps_target,
+                "stop_at": self._stop_at,
+                "last_heartbeat_ns": self.last_heartbeat_ns(),
+                "first_step_after_resume_ns": self.first_step_after_resume_ns(),
+                "resumed_ns": self._resumed_ns,
+                "paused_ns": self._paused_ns,
+                "uffd": self.uffd is not None,
+            }
+
+    def ram_hash(self) -> str:
+        """Hash of the whole RAM without heartbeats (paused or finished guests only).
+        Pages that read as zero without being present are not touched, so on an
+        incoming guest the hash is only meaningful once every page has arrived."""
+        with self._op:
+            with self._cond:
+                if self._state not in ("paused", "finished") or self._starting or self._running:
+                    raise GuestStateError(f"hash needs a paused or finished guest (state {self._state})")
+            value = lib.pc_guest_hash(self._ram, self.ram_size, self.page_size,
+                                      -1 if self.memfd is None else self.memfd)
+            return f"{value:016x}"
+
+    def fds(self) -> tuple[dict, list[int]]:
+        """The reply for ``fds`` and the descriptors to send with it (memfd, uffd)."""
+        with self._op:
+            names, fds = [], []
+            if self.memfd is not None:
+                names.append("memfd")
+                fds.append(self.memfd)
+            if self.uffd is not None:
+                names.append("uffd")
+                fds.append(self.uffd.fileno())
+            self._fds_taken = True
+            reply = {"fds": names, "ram_address": self.address, "ram_size": self.ram_size,
+                     "page_size": self.page_size, "pid": os.getpid(), "backing": self.backing,
+                     "uffd_features": int(self.uffd.features) if self.uffd is not None else 0}
+            return reply, fds
+
+    def discard(self, ranges: list) -> dict:
+        """Drop RAM ranges so they read as missing again (under userfaultfd) or zero.
+
+        Each range is ``[offset, length]``, page aligned and inside RAM. Allowed while
+        the vCPUs are parked (paused, finished) or before an incoming guest starts.
+        With UFFD_FEATURE_EVENT_REMOVE the kernel's madvise() blocks until the uffd
+        reader has read the REMOVE event, so the uffd holder must be reading events
+        meanwhile; a discard before the uffd was handed out is refused for that reason.
+        """
+        checked = self._check_ranges(ranges)
+        with self._op:
+            with self._cond:
+                if self._state == "running" or self._starting or self._running:
+                    raise GuestStateError("discard needs parked vCPUs (pause first)")
+            if (self.uffd is not None and not self._fds_taken
+                    and int(self.uffd.features) & int(_feature("EVENT_REMOVE"))):
+                raise GuestStateError("discard would block: nobody reads the userfaultfd's REMOVE "
+                                      "events (take the fds first)")
+            total = 0
+            for off, length in checked:
+                rc = lib.pc_guest_discard(self._ram, off, length, -1 if self.memfd is None else self.memfd)
+                if rc:
+                    raise GuestStateError(f"discard [{off}, +{length}): {os.strerror(-rc)}")
+                total += length
+            return {"discarded": total}
+
+    def _check_ranges(self, ranges) -> list[tuple[int, int]]:
+        if not isinstance(ranges, list):
+            raise GuestStateError("ranges must be a list of [offset, length]")
+        out = []
+        for item in ranges:
+            if (not isinstance(item, (list, tuple)) or len(item) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
+                raise GuestStateError(f"bad range {item!r}: want [offset, length] integers")
+            off, length = item
+            if off < 0 or length <= 0 or off % self.page_size or length % self.page_size:
+                raise GuestStateError(f"range [{off}, {length}] is not page aligned and non-empty")
+            if off + length > self.ram_size:
+                raise GuestStateError(f"range [{off}, {length}] ends beyond RAM ({self.ram_size})")
+            out.append((off, length))
+        return out
+
+    def request_quit(self) -> None:
+        """Ask the main thread to exit (after the reply went out)."""
+        with self._cond:
+            self._quit = True
+            self._pause_flag[0] = 1  # stop stepping; exit does not wait for it
+            self._cond.notify_all()
+
+    def wait(self, *, finished_ok: bool = True) -> str:
+        """Block the main thread until ``finished`` (if finished_ok), quit or a fatal
+        error; returns "finished", "quit" or "fatal"."""
+        with self._cond:
+            while True:
+                if self._fatal:
+                    return "fatal"
+                if self._quit:
+                    return "quit"
+                if finished_ok and self._state == "finished":
+                    return "finished"
+                self._cond.wait(0.5)  # short waits keep SIGTERM (KeyboardInterrupt) prompt
+
+    @property
+    def fatal(self) -> str | None:
+        return self._fatal
+
+
+def _feature(name: str):
+    from postcopy.uffd import Feature
+
+    return getattr(Feature, name)

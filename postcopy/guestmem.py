@@ -1,0 +1,93 @@
+"""The source agent's view of a guest's RAM: which pages are populated, and sending
+page runs from it without mapping the guest's RAM into the agent (so the agent's RSS
+does not grow with the guest)."""
+from __future__ import annotations
+
+import errno
+import os
+
+from postcopy import wire
+from postcopy.pagemap import PM_PRESENT, PM_SWAP, Pagemap
+from postcopy.transport import MAX_RUN_BYTES, Channel
+
+
+class GuestMemory:
+    """Guest RAM as handed over by the guest's control socket (``fds`` command).
+
+    memfd backing: the memfd itself is the RAM. Populated pages are its data extents
+    (SEEK_DATA/SEEK_HOLE, which also counts pages swapped out, unlike pagemap for a
+    shared mapping), and runs go out with sendfile(2).
+    anon backing: the guest's private memory is read through /proc/PID/mem; populated
+    pages are those pagemap shows present or swapped.
+    """
+
+    def __init__(self, info: dict, fds: dict[str, int]):
+        self.pid: int = info["pid"]
+        self.base: int = info["ram_address"]
+        self.size: int = info["ram_size"]
+        self.page_size: int = info["page_size"]
+        self.npages = self.size // self.page_size
+        self.memfd: int | None = fds.get("memfd")
+        self._mem_fd: int | None = None
+        self._pagemap: Pagemap | None = None
+        if self.memfd is None:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self._pagemap = Pagemap(self.pid)
+
+    @property
+    def layout(self) -> wire.Layout:
+        return wire.Layout(page_size=self.page_size, regions=((0, self.size),))
+
+    def populated_runs(self, first_page: int, npages: int) -> list[tuple[int, int]]:
+        """Runs (first_page, npages) of populated pages inside the given range."""
+        if self._pagemap is not None:
+            runs = self._pagemap.runs(self.base + first_page * self.page_size, npages, PM_PRESENT | PM_SWAP)
+            return [(first_page + start, count) for start, count in runs]
+        return self._data_extents(first_page, npages)
+
+    def _data_extents(self, first_page: int, npages: int) -> list[tuple[int, int]]:
+        ps = self.page_size
+        pos, end = first_page * ps, (first_page + npages) * ps
+        runs = []
+        while pos < end:
+            try:
+                data = os.lseek(self.memfd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(self.memfd, data, os.SEEK_HOLE), end)
+            runs.append((data // ps, (hole - data) // ps))
+            pos = hole
+        return runs
+
+    def send_run(self, channel: Channel, first_page: int, npages: int, cause: wire.Cause,
+                 scratch: bytearray | None = None) -> None:
+        """Send pages [first_page, first_page+npages) as one frame (≤ MAX_RUN_BYTES)."""
+        length = npages * self.page_size
+        offset = first_page * self.page_size
+        if self.memfd is not None:
+            channel.sendfile_page_run(first_page, npages, cause, self.memfd, offset)
+            return
+        assert scratch is not None and len(scratch) >= length, "anon backing needs a scratch buffer"
+        view = memoryview(scratch)[:length]
+        got = os.preadv(self._mem_fd, [view], self.base + offset)
+        if got != length:
+            raise OSError(errno.EIO, f"short read of guest RAM at page {first_page}: {got} of {length} bytes")
+        channel.send_page_run(first_page, npages, cause, view)
+
+    @staticmethod
+    def scratch() -> bytearray:
+        """A per-thread buffer for :meth:`send_run`."""
+        return bytearray(MAX_RUN_BYTES)
+
+    def close(self) -> None:
+        for fd in (self.memfd, self._mem_fd):
+            if fd is not None:
+                os.close(fd)
+        self.memfd = self._mem_fd = None
+        if self._pagemap is not None:
+            self._pagemap.close()
+            self._pagemap = None

@@ -1,0 +1,109 @@
+"""Migration figures: latency statistics, the power-of-two histogram, and the report
+contract of DESIGN.md ("What every report carries")."""
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+PAGE_CAUSES = ("precopy", "resent", "demand", "pushed", "zero")
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+def latency_summary(latencies_us: Iterable[float]) -> dict:
+    """p50/p99/max and count of fault latencies in microseconds."""
+    values = sorted(latencies_us)
+    return {
+        "count": len(values),
+        "p50": percentile(values, 0.50),
+        "p99": percentile(values, 0.99),
+        "max": values[-1] if values else None,
+    }
+
+
+def pow2_histogram(latencies_us: Iterable[float]) -> list[dict]:
+    """Histogram in power-of-two microsecond buckets, as QEMU's postcopy-latency-dist:
+    bucket k counts latencies in [2^k, 2^(k+1)) µs (bucket 0 also takes < 1 µs)."""
+    counts: dict[int, int] = {}
+    for value in latencies_us:
+        bucket = max(0, int(value).bit_length() - 1)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    if not counts:
+        return []
+    return [
+        {"from_us": 0 if k == 0 else 1 << k, "to_us": 1 << (k + 1), "count": counts.get(k, 0)}
+        for k in range(0, max(counts) + 1)
+    ]
+
+
+def format_histogram(buckets: list[dict], width: int = 40) -> str:
+    """Text bars for a terminal."""
+    if not buckets:
+        return "  (no faults)"
+    peak = max(b["count"] for b in buckets) or 1
+    lines = []
+    for b in buckets:
+        bar = "#" * max(1 if b["count"] else 0, round(width * b["count"] / peak))
+        lines.append(f"  {b['from_us']:>7}-{b['to_us']:<7} µs {b['count']:>8} {bar}")
+    return "\n".join(lines)
+
+
+def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, source: dict,
+                 dest: dict, final_hash: str | None, reference_hash: str | None) -> dict:
+    """Merge the two agents' figures into the report of DESIGN.md."""
+    pages = {cause: dest.get("pages", {}).get(cause, 0) for cause in PAGE_CAUSES}
+    return {
+        "mode": mode,
+        "dirty_log": dirty_log,
+        "ram_bytes": ram_bytes,
+        "workload": workload,
+        "downtime_ms": dest.get("downtime_ms"),
+        "total_ms": source.get("total_ms"),
+        "precopy_rounds": source.get("rounds", []),
+        "bytes_sent": source.get("bytes_sent"),
+        "pages": pages,
+        "fault_latency_us": dest.get("fault_latency_us"),
+        "fault_latency_histogram": dest.get("fault_latency_histogram", []),
+        "blocktime_ms": dest.get("blocktime_ms"),
+        "final_hash": final_hash,
+        "reference_hash": reference_hash,
+        "verified": bool(final_hash and reference_hash and final_hash == reference_hash),
+        "source": source,
+        "dest": {k: v for k, v in dest.items() if k != "fault_latency_histogram"},
+    }
+
+
+def format_summary(report: dict) -> str:
+    """Human summary of a report."""
+    lat = report.get("fault_latency_us") or {}
+    pages = report["pages"]
+
+    def fmt(value, unit="", digits=1):
+        return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+    lines = [
+        f"mode {report['mode']}  dirty log {report['dirty_log']}  RAM {report['ram_bytes'] >> 20} MiB"
+        f"  workload {report['workload']}",
+        f"downtime {fmt(report['downtime_ms'], ' ms', 2)}  total {fmt(report['total_ms'], ' ms')}"
+        f"  sent {(report['bytes_sent'] or 0) / 2**20:.1f} MiB",
+        "pages: " + "  ".join(f"{cause} {pages[cause]}" for cause in PAGE_CAUSES),
+        f"faults {lat.get('count', 0)}: p50 {fmt(lat.get('p50'), ' µs')}  p99 {fmt(lat.get('p99'), ' µs')}"
+        f"  max {fmt(lat.get('max'), ' µs')}  blocktime {fmt(report['blocktime_ms'], ' ms', 2)}",
+        "fault latency histogram:",
+        format_histogram(report.get("fault_latency_histogram", [])),
+        f"final hash {report['final_hash']}  reference {report['reference_hash']}"
+        f"  -> {'VERIFIED' if report['verified'] else 'MISMATCH'}",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
