@@ -3,6 +3,7 @@ page runs from it without mapping the guest's RAM into the agent (so the agent's
 does not grow with the guest)."""
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 
@@ -38,17 +39,15 @@ class GuestMemory:
     def layout(self) -> wire.Layout:
         return wire.Layout(page_size=self.page_size, regions=((0, self.size),))
 
-    def populated_runs(self, first_page: int, npages: int) -> list[tuple[int, int]]:
-        """Runs (first_page, npages) of populated pages inside the given range."""
-        if self._pagemap is not None:
-            runs = self._pagemap.runs(self.base + first_page * self.page_size, npages, PM_PRESENT | PM_SWAP)
-            return [(first_page + start, count) for start, count in runs]
-        return self._data_extents(first_page, npages)
+    def populated_extents(self) -> list[tuple[int, int]]:
+        """Every run (first_page, npages) of populated pages, in order, in one sweep.
 
-    def _data_extents(self, first_page: int, npages: int) -> list[tuple[int, int]]:
-        ps = self.page_size
-        pos, end = first_page * ps, (first_page + npages) * ps
-        runs = []
+        One sweep, because the kernel's SEEK_HOLE walks a whole data extent and a
+        pagemap read costs per call: asking chunk by chunk would be quadratic."""
+        if self._pagemap is not None:
+            return self._pagemap.runs(self.base, self.npages, PM_PRESENT | PM_SWAP)
+        ps, end = self.page_size, self.size
+        pos, runs = 0, []
         while pos < end:
             try:
                 data = os.lseek(self.memfd, pos, os.SEEK_DATA)
@@ -62,6 +61,19 @@ class GuestMemory:
             runs.append((data // ps, (hole - data) // ps))
             pos = hole
         return runs
+
+    def is_populated(self, page: int) -> bool:
+        """Whether one page holds data (cheap: for the demand path)."""
+        if self._pagemap is not None:
+            return bool(self._pagemap.runs(self.base + page * self.page_size, 1, PM_PRESENT | PM_SWAP))
+        offset = page * self.page_size
+        try:
+            # SEEK_DATA returns at once on a data page; SEEK_HOLE would walk the extent.
+            return os.lseek(self.memfd, offset, os.SEEK_DATA) == offset
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return False
+            raise
 
     def send_run(self, channel: Channel, first_page: int, npages: int, cause: wire.Cause,
                  scratch: bytearray | None = None) -> None:
@@ -91,3 +103,29 @@ class GuestMemory:
         if self._pagemap is not None:
             self._pagemap.close()
             self._pagemap = None
+
+
+class PageExtents:
+    """A sorted list of populated runs, queried by range (bisect, no per-page loops)."""
+
+    def __init__(self, runs: list[tuple[int, int]]):
+        self.runs = runs
+        self._starts = [start for start, _ in runs]
+
+    def runs_in(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The populated runs clipped to [first, end)."""
+        i = max(0, bisect.bisect_right(self._starts, first) - 1)
+        out = []
+        while i < len(self.runs):
+            start, count = self.runs[i]
+            if start >= end:
+                break
+            lo, hi = max(start, first), min(start + count, end)
+            if lo < hi:
+                out.append((lo, hi - lo))
+            i += 1
+        return out
+
+    @property
+    def pages(self) -> int:
+        return sum(count for _, count in self.runs)

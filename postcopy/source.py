@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from postcopy import wire
 from postcopy.guest.control import GuestClient
-from postcopy.guestmem import GuestMemory
+from postcopy.guestmem import GuestMemory, PageExtents
 from postcopy.transport import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
 
 
@@ -62,6 +62,7 @@ class SourceAgent:
         self._hint: int | None = None  # next page for the pusher after a demand fault
         self._sent: bytearray | None = None
         self._urgent_error: BaseException | None = None
+        self._extents: PageExtents | None = None
 
     # -- connection --------------------------------------------------------------------
     def _open_channel(self, mem: GuestMemory, session: bytes, name: str) -> Channel:
@@ -163,6 +164,7 @@ class SourceAgent:
     def _push(self, mem: GuestMemory, main: Channel, scratch: bytearray | None) -> None:
         """Send every page not yet sent, in large runs; zero ranges for untouched pages.
         After a demand fault the cursor jumps next to the faulting page (pre-paging)."""
+        extents = self._extents = PageExtents(mem.populated_extents())
         sent = self._sent
         run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
         pos = 0
@@ -180,18 +182,27 @@ class SourceAgent:
             end = sent.find(1, first, min(first + run_pages, mem.npages))
             end = min(first + run_pages, mem.npages) if end < 0 else end
             sent[first:end] = b"\x01" * (end - first)
-            cursor = first
-            for start, count in mem.populated_runs(first, end - first):
-                if start > cursor:
-                    main.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
-                    self.stats.pages_zero += start - cursor
-                mem.send_run(main, start, count, wire.Cause.PUSHED, scratch)
-                self.stats.pages_pushed += count
-                cursor = start + count
-            if cursor < end:
-                main.send(wire.ZeroRange(first_page=cursor, npages=end - cursor))
-                self.stats.pages_zero += end - cursor
+            self._send_range(mem, main, first, end, extents.runs_in(first, end), wire.Cause.PUSHED, scratch)
             pos = end
+
+    def _send_range(self, mem: GuestMemory, channel: Channel, first: int, end: int,
+                    runs: list[tuple[int, int]], cause: wire.Cause, scratch: bytearray | None) -> None:
+        """Send [first, end): the populated runs as pages, the gaps as zero ranges."""
+        cursor = first
+        stats = self.stats
+        for start, count in runs:
+            if start > cursor:
+                channel.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
+                stats.pages_zero += start - cursor
+            mem.send_run(channel, start, count, cause, scratch)
+            if cause == wire.Cause.DEMAND:
+                stats.pages_demand += count
+            else:
+                stats.pages_pushed += count
+            cursor = start + count
+        if cursor < end:
+            channel.send(wire.ZeroRange(first_page=cursor, npages=end - cursor))
+            stats.pages_zero += end - cursor
 
     # -- urgent channel ----------------------------------------------------------------
     def _serve_urgent(self, mem: GuestMemory, urgent: Channel) -> None:
@@ -203,18 +214,14 @@ class SourceAgent:
                 if not isinstance(message, wire.PageRequest):
                     raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
                 self.stats.requests += 1
-                first, count = message.first_page, message.npages
-                cursor = first
-                for start, n in mem.populated_runs(first, count):
-                    if start > cursor:
-                        urgent.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
-                    mem.send_run(urgent, start, n, wire.Cause.DEMAND, scratch)
-                    self.stats.pages_demand += n
-                    cursor = start + n
-                if cursor < first + count:
-                    urgent.send(wire.ZeroRange(first_page=cursor, npages=first + count - cursor))
-                self._sent[first:first + count] = b"\x01" * count
-                self._hint = first + count
+                first, end = message.first_page, message.first_page + message.npages
+                if self._extents is not None:
+                    runs = self._extents.runs_in(first, end)
+                else:  # the pusher is still sweeping the extents: ask page by page
+                    runs = [(page, 1) for page in range(first, end) if mem.is_populated(page)]
+                self._send_range(mem, urgent, first, end, runs, wire.Cause.DEMAND, scratch)
+                self._sent[first:end] = b"\x01" * (end - first)
+                self._hint = end
         except ChannelClosed:
             return  # the destination closes the urgent channel when every page is in
         except BaseException as exc:  # surfaced by the pusher

@@ -271,6 +271,12 @@ class Userfaultfd:
     def closed(self) -> bool:
         return self._fd < 0
 
+    @property
+    def user_mode_only(self) -> bool:
+        """True when opened with UFFD_USER_MODE_ONLY (no CAP_SYS_PTRACE): faults the
+        kernel takes on the process's behalf (read(2) into missing RAM) get EFAULT."""
+        return self.opened_via == _VIA[_lib.PC_UFFD_VIA_SYSCALL_USER_ONLY]
+
     def close(self) -> None:
         """Close the descriptor: registered ranges lose their handler (faults then
         fill with zeros / map normally) and every waiting thread is woken."""
@@ -398,9 +404,11 @@ class Userfaultfd:
         elif not self.nonblock:
             raise ValueError("a blocking userfaultfd cannot wait with a timeout "
                              "(the kernel reports POLLERR); use nonblock=True or timeout=None")
-        else:
-            timeout_ms = math.ceil(timeout * 1000) if timeout > 0 else 0
+        elif timeout > 0:
+            timeout_ms = math.ceil(timeout * 1000)
             deadline = time.monotonic() + timeout
+        else:
+            timeout_ms, deadline = 0, 0.0  # EINTR cannot happen without a wait
         maxn = min(max_events, _lib.PC_UFFD_MAX_EVENTS_PER_READ)
         pool = self._pool
         buf = pool.pop() if (maxn <= self._EVBUF and pool) else None
@@ -416,7 +424,7 @@ class Userfaultfd:
                 # A signal: its Python handler runs when we return to the eval loop
                 # (KeyboardInterrupt included); otherwise wait for what is left.
                 if deadline is not None:
-                    left = deadline - time.monotonic()
+                    left = deadline - time.monotonic() if deadline else 0.0
                     if left <= 0:
                         return []
                     timeout_ms = math.ceil(left * 1000)
