@@ -57,7 +57,7 @@ uint64_t pc_monotonic_ns(void)
 }
 
 int pc_guest_layout(uint64_t ram_size, uint64_t page_size, uint32_t threads, uint32_t workload,
-                    double working_set, struct pc_guest_info *out)
+                    double working_set, double free_fraction, struct pc_guest_info *out)
 {
     if (page_size < 64 || (page_size & (page_size - 1)) || ram_size % page_size)
         return PC_GUEST_ESIZE;
@@ -66,6 +66,8 @@ int pc_guest_layout(uint64_t ram_size, uint64_t page_size, uint32_t threads, uin
     if (workload > PC_WL_HOTSPOT)
         return PC_GUEST_EWORKLOAD;
     if (!(working_set > 0.0 && working_set <= 1.0))
+        return PC_GUEST_EPARAM;
+    if (!(free_fraction >= 0.0 && free_fraction < 1.0))
         return PC_GUEST_EPARAM;
     uint64_t shared = ram_size / 16;
     if (shared > PC_GUEST_SHARED_MAX)
@@ -76,12 +78,25 @@ int pc_guest_layout(uint64_t ram_size, uint64_t page_size, uint32_t threads, uin
     if (ram_size < page_size + shared + threads * page_size)
         return PC_GUEST_ELAYOUT;
     uint64_t slice_pages = (ram_size - page_size - shared) / page_size / threads;
-    uint64_t ws = (uint64_t)((double)slice_pages * working_set);
+    /* With free pages, the slice ends with perm[] (4 bytes per working-set page, sized
+     * for a working set of the whole slice so the layout needs no iteration). */
+    uint64_t perm_pages = free_fraction > 0.0 ? (4 * slice_pages + page_size - 1) / page_size : 0;
+    if (perm_pages >= slice_pages)
+        return PC_GUEST_ELAYOUT;
+    uint64_t usable = slice_pages - perm_pages;
+    uint64_t ws = (uint64_t)((double)usable * working_set);
     if (ws < 1)
         ws = 1;
-    if (ws > slice_pages)
-        ws = slice_pages;
-    uint64_t hot = ws / 10;
+    if (ws > usable)
+        ws = usable;
+    uint64_t nfree = 0, used = 0;
+    if (free_fraction > 0.0) {
+        nfree = (uint64_t)((double)ws * free_fraction);
+        if (nfree >= ws)
+            nfree = ws - 1; /* at least one page in use */
+        used = ws - nfree;
+    }
+    uint64_t hot = (used ? used : ws) / 10;
     memset(out, 0, sizeof(*out));
     out->ram_size = ram_size;
     out->page_size = page_size;
@@ -94,15 +109,27 @@ int pc_guest_layout(uint64_t ram_size, uint64_t page_size, uint32_t threads, uin
     out->slice_len = slice_pages * page_size;
     out->ws_pages = ws;
     out->hot_pages = hot ? hot : 1;
+    if (free_fraction > 0.0) {
+        out->free_fraction = free_fraction;
+        out->free_pages = nfree;
+        out->used_pages = used;
+        out->perm_off = usable * page_size;
+        out->free_period = PC_GUEST_FREE_PERIOD;
+    }
     return 0;
+}
+
+static inline uint32_t *vcpu_perm(void *ram, const struct pc_guest_info *info, uint64_t tid)
+{
+    return (uint32_t *)((char *)ram + info->slice_off + tid * info->slice_len + info->perm_off);
 }
 
 int pc_guest_boot(void *ram, uint64_t ram_size, uint64_t page_size, uint32_t threads,
                   uint32_t workload, uint64_t seed, uint64_t steps_target, double rate,
-                  double working_set)
+                  double working_set, double free_fraction)
 {
     struct pc_guest_info lay;
-    int rc = pc_guest_layout(ram_size, page_size, threads, workload, working_set, &lay);
+    int rc = pc_guest_layout(ram_size, page_size, threads, workload, working_set, free_fraction, &lay);
     if (rc)
         return rc;
     if (!(rate >= 0.0))
@@ -125,6 +152,19 @@ int pc_guest_boot(void *ram, uint64_t ram_size, uint64_t page_size, uint32_t thr
     h->slice_len = lay.slice_len;
     h->ws_pages = lay.ws_pages;
     h->hot_pages = lay.hot_pages;
+    h->free_fraction = lay.free_fraction;
+    h->free_pages = lay.free_pages;
+    h->used_pages = lay.used_pages;
+    h->perm_off = lay.perm_off;
+    h->free_period = lay.free_period;
+    if (lay.free_fraction > 0.0) {
+        /* Identity: the free pages start as the tail of each working set. */
+        for (uint32_t t = 0; t < threads; t++) {
+            uint32_t *perm = vcpu_perm(ram, &lay, t);
+            for (uint64_t k = 0; k < lay.ws_pages; k++)
+                perm[k] = (uint32_t)k;
+        }
+    }
     for (uint32_t t = 0; t < threads; t++) {
         uint64_t x = seed ^ ((uint64_t)(t + 1) * 0xD1B54A32D192ED03ULL);
         struct pc_vcpu_state *v = vcpu_state(ram, (int)t);
@@ -150,12 +190,15 @@ int pc_guest_check(const void *ram, uint64_t ram_size, uint64_t page_size,
     if (h.ram_size != ram_size || h.page_size != page_size)
         return PC_GUEST_ESIZE;
     struct pc_guest_info lay;
-    int rc = pc_guest_layout(h.ram_size, h.page_size, h.threads, h.workload, h.working_set, &lay);
+    int rc = pc_guest_layout(h.ram_size, h.page_size, h.threads, h.workload, h.working_set,
+                             h.free_fraction, &lay);
     if (rc)
         return rc;
     if (lay.shared_off != h.shared_off || lay.shared_len != h.shared_len ||
         lay.slice_off != h.slice_off || lay.slice_len != h.slice_len ||
-        lay.ws_pages != h.ws_pages || lay.hot_pages != h.hot_pages || !(h.rate >= 0.0))
+        lay.ws_pages != h.ws_pages || lay.hot_pages != h.hot_pages || !(h.rate >= 0.0) ||
+        lay.free_pages != h.free_pages || lay.used_pages != h.used_pages ||
+        lay.perm_off != h.perm_off || lay.free_period != h.free_period)
         return PC_GUEST_ELAYOUT;
     lay.seed = h.seed;
     lay.steps_target = h.steps_target;
@@ -187,6 +230,25 @@ static int pace(uint64_t deadline, volatile int *pause_flag)
     }
 }
 
+/* Free one in-use page and take back a free one (both picked from r, which the step
+ * uses too, so the RNG stream is that of a guest without free pages). Order matters
+ * to a concurrent pc_guest_free_runs: the page taken back leaves the free part of
+ * perm[] before it is written, so a reader that still saw it free did so before the
+ * write (and a dirty log started before that read reports the write). */
+static void free_swap(uint64_t *slice, uint32_t *perm, uint64_t used, uint64_t nfree, uint64_t r,
+                      uint64_t page_size)
+{
+    uint64_t x = r ^ 0x465245455041474bULL; /* "FREEPAGK" */
+    const uint64_t i = mulhi(splitmix64(&x), used);
+    const uint64_t j = used + mulhi(splitmix64(&x), nfree);
+    const uint32_t taken = __atomic_load_n(&perm[j], __ATOMIC_RELAXED);
+    const uint32_t freed = __atomic_load_n(&perm[i], __ATOMIC_RELAXED);
+    __atomic_store_n(&perm[i], taken, __ATOMIC_RELAXED);
+    __atomic_store_n(&perm[j], freed, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    memset((char *)slice + (uint64_t)taken * page_size, 0, page_size);
+}
+
 int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
                 uint64_t limit, struct pc_vcpu_local *local)
 {
@@ -204,6 +266,12 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
     uint64_t *slice = (uint64_t *)((char *)ram + info.slice_off + (uint64_t)tid * info.slice_len);
     const uint64_t ws = info.ws_pages, hot = info.hot_pages;
     const uint32_t wl = info.workload;
+    /* Free pages: steps index perm[0, used); without them pages are indexes themselves. */
+    uint32_t *const perm = info.free_fraction > 0.0 ? vcpu_perm(ram, &info, (uint64_t)tid) : NULL;
+    const uint64_t used = perm ? info.used_pages : ws;
+    const uint64_t nfree = perm ? info.free_pages : 0;
+    const uint64_t period = info.free_period;
+    const int swaps = nfree && period && wl != PC_WL_IDLE;
     double rate = info.rate;
     if (rate <= 0.0 && wl == PC_WL_IDLE)
         rate = 1000.0; /* idle sleeps per step by default */
@@ -212,7 +280,7 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
     struct pc_vcpu_state *v = vcpu_state(ram, tid);
     uint64_t s0 = v->rng[0], s1 = v->rng[1], s2 = v->rng[2], s3 = v->rng[3];
     uint64_t steps = v->steps_done;
-    uint64_t seq = steps % ws;
+    uint64_t seq = steps % used;
     uint64_t first = 0;
     uint64_t next = interval ? pc_monotonic_ns() : 0;
 
@@ -237,25 +305,30 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
         s3 = rotl64(s3, 45);
 
         const uint64_t sh = ((const volatile uint64_t *)shared)[mulhi(rotl64(r, 21), shared_words)];
+        if (swaps && steps % period == period - 1)
+            free_swap(slice, perm, used, nfree, r, info.page_size);
         uint64_t page;
         switch (wl) {
         case PC_WL_RANDOM_WRITE:
-            page = mulhi(r, ws);
+            page = mulhi(r, used);
             break;
         case PC_WL_SEQUENTIAL:
             page = seq;
-            if (++seq == ws)
+            if (++seq == used)
                 seq = 0;
             break;
         case PC_WL_HOTSPOT: /* ~90% of writes into the first tenth of the working set */
-            page = ((r >> 9) & 1023) < 922 ? mulhi(r, hot) : mulhi(r, ws);
+            page = ((r >> 9) & 1023) < 922 ? mulhi(r, hot) : mulhi(r, used);
             break;
         default:
             page = UINT64_MAX; /* idle: no write */
             break;
         }
-        if (page != UINT64_MAX)
+        if (page != UINT64_MAX) {
+            if (perm)
+                page = __atomic_load_n(&perm[page], __ATOMIC_RELAXED);
             slice[(page << page_shift) | (r & words_mask)] += r ^ sh;
+        }
         steps++;
         v->rng[0] = s0;
         v->rng[1] = s1;
@@ -264,6 +337,13 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
         v->steps_done = steps;
         const uint64_t now = pc_monotonic_ns();
         v->heartbeat_ns = now;
+        const uint64_t prev = __atomic_load_n(&local->last_step_ns, __ATOMIC_RELAXED);
+        if (prev && now > prev) {
+            uint64_t gap = now - prev, max = __atomic_load_n(&local->max_gap_ns, __ATOMIC_RELAXED);
+            while (gap > max && !__atomic_compare_exchange_n(&local->max_gap_ns, &max, gap, 1,
+                                                             __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                ;
+        }
         if (!first) {
             first = now;
             __atomic_store_n(&local->first_step_ns, now, __ATOMIC_RELAXED);
@@ -318,11 +398,40 @@ static uint64_t page_hash(const pc_word *p, uint64_t page_size)
 
 static inline uint64_t combine(uint64_t h, uint64_t ph) { return rotl64(h ^ hround(0, ph), 27) * H1 + H4; }
 
-/* Hash pages [first, end) assuming they may contain data. */
-static uint64_t hash_run(uint64_t h, const char *ram, uint64_t first, uint64_t end, uint64_t ps)
+/* Bitmap of the pages free right now (NULL without free pages, or on ENOMEM with
+ * *err set). Page tables are validated: a bad entry is ignored, not followed. */
+static uint8_t *free_bitmap(const void *ram, uint64_t ram_size, uint64_t page_size, int *err)
+{
+    struct pc_guest_info info;
+    *err = 0;
+    if (pc_guest_check(ram, ram_size, page_size, &info) || !(info.free_fraction > 0.0) || !info.free_pages)
+        return NULL;
+    const uint64_t npages = ram_size / page_size;
+    uint8_t *map = calloc((npages + 7) / 8, 1);
+    if (!map) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    for (uint64_t t = 0; t < info.threads; t++) {
+        const uint32_t *perm = vcpu_perm((void *)ram, &info, t);
+        const uint64_t base = (info.slice_off + t * info.slice_len) / page_size;
+        for (uint64_t k = info.used_pages; k < info.ws_pages; k++) {
+            const uint64_t p = __atomic_load_n(&perm[k], __ATOMIC_ACQUIRE);
+            if (p < info.ws_pages)
+                map[(base + p) >> 3] |= (uint8_t)(1u << ((base + p) & 7));
+        }
+    }
+    return map;
+}
+
+static inline int is_free(const uint8_t *map, uint64_t pg) { return map && (map[pg >> 3] >> (pg & 7)) & 1; }
+
+/* Hash pages [first, end) assuming they may contain data (free pages count as zero). */
+static uint64_t hash_run(uint64_t h, const char *ram, uint64_t first, uint64_t end, uint64_t ps,
+                         const uint8_t *freemap, uint64_t zero_hash)
 {
     for (uint64_t pg = first; pg < end; pg++)
-        h = combine(h, page_hash((const pc_word *)(ram + pg * ps), ps));
+        h = combine(h, is_free(freemap, pg) ? zero_hash : page_hash((const pc_word *)(ram + pg * ps), ps));
     return h;
 }
 
@@ -352,6 +461,12 @@ uint64_t pc_guest_hash(const void *ram, uint64_t ram_size, uint64_t page_size, i
     uint64_t h = combine(H3 ^ ram_size, page_hash(buf, page_size));
     free(buf);
 
+    /* A free page's content is undefined (a migration may skip it): hash it as zero. */
+    int err;
+    uint8_t *freemap = free_bitmap(ram, ram_size, page_size, &err);
+    if (err)
+        return 0;
+
     uint64_t pg = 1;
     if (memfd >= 0) {
         /* Holes read as zero; everything else (incl. swapped pages) is data. */
@@ -369,7 +484,7 @@ uint64_t pc_guest_hash(const void *ram, uint64_t ram_size, uint64_t page_size, i
                 hpg = npages;
             if (hpg <= dpg)
                 hpg = dpg + 1;
-            h = hash_run(h, base, dpg, hpg, page_size);
+            h = hash_run(h, base, dpg, hpg, page_size, freemap, zero_hash);
             pg = hpg;
         }
     } else {
@@ -383,10 +498,10 @@ uint64_t pc_guest_hash(const void *ram, uint64_t ram_size, uint64_t page_size, i
             if (pm >= 0)
                 got = pread(pm, ents, n * 8, (off_t)(((uintptr_t)base / page_size + pg) * 8));
             if (got != (ssize_t)(n * 8)) {
-                h = hash_run(h, base, pg, pg + n, page_size);
+                h = hash_run(h, base, pg, pg + n, page_size, freemap, zero_hash);
             } else {
                 for (uint64_t i = 0; i < n; i++)
-                    h = ents[i] & (PM_PRESENT | PM_SWAP)
+                    h = ents[i] & (PM_PRESENT | PM_SWAP) && !is_free(freemap, pg + i)
                             ? combine(h, page_hash((const pc_word *)(base + (pg + i) * page_size), page_size))
                             : combine(h, zero_hash);
             }
@@ -395,7 +510,103 @@ uint64_t pc_guest_hash(const void *ram, uint64_t ram_size, uint64_t page_size, i
         if (pm >= 0)
             close(pm);
     }
+    free(freemap);
     return avalanche(h ^ npages);
+}
+
+/* ---- free pages, touch, step gaps ------------------------------------------------ */
+
+int64_t pc_guest_free_runs(const void *ram, uint64_t ram_size, uint64_t page_size,
+                           uint64_t *runs, uint64_t max_runs)
+{
+    int err;
+    uint8_t *map = free_bitmap(ram, ram_size, page_size, &err);
+    if (!map)
+        return err ? -err : 0;
+    const uint64_t npages = ram_size / page_size;
+    int64_t n = 0;
+    uint64_t pg = 0;
+    while (pg < npages) {
+        /* skip whole zero bytes quickly: the free set is small next to RAM */
+        if (!(pg & 7) && !map[pg >> 3]) {
+            pg += 8;
+            continue;
+        }
+        if (!is_free(map, pg)) {
+            pg++;
+            continue;
+        }
+        uint64_t end = pg + 1;
+        while (end < npages && is_free(map, end))
+            end++;
+        if ((uint64_t)n < max_runs) {
+            runs[2 * n] = pg;
+            runs[2 * n + 1] = end - pg;
+        }
+        n++;
+        pg = end;
+    }
+    free(map);
+    return n;
+}
+
+/* Atomic OR of zero: a real write access (the page table sees a write fault, a dirty
+ * log reports it) that cannot lose a vCPU's concurrent update of the same word. */
+static inline void touch_page(void *ram, uint64_t page, uint64_t page_size)
+{
+    __atomic_fetch_or((volatile uint64_t *)((char *)ram + page * page_size), 0, __ATOMIC_RELAXED);
+}
+
+int pc_guest_touch(void *ram, uint64_t ram_size, uint64_t page_size, const uint64_t *pages,
+                   uint64_t n)
+{
+    const uint64_t npages = ram_size / page_size;
+    for (uint64_t i = 0; i < n; i++)
+        if (pages[i] >= npages)
+            return -EINVAL;
+    for (uint64_t i = 0; i < n; i++)
+        touch_page(ram, pages[i], page_size);
+    return 0;
+}
+
+static uint64_t gcd64(uint64_t a, uint64_t b)
+{
+    while (b) {
+        uint64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+int pc_guest_touch_spread(void *ram, uint64_t ram_size, uint64_t page_size, uint64_t first,
+                          uint64_t count, uint64_t n, uint64_t seed)
+{
+    const uint64_t npages = ram_size / page_size;
+    if (first >= npages || count > npages - first || n > count)
+        return -EINVAL;
+    if (!n)
+        return 0;
+    /* page(i) = first + (a * i + b) mod count with gcd(a, count) = 1: a permutation. */
+    uint64_t x = seed;
+    uint64_t a = splitmix64(&x) % count | 1;
+    while (gcd64(a, count) != 1)
+        a = a + 2 < count ? a + 2 : 1;
+    const uint64_t b = splitmix64(&x) % count;
+    for (uint64_t i = 0; i < n; i++)
+        touch_page(ram, first + (uint64_t)(((unsigned __int128)a * i + b) % count), page_size);
+    return 0;
+}
+
+uint64_t pc_vcpu_take_max_gap(struct pc_vcpu_local *local, int threads)
+{
+    uint64_t max = 0;
+    for (int t = 0; t < threads; t++) {
+        uint64_t g = __atomic_exchange_n(&local[t].max_gap_ns, 0, __ATOMIC_RELAXED);
+        if (g > max)
+            max = g;
+    }
+    return max;
 }
 
 /* ---- memory -------------------------------------------------------------------- */

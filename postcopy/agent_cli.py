@@ -10,7 +10,8 @@ import tempfile
 from postcopy import wire
 from postcopy.destination import DestConfig, DestinationAgent, DestinationError
 from postcopy.report import write_json
-from postcopy.source import MigrationError, SourceAgent, SourceConfig
+from postcopy.precopy import ConvergencePolicy
+from postcopy.source import MODES, MigrationError, SourceAgent, SourceConfig
 from postcopy.transport import parse_endpoint
 
 
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
     src.add_argument("--connect", required=True, type=_endpoint, metavar="HOST:PORT")
     src.add_argument("--key-file", required=True, metavar="FILE", help="shared key (both agents)")
     src.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    add_precopy_options(src)
     src.add_argument("--push-delay", type=float, default=0.0, metavar="SECONDS",
                      help="benchmarks: serve demand faults alone this long before pushing")
     src.set_defaults(func=run_source)
@@ -48,9 +50,26 @@ def register(subparsers) -> None:
     dst.set_defaults(func=run_dest)
 
 
+def add_precopy_options(parser: argparse.ArgumentParser) -> None:
+    """Mode and precopy options, shared by ``source`` and ``demo``."""
+    parser.add_argument("--mode", choices=MODES, default="postcopy",
+                        help="postcopy (default), precopy (stop-and-copy after rounds), hybrid (rounds, then postcopy)")
+    parser.add_argument("--dirty-log", choices=("auto", "soft-dirty", "pagemap-scan"), default="auto",
+                        help="dirty log for precopy rounds (auto: soft-dirty where it works, else pagemap-scan)")
+    parser.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
+                        help="precopy stops when the rest fits this at the measured bandwidth (default 300)")
+    parser.add_argument("--max-rounds", type=int, default=30, help="precopy round limit (default 30)")
+    parser.add_argument("--no-free-hints", action="store_true", help="send pages the guest reports free")
+
+
+def policy_of(args) -> ConvergencePolicy:
+    return ConvergencePolicy(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds)
+
+
 def run_source(args) -> int:
     agent = SourceAgent(SourceConfig(guest_control=args.guest, endpoint=args.connect, key=_key(args),
-                                     push_delay=args.push_delay))
+                                     mode=args.mode, dirty_log=args.dirty_log, policy=policy_of(args),
+                                     free_page_hints=not args.no_free_hints, push_delay=args.push_delay))
     try:
         figures = agent.run()
     except MigrationError as exc:

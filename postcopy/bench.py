@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from postcopy import report
+from postcopy import report, svg
 from postcopy.demo import DemoOptions, run_demo
 from postcopy.guest import GuestParams
 from postcopy.netns import Testbed
@@ -130,6 +130,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure postcopy against same-run baselines")
     p.add_argument("--quick", action="store_true", help="smaller samples (about a minute)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--svg", metavar="DIR", help="write the benchmark figures (SVG) into DIR")
     p.set_defaults(func=main)
 
 
@@ -138,4 +139,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_bench(result))
     if args.json:
         report.write_json(args.json, result)
+    if args.svg:
+        os.makedirs(args.svg, exist_ok=True)
+        for path in svg.write_figures(args.svg, svg.bench_figures(result)):
+            print(f"wrote {path}")
     return 0

@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = [
     "postcopy.agent_cli",
     "postcopy.demo",
     "postcopy.bench",
+    "postcopy.checkpoint_cli",
 ]
 
 

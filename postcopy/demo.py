@@ -13,7 +13,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from postcopy import report, wire
+from postcopy import report, svg, wire
+from postcopy.agent_cli import add_precopy_options
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.guest.runtime import WORKLOADS
 from postcopy.guest import GuestParams, reference_hash
@@ -37,6 +38,10 @@ class DemoOptions:
     progress: bool = False
     timeout: float = 300.0
     push_delay: float = 0.0  # benchmarks: demand faults alone before the pusher starts
+    dirty_log: str = "auto"
+    downtime_limit_ms: float = 300.0
+    max_rounds: int = 30
+    free_hints: bool = True
 
 
 def _agent(*args: str) -> list[str]:
@@ -77,7 +82,11 @@ def run_demo(options: DemoOptions) -> dict:
                                           "--backing", params.backing, "--json", f"{work}/dest.json"), **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
                                               "--key-file", key_file, "--json", f"{work}/source.json",
-                                              "--push-delay", str(options.push_delay)), **pipes)
+                                              "--push-delay", str(options.push_delay), "--mode", options.mode,
+                                              "--dirty-log", options.dirty_log,
+                                              "--downtime-limit", str(options.downtime_limit_ms),
+                                              "--max-rounds", str(options.max_rounds),
+                                              *([] if options.free_hints else ["--no-free-hints"])), **pipes)
         _progress(options, "migrating ...")
         _wait(source, "postcopy source", deadline)
         _wait(dest, "postcopy dest", deadline)
@@ -89,7 +98,7 @@ def run_demo(options: DemoOptions) -> dict:
     _progress(options, "computing the reference hash (same workload, no migration) ...")
     reference = reference_hash(params)
     return report.build_report(
-        mode=options.mode, dirty_log="none", ram_bytes=params.ram, workload=params.workload,
+        mode=options.mode, dirty_log=source_figures.get("dirty_log", "none"), ram_bytes=params.ram, workload=params.workload,
         source=source_figures, dest=source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")},
         final_hash=dest_figures.get("final_hash"), reference_hash=reference,
     )
@@ -117,7 +126,7 @@ def _progress(options: DemoOptions, text: str) -> None:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="migrate a running guest between two network namespaces")
-    p.add_argument("--mode", choices=("postcopy",), default="postcopy")
+    add_precopy_options(p)
     p.add_argument("--ram", type=size_arg, default=256 << 20, help="guest RAM (default 256M)")
     p.add_argument("--threads", type=int, default=2, help="vCPU threads (default 2)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="random-write")
@@ -129,6 +138,7 @@ def register(subparsers) -> None:
     p.add_argument("--migrate-after", type=float, default=0.5, metavar="SECONDS")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--svg", metavar="FILE", help="write a timeline picture of the migration (SVG)")
     p.set_defaults(func=main)
 
 
@@ -136,7 +146,9 @@ def main(args: argparse.Namespace) -> int:
     params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed,
                          steps=args.steps, working_set=args.working_set, backing=args.backing)
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,
-                          port=args.port, progress=sys.stderr.isatty())
+                          port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
+                          downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
+                          free_hints=not args.no_free_hints)
     try:
         result = run_demo(options)
     except DemoError as exc:
@@ -145,4 +157,6 @@ def main(args: argparse.Namespace) -> int:
     print(report.format_summary(result))
     if args.json:
         report.write_json(args.json, result)
+    if args.svg:
+        svg.write_svg(args.svg, svg.migration_figure(result))
     return 0 if result["verified"] else 1

@@ -52,6 +52,7 @@ class DestinationAgent:
         self._first_push_ns: int | None = None
         self._pages = {cause: 0 for cause in report.PAGE_CAUSES}
         self._in_count = 0
+        self._timeline = report.Timeline()
         self._thread_error: BaseException | None = None
 
     def bind(self) -> socket.socket:
@@ -114,9 +115,7 @@ class DestinationAgent:
             guest = GuestClient(control)
             info, fds = guest.take_fds()
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
-            if "memfd" in fds:
-                os.close(fds["memfd"])
-            self._setup(info, uffd, layout)
+            self._setup(info, uffd, layout, fds.get("memfd"))
             figures = self._receive(main, urgent, guest, uffd)
             main.send(wire.Complete(info=figures))
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError) as exc:
@@ -137,12 +136,19 @@ class DestinationAgent:
         figures["final_hash"] = self.final_hash
         return figures
 
-    def _setup(self, info: dict, uffd: Userfaultfd, layout: wire.Layout) -> None:
+    def _setup(self, info: dict, uffd: Userfaultfd, layout: wire.Layout, memfd: int | None) -> None:
         self.uffd = uffd
         self.base = info["ram_address"]
         self.page_size = layout.page_size
         self.npages = layout.total_pages
         self.state = bytearray(self.npages)
+        # Precopy resends overwrite pages already installed: through the memfd, or the
+        # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
+        if memfd is not None:
+            self._ram_fd, self._ram_fd_base = memfd, 0
+        else:
+            self._ram_fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self._ram_fd_base = self.base
 
     def _receive(self, main: Channel, urgent: Channel, guest: GuestClient, uffd: Userfaultfd) -> dict:
         started = time.monotonic()
@@ -161,9 +167,12 @@ class DestinationAgent:
                 self._install(message.first_page, message.npages, message.data, message.cause)
             elif isinstance(message, wire.ZeroRange):
                 self._mark_zero(message.first_page, message.npages)
+            elif isinstance(message, wire.Discard):
+                self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
                 resumed = guest.resume()
+                self._timeline.switchover_ns = time.monotonic_ns()
             elif isinstance(message, wire.Ping):
                 main.send(wire.Pong(token=message.token))  # guest up, fault server running
             elif isinstance(message, wire.PushDone):
@@ -181,6 +190,7 @@ class DestinationAgent:
         self._stop.set()
         faults.join()
         uffd.unregister(self.base, self.npages * self.page_size)
+        os.close(self._ram_fd)
         first_step = self._first_step(guest)
         guest.close()
         latencies = [us for _, us in self._faults]
@@ -203,6 +213,7 @@ class DestinationAgent:
             "resumed_ns": resumed and resumed.get("resumed_ns"),
             "first_step_ns": first_step,
             "receive_ms": (all_in - started) * 1e3,
+            "timeline": self._timeline.as_dict(),
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 
@@ -231,36 +242,71 @@ class DestinationAgent:
 
     # -- installing pages ----------------------------------------------------------------
     def _install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
-        """Install a run with one UFFDIO_COPY; pages already there (push and demand race)
-        are skipped one by one and their waiters woken."""
+        """Install a run with one UFFDIO_COPY. A page already there is skipped and its
+        waiter woken (push and demand raced: the guest may have written it since), or,
+        for a precopy resend before the switchover, overwritten in place."""
         ps = self.page_size
         src = address_of(data)
+        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
         done = 0
         while done < npages:
             dst = self.base + (first + done) * ps
             try:
                 copied = self.uffd.copy(dst, src + done * ps, (npages - done) * ps) // ps
             except PageExistsError:
-                # Installed meanwhile by the other channel; its waiter was woken by that
-                # copy, but a thread that faulted after it may wait on us: wake it.
-                self.uffd.wake(dst, ps)
-                done += 1
+                if overwrite:
+                    span = self._present_run(first + done, first + npages)
+                    view = memoryview(data)[done * ps:(done + span) * ps]
+                    os.pwritev(self._ram_fd, [view], self._ram_fd_base + (first + done) * ps)
+                    self._installed(first + done, span, cause)
+                    done += span
+                else:
+                    # The copy that got there first woke the threads waiting then; a
+                    # thread that faulted after it may wait on us.
+                    self.uffd.wake(dst, ps)
+                    done += 1
                 continue
             self._installed(first + done, copied, cause)
             done += copied
 
+    def _present_run(self, page: int, end: int) -> int:
+        """Length of the run of installed pages from ``page`` (at least 1: the kernel
+        just said this one exists)."""
+        n = 1
+        while page + n < end and self.state[page + n] == PRESENT:
+            n += 1
+        return n
+
     def _installed(self, first: int, count: int, cause: wire.Cause) -> None:
         now = time.monotonic_ns()
+        end = first + count
+        name = _CAUSE_NAMES.get(cause, "pushed")
         with self._lock:
-            self.state[first:first + count] = bytes([PRESENT]) * count
-            self._pages[_CAUSE_NAMES.get(cause, "pushed")] += count
-            self._in_count += count
+            # Pages announced as zero (counted in already) or re-sent (present) do not
+            # count again.
+            new = self.state.count(MISSING, first, end) + self.state.count(REQUESTED, first, end)
+            self.state[first:end] = bytes([PRESENT]) * count
+            self._pages[name] += count
+            self._timeline.add(name, count, now)
+            self._in_count += new
             if self._fault_started:
-                for page in [p for p in self._fault_started if first <= p < first + count]:
+                for page in [p for p in self._fault_started if first <= p < end]:
                     started = self._fault_started.pop(page)
                     self._faults.append((started, (now - started) / 1e3))
             if self._in_count >= self.npages:
                 self._all_in.set()
+
+    def _discard(self, guest: GuestClient, runs) -> None:
+        """Hybrid: drop the pages dirtied since their last send, so they fault in anew.
+        (The guest's madvise waits for our fault server to read its REMOVE events.)"""
+        ps = self.page_size
+        guest.discard([(first * ps, count * ps) for first, count in runs])
+        with self._lock:
+            for first, count in runs:
+                end = first + count
+                self._in_count -= self.state.count(PRESENT, first, end) + self.state.count(ZERO, first, end)
+                self.state[first:end] = bytes(count)  # MISSING
+            self._all_in.clear()
 
     def _mark_zero(self, first: int, npages: int) -> None:
         """Pages that hold only zeros: nothing crosses the wire for them. Threads already
@@ -272,6 +318,7 @@ class DestinationAgent:
             for lo, hi in _spans_not_present(self.state, first, end):
                 self.state[lo:hi] = bytes([ZERO]) * (hi - lo)
             self._pages["zero"] += new
+            self._timeline.add("zero", new)
             self._in_count += new
             if self._in_count >= self.npages:
                 self._all_in.set()

@@ -3,6 +3,7 @@ contract of DESIGN.md ("What every report carries")."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Iterable
 
 PAGE_CAUSES = ("precopy", "resent", "demand", "pushed", "zero")
@@ -71,11 +72,13 @@ def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, so
         "fault_latency_us": dest.get("fault_latency_us"),
         "fault_latency_histogram": dest.get("fault_latency_histogram", []),
         "blocktime_ms": dest.get("blocktime_ms"),
+        "pages_skipped_free": source.get("pages_skipped_free", 0),
+        "timeline": dest.get("timeline"),
         "final_hash": final_hash,
         "reference_hash": reference_hash,
         "verified": bool(final_hash and reference_hash and final_hash == reference_hash),
         "source": source,
-        "dest": {k: v for k, v in dest.items() if k != "fault_latency_histogram"},
+        "dest": {k: v for k, v in dest.items() if k not in ("fault_latency_histogram", "timeline")},
     }
 
 
@@ -107,3 +110,30 @@ def write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+class Timeline:
+    """Pages installed on the destination per time bucket, by cause (for the report's
+    timeline and its picture). Not thread-safe: callers hold their own lock."""
+
+    def __init__(self, bucket_ms: float = 10.0, start_ns: int | None = None):
+        self.bucket_ns = int(bucket_ms * 1e6)
+        self.start_ns = start_ns if start_ns is not None else time.monotonic_ns()
+        self.series: dict[str, list[int]] = {cause: [] for cause in PAGE_CAUSES}
+        self.switchover_ns: int | None = None
+
+    def add(self, cause: str, pages: int, now_ns: int | None = None) -> None:
+        bucket = max(0, ((now_ns or time.monotonic_ns()) - self.start_ns) // self.bucket_ns)
+        series = self.series[cause]
+        if len(series) <= bucket:
+            for values in self.series.values():
+                values.extend([0] * (bucket + 1 - len(values)))
+        series[bucket] += pages
+
+    def as_dict(self) -> dict:
+        return {
+            "bucket_ms": self.bucket_ns / 1e6,
+            "start_ns": self.start_ns,
+            "installed": self.series,
+            "switchover_ms": None if self.switchover_ns is None else (self.switchover_ns - self.start_ns) / 1e6,
+        }

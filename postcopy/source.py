@@ -11,8 +11,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from postcopy import wire
-from postcopy.guest.control import GuestClient
+from postcopy import ranges, wire
+from postcopy.dirtylog import DirtyLogUnavailable, open_dirty_log
+from postcopy.guest.control import GuestClient, GuestError
+from postcopy.precopy import ConvergencePolicy, RoundStats, run_rounds
 from postcopy.guestmem import GuestMemory, PageExtents
 from postcopy.transport import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
 
@@ -26,19 +28,27 @@ class SourceConfig:
     guest_control: str
     endpoint: tuple[str, int]
     key: bytes
+    mode: str = "postcopy"  # postcopy | precopy | hybrid
+    dirty_log: str = "auto"  # auto | soft-dirty | pagemap-scan (precopy and hybrid)
+    policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
+    free_page_hints: bool = True
     run_pages: int = 256  # pages per pushed frame: 1 MiB with 4 KiB pages
     connect_timeout: float = 15.0
     push_delay: float = 0.0  # benchmark knob: serve demand faults alone this long first
 
 
+MODES = ("postcopy", "precopy", "hybrid")
+DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
+
+
 @dataclass
 class SourceStats:
+    pages_precopy: int = 0
+    pages_resent: int = 0
     pages_pushed: int = 0
     pages_demand: int = 0
     pages_zero: int = 0
     requests: int = 0
-    pause_ms: float = 0.0
-    figures: dict = field(default_factory=dict)
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -54,15 +64,18 @@ def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
 
 
 class SourceAgent:
-    """Runs one postcopy migration from the source side. Use :meth:`run`."""
+    """Runs one migration from the source side. Use :meth:`run`."""
 
     def __init__(self, config: SourceConfig):
+        if config.mode not in MODES:
+            raise ValueError(f"mode {config.mode!r} is not one of {', '.join(MODES)}")
         self.config = config
         self.stats = SourceStats()
         self._hint: int | None = None  # next page for the pusher after a demand fault
         self._sent: bytearray | None = None
         self._urgent_error: BaseException | None = None
         self._extents: PageExtents | None = None
+        self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
 
     # -- connection --------------------------------------------------------------------
     def _open_channel(self, mem: GuestMemory, session: bytes, name: str) -> Channel:
@@ -77,70 +90,125 @@ class SourceAgent:
     # -- the migration -----------------------------------------------------------------
     def run(self) -> dict:
         """Migrate the guest; returns the source's figures merged with the destination's
-        (from its Complete message). Raises MigrationError on failure."""
+        (from its Complete message). Raises MigrationError on failure; before the
+        switchover the guest goes on running here, after it the guest stays paused here
+        with all its RAM until the destination confirms."""
+        cfg = self.config
         started = time.monotonic()
-        guest = GuestClient(self.config.guest_control)
+        guest = GuestClient(cfg.guest_control)
         info, fds = guest.take_fds()
         mem = GuestMemory(info, fds)
         status = guest.status()
-        session = secrets.token_bytes(16)
+        dirty_log = None
         main = urgent = None
+        switchover_sent = False
+        rounds: list[RoundStats] = []
+        stop_reason = None
         try:
+            if cfg.mode != "postcopy":
+                try:  # refuses a backend this kernel lacks before the guest is touched
+                    dirty_log = open_dirty_log(cfg.dirty_log, guest, info)
+                except DirtyLogUnavailable as exc:
+                    raise MigrationError(str(exc)) from None
+            session = secrets.token_bytes(wire.SESSION_BYTES)
             main = self._open_channel(mem, session, "main")
             urgent = self._open_channel(mem, session, "urgent")
             self._await_ready(main)
+            self._scratch = GuestMemory.scratch() if mem.memfd is None else None
+            self._sent = bytearray(mem.npages)
+            if dirty_log is not None:
+                dirty_log.start()
+                rounds, stop_reason = run_rounds(
+                    populated=mem.populated_extents(), dirty_log=dirty_log,
+                    send=lambda runs, resend: self._send_precopy(mem, main, runs, resend),
+                    free_hint=lambda: self._free_hint(guest, mem), policy=cfg.policy, page_size=mem.page_size)
             # Downtime starts here: the guest parks at a step boundary.
+            pause_started = time.monotonic()
             paused = guest.pause()
-            self.stats.pause_ms = (time.monotonic() - started) * 1e3
-            scratch = GuestMemory.scratch() if mem.memfd is None else None
-            mem.send_run(main, 0, 1, wire.Cause.STATE, scratch)
+            stale: list[tuple[int, int]] = []
+            if dirty_log is not None:
+                stale = dirty_log.harvest()
+                dirty_log.stop()
+                if cfg.mode == "precopy":
+                    self._send_precopy(mem, main, stale, True)
+                    stale = []
+                else:
+                    for i in range(0, len(stale), DISCARD_BATCH):
+                        main.send(wire.Discard(ranges=tuple(stale[i:i + DISCARD_BATCH])))
+            mem.send_run(main, 0, 1, wire.Cause.STATE, self._scratch)
             main.send(wire.Switchover(info={
+                "mode": cfg.mode,
                 "paused_ns": paused["paused_ns"],
                 "last_heartbeat_ns": paused["last_heartbeat_ns"],
                 "steps": paused["steps"],
                 "guest": {k: status.get(k) for k in ("threads", "workload", "steps_target", "backing", "ram_size")},
             }))
+            switchover_sent = True
             switched = time.monotonic()
-            self._sent = bytearray(mem.npages)
-            self._sent[0] = 1
+            self._prepare_postcopy(mem, stale, precopied=dirty_log is not None)
             server = threading.Thread(target=self._serve_urgent, args=(mem, urgent), name="urgent-server", daemon=True)
             server.start()
-            if self.config.push_delay:
-                time.sleep(self.config.push_delay)
-            self._push(mem, main, scratch)
+            if cfg.push_delay:
+                time.sleep(cfg.push_delay)
+            self._push(mem, main)
             main.send(wire.PushDone(pages=self.stats.pages_pushed))
             complete = self._await_complete(main)
             push_done = time.monotonic()
             guest.quit()  # the destination holds every page now
             urgent.close()
             server.join(timeout=5)
-        except (ChannelClosed, wire.ProtocolError, OSError) as exc:
-            raise MigrationError(
-                f"migration failed: {exc}. The guest is kept paused on the source with all its RAM "
-                f"(control socket {self.config.guest_control}); it can be migrated again to a new destination "
-                f"or resumed here."
-            ) from exc
+        except (ChannelClosed, wire.ProtocolError, OSError, MigrationError) as exc:
+            raise MigrationError(self._failure(exc, guest, switchover_sent)) from exc
         finally:
+            if dirty_log is not None:
+                dirty_log.stop()
             for channel in (main, urgent):
                 if channel is not None:
                     channel.close()
             mem.close()
             guest.close()
-        total_ms = (time.monotonic() - started) * 1e3
         return {
-            "total_ms": total_ms,
-            "switchover_ms": (switched - started) * 1e3,
+            "mode": cfg.mode,
+            "dirty_log": dirty_log.name if dirty_log is not None else "none",
+            "total_ms": (time.monotonic() - started) * 1e3,
+            "precopy_ms": (pause_started - started) * 1e3,
+            "switchover_ms": (switched - pause_started) * 1e3,
             "push_ms": (push_done - switched) * 1e3,
+            "rounds": [r.as_dict() for r in rounds],
+            "stop_reason": stop_reason,
             "bytes_sent": main.bytes_sent + urgent.bytes_sent,
             "bytes_sent_urgent": urgent.bytes_sent,
-            "pages_pushed": self.stats.pages_pushed,
-            "pages_demand": self.stats.pages_demand,
-            "pages_zero": self.stats.pages_zero,
+            "pages_skipped_free": sum(r.skipped_free for r in rounds),
+            **{f"pages_{k}": v for k, v in vars(self.stats).items() if k.startswith("pages_")},
             "requests": self.stats.requests,
-            "rounds": [],
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "dest": complete,
         }
+
+    def _failure(self, exc: BaseException, guest: GuestClient, switchover_sent: bool) -> str:
+        """Say what failed and where the guest is; before the switchover the guest
+        goes on running here."""
+        if not switchover_sent:
+            try:
+                if guest.status().get("state") == "paused":
+                    guest.resume()
+                return f"migration failed: {exc}. The guest goes on running on the source."
+            except Exception as resume_exc:  # the guest itself is gone
+                return f"migration failed: {exc}; the source guest could not be resumed: {resume_exc}"
+        return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
+                f"all its RAM (control socket {self.config.guest_control}); it can be migrated again to a "
+                f"new destination.")
+
+    def _free_hint(self, guest: GuestClient, mem: GuestMemory) -> list[tuple[int, int]]:
+        """Pages the guest reports free right now (skipped: their content is undefined)."""
+        if not self.config.free_page_hints:
+            return []
+        try:
+            reply = guest.request("free_ranges")
+        except GuestError:
+            return []  # a guest without free-page reporting
+        ps = mem.page_size
+        return ranges.normalize((offset // ps, length // ps) for offset, length in reply.get("ranges", []))
 
     def _await_ready(self, main: Channel) -> None:
         """The destination answers the Ping once its incoming guest is up and its fault
@@ -160,12 +228,34 @@ class SourceAgent:
             raise MigrationError(f"the destination failed: {message.reason}")
         raise wire.ProtocolError(f"expected Complete, got {type(message).__name__}")
 
+    # -- precopy -----------------------------------------------------------------------
+    def _send_precopy(self, mem: GuestMemory, main: Channel, runs: list[tuple[int, int]], resend: bool) -> int:
+        """Round 0 covers all of RAM (the gaps go as zero ranges); later rounds send
+        just the dirty runs. Returns the bytes this sent."""
+        before = main.bytes_sent
+        if resend:
+            for first, count in ranges.split(runs, self.config.run_pages):
+                mem.send_run(main, first, count, wire.Cause.RESENT, self._scratch)
+                self.stats.pages_resent += count
+        else:
+            self._send_range(mem, main, 0, mem.npages, runs, wire.Cause.PRECOPY, self._scratch)
+        return main.bytes_sent - before
+
+    def _prepare_postcopy(self, mem: GuestMemory, stale: list[tuple[int, int]], precopied: bool) -> None:
+        """What is left to push: everything (pure postcopy) or the stale pages (hybrid)."""
+        self._sent = bytearray(b"\x01" * mem.npages) if precopied else bytearray(mem.npages)
+        for first, count in stale:
+            self._sent[first:first + count] = bytes(count)
+        self._sent[0] = 1  # the state page went with the switchover
+
     # -- pusher ------------------------------------------------------------------------
-    def _push(self, mem: GuestMemory, main: Channel, scratch: bytearray | None) -> None:
+    def _push(self, mem: GuestMemory, main: Channel) -> None:
         """Send every page not yet sent, in large runs; zero ranges for untouched pages.
         After a demand fault the cursor jumps next to the faulting page (pre-paging)."""
-        extents = self._extents = PageExtents(mem.populated_extents())
         sent = self._sent
+        if sent.find(0) < 0:
+            return  # precopy sent it all
+        extents = self._extents = PageExtents(mem.populated_extents())
         run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
         pos = 0
         while True:
@@ -182,23 +272,22 @@ class SourceAgent:
             end = sent.find(1, first, min(first + run_pages, mem.npages))
             end = min(first + run_pages, mem.npages) if end < 0 else end
             sent[first:end] = b"\x01" * (end - first)
-            self._send_range(mem, main, first, end, extents.runs_in(first, end), wire.Cause.PUSHED, scratch)
+            self._send_range(mem, main, first, end, extents.runs_in(first, end), wire.Cause.PUSHED, self._scratch)
             pos = end
 
     def _send_range(self, mem: GuestMemory, channel: Channel, first: int, end: int,
                     runs: list[tuple[int, int]], cause: wire.Cause, scratch: bytearray | None) -> None:
-        """Send [first, end): the populated runs as pages, the gaps as zero ranges."""
+        """Send [first, end): the populated runs as pages (frames of at most run_pages),
+        the gaps as zero ranges."""
         cursor = first
         stats = self.stats
-        for start, count in runs:
+        counter = _CAUSE_COUNTERS[cause]
+        for start, count in ranges.split(runs, self.config.run_pages):
             if start > cursor:
                 channel.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
                 stats.pages_zero += start - cursor
             mem.send_run(channel, start, count, cause, scratch)
-            if cause == wire.Cause.DEMAND:
-                stats.pages_demand += count
-            else:
-                stats.pages_pushed += count
+            setattr(stats, counter, getattr(stats, counter) + count)
             cursor = start + count
         if cursor < end:
             channel.send(wire.ZeroRange(first_page=cursor, npages=end - cursor))
@@ -226,3 +315,11 @@ class SourceAgent:
             return  # the destination closes the urgent channel when every page is in
         except BaseException as exc:  # surfaced by the pusher
             self._urgent_error = exc
+
+
+_CAUSE_COUNTERS = {
+    wire.Cause.PRECOPY: "pages_precopy",
+    wire.Cause.RESENT: "pages_resent",
+    wire.Cause.PUSHED: "pages_pushed",
+    wire.Cause.DEMAND: "pages_demand",
+}

@@ -57,6 +57,10 @@ def register(subparsers) -> None:
                    help="step rate limit per vCPU, 0 = unlimited (idle: 0 means 1000/s)")
     p.add_argument("--working-set", type=float, metavar="FRACTION",
                    help="fraction (0, 1] of each vCPU's slice that is written (default 1)")
+    p.add_argument("--free-fraction", type=float, metavar="FRACTION",
+                   help="fraction [0, 1) of each working set that is free at any time; the free set "
+                        "moves (a page taken back is zero-filled first), the hash counts free pages as "
+                        "zero, and the control command free_ranges lists them (default 0)")
     p.add_argument("--backing", choices=BACKINGS, default="memfd", help="RAM backing (default memfd)")
     p.add_argument("--control", metavar="PATH", help="Unix socket for control commands (mode 0600)")
     p.add_argument("--incoming", action="store_true",
@@ -73,7 +77,7 @@ def _validate(args) -> str | None:
 
     if args.incoming:
         given = [f"--{name.replace('_', '-')}" for name in
-                 ("threads", "workload", "seed", "steps", "rate", "working_set", "pause_at")
+                 ("threads", "workload", "seed", "steps", "rate", "working_set", "free_fraction", "pause_at")
                  if getattr(args, name) is not None]
         if given:
             return f"--incoming takes {', '.join(given)} from the migrated state page: leave them out"
@@ -88,7 +92,8 @@ def _validate(args) -> str | None:
     threads = args.threads or 1
     workload = args.workload or "random-write"
     ws = 1.0 if args.working_set is None else args.working_set
-    return layout_error(args.ram, threads, workload, ws)
+    free = 0.0 if args.free_fraction is None else args.free_fraction
+    return layout_error(args.ram, threads, workload, ws, free)
 
 
 def handler(args) -> int:
@@ -118,7 +123,8 @@ def handler(args) -> int:
             guest.boot(BootParams(threads=args.threads or 1, workload=args.workload or "random-write",
                                   seed=1 if args.seed is None else args.seed, steps=args.steps,
                                   rate=args.rate or 0.0,
-                                  working_set=1.0 if args.working_set is None else args.working_set))
+                                  working_set=1.0 if args.working_set is None else args.working_set,
+                                  free_fraction=args.free_fraction or 0.0))
         if server:
             server.start()
         if not args.incoming and not args.start_paused:

@@ -5,16 +5,26 @@ Protocol: a Unix SOCK_STREAM socket, one JSON object per line each way. A reques
 "error": "..."}``. The ``fds`` reply carries the guest's memfd and userfaultfd as
 SCM_RIGHTS ancillary data on the reply line. Commands:
 
-=========== ==============================================================================
-status      state, pid, RAM geometry, threads, workload, steps, timing fields, uffd
-pause       parks every vCPU at a step boundary, replies once all are parked
-resume      lets the vCPUs run (an incoming guest then faults in its state page)
-run_until   ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
-hash        64-bit RAM hash (heartbeats excluded), paused or finished guests only
-fds         memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid
-discard     ``{"ranges": [[offset, length], ...]}``: the ranges read as missing or zero
-quit        reply, then the guest exits 0 without printing its hash
-=========== ==============================================================================
+============ =============================================================================
+status       state, pid, RAM geometry, threads, workload, steps, timing fields, uffd,
+             dirty_tracking, free_fraction, free_pages
+pause        parks every vCPU at a step boundary, replies once all are parked; ``was``
+             (the state before) and ``stop_at`` let a brief pauser resume what it stopped
+resume       lets the vCPUs run (an incoming guest then faults in its state page);
+             optional ``{"stop_at": N}``: park again at step N
+run_until    ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
+hash         64-bit RAM hash (heartbeats excluded, free pages as zero), paused or
+             finished guests only
+fds          memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid
+discard      ``{"ranges": [[offset, length], ...]}``: the ranges read as missing or zero
+dirty_track  ``{"on": true}``: async write-protect dirty tracking of the RAM by a
+             userfaultfd of the guest's own (for PAGEMAP_SCAN); ``{"on": false}`` ends it
+free_ranges  ``{"ranges": [[offset, length], ...], "free_pages": N}``: pages free now
+touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "seed"}}``:
+             write to pages without changing them (dirty-log tests and benchmarks)
+max_step_gap longest gap between two steps of any vCPU since the previous call (ns)
+quit         reply, then the guest exits 0 without printing its hash
+============ =============================================================================
 
 Connections are served one thread each, commands one at a time.
 """
@@ -32,7 +42,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-MAX_LINE = 1 << 20
+MAX_LINE = 1 << 20  # requests
+MAX_REPLY = 64 << 20  # replies: free_ranges of a fragmented free set can be long
 MAX_FDS = 8
 
 
@@ -114,7 +125,10 @@ class ControlServer:
             elif cmd == "pause":
                 reply = g.pause()
             elif cmd == "resume":
-                reply = g.resume()
+                stop_at = req.get("stop_at")
+                if stop_at is not None and (not _is_count(stop_at)):
+                    raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
+                reply = g.resume(stop_at=stop_at)
             elif cmd == "run_until":
                 steps = req.get("steps")
                 if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -126,6 +140,17 @@ class ControlServer:
                 reply, fds = g.fds()
             elif cmd == "discard":
                 reply = g.discard(req.get("ranges"))
+            elif cmd == "dirty_track":
+                on = req.get("on")
+                if not isinstance(on, bool):
+                    raise GuestStateError("dirty_track wants a boolean 'on'")
+                reply = g.dirty_track(on)
+            elif cmd == "free_ranges":
+                reply = g.free_ranges()
+            elif cmd == "touch":
+                reply = g.touch(pages=req.get("pages"), spread=req.get("spread"))
+            elif cmd == "max_step_gap":
+                reply = g.take_max_step_gap()
             elif cmd == "quit":
                 return {"ok": True}, [], True
             else:
@@ -136,6 +161,10 @@ class ControlServer:
             print(f"guest: {cmd} failed: {exc!r}", file=sys.stderr)
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, [], False
         return {"ok": True, **reply}, fds, False
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _remove_stale(path: str) -> None:
@@ -215,7 +244,9 @@ class GuestClient:
         return reply, fds
 
     def _read_line(self) -> tuple[bytes, list[int]]:
-        while b"\n" not in self._buf:
+        chunks = [self._buf]  # joined once: long replies arrive in many pieces
+        size, newline = len(self._buf), b"\n" in self._buf
+        while not newline:
             fds = array.array("i")
             data, anc, flags, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
             for level, kind, payload in anc:
@@ -226,10 +257,12 @@ class GuestClient:
                 raise OSError("file descriptors truncated (too many)")
             if not data:
                 raise ConnectionError("guest closed the connection")
-            self._buf += data
-            if len(self._buf) > MAX_LINE:
+            chunks.append(data)
+            size += len(data)
+            newline = b"\n" in data
+            if size > MAX_REPLY and not newline:
                 raise ValueError("reply line too long")
-        line, self._buf = self._buf.split(b"\n", 1)
+        line, self._buf = b"".join(chunks).split(b"\n", 1)
         fds, self._fds = self._fds, []
         return line, fds
 
@@ -247,8 +280,9 @@ class GuestClient:
     def pause(self) -> dict:
         return self.request("pause")
 
-    def resume(self) -> dict:
-        return self.request("resume")
+    def resume(self, stop_at: int | None = None) -> dict:
+        """Let the vCPUs run; with ``stop_at`` they park again at that step."""
+        return self.request("resume") if stop_at is None else self.request("resume", stop_at=stop_at)
 
     def run_until(self, steps: int) -> dict:
         """Resume a paused guest and wait until every vCPU has done exactly ``steps``."""
@@ -269,6 +303,26 @@ class GuestClient:
 
     def discard(self, ranges: list[tuple[int, int]]) -> dict:
         return self.request("discard", ranges=[[int(o), int(n)] for o, n in ranges])
+
+    def dirty_track(self, on: bool) -> dict:
+        """Turn the guest's async write-protect dirty tracking on or off."""
+        return self.request("dirty_track", on=bool(on))
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """Byte ranges ``(offset, length)`` of the pages free right now (a snapshot)."""
+        return [(o, n) for o, n in self.request("free_ranges")["ranges"]]
+
+    def touch(self, pages: list[int]) -> int:
+        """Write to these pages (by index) without changing them."""
+        return self.request("touch", pages=[int(p) for p in pages])["touched"]
+
+    def touch_spread(self, first: int, count: int, n: int, seed: int = 0) -> int:
+        """Write to n distinct pseudo-random pages of [first, first + count)."""
+        return self.request("touch", spread={"first": first, "count": count, "n": n, "seed": seed})["touched"]
+
+    def max_step_gap_ns(self) -> int:
+        """Longest gap between two steps of any vCPU since the previous call."""
+        return self.request("max_step_gap")["max_gap_ns"]
 
     def quit(self) -> None:
         """Ask the guest to exit (0, no hash printed)."""
@@ -313,6 +367,7 @@ class GuestParams:
     rate: float = 0
     working_set: float = 1.0
     backing: str = "memfd"
+    free_fraction: float = 0.0
 
     def argv(self, *, control: str | None = None, incoming: bool = False, linger: bool = False,
              start_paused: bool = False, pause_at: int | None = None) -> list[str]:
@@ -324,6 +379,8 @@ class GuestParams:
         else:
             argv += ["--threads", str(self.threads), "--workload", self.workload, "--seed", str(self.seed),
                      "--rate", repr(float(self.rate)), "--working-set", repr(float(self.working_set))]
+            if self.free_fraction:
+                argv += ["--free-fraction", repr(float(self.free_fraction))]
             if self.steps is not None:
                 argv += ["--steps", str(self.steps)]
         if control:

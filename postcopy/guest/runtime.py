@@ -35,7 +35,7 @@ _CHECK_ERRORS = {
     lib.PC_GUEST_ETHREADS: f"thread count must be 1..{MAX_THREADS}",
     lib.PC_GUEST_EWORKLOAD: "unknown workload",
     lib.PC_GUEST_ELAYOUT: "RAM is too small for the layout (state page, shared slice, one page per thread)",
-    lib.PC_GUEST_EPARAM: "bad parameter (working set must be in (0, 1], rate >= 0)",
+    lib.PC_GUEST_EPARAM: "bad parameter (working set must be in (0, 1], free fraction in [0, 1), rate >= 0)",
 }
 
 
@@ -54,9 +54,11 @@ class BootParams:
     steps: int | None = None
     rate: float = 0.0
     working_set: float = 1.0
+    free_fraction: float = 0.0
 
 
-def layout_error(ram: int, threads: int, workload: str, working_set: float) -> str | None:
+def layout_error(ram: int, threads: int, workload: str, working_set: float,
+                 free_fraction: float = 0.0) -> str | None:
     """Why these parameters cannot make a guest, or None if they can."""
     if workload not in WORKLOADS:
         return f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})"
@@ -66,13 +68,16 @@ def layout_error(ram: int, threads: int, workload: str, working_set: float) -> s
         return f"--threads must be 1..{MAX_THREADS}"
     if not 0.0 < working_set <= 1.0:
         return "--working-set must be a fraction in (0, 1]"
+    if not 0.0 <= free_fraction < 1.0:
+        return "--free-fraction must be a fraction in [0, 1)"
     info = ffi.new("struct pc_guest_info *")
-    rc = lib.pc_guest_layout(ram, PAGE_SIZE, threads, WORKLOADS[workload], working_set, info)
+    rc = lib.pc_guest_layout(ram, PAGE_SIZE, threads, WORKLOADS[workload], working_set, free_fraction, info)
     if rc == lib.PC_GUEST_ELAYOUT:
         shared = max(PAGE_SIZE, min(ram // 16, 1 << 20) // PAGE_SIZE * PAGE_SIZE)
-        need = PAGE_SIZE + shared + threads * PAGE_SIZE
+        per_thread = 2 if free_fraction > 0 else 1
+        need = PAGE_SIZE + shared + threads * per_thread * PAGE_SIZE
         return (f"RAM {ram} bytes is too small for {threads} thread(s): needs at least {need} "
-                "(state page, shared slice, one page per thread)")
+                f"(state page, shared slice, {per_thread} page(s) per thread)")
     if rc:
         return _CHECK_ERRORS.get(rc, f"layout error {rc}")
     return None
@@ -116,7 +121,9 @@ class Guest:
         self._fatal: str | None = None
         self._quit = False
         self._fds_taken = False
-        self.uffd = None
+        self.uffd = None  # missing mode, incoming guests only; handed out by fds
+        self._wp_uffd = None  # async write-protect for dirty tracking; never leaves the guest
+        self._free_cap = 64  # runs buffer of free_ranges, grown on demand
         if incoming:
             self._open_uffd()
 
@@ -132,12 +139,14 @@ class Guest:
 
     def boot(self, params: BootParams) -> None:
         """Write a fresh state page and shared slice (the guest stays paused)."""
-        error = layout_error(self.ram_size, params.threads, params.workload, params.working_set)
+        error = layout_error(self.ram_size, params.threads, params.workload, params.working_set,
+                             params.free_fraction)
         if error:
             raise ValueError(error)
         rc = lib.pc_guest_boot(self._ram, self.ram_size, self.page_size, params.threads,
                                WORKLOADS[params.workload], params.seed & _UNLIMITED,
-                               params.steps or 0, float(params.rate), float(params.working_set))
+                               params.steps or 0, float(params.rate), float(params.working_set),
+                               float(params.free_fraction))
         if rc:
             raise ValueError(_CHECK_ERRORS.get(rc, f"boot error {rc}"))
         self._load()
@@ -265,15 +274,19 @@ class Guest:
 
     def pause(self) -> dict:
         """Park every vCPU at a step boundary; returns once all are parked (so it waits
-        as long as a vCPU waits for a userfaultfd fault to be served)."""
+        as long as a vCPU waits for a userfaultfd fault to be served). The reply's
+        ``was`` is the state before (only "running" means this pause stopped it) and
+        ``stop_at`` the step limit it ran to, so a caller that pauses only briefly (a
+        soft-dirty harvest) can resume exactly what it interrupted."""
         with self._op, self._cond:
             if self._state == "incoming":
                 raise GuestStateError("guest is incoming: nothing runs yet")
+            was, stop_at = self._state, self._stop_at
             if self._state == "running":
                 self._pause_requested = True
                 self._pause_flag[0] = 1
                 self._wait_parked()
-            return self._pause_reply()
+            return {**self._pause_reply(), "was": was, "stop_at": stop_at}
 
     def run_until(self, steps: int) -> dict:
         """Resume and park again when every vCPU has done exactly ``steps`` steps (or
@@ -312,6 +325,9 @@ class Guest:
                 "resumed_ns": self._resumed_ns,
                 "paused_ns": self._paused_ns,
                 "uffd": self.uffd is not None,
+                "dirty_tracking": self._wp_uffd is not None,
+                "free_fraction": float(info.free_fraction) if info else None,
+                "free_pages": int(info.free_pages) * int(info.threads) if info else None,
             }
 
     def ram_hash(self) -> str:
@@ -356,6 +372,9 @@ class Guest:
             with self._cond:
                 if self._state == "running" or self._starting or self._running:
                     raise GuestStateError("discard needs parked vCPUs (pause first)")
+            if self._wp_uffd is not None:
+                raise GuestStateError("discard while dirty tracking is on would go unreported (a punched "
+                                      "hole keeps its write-protect marker): turn dirty_track off first")
             if (self.uffd is not None and not self._fds_taken
                     and int(self.uffd.features) & int(_feature("EVENT_REMOVE"))):
                 raise GuestStateError("discard would block: nobody reads the userfaultfd's REMOVE "
@@ -367,6 +386,119 @@ class Guest:
                     raise GuestStateError(f"discard [{off}, +{length}): {os.strerror(-rc)}")
                 total += length
             return {"discarded": total}
+
+    # ---- dirty tracking, free pages, touch, step gaps ----------------------------------
+
+    def dirty_track(self, on: bool) -> dict:
+        """Turn async write-protect dirty tracking of the RAM on or off.
+
+        On: a userfaultfd created here (it is bound to this process's mm) with
+        UFFD_FEATURE_WP_ASYNC | WP_UNPOPULATED (+ WP_HUGETLBFS_SHMEM for memfd RAM),
+        the RAM registered in write-protect mode and write-protected whole. Writes are
+        then resolved by the kernel without any reader and leave the page "written" for
+        a PAGEMAP_SCAN of /proc/PID/pagemap, which reports and re-protects them. On when
+        already on protects everything again (a fresh epoch). Refused on a guest whose
+        RAM is registered with a missing-mode userfaultfd (incoming): one VMA takes one
+        userfaultfd context, and that one lacks WP_ASYNC.
+        Off: unregister and close (idempotent); the guest runs as before.
+        """
+        from postcopy.uffd import Feature, Mode, UffdError, Userfaultfd
+
+        with self._op:
+            if not on:
+                u, self._wp_uffd = self._wp_uffd, None
+                if u is not None:
+                    try:
+                        u.unregister(self.address, self.ram_size)
+                    finally:
+                        u.close()
+                return {"tracking": False, "was": u is not None}
+            if self.uffd is not None:
+                raise GuestStateError("dirty tracking needs a guest without a userfaultfd: this one's RAM is "
+                                      "registered (missing mode) with the incoming userfaultfd, and a VMA takes "
+                                      "only one userfaultfd context")
+            restarted = self._wp_uffd is not None
+            if not restarted:
+                need = Feature.WP_ASYNC | Feature.WP_UNPOPULATED
+                if self.memfd is not None:
+                    need |= Feature.WP_HUGETLBFS_SHMEM
+                try:
+                    u = Userfaultfd(need)
+                except (UffdError, OSError) as exc:
+                    raise GuestStateError(f"dirty tracking unavailable: {exc}") from None
+                try:
+                    u.register(self.address, self.ram_size, Mode.WP)
+                except UffdError as exc:
+                    u.close()
+                    raise GuestStateError(f"dirty tracking unavailable: {exc}") from None
+                self._wp_uffd = u
+            try:
+                self._wp_uffd.writeprotect(self.address, self.ram_size, protect=True)
+            except UffdError as exc:
+                u, self._wp_uffd = self._wp_uffd, None
+                u.close()
+                raise GuestStateError(f"dirty tracking: {exc}") from None
+            return {"tracking": True, "restarted": restarted}
+
+    def free_ranges(self) -> dict:
+        """Pages free right now: sorted, merged ``[offset, length]`` byte ranges. A
+        snapshot: the vCPUs may take any of them back right after (zero-filling first)."""
+        with self._cond:
+            if self._info is None:
+                raise GuestStateError(f"free_ranges needs the guest's state page (state {self._state})")
+        while True:
+            cap = self._free_cap
+            buf = ffi.new("uint64_t[]", 2 * cap)
+            n = lib.pc_guest_free_runs(self._ram, self.ram_size, self.page_size, buf, cap)
+            if n < 0:
+                raise GuestStateError(f"free_ranges: {os.strerror(-n)}")
+            if n <= cap:
+                break
+            self._free_cap = n + n // 4 + 16  # the set moves: leave room
+        flat = ffi.unpack(buf, 2 * n)
+        ps = self.page_size
+        ranges = [[first * ps, count * ps] for first, count in zip(flat[0::2], flat[1::2])]
+        return {"ranges": ranges, "free_pages": sum(flat[1::2])}
+
+    def touch(self, *, pages=None, spread=None) -> dict:
+        """Write to pages without changing them (atomic OR of 0 into the first word):
+        they become dirty for any dirty log. ``pages`` is a list of page indexes;
+        ``spread`` is ``{"first", "count", "n", "seed"}``: n distinct pseudo-random pages
+        of [first, first + count). Like a vCPU write, but not stopped by pause."""
+        with self._cond:
+            if self._state == "incoming":
+                raise GuestStateError("guest is incoming: its RAM has not arrived")
+        npages = self.ram_size // self.page_size
+        if pages is not None:
+            if not isinstance(pages, list) or not all(_is_int(p) and 0 <= p < npages for p in pages):
+                raise GuestStateError(f"touch: pages must be a list of page indexes below {npages}")
+            arr = ffi.new("uint64_t[]", pages)
+            rc = lib.pc_guest_touch(self._ram, self.ram_size, self.page_size, arr, len(pages))
+            count = len(pages)
+        elif spread is not None:
+            keys = ("first", "count", "n", "seed")
+            if not isinstance(spread, dict) or not all(_is_int(spread.get(k)) and spread[k] >= 0 for k in keys):
+                raise GuestStateError("touch: spread wants non-negative integers first, count, n, seed")
+            first, span, count, seed = (spread[k] for k in keys)
+            if first + span > npages or count > span:
+                raise GuestStateError(f"touch: spread [{first}, +{span}) of {count} pages does not fit "
+                                      f"{npages} pages")
+            rc = lib.pc_guest_touch_spread(self._ram, self.ram_size, self.page_size, first, span, count,
+                                           seed & _UNLIMITED)
+        else:
+            raise GuestStateError("touch wants 'pages' or 'spread'")
+        if rc:
+            raise GuestStateError(f"touch: {os.strerror(-rc)}")
+        return {"touched": count}
+
+    def take_max_step_gap(self) -> dict:
+        """Longest time any vCPU went without a step (pauses included) since the
+        previous call, in ns; resets it."""
+        with self._cond:
+            n = len(self._local_ptrs)
+            locals_ = self._locals
+        gap = lib.pc_vcpu_take_max_gap(locals_, n) if n else 0
+        return {"max_gap_ns": int(gap)}
 
     def _check_ranges(self, ranges) -> list[tuple[int, int]]:
         if not isinstance(ranges, list):
@@ -407,6 +539,10 @@ class Guest:
     @property
     def fatal(self) -> str | None:
         return self._fatal
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _feature(name: str):

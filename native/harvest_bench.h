@@ -1,0 +1,22 @@
+/*
+ * harvest_bench: the C baseline of a pagemap-scan dirty-log harvest. The same
+ * PAGEMAP_SCAN ioctl loop the Python backend runs (WP_MATCHING | CHECK_WPASYNC, pages
+ * in category PAGE_IS_WRITTEN, continue after a full output buffer), with nothing on
+ * top: what the Python harvest costs beyond this is its own overhead.
+ */
+#ifndef PC_HARVEST_BENCH_H
+#define PC_HARVEST_BENCH_H
+
+#include <stdint.h>
+
+#include "pagemap_ops.h"
+
+/*
+ * Harvests [start, end) of the pagemap open as fd into vec (vec_len regions per ioctl,
+ * reused). *regions and *pages receive what was reported. Returns the wall time in
+ * nanoseconds, or -errno.
+ */
+int64_t pc_bench_pagemap_harvest(int fd, uint64_t start, uint64_t end, struct pc_page_region *vec,
+                                 uint64_t vec_len, uint64_t *regions, uint64_t *pages);
+
+#endif /* PC_HARVEST_BENCH_H */

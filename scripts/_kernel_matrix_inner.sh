@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Runs INSIDE a kernel booted by scripts/kernel-matrix (virtme-ng: the host's root
+# filesystem, read-only, over 9p; /tmp an in-guest overlay; OUT a read-write 9p share
+# with the host). Not meant to be run by hand.
+#
+#   _kernel_matrix_inner.sh OUT suite        doctor check, tests marked for other kernels, demos
+#   _kernel_matrix_inner.sh OUT exec CMD...  CMD (a shell string) in the repo, its status is ours
+#
+# Results for the host go to OUT: status (0 or the failing step's code), result.txt
+# (one "key: value" line per step), the JUnit XML and JSON of each step.
+set -uo pipefail
+
+OUT=$1
+MODE=$2
+shift 2
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+REL=$(uname -r)
+cd "$REPO"
+
+# Debian's python3 is first on the guest's PATH; the project runs from its own venv.
+export PATH="$REPO/.venv/bin:$PATH"
+PY="$REPO/.venv/bin/python"
+# The root filesystem is read-only here: bytecode and the pytest cache cannot be written,
+# temporary files go to the in-guest /tmp overlay (RAM).
+export PYTHONDONTWRITEBYTECODE=1 TMPDIR=/tmp
+export PYTHONUNBUFFERED=1
+
+FAILED=0
+say() { echo "== kernel $REL: $*"; }
+record() { echo "$1: $2" >>"$OUT/result.txt"; }
+fail() { say "FAILED: $1"; record failed "$1"; FAILED=1; }
+
+: >"$OUT/result.txt"
+echo "$REL" >"$OUT/kernel"
+
+if [ "$MODE" = exec ]; then
+    export BENCH_JSON="$OUT/bench.json" KM_OUT="$OUT"
+    say "running: $*"
+    bash -c "$*"
+    rc=$?
+    say "exit status $rc"
+    record exec "$rc"
+    echo "$rc" >"$OUT/status"
+    exit "$rc"
+fi
+
+# Plain pytest: no xdist (under QEMU's software emulation -n 2 is twice as slow as -n 0:
+# worker start-up dominates), no cache (read-only tree).
+PYTEST=("$PY" -m pytest -p no:cacheprovider -n 0 -q -rfEs)
+
+# 1. The doctor must see soft-dirty on this kernel (the reason for booting it).
+say "running postcopy doctor --json (soft-dirty must be reported available)"
+if postcopy doctor --json >"$OUT/doctor.json"; then
+    verdict=$("$PY" - "$OUT/doctor.json" <<'EOF'
+import json, sys
+probes = {p["name"]: p for p in json.load(open(sys.argv[1]))["probes"]}
+for name in ("soft_dirty", "pagemap_scan", "uffd_api", "netns"):
+    p = probes.get(name)
+    print(f"   {name}: {'OK' if p and p['ok'] else 'NO'}  {p['detail'] if p else 'probe missing'}", file=sys.stderr)
+sd = probes.get("soft_dirty")
+print("available" if sd and sd["ok"] else "unavailable")
+EOF
+    )
+    if [ "$verdict" = available ]; then
+        say "doctor: soft-dirty available"
+        record doctor "soft-dirty available"
+    else
+        fail "doctor does not report soft-dirty available"
+    fi
+else
+    fail "postcopy doctor --json exited $?"
+fi
+
+# 2. A sanity set that must pass on any kernel, then every test marked for this matrix.
+say "running pytest sanity set: tests/test_doctor.py tests/test_uffd.py"
+"${PYTEST[@]}" --junitxml="$OUT/sanity.xml" tests/test_doctor.py tests/test_uffd.py
+rc=$?
+[ "$rc" -eq 0 ] || fail "pytest sanity set exited $rc"
+
+say "running pytest -m \"softdirty or precopy\""
+"${PYTEST[@]}" --junitxml="$OUT/marked.xml" -m "softdirty or precopy" tests
+rc=$?
+case $rc in
+    0) ;;
+    5) say "no test is marked softdirty or precopy yet (pytest exit 5: none collected)"
+       record marked "none collected (exit 5)"
+       rm -f "$OUT/marked.xml" ;;
+    *) fail "pytest -m \"softdirty or precopy\" exited $rc" ;;
+esac
+
+# 3. Whole migrations with the soft-dirty log, verified against the reference hash.
+# Small on purpose: everything here runs under software emulation.
+help=$(postcopy demo --help 2>&1)
+for mode in precopy hybrid; do
+    if ! grep -Eq -- "--mode \{[^}]*\b$mode\b" <<<"$help"; then
+        say "SKIPPED demo --mode $mode: postcopy demo has no --mode $mode yet"
+        record "demo-$mode" "skipped (no --mode $mode in postcopy demo)"
+        continue
+    fi
+    args=(--mode "$mode" --dirty-log soft-dirty --ram 32M --threads 1 --workload random-write
+          --steps 2000000 --migrate-after 0.3 --json "$OUT/demo-$mode.json")
+    say "running postcopy demo ${args[*]}"
+    postcopy demo "${args[@]}" >"$OUT/demo-$mode.txt" 2>&1
+    rc=$?
+    tail -n 3 "$OUT/demo-$mode.txt"
+    check=$("$PY" - "$OUT/demo-$mode.json" <<'EOF' 2>&1
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as exc:
+    print(f"no report: {exc}")
+else:
+    log = r.get("dirty_log")
+    print("verified" if r.get("verified") and log == "soft-dirty"
+          else f"verified={r.get('verified')} dirty_log={log}")
+EOF
+    )
+    if [ "$rc" -eq 0 ] && [ "$check" = verified ]; then
+        say "demo --mode $mode --dirty-log soft-dirty: VERIFIED"
+        record "demo-$mode" verified
+    else
+        fail "demo --mode $mode --dirty-log soft-dirty: exit $rc, $check"
+        tail -n 20 "$OUT/demo-$mode.txt"
+    fi
+done
+
+echo "$FAILED" >"$OUT/status"
+exit "$FAILED"

@@ -1,0 +1,76 @@
+"""The source and dest commands as a user runs them: refusals happen before any page
+moves, and the guest goes on running on the source."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require_netns, require_uffd
+from postcopy import wire
+from postcopy.guest import GuestClient, GuestParams, wait_for_control
+from postcopy.netns import Testbed
+
+
+@pytest.fixture
+def bed():
+    require_netns()
+    require_uffd()
+    with Testbed() as testbed:
+        yield testbed
+
+
+def _key_file(path, key: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(key)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def _postcopy(*args: str) -> list[str]:
+    return [sys.executable, "-m", "postcopy", *args]
+
+
+def test_wrong_key_is_refused_before_any_page_moves(bed, tmp_path):
+    params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=3, steps=10_000_000, rate=20_000)
+    control = str(tmp_path / "guest.sock")
+    guest = bed.popen(bed.source, params.argv(control=control), stdout=subprocess.PIPE, text=True)
+    wait_for_control(control, proc=guest)
+    endpoint = f"{bed.dest.address}:7030"
+    dest = bed.popen(bed.dest, _postcopy("dest", "--listen", endpoint, "--key-file",
+                                         _key_file(tmp_path / "a", wire.new_key())),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    source = bed.run(bed.source, _postcopy("source", "--guest", control, "--connect", endpoint, "--key-file",
+                                           _key_file(tmp_path / "b", wire.new_key())),
+                     capture_output=True, text=True, timeout=60)
+    assert source.returncode == 1
+    assert "key" in source.stderr and "goes on running on the source" in source.stderr, source.stderr
+    _, dest_err = dest.communicate(timeout=30)
+    assert dest.returncode == 1
+    assert "authentication failed" in dest_err, dest_err
+    # The guest never paused and keeps stepping on the source.
+    with GuestClient(control) as client:
+        before = client.status()
+        time.sleep(0.2)
+        after = client.status()
+        assert after["state"] == "running"
+        assert sum(after["steps"]) > sum(before["steps"])
+        client.quit()
+    guest.wait(timeout=10)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["guest", "--ram", "12Q", "--steps", "1"], "12Q"),
+    (["guest", "--ram", "16M", "--workload", "nonsense", "--steps", "1"], "nonsense"),
+    (["guest", "--ram", "1000001", "--steps", "1"], "page"),
+    (["demo", "--ram", "12Q"], "12Q"),
+    (["source", "--guest", "x", "--connect", "nohostport", "--key-file", "k"], "HOST:PORT"),
+])
+def test_bad_cli_input_is_one_clear_line_and_exit_2(argv, words):
+    result = subprocess.run(_postcopy(*argv), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert words in result.stderr, result.stderr
