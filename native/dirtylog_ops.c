@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #define SD_PRESENT (1ULL << 63)
@@ -75,4 +76,51 @@ stop:
     *n_absent = a.n;
     *pages_done = pg;
     return (int64_t)d.n;
+}
+
+int64_t pc_wp_harvest(int pagemap_fd, uint64_t start, uint64_t end, uint64_t base,
+                      struct pc_page_region *vec, uint64_t vec_len, uint64_t *runs,
+                      uint64_t max_runs, uint64_t *next)
+{
+    const int shift = __builtin_ctzll((uint64_t)sysconf(_SC_PAGESIZE));
+    uint64_t n = 0, pos = start;
+    while (pos < end && n < max_runs && vec_len) {
+        /* never more regions than runs left: each region is at most one new run */
+        const uint64_t room = max_runs - n < vec_len ? max_runs - n : vec_len;
+        struct pc_pm_scan_arg arg = {
+            .size = sizeof(arg),
+            .flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            .start = pos,
+            .end = end,
+            .vec = (uint64_t)(uintptr_t)vec,
+            .vec_len = room,
+            .category_mask = PAGE_IS_WRITTEN,
+            .return_mask = PAGE_IS_WRITTEN,
+        };
+        long got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        for (long i = 0; i < got; i++) {
+            const uint64_t first = (vec[i].start - base) >> shift, count = (vec[i].end - vec[i].start) >> shift;
+            if (n && runs[2 * n - 2] + runs[2 * n - 1] == first) {
+                runs[2 * n - 1] += count; /* split by a buffer boundary */
+            } else {
+                runs[2 * n] = first;
+                runs[2 * n + 1] = count;
+                n++;
+            }
+        }
+        if ((uint64_t)got < room) {
+            pos = end; /* the buffer did not fill: the walk reached end */
+            break;
+        }
+        /* Full buffer: go on. walk_end can lag behind the last region after several
+         * bounce-buffer flushes, so never restart before that region's end. */
+        pos = arg.walk_end > vec[got - 1].end ? arg.walk_end : vec[got - 1].end;
+    }
+    *next = pos;
+    return (int64_t)n;
 }

@@ -1,5 +1,12 @@
 /*
- * dirtylog_ops: the pagemap pass of the soft-dirty dirty log.
+ * dirtylog_ops: the kernel-facing loops of the dirty logs.
+ *
+ * pc_wp_harvest: the pagemap-scan harvest. PAGEMAP_SCAN with PM_SCAN_WP_MATCHING |
+ * PM_SCAN_CHECK_WPASYNC over a range, continued after a full output buffer, reduced
+ * to runs of page indexes so that Python only unpacks one flat array (a per-region
+ * Python loop costs more than the ioctl once thousands of pages are dirty).
+ *
+ * pc_softdirty_scan: the pagemap pass of the soft-dirty dirty log.
  *
  * One read of the guest's pagemap range (in fixed-size chunks) reduced in C to runs of
  * soft-dirty pages and, optionally, runs of "absent" pages (neither present nor
@@ -15,6 +22,20 @@
 #define PC_DIRTYLOG_OPS_H
 
 #include <stdint.h>
+
+#include "pagemap_ops.h"
+
+/*
+ * Harvests written pages of [start, end) (page aligned) from a pagemap fd whose range
+ * is registered for async uffd-wp: reports them and write-protects them again, in one
+ * walk per ioctl. runs receives (first page index relative to base, count), sorted and
+ * merged, 2 * max_runs slots; vec (vec_len regions) is scratch. Stops when runs is
+ * full: *next is where to continue (>= end when the range is done).
+ * Returns the number of runs or -errno.
+ */
+int64_t pc_wp_harvest(int pagemap_fd, uint64_t start, uint64_t end, uint64_t base,
+                      struct pc_page_region *vec, uint64_t vec_len, uint64_t *runs,
+                      uint64_t max_runs, uint64_t *next);
 
 /* Entries read per pread() by pc_softdirty_scan. */
 #define PC_SOFTDIRTY_CHUNK 8192

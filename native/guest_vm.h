@@ -144,7 +144,8 @@ int64_t pc_guest_free_runs(const void *ram, uint64_t ram_size, uint64_t page_siz
 int pc_guest_touch(void *ram, uint64_t ram_size, uint64_t page_size, const uint64_t *pages,
                    uint64_t n);
 /* The same for n distinct pseudo-random pages of [first, first + count), chosen from
- * seed (an affine permutation: no memory, no repeats); 0 or -EINVAL. */
+ * seed (an affine permutation: no memory, no repeats; n == count goes in order);
+ * 0 or -EINVAL. */
 int pc_guest_touch_spread(void *ram, uint64_t ram_size, uint64_t page_size, uint64_t first,
                           uint64_t count, uint64_t n, uint64_t seed);
 /* Longest step gap of any vCPU since the last call (and reset them to 0). */

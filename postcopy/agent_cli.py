@@ -59,11 +59,14 @@ def add_precopy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                         help="precopy stops when the rest fits this at the measured bandwidth (default 300)")
     parser.add_argument("--max-rounds", type=int, default=30, help="precopy round limit (default 30)")
+    parser.add_argument("--stall-rounds", type=int, default=3, metavar="N",
+                        help="switch over when the dirty set has not shrunk for N rounds (0: never)")
     parser.add_argument("--no-free-hints", action="store_true", help="send pages the guest reports free")
 
 
 def policy_of(args) -> ConvergencePolicy:
-    return ConvergencePolicy(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds)
+    return ConvergencePolicy(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
+                             stall_rounds=args.stall_rounds)
 
 
 def run_source(args) -> int:
@@ -93,9 +96,6 @@ def run_dest(args) -> int:
             figures = agent.run()
         except (DestinationError, wire.ProtocolError, OSError) as exc:
             print(f"postcopy dest: {exc}", file=sys.stderr)
-            if agent.guest_proc is not None and agent.guest_proc.poll() is None:
-                agent.guest_proc.kill()
-                agent.guest_proc.wait()
             return 1
     if args.json:
         write_json(args.json, figures)

@@ -21,9 +21,12 @@ gives the dirty pages actually measured per epoch (and how many epochs exceeded 
 bound, which only an unforeseen workload could do). Optionally an epoch also ends after
 ``interval_ms`` (a ``pause`` from a second control connection), whichever comes first.
 
-**Consistency.** The dirty pages are copied into the socket (``sendmsg`` copies; unlike
-``sendfile``, whose pages could change under the guest after it resumes) while the guest
-is parked, so each epoch is the RAM at one step boundary. The first epoch is preceded by
+**Consistency.** Each epoch is the RAM at one step boundary: the dirty pages are
+copied while the guest is parked, either into the socket (``sendmsg`` copies; unlike
+``sendfile``, whose pages could change under the guest after it resumes) or, with
+``overlap``, into an epoch buffer that is sent while the guest runs the next epoch.
+The run_until request and its reply are split for that (:class:`_ControlLine`), so the
+agent works while the guest runs. The first epoch is preceded by
 an initial sync of every populated page (epoch 0, sent while the guest runs, never a
 commit point on its own): the dirty log is started before it, so epoch 1 resends
 everything written meanwhile and is the first consistent image.
@@ -38,6 +41,7 @@ import json
 import math
 import mmap
 import os
+import resource
 import select
 import socket
 import threading
@@ -58,7 +62,7 @@ try:  # the guest's free-page swap period (pages written besides the step's own)
 except (ImportError, AttributeError):  # pragma: no cover - the native helper is built at install
     FREE_PERIOD = 256
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per sendmsg
 FREE_SWAP_PAGES = 3  # a free/reuse swap writes two page-table entries and zero-fills a page
 
 
@@ -163,13 +167,16 @@ class _EpochRunner:
         self.interval = None if interval_ms is None else interval_ms / 1e3
         self.interval_pauses = 0
         self.line = _ControlLine(control)
+        self.pending = False  # a run_until awaits its reply
         self._started = 0.0
 
     def start(self, target: int) -> None:
         self._started = time.monotonic()
         self.line.send("run_until", steps=target)
+        self.pending = True
 
     def wait(self) -> dict:
+        self.pending = False
         if self.interval is not None:
             left = self._started + self.interval - time.monotonic()
             # One request is outstanding and every reply was read whole: the socket
@@ -178,6 +185,16 @@ class _EpochRunner:
                 self.client.pause()  # the interval ended first: the run_until reply follows
                 self.interval_pauses += 1
         return self.line.reply("run_until")
+
+    def settle(self) -> None:
+        """After a failure between start and wait: park the guest and take the reply."""
+        if self.pending:
+            self.pending = False
+            try:
+                self.client.pause()
+                self.line.reply("run_until")
+            except (GuestError, ValueError):
+                pass
 
     def close(self) -> None:
         self.line.close()
@@ -227,6 +244,7 @@ class Checkpointer:
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._scratch: bytearray | None = None
+        self._cpu_start: float | None = None
         self._buffer = bytearray(MAX_RUN_BYTES)  # the epoch's pages, copied while the guest is parked
         self._buffer_view: memoryview | None = memoryview(self._buffer)
 
@@ -318,7 +336,7 @@ class Checkpointer:
             if dirty is not None:
                 dirty.stop()
             if self._channel is not None:
-                self._channel.close()
+                self._close_channel()
             self._view = None
             if self._map is not None:
                 try:
@@ -360,10 +378,15 @@ class Checkpointer:
             sync = {"pages": sync_pages, "ms": round((time.perf_counter() - t0) * 1e3, 3)}
             try:
                 parked = guest.pause()
+                if min(parked["steps"]) < max(parked["steps"]):
+                    # vCPUs park wherever the pause finds them: level them (part of the
+                    # catch-up epoch 1) so that every later epoch's budget holds per vCPU.
+                    parked = guest.run_until(max(parked["steps"]))
             except GuestError as exc:
                 raise _GuestLost(exc) from None
             paused_by_us = was_running
             loop_started = time.monotonic()
+            self._cpu_start = _cpu_seconds()
             end_reason, ok, error = self._loop(mem, dirty, runner, parked, budget, loop_started)
             loop_ended = time.monotonic()
         except _GuestLost as exc:
@@ -375,8 +398,11 @@ class Checkpointer:
             # A forced stop (the CLI turns the first SIGINT/SIGTERM into stop()): the
             # stream may end mid-frame, so the standby sees the primary vanish.
             end_reason, ok, error = "interrupted", False, "interrupted"
+        cpu = _cpu_seconds() - self._cpu_start if self._cpu_start is not None else None
         if loop_ended is None:
             loop_ended = time.monotonic()
+            if end_reason != "guest-lost":
+                runner.settle()
         if error is not None and end_reason in ("stopped", "epochs", "seconds", "guest-finished"):
             ok = False  # a clean end whose last epochs were not acknowledged
         if end_reason not in ("guest-lost", "guest-finished") and paused_by_us:
@@ -386,8 +412,24 @@ class Checkpointer:
             except GuestError as exc:
                 error = error or f"could not resume the guest: {exc}"
         figures = self._figures(mem, dirty, runner, status, budget, sync, started, loop_started, loop_ended)
-        figures.update(end_reason=end_reason, ok=ok, error=error)
+        figures.update(end_reason=end_reason, ok=ok, error=error,
+                       cpu_us_per_epoch=round(cpu / self.epoch * 1e6, 1) if cpu is not None and self.epoch else None)
         return figures
+
+    def _close_channel(self) -> None:
+        """Close after reading what the standby still sends (acknowledgements) up to its
+        end of stream: closing with unread data would reset the connection, and a reset
+        can discard our last frames (an Error) before the standby reads them."""
+        sock = self._sock
+        if sock is not None and sock.fileno() >= 0:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(2.0)
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+        self._channel.close()
 
     def _tell_standby(self, message) -> None:
         try:
@@ -423,7 +465,7 @@ class Checkpointer:
         finished = False
         while True:
             # The guest is parked at a step boundary: take epoch n.
-            paused_ns = parked["paused_ns"]
+            paused_ns = parked.get("paused_ns") or mono_ns()  # none for a guest that never ran
             steps = parked["steps"]
             t1 = perf()
             try:
@@ -458,7 +500,9 @@ class Checkpointer:
             resume_ns = mono_ns()
             log.pause_us.append((resume_ns - paused_ns) / 1e3)
             try:
-                runner.start(max(steps) + budget)
+                # Each vCPU may do `budget` steps; run_until cannot go back, so vCPUs left
+                # apart by an interval pause are only levelled up to the leader.
+                runner.start(max(min(steps) + budget, max(steps)))
             except GuestError as exc:
                 raise _GuestLost(exc) from None
             if overlap:  # send while the guest runs
@@ -649,6 +693,12 @@ class Checkpointer:
             "interval_pauses": runner.interval_pauses if runner is not None else 0,
             "bytes_sent": self.bytes_sent,
         }
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads, user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class _GuestLost(Exception):

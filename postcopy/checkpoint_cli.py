@@ -318,7 +318,9 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
                                                    "--key-file", key_file, "--max-dirty", str(bound),
                                                    "--json", pjson), **pipes)
             _read_line(primary, "protected", "postcopy checkpoint", 60)
+            guest_cpu = _cpu_seconds(guest.pid)
             time.sleep(seconds)
+            guest_cpu = _cpu_seconds(guest.pid) - guest_cpu
             guest.kill()  # the primary host "fails": its guest dies mid-run
             guest.communicate()
             try:
@@ -345,6 +347,9 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
                 "steps_per_epoch": prim["steps_per_epoch"],
                 "time_us": {k: {"p50": v["p50"], "mean": v["mean"]} for k, v in prim["time_us"].items()},
                 "commit_latency_ms": {k: prim["commit_latency_ms"][k] for k in ("p50", "p99", "max")},
+                # CPU time per epoch of each process (2 cores here: they compete)
+                "cpu_us_per_epoch": {"guest": round(guest_cpu / max(1, prim["epochs"] - 1) * 1e6, 1),
+                                     "primary": prim["cpu_us_per_epoch"], "standby": stby["cpu_us_per_epoch"]},
                 "epochs": prim["epochs"],
                 "committed_epoch_primary": prim["committed_epoch"],
                 "committed_epoch_standby": stby["committed_epoch"],
@@ -362,6 +367,13 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
         if verify else None
     results["seconds_total"] = round(time.monotonic() - started, 1)
     return results
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def format_demo(result: dict) -> str:

@@ -22,6 +22,8 @@ from postcopy.netns import Testbed
 from postcopy.units import rate_arg, size_arg
 
 DEFAULT_PORT = 7010
+# The reference hash depends only on the guest parameters: compute it once per process.
+_REFERENCE_HASHES: dict[GuestParams, str] = {}
 
 
 class DemoError(RuntimeError):
@@ -41,6 +43,7 @@ class DemoOptions:
     dirty_log: str = "auto"
     downtime_limit_ms: float = 300.0
     max_rounds: int = 30
+    stall_rounds: int = 3
     free_hints: bool = True
 
 
@@ -86,6 +89,7 @@ def run_demo(options: DemoOptions) -> dict:
                                               "--dirty-log", options.dirty_log,
                                               "--downtime-limit", str(options.downtime_limit_ms),
                                               "--max-rounds", str(options.max_rounds),
+                                              "--stall-rounds", str(options.stall_rounds),
                                               *([] if options.free_hints else ["--no-free-hints"])), **pipes)
         _progress(options, "migrating ...")
         _wait(source, "postcopy source", deadline)
@@ -95,8 +99,10 @@ def run_demo(options: DemoOptions) -> dict:
             source_figures = json.load(f)
         with open(f"{work}/dest.json") as f:
             dest_figures = json.load(f)
-    _progress(options, "computing the reference hash (same workload, no migration) ...")
-    reference = reference_hash(params)
+    reference = _REFERENCE_HASHES.get(params)
+    if reference is None:
+        _progress(options, "computing the reference hash (same workload, no migration) ...")
+        reference = _REFERENCE_HASHES[params] = reference_hash(params)
     return report.build_report(
         mode=options.mode, dirty_log=source_figures.get("dirty_log", "none"), ram_bytes=params.ram, workload=params.workload,
         source=source_figures, dest=source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")},
@@ -148,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
+                          stall_rounds=args.stall_rounds,
                           free_hints=not args.no_free_hints)
     try:
         result = run_demo(options)

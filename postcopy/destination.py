@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report, wire
-from postcopy.guest.control import GuestClient, wait_for_control
+from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.transport import Channel, ChannelClosed, PeerInfo, handshake, tune
 from postcopy.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
                            Userfaultfd, address_of)
@@ -91,8 +91,16 @@ class DestinationAgent:
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
                 "--backing", self.config.backing, "--control", control]
         self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)
         return control
+
+    def stop_guest(self) -> None:
+        """Kill the incoming guest this agent started (a failed migration must not leave
+        it running on partial RAM)."""
+        if self.guest_proc is not None and self.guest_proc.poll() is None:
+            self.guest_proc.kill()
+            self.guest_proc.wait()
 
     def _read_guest_output(self) -> None:
         for line in self.guest_proc.stdout:
@@ -106,6 +114,7 @@ class DestinationAgent:
         self.bind()
         main, peer = self._accept("main", None)
         urgent = None
+        figures: dict = {}
         try:
             urgent, _ = self._accept("urgent", peer.hello.session)
             layout = peer.layout
@@ -118,10 +127,15 @@ class DestinationAgent:
             self._setup(info, uffd, layout, fds.get("memfd"))
             figures = self._receive(main, urgent, guest, uffd)
             main.send(wire.Complete(info=figures))
-        except (ChannelClosed, wire.ProtocolError, UffdError, OSError) as exc:
+        except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
             self._stop.set()
-            raise DestinationError(f"incoming migration failed: {exc}. The guest here has not run on "
-                                   f"incomplete data past the failure point; it stays blocked.") from exc
+            self.stop_guest()
+            raise DestinationError(f"incoming migration failed: {exc}. The incoming guest was stopped: it "
+                                   f"never runs on incomplete data.") from exc
+        except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
+            self._stop.set()
+            self.stop_guest()
+            raise
         finally:
             self._stop.set()
             for channel in (main, urgent):

@@ -27,7 +27,7 @@ class ConvergencePolicy:
             if expected_ms <= self.downtime_limit_ms:
                 return f"converged: {last.dirty_pages} dirty pages fit the {self.downtime_limit_ms:g} ms limit"
         dirty = [r.dirty_pages for r in rounds if r.round > 0]
-        if len(dirty) > self.stall_rounds and min(dirty[-self.stall_rounds:]) >= min(dirty[:-self.stall_rounds]):
+        if self.stall_rounds and len(dirty) > self.stall_rounds and min(dirty[-self.stall_rounds:]) >= min(dirty[:-self.stall_rounds]):
             return f"dirty set stopped shrinking ({dirty[-1]} pages)"
         return None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import resource
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,8 +158,11 @@ class SourceAgent:
             guest.quit()  # the destination holds every page now
             urgent.close()
             server.join(timeout=5)
-        except (ChannelClosed, wire.ProtocolError, OSError, MigrationError) as exc:
+        except (ChannelClosed, wire.ProtocolError, OSError, MigrationError, GuestError) as exc:
             raise MigrationError(self._failure(exc, guest, switchover_sent)) from exc
+        except BaseException as exc:  # Ctrl-C, SIGTERM: same rule, then stop
+            print(f"postcopy source: {self._failure(exc, guest, switchover_sent)}", file=sys.stderr)
+            raise
         finally:
             if dirty_log is not None:
                 dirty_log.stop()

@@ -43,6 +43,7 @@ import dataclasses
 import errno
 import mmap
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -93,10 +94,19 @@ class CommittedEpoch:
     pages: int
 
 
+_CAUSES = frozenset(int(c) for c in wire.Cause)
+_PAGE_RUN = int(wire.FrameType.PAGE_RUN)
+
+
 class _FrameReader:
     """Frames from a socket with few syscalls: one recv_into fills a large buffer with
-    whatever has arrived, frames are cut out of it. A returned payload is a view into
-    the buffer, valid until the next call."""
+    whatever has arrived, and frames are cut out of it in place.
+
+    :meth:`frame` returns the header fields and the payload's offset in :attr:`buf`. A
+    page run's header is checked here directly (the hot path: magic, type, cause,
+    length); every other header goes through :func:`wire.decode_header`. Payload bytes
+    stay valid until a later frame needs their room, except while :attr:`pinned`: then
+    ``on_spill`` is called first, to copy out what it still needs and unpin."""
 
     def __init__(self, sock: socket.socket, size: int = RECV_BUFFER, max_payload: int = MAX_RUN_BYTES):
         self.sock = sock
@@ -105,23 +115,33 @@ class _FrameReader:
         self.size = size
         self.max_payload = max_payload
         self.r = self.w = 0
-        self.bytes = 0
+        self.pinned = False
+        self.on_spill = None
 
-    def frame(self) -> tuple[wire.FrameHeader, memoryview]:
-        header = wire.decode_header(self._take(wire.HEADER.size), self.max_payload)
-        return header, self._take(header.length)
-
-    def _take(self, n: int) -> memoryview:
-        if self.w - self.r < n:
-            self._fill(n)
+    def frame(self) -> tuple[int, int, int, int, int, wire.FrameHeader | None]:
+        """(type, flags, length, arg, payload offset, header): ``header`` is the
+        decoded :class:`wire.FrameHeader` for frames other than page runs."""
+        if self.w - self.r < wire.HEADER.size:
+            self._fill(wire.HEADER.size)
         r = self.r
-        self.r = r + n
-        return self.view[r:r + n]
+        magic, ftype, flags, length, arg = wire.HEADER.unpack_from(self.buf, r)
+        header = None
+        if not (ftype == _PAGE_RUN and magic == wire.MAGIC and flags in _CAUSES and 0 < length <= self.max_payload):
+            header = wire.decode_header(self.view[r:r + wire.HEADER.size], self.max_payload)  # or raises why
+        end = wire.HEADER.size + length
+        if self.w - r < end:
+            self._fill(end)
+            r = self.r
+        self.r = r + end
+        return ftype, flags, length, arg, r + wire.HEADER.size, header
 
     def _fill(self, n: int) -> None:
-        if self.r == self.w:
+        """Make ``n`` bytes from :attr:`r` available, receiving as much as has arrived."""
+        if self.r == self.w and not self.pinned:
             self.r = self.w = 0
-        elif self.r + n > self.size:  # no room for the rest of this frame: move it to the front
+        elif self.r + n > self.size:  # no room for this frame: move its start to the front
+            if self.pinned:
+                self.on_spill()
             rest = self.w - self.r
             self.buf[:rest] = self.buf[self.r:self.w]
             self.r, self.w = 0, rest
@@ -135,7 +155,6 @@ class _FrameReader:
             if not got:
                 raise ChannelClosed("the primary closed the connection")
             self.w += got
-            self.bytes += got
 
 
 class Standby:
@@ -248,12 +267,16 @@ class Standby:
         channel, layout = self._accept()
         self._make_image(layout)
         started = time.monotonic()
+        cpu = _cpu_seconds()
         try:
             self._receive(channel)
         finally:
             channel.close()
+        cpu = _cpu_seconds() - cpu
         figures = self.figures()
         figures["receive_s"] = round(time.monotonic() - started, 4)
+        epochs = self._epochs_applied
+        figures["cpu_us_per_epoch"] = round(cpu / epochs * 1e6, 1) if epochs else None
         if self.config.failover and PRIMARY_LOST.get(self.end_reason, False):
             if self.committed is None:
                 figures["failover"] = {"error": "no complete epoch arrived: nothing to fail over from"}
@@ -265,41 +288,59 @@ class Standby:
         return figures
 
     def _receive(self, channel: Channel) -> None:
-        """The receive loop: stage, commit, acknowledge."""
+        """The receive loop: stage, commit, acknowledge.
+
+        A staged page run stays where it arrived, in the receive buffer (pinned), and
+        is copied into the image at the epoch's marker: one copy per page. Only when
+        the buffer needs the room before the marker (an epoch larger than the buffer)
+        are the staged runs moved to the staging arena first."""
         sock = channel.sock
         reader = _FrameReader(sock)
+        rview = reader.view
         image = memoryview(self._image)
         layout = self._layout
         ps = layout.page_size
         total_pages = layout.total_pages
-        arena = bytearray(MAX_RUN_BYTES)
-        staged: list[tuple[int, int, int]] = []  # (first page, npages, arena offset)
-        staged_bytes = staged_pages = 0
+        arena = bytearray(0)
+        # (first page, npages, offset, in arena): in the receive buffer or the arena
+        staged: list[tuple[int, int, int, bool]] = []
+        counts = [0, 0]  # pages staged, arena bytes used
+
+        def spill() -> None:
+            need = counts[1] + sum(n for _, n, _, in_arena in staged if not in_arena) * ps
+            if len(arena) < need:
+                arena.extend(bytes(need - len(arena)))
+            pos = counts[1]
+            for i, (first, npages, off, in_arena) in enumerate(staged):
+                if not in_arena:
+                    length = npages * ps
+                    arena[pos:pos + length] = rview[off:off + length]
+                    staged[i] = (first, npages, pos, True)
+                    pos += length
+            counts[1] = pos
+            reader.pinned = False
+
+        reader.on_spill = spill
         staging = False  # False during the initial sync: pages go straight into the image
         expect = 0  # next epoch marker
-        PAGE_RUN, SWITCHOVER = wire.FrameType.PAGE_RUN, wire.FrameType.SWITCHOVER
         try:
             while True:
-                header, payload = reader.frame()
-                kind = header.type
-                if kind is PAGE_RUN:
-                    npages, rest = divmod(header.length, ps)
-                    first = header.arg
-                    if rest or not npages or first + npages > total_pages:
-                        layout.check(first, npages or 1, "PAGE_RUN")  # raises with the reason
-                        raise wire.RangeError(f"PAGE_RUN of {header.length} bytes is not whole pages")
+                kind, flags, length, first, off, header = reader.frame()
+                if kind == _PAGE_RUN:
+                    npages, rest = divmod(length, ps)
+                    if rest or first + npages > total_pages:
+                        raise wire.RangeError(f"PAGE_RUN of {length} bytes at page {first} is not whole pages "
+                                              f"inside RAM ({total_pages} pages of {ps} bytes)")
                     if staging:
-                        end = staged_bytes + header.length
-                        if end > len(arena):
-                            arena.extend(bytes(max(end - len(arena), len(arena))))
-                        arena[staged_bytes:end] = payload
-                        staged.append((first, npages, staged_bytes))
-                        staged_bytes = end
-                        staged_pages += npages
+                        staged.append((first, npages, off, False))
+                        reader.pinned = True
+                        counts[0] += npages
                     else:
-                        image[first * ps:(first + npages) * ps] = payload
+                        image[first * ps:(first + npages) * ps] = rview[off:off + length]
                         self._initial_pages += npages
-                elif kind is SWITCHOVER:
+                    continue
+                payload = rview[off:off + length]
+                if kind == wire.FrameType.SWITCHOVER:
                     info = wire.decode_payload(header, payload).info
                     epoch = info.get("epoch")
                     if epoch != expect:
@@ -311,35 +352,36 @@ class Standby:
                         if self.config.failover:
                             self._prestart()
                     else:
-                        if info.get("pages") != staged_pages:
+                        if info.get("pages") != counts[0]:
                             raise wire.ProtocolError(f"epoch {epoch} announces {info.get('pages')} pages, "
-                                                     f"{staged_pages} arrived")
+                                                     f"{counts[0]} arrived")
                         t0 = time.perf_counter()
-                        av = memoryview(arena)
-                        for first, npages, pos in staged:
-                            image[first * ps:(first + npages) * ps] = av[pos:pos + npages * ps]
-                        av.release()
+                        aview = memoryview(arena)
+                        for first, npages, off, in_arena in staged:
+                            src = aview if in_arena else rview
+                            image[first * ps:(first + npages) * ps] = src[off:off + npages * ps]
+                        aview.release()
                         steps = tuple(info.get("steps") or ())
-                        self.committed = CommittedEpoch(epoch, steps, info.get("paused_ns"), staged_pages)
+                        self.committed = CommittedEpoch(epoch, steps, info.get("paused_ns"), counts[0])
                         self._apply_us.append((time.perf_counter() - t0) * 1e6)
-                        self._epoch_pages.append(staged_pages)
+                        self._epoch_pages.append(counts[0])
                         self._epochs_applied += 1
                         staged.clear()
-                        staged_bytes = staged_pages = 0
+                        counts[0] = counts[1] = 0
+                        reader.pinned = False
                         sock.sendall(wire.Complete(info={"epoch": epoch, "steps": list(steps)}).encode())
                         self.committed_event.set()
                     expect += 1
-                elif kind is wire.FrameType.PUSH_DONE:
-                    self._end("primary-stopped", f"the primary stopped after epoch {header.arg}")
+                elif kind == wire.FrameType.PUSH_DONE:
+                    self._end("primary-stopped", f"the primary stopped after epoch {first}")
                     break
-                elif kind is wire.FrameType.ERROR:
-                    message = wire.decode_payload(header, payload)
-                    self._end("primary-guest-lost", message.reason)
+                elif kind == wire.FrameType.ERROR:
+                    self._end("primary-guest-lost", wire.decode_payload(header, payload).reason)
                     break
-                elif kind is wire.FrameType.PING:
-                    sock.sendall(wire.Pong(token=header.arg).encode())
+                elif kind == wire.FrameType.PING:
+                    sock.sendall(wire.Pong(token=first).encode())
                 else:
-                    raise wire.ProtocolError(f"unexpected {kind.name} frame in the checkpoint stream")
+                    raise wire.ProtocolError(f"unexpected {header.type.name} frame in the checkpoint stream")
         except ChannelClosed as exc:
             self._end("connection-lost", str(exc))
         except TimeoutError:
@@ -354,8 +396,8 @@ class Standby:
             self._end("connection-lost", str(exc))
         finally:
             image.release()
-        if staged_pages or (staging and staged):
-            self.discarded = {"epoch": expect, "pages": staged_pages}
+        if staged:
+            self.discarded = {"epoch": expect, "pages": counts[0]}
 
     def _end(self, reason: str, detail: str) -> None:
         self.end_reason, self.end_detail = reason, detail
@@ -487,6 +529,11 @@ def _data_extents(fd: int, size: int, page_size: int) -> list[tuple[int, int]]:
         runs.append((data // page_size, (hole - data) // page_size))
         pos = hole
     return runs
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -179,6 +179,30 @@ def test_reports_exactly_the_pages_written(launch, name, backing):
         guest.quit()
 
 
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
+def test_small_native_buffers_continue(launch, monkeypatch, name):
+    """Output buffers of 3 runs: the native loops stop and go on where they stopped
+    (PAGEMAP_SCAN after a full buffer, the pagemap pass after a full run list); runs
+    cut at a call boundary come back merged."""
+    require_backend(name)
+    from postcopy.dirtylog.pagemapscan import PagemapScanLog
+    from postcopy.dirtylog.softdirty import SoftDirtyLog
+
+    monkeypatch.setattr(PagemapScanLog, "scan_buffer", 3)
+    monkeypatch.setattr(SoftDirtyLog, "run_buffer", 3)
+    _, sock = launch(BASE, start_paused=True)
+    with GuestClient(sock) as guest:
+        with open_dirty_log(name, guest, guest.status()) as log:
+            log.start()
+            pages = [1, 2, 3, 10, 20, 30, 40, 41, 42, 43, 500, 700, 1500, NPAGES - 1]
+            guest.touch(pages)
+            assert log.harvest() == page_runs(pages)
+            guest.touch_spread(0, NPAGES, 200, seed=9)
+            assert len(pages_of(log.harvest())) == 200
+            assert log.harvest() == []
+        guest.quit()
+
+
 # ---- no write lost to a racing harvest -----------------------------------------------------
 
 

@@ -160,6 +160,36 @@ def test_timing_fields(launch):
         guest.quit()
 
 
+def test_pause_says_what_it_stopped_and_resume_keeps_the_stop_point(launch):
+    """What a brief pauser (the soft-dirty harvest) needs: ``was`` and ``stop_at`` in
+    the pause reply, and resume with that stop_at parks at the same step."""
+    params = dataclasses.replace(BASE, steps=None, rate=20_000)
+    _, sock = launch(params, pause_at=2000)
+    with GuestClient(sock) as guest:
+        first = guest.pause()
+        assert first["was"] == "running" and first["stop_at"] == 2000
+        assert guest.pause()["was"] == "paused"
+        guest.resume(stop_at=first["stop_at"])
+        assert wait_state(guest, "paused")["steps"] == [2000, 2000]
+        with pytest.raises(GuestError, match="stop_at"):
+            guest.request("resume", stop_at=-1)
+        guest.quit()
+
+
+def test_touch_and_step_gaps_leave_the_state_alone(launch):
+    proc, sock = launch(BASE, pause_at=BASE.steps // 2)
+    with GuestClient(sock) as guest:
+        wait_state(guest, "paused")
+        before = guest.hash()
+        assert guest.touch([0, 1, RAM // PAGE - 1]) == 3
+        assert guest.touch_spread(0, RAM // PAGE, RAM // PAGE) == RAM // PAGE  # every page
+        assert guest.hash() == before  # a write, but of what was there
+        assert guest.max_step_gap_ns() > 0 and guest.max_step_gap_ns() == 0  # read and reset
+        assert guest.status()["free_pages"] == 0 and guest.free_ranges() == []
+        guest.resume()
+    assert final_hash_of(proc) == reference_hash(BASE)
+
+
 def wait_state_steps(guest: GuestClient, above: int = 0) -> dict:
     deadline = time.monotonic() + 20
     while True:

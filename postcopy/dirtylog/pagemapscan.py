@@ -12,7 +12,9 @@ PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC and category PAGE_IS_WRITTEN: it ret
 the written pages and write-protects them again under the page-table lock, page by
 page, so a write either lands before the walk reaches its page (reported now) or
 after (faults, reported next time). Nothing to pause; the cost follows the page
-tables walked and the pages reported, and Python only touches the reported regions.
+tables walked and the pages reported. The ioctl loop and the reduction to runs are in
+C (``pc_wp_harvest`` in native/dirtylog_ops.c, continued after a full buffer as
+:meth:`postcopy.pagemap.Pagemap.scan` does): Python only unpacks the runs.
 
 Extra reports (documented kernel behaviour, never a lost write):
 * a page whose PTE is none inside the registered range reads as written (e.g. after
@@ -26,11 +28,13 @@ userfaultfd (incoming) cannot be tracked (one userfaultfd context per VMA).
 """
 from __future__ import annotations
 
+import errno
+import os
+
+from postcopy._native import ffi, lib
 from postcopy.dirtylog import DirtyLog, DirtyLogUnavailable, Runs
 from postcopy.guest.control import GuestClient, GuestError
-from postcopy.pagemap import Category, Pagemap, ScanFlag
-
-_SCAN_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
+from postcopy.pagemap import PagemapError
 
 
 class PagemapScanLog(DirtyLog):
@@ -38,21 +42,23 @@ class PagemapScanLog(DirtyLog):
 
     name = "pagemap-scan"
 
-    #: regions per PAGEMAP_SCAN call (24 bytes each); more means fewer ioctls for
-    #: scattered dirty pages, Pagemap.scan continues after a full buffer either way
+    #: regions per PAGEMAP_SCAN call (24 bytes each) and runs per native call; more
+    #: means fewer ioctls for scattered dirty pages, the loop continues either way
     scan_buffer = 16384
 
     def __init__(self, guest_path: str, info: dict) -> None:
         super().__init__(guest_path, info)
         self._client: GuestClient | None = None
-        self._pagemap: Pagemap | None = None
-        self._shift = self.page_size.bit_length() - 1
+        self._pagemap_fd = -1
+        self._vec = ffi.new("struct pc_page_region[]", self.scan_buffer)
+        self._runs = ffi.new("uint64_t[]", 2 * self.scan_buffer)
+        self._next = ffi.new("uint64_t *")
         self.stop_error: str | None = None
 
     def _start(self) -> None:
         self._client = GuestClient(self.guest_path)
         try:
-            self._pagemap = Pagemap(self.pid, scan_buffer=self.scan_buffer)
+            self._pagemap_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             self._client.dirty_track(True)
         except GuestError as exc:
             self._release()
@@ -62,11 +68,21 @@ class PagemapScanLog(DirtyLog):
             raise
 
     def _harvest(self) -> Runs:
-        regions = self._pagemap.scan(self.base, self.base + self.size, flags=_SCAN_FLAGS,
-                                     category_mask=Category.WRITTEN, return_mask=Category.WRITTEN)
-        base, shift = self.base, self._shift
-        # Pagemap.scan already merged adjacent regions: dense, sorted runs.
-        return [((start - base) >> shift, (end - start) >> shift) for start, end, _ in regions]
+        out: Runs = []
+        pos, end = self.base, self.base + self.size
+        while pos < end:
+            n = lib.pc_wp_harvest(self._pagemap_fd, pos, end, self.base, self._vec, self.scan_buffer,
+                                  self._runs, self.scan_buffer, self._next)
+            if n < 0:
+                raise _scan_error(-n, self.pid)
+            flat = ffi.unpack(self._runs, 2 * n)
+            runs = list(zip(flat[0::2], flat[1::2]))
+            if out and runs and out[-1][0] + out[-1][1] == runs[0][0]:  # cut by a call boundary
+                out[-1] = (out[-1][0], out[-1][1] + runs[0][1])
+                runs = runs[1:]
+            out.extend(runs)
+            pos = self._next[0]
+        return out
 
     def _stop(self) -> None:
         try:
@@ -78,9 +94,21 @@ class PagemapScanLog(DirtyLog):
             self._release()
 
     def _release(self) -> None:
-        if self._pagemap is not None:
-            self._pagemap.close()
-            self._pagemap = None
+        if self._pagemap_fd >= 0:
+            os.close(self._pagemap_fd)
+            self._pagemap_fd = -1
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _scan_error(err: int, pid: int) -> PagemapError:
+    where = f"PAGEMAP_SCAN on /proc/{pid}/pagemap"
+    if err == errno.EPERM:
+        return PagemapError(err, f"{where}: guest RAM is no longer registered for async write-protect "
+                                 "(dirty tracking was turned off behind the log's back)")
+    if err in (errno.ENOTTY, errno.EINVAL):
+        return PagemapError(err, f"{where}: {os.strerror(err)} (the ioctl came in Linux 6.7)")
+    if err == errno.ESRCH:
+        return PagemapError(err, f"{where}: the guest has exited")
+    return PagemapError(err, f"{where}: {os.strerror(err)}")

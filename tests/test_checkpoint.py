@@ -1,0 +1,351 @@
+"""Continuous checkpointing: the standby keeps only complete epochs, and a guest started
+from the last complete epoch finishes with the reference hash."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from conftest import require_netns, require_uffd
+from postcopy import wire
+from postcopy.checkpoint import CheckpointConfig, Checkpointer, bound_problem, steps_per_epoch
+from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
+from postcopy.standby import Standby, StandbyConfig, reference_hash_at
+from postcopy.transport import Channel, handshake
+
+PS = os.sysconf("SC_PAGE_SIZE")
+
+
+def _require_dirty_log() -> None:
+    require_uffd()
+    from postcopy.dirtylog import available_backends
+
+    reasons = available_backends()
+    if all(reason is not None for reason in reasons.values()):
+        pytest.skip("needs a dirty log: " + "; ".join(reasons.values()))
+
+
+def _postcopy(*args: str) -> list[str]:
+    return [sys.executable, "-m", "postcopy", *args]
+
+
+@pytest.fixture
+def tmp_path():
+    """A private temporary directory: short (Unix socket paths are limited to 107 bytes)
+    and out of reach of the basetemp clean-up of other pytest sessions running at the
+    same time."""
+    with tempfile.TemporaryDirectory(prefix="pc-ckpt-") as path:
+        yield pathlib.Path(path)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+# -- the dirty bound ------------------------------------------------------------------------
+def test_step_budget_keeps_the_dirty_bound():
+    assert steps_per_epoch(64, 1) == 63  # 63 written pages + the state page
+    assert steps_per_epoch(64, 2) == 31
+    assert steps_per_epoch(1024, 4) == 255
+    with_free = steps_per_epoch(1024, 1, free_fraction=0.25)
+    assert with_free + 3 * -(-with_free // 256) <= 1023 < with_free + 1 + 3 * -(-(with_free + 1) // 256)
+    assert bound_problem(64, 1) is None
+    assert "below what one step" in bound_problem(2, 2)
+
+
+# -- the standby alone, against a scripted primary --------------------------------------------
+class _ScriptedPrimary:
+    """A primary speaking the epoch protocol by hand (no guest needed)."""
+
+    def __init__(self, port: int, key: bytes, npages: int):
+        self.layout_regions = ((0, npages * PS),)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.channel = Channel(sock, "main", wire.Layout(PS, self.layout_regions))
+        handshake(self.channel, "client", key, wire.make_hello("source", "main", PS, self.layout_regions))
+
+    def pages(self, first: int, fill: int, n: int = 1, cause=wire.Cause.RESENT) -> None:
+        self.channel.send(wire.PageRun(first, n, cause, bytes([fill]) * (n * PS)))
+
+    def marker(self, epoch: int, pages: int, steps=(0,)) -> None:
+        info = {"epoch": epoch, "pages": pages, "steps": list(steps)}
+        if epoch == 0:
+            info.update(initial=True, guest={"backing": "memfd"})
+        self.channel.send(wire.Switchover(info=info))
+
+    def ack(self) -> int:
+        message = self.channel.recv()
+        assert isinstance(message, wire.Complete), message
+        return message.info["epoch"]
+
+
+@pytest.fixture
+def standby():
+    key = wire.new_key()
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10))
+    port = sb.bind().getsockname()[1]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
+    thread.start()
+    yield sb, port, key, thread, result
+    thread.join(timeout=10)
+    sb.close()
+
+
+def _image(sb: Standby, page: int) -> bytes:
+    return bytes(sb._image[page * PS:(page + 1) * PS])
+
+
+def test_a_half_received_epoch_is_never_applied(standby):
+    sb, port, key, thread, result = standby
+    primary = _ScriptedPrimary(port, key, npages=16)
+    primary.pages(0, 0xA0, n=4, cause=wire.Cause.PRECOPY)  # initial sync: pages 0-3
+    primary.marker(0, 4)
+    primary.pages(0, 0xB0)
+    primary.pages(2, 0xB2)
+    primary.marker(1, 2, steps=(10,))
+    assert primary.ack() == 1
+    primary.pages(0, 0xC0)  # epoch 2: the state page and one more page arrive, then the link dies
+    primary.pages(3, 0xC3)
+    primary.channel.close()
+    thread.join(timeout=10)
+    assert result["end_reason"] == "connection-lost" and result["primary_lost"]
+    assert result["committed_epoch"] == 1 and result["committed_steps"] == [10]
+    assert result["discarded_partial_epoch"] == {"epoch": 2, "pages": 2}
+    assert [_image(sb, p)[0] for p in range(4)] == [0xB0, 0xA0, 0xB2, 0xA0]
+    assert _image(sb, 5) == bytes(PS)  # never sent: a hole
+
+
+def test_an_epoch_larger_than_the_receive_buffer_is_applied_whole(standby):
+    from postcopy.standby import RECV_BUFFER
+
+    sb, port, key, thread, result = standby
+    npages = 2 * RECV_BUFFER // PS
+    primary = _ScriptedPrimary(port, key, npages=npages)
+    primary.marker(0, 0)
+    pages = 0
+    for first in range(0, npages, 300):  # runs of 100 pages, gaps between them
+        primary.pages(first, first // 300 % 251, n=100)
+        pages += 100
+    primary.marker(1, pages)
+    assert primary.ack() == 1
+    primary.pages(300, 0xEE, n=100)  # a partial epoch 2 must not touch epoch 1's pages
+    primary.channel.close()
+    thread.join(timeout=10)
+    assert result["committed_epoch"] == 1 and result["epoch_pages"]["max"] == pages
+    for first in range(0, npages, 300):
+        assert _image(sb, first)[0] == _image(sb, first + 99)[-1] == first // 300 % 251
+        assert _image(sb, first + 100) == bytes(PS)
+    assert result["discarded_partial_epoch"] == {"epoch": 2, "pages": 100}
+
+
+def test_an_epoch_whose_page_count_disagrees_is_refused(standby):
+    sb, port, key, thread, result = standby
+    primary = _ScriptedPrimary(port, key, npages=8)
+    primary.marker(0, 0)
+    primary.pages(1, 0x11)
+    primary.marker(1, 1)
+    assert primary.ack() == 1
+    primary.pages(1, 0x22)
+    primary.marker(2, 3)  # announces pages that never came
+    message = primary.channel.recv()
+    assert isinstance(message, wire.Error) and "announces 3 pages, 1 arrived" in message.reason
+    thread.join(timeout=10)
+    assert result["end_reason"] == "protocol-error" and not result["primary_lost"]
+    assert result["committed_epoch"] == 1
+    assert _image(sb, 1)[0] == 0x11
+
+
+# -- primary and standby with a real guest ------------------------------------------------------
+def _start_guest(params: GuestParams, control: str, start_paused: bool = False) -> subprocess.Popen:
+    proc = subprocess.Popen(params.argv(control=control, start_paused=start_paused), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_control(control, timeout=30, proc=proc)
+    return proc
+
+
+def test_failover_after_a_cut_mid_epoch_starts_from_the_previous_epoch(tmp_path):
+    _require_dirty_log()
+    params = GuestParams(ram=8 << 20, threads=2, workload="random-write", seed=21, steps=2_000_000)
+    # Paused at first (however slow the machine, it cannot finish before the epochs): it
+    # runs only in the epochs, so the cut surely comes mid-run.
+    control = str(tmp_path / "g.sock")
+    guest = _start_guest(params, control, start_paused=True)
+    key = wire.new_key()
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, failover=True, timeout=10))
+    try:
+        port = sb.bind().getsockname()[1]
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
+        thread.start()
+        primary = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port),
+                                                key=key, max_dirty=128, cut_mid_epoch=20, max_unacked=0))
+        figures = primary.run()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert figures["end_reason"] == "standby-lost", figures
+        assert "fault injection" in figures["error"]
+        assert figures["committed_epoch"] == 20
+        # The primary lost its standby: its guest is left as found (paused), undisturbed.
+        with GuestClient(control) as client:
+            assert client.status()["state"] == "paused"
+            client.resume()
+        out, _ = guest.communicate(timeout=60)
+        reference = reference_hash(params)
+        assert f"final_hash {reference}" in out
+        # The standby kept epoch 20, dropped the half of epoch 21, and failed over from 20.
+        assert result["end_reason"] == "connection-lost"
+        assert result["committed_epoch"] == 20
+        assert result["discarded_partial_epoch"]["epoch"] == 21
+        assert result["discarded_partial_epoch"]["pages"] > 0
+        steps = result["committed_steps"]
+        assert steps[0] == steps[1] > 0
+        assert result["image_hash"] == reference_hash_at(params, steps[0], str(tmp_path))
+        failover = result["failover"]
+        assert failover["epoch"] == 20 and failover["guest_exit_code"] == 0
+        assert failover["final_hash"] == reference
+        assert figures["dirty_pages"]["max"] <= 128 and figures["bound_exceeded"] == 0
+    finally:
+        _kill(guest)
+        sb.close()
+
+
+def test_interval_ends_epochs_and_a_clean_stop_does_not_fail_over(tmp_path):
+    _require_dirty_log()
+    # 2000 steps/s: a 1024-page budget would take half a second; 5 ms intervals end the epochs.
+    params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=4, steps=1_000_000, rate=2000)
+    control = str(tmp_path / "g.sock")
+    guest = _start_guest(params, control)
+    key = wire.new_key()
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, failover=True, timeout=10))
+    try:
+        port = sb.bind().getsockname()[1]
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
+        thread.start()
+        figures = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
+                                                max_dirty=1024, interval_ms=5, epochs=15)).run()
+        thread.join(timeout=30)
+        assert figures["ok"] and figures["end_reason"] == "epochs"
+        assert figures["epochs"] == figures["committed_epoch"] == 15
+        assert figures["interval_pauses"] >= 10
+        assert figures["dirty_pages"]["max"] < 1024
+        assert result["end_reason"] == "primary-stopped" and "failover" not in result
+        assert sb.failover_proc is not None  # the warm standby guest, stopped by close()
+        assert result["image_hash"] == reference_hash_at(params, result["committed_steps"][0], str(tmp_path))
+        with GuestClient(control) as client:  # left running, as it was found
+            assert client.status()["state"] == "running"
+    finally:
+        _kill(guest)
+        sb.close()
+    assert sb.failover_proc.poll() is not None
+
+
+# -- the commands, across the two namespaces -----------------------------------------------------
+@pytest.fixture
+def bed():
+    require_netns()
+    _require_dirty_log()
+    from postcopy.netns import Testbed
+
+    with Testbed() as testbed:
+        yield testbed
+
+
+def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
+    """The primary guest is killed mid-run; the standby starts it from the last
+    complete epoch in the other namespace and it ends with the reference hash."""
+    params = GuestParams(ram=16 << 20, threads=1, workload="random-write", seed=9, steps=4_000_000)
+    control = str(tmp_path / "g.sock")
+    key_file = tmp_path / "key"
+    key_file.write_bytes(wire.new_key())
+    endpoint = f"{bed.dest.address}:7031"
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started paused, the guest runs only in the epochs: it is surely mid-run when killed.
+    guest = bed.popen(bed.source, params.argv(control=control, start_paused=True), **pipes)
+    wait_for_control(control, timeout=30, proc=guest)
+    standby = bed.popen(bed.dest, _postcopy("standby", "--listen", endpoint, "--key-file", str(key_file),
+                                            "--failover", "--json", str(tmp_path / "standby.json")), **pipes)
+    assert standby.stdout.readline().startswith("listening")
+    primary = bed.popen(bed.source, _postcopy("checkpoint", "--guest", control, "--connect", endpoint,
+                                              "--key-file", str(key_file), "--max-dirty", "256",
+                                              "--json", str(tmp_path / "primary.json")), **pipes)
+    line = primary.stdout.readline()
+    assert line.startswith("protected: epoch 1 committed"), (line, primary.stderr.read() if not line else "")
+    with GuestClient(control) as client:  # let a few more epochs pass
+        start = client.status()["steps"][0]
+        while client.status()["steps"][0] < start + 20 * 255:
+            time.sleep(0.01)
+    guest.kill()  # by pid: the primary host's guest dies mid-run
+    guest.communicate()
+    p_out, p_err = primary.communicate(timeout=60)
+    s_out, s_err = standby.communicate(timeout=120)
+    assert primary.returncode == 1 and "guest-lost" in p_err
+    assert standby.returncode == 0, s_err
+    figures = json.loads((tmp_path / "standby.json").read_text())
+    assert figures["end_reason"] == "primary-guest-lost"
+    epoch, steps = figures["committed_epoch"], figures["committed_steps"][0]
+    assert epoch >= 20 and 0 < steps < params.steps
+    assert figures["failover"]["epoch"] == epoch
+    reference = reference_hash(params)
+    assert figures["failover"]["final_hash"] == reference
+    assert f"final_hash {reference}" in s_out
+    assert figures["image_hash"] == reference_hash_at(params, steps, str(tmp_path))
+    primary_figures = json.loads((tmp_path / "primary.json").read_text())
+    assert primary_figures["end_reason"] == "guest-lost"
+    assert primary_figures["dirty_pages"]["max"] <= 256
+
+
+# -- user errors ------------------------------------------------------------------------------------
+def test_user_errors_are_one_clear_line(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(wire.new_key())
+    run = lambda *a: subprocess.run(_postcopy(*a), capture_output=True, text=True, timeout=60)  # noqa: E731
+    r = run("checkpoint", "--guest", str(tmp_path / "nope.sock"), "--connect", "127.0.0.1:9", "--key-file",
+            str(key_file))
+    assert r.returncode == 1 and "cannot reach guest control socket" in r.stderr and "Traceback" not in r.stderr
+    r = run("standby", "--listen", "127.0.0.1:9", "--key-file", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "cannot use key file" in r.stderr and "Traceback" not in r.stderr
+    r = run("checkpoint", "--guest", "x", "--connect", "nohostport", "--key-file", str(key_file))
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr
+    r = run("checkpoint", "--guest", "x", "--connect", "127.0.0.1:9", "--key-file", str(key_file),
+            "--epochs", "3", "--seconds", "1")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
+
+
+def test_a_wrong_key_is_refused_and_leaves_the_guest_alone(tmp_path):
+    _require_dirty_log()
+    params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=2, steps=100_000)
+    control = str(tmp_path / "g.sock")
+    guest = _start_guest(params, control, start_paused=True)
+    try:
+        (tmp_path / "a").write_bytes(wire.new_key())
+        (tmp_path / "b").write_bytes(wire.new_key())
+        with socket.socket() as probe:  # a free port on loopback
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        standby = subprocess.Popen(_postcopy("standby", "--listen", f"127.0.0.1:{port}", "--key-file",
+                                             str(tmp_path / "a")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        assert standby.stdout.readline().startswith("listening")
+        primary = subprocess.run(_postcopy("checkpoint", "--guest", control, "--connect", f"127.0.0.1:{port}",
+                                           "--key-file", str(tmp_path / "b")), capture_output=True, text=True,
+                                 timeout=60)
+        _, s_err = standby.communicate(timeout=30)
+        assert primary.returncode == 1 and "handshake with the standby failed" in primary.stderr
+        assert standby.returncode == 1 and "authentication failed" in s_err
+        assert "Traceback" not in primary.stderr + s_err
+        with GuestClient(control) as client:
+            status = client.status()
+        assert status["state"] == "paused" and not status["dirty_tracking"] and status["steps"] == [0]
+    finally:
+        _kill(guest)

@@ -1,0 +1,187 @@
+"""Failures lose nothing: a dead destination, a dead source, a cancelled agent. Faults
+are injected by killing processes by pid."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require_netns, require_uffd
+from postcopy import wire
+from postcopy.dirtylog import available_backends
+from postcopy.guest import GuestClient, GuestParams, parse_final_hash, reference_hash, wait_for_control
+from postcopy.netns import Testbed
+
+PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=400_000, rate=100_000)
+
+
+@pytest.fixture
+def bed():
+    require_netns()
+    require_uffd()
+    with Testbed() as testbed:
+        yield testbed
+
+
+class Migration:
+    """A guest on the source host and helpers to run the two agents against it."""
+
+    def __init__(self, bed: Testbed, tmp_path, params: GuestParams = PARAMS):
+        self.bed, self.tmp = bed, tmp_path
+        self.params = params
+        self.key = str(tmp_path / "key")
+        with open(self.key, "wb") as f:
+            f.write(wire.new_key())
+        os.chmod(self.key, 0o600)
+        self.control = str(tmp_path / "guest.sock")
+        self.guest = bed.popen(bed.source, params.argv(control=self.control), stdout=subprocess.PIPE, text=True)
+        wait_for_control(self.control, proc=self.guest)
+        self.port = 7040
+
+    def dest(self, *extra: str) -> subprocess.Popen:
+        self.port += 1
+        return self.bed.popen(self.bed.dest, [sys.executable, "-m", "postcopy", "dest", "--listen",
+                                              f"{self.bed.dest.address}:{self.port}", "--key-file", self.key, *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def source(self, *extra: str) -> subprocess.Popen:
+        return self.bed.popen(self.bed.source, [sys.executable, "-m", "postcopy", "source", "--guest", self.control,
+                                                "--connect", f"{self.bed.dest.address}:{self.port}",
+                                                "--key-file", self.key, *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def status(self) -> dict:
+        with GuestClient(self.control) as client:
+            return client.status()
+
+    def wait_state(self, state: str, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status["state"] == state:
+                return status
+            time.sleep(0.02)
+        raise AssertionError(f"guest never reached {state}: {status}")
+
+    def assert_running_on_source(self) -> None:
+        before = self.status()
+        time.sleep(0.2)
+        after = self.status()
+        assert after["state"] == "running", after
+        assert sum(after["steps"]) > sum(before["steps"])
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.precopy
+def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
+    if not any(reason is None for reason in available_backends().values()):
+        pytest.skip(f"needs a dirty log: {available_backends()}")
+    m = Migration(bed, tmp_path)
+    dest = m.dest()
+    # Rounds never converge: the migration stays in precopy until the destination dies.
+    source = m.source("--mode", "precopy", "--downtime-limit", "0", "--max-rounds", "100000", "--stall-rounds", "0")
+    time.sleep(1.0)
+    assert source.poll() is None, source.communicate()
+    os.kill(dest.pid, signal.SIGKILL)
+    _, err = source.communicate(timeout=30)
+    assert source.returncode == 1
+    assert "goes on running on the source" in err, err
+    m.assert_running_on_source()
+    assert m.status().get("dirty_tracking") in (False, None)  # the dirty log was stopped
+
+
+def test_dest_killed_during_postcopy_source_keeps_guest_and_retry_verifies(bed, tmp_path):
+    m = Migration(bed, tmp_path)
+    dest = m.dest()
+    # The pusher waits, so the migration stays in postcopy long enough to kill it there.
+    source = m.source("--push-delay", "30")
+    m.wait_state("paused")
+    time.sleep(0.3)
+    os.kill(dest.pid, signal.SIGKILL)
+    _, err = source.communicate(timeout=60)
+    assert source.returncode == 1
+    assert "kept paused on the source" in err and "new destination" in err, err
+    assert m.status()["state"] == "paused"
+    # Retry to a fresh destination: the paused guest moves and finishes verified.
+    dest2 = m.dest()
+    source2 = m.source()
+    out, err = source2.communicate(timeout=120)
+    assert source2.returncode == 0, err
+    out, err = dest2.communicate(timeout=120)
+    assert dest2.returncode == 0, err
+    final = out.strip().splitlines()[-1]
+    assert f'"final_hash": "{reference_hash(PARAMS)}"' in final, final
+    m.guest.wait(timeout=10)
+
+
+def test_source_killed_during_postcopy_dest_guest_never_runs_on(bed, tmp_path):
+    m = Migration(bed, tmp_path)
+    dest = m.dest()
+    source = m.source("--push-delay", "30")
+    m.wait_state("paused")
+    time.sleep(0.3)
+    os.kill(source.pid, signal.SIGKILL)
+    _, err = dest.communicate(timeout=60)
+    assert dest.returncode == 1
+    assert "incoming guest was stopped" in err, err
+    pid = int(re.search(r"incoming guest pid (\d+)", err).group(1))
+    assert _pid_gone(pid)
+    # The source still holds the paused guest and all its RAM.
+    assert m.status()["state"] == "paused"
+
+
+def test_sigterm_to_source_before_switchover_leaves_guest_running(bed, tmp_path):
+    m = Migration(bed, tmp_path)
+    # No destination listens: the source is still connecting when it is stopped.
+    source = m.source()
+    time.sleep(0.5)
+    source.send_signal(signal.SIGTERM)
+    source.communicate(timeout=30)
+    assert source.returncode != 0
+    m.assert_running_on_source()
+
+
+def test_sigterm_to_demo_leaves_nothing_behind(tmp_path):
+    require_netns()
+    require_uffd()
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    demo = subprocess.Popen([sys.executable, "-m", "postcopy", "demo", "--ram", "16M", "--steps", "100000000",
+                             "--migrate-after", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    ours = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else []) if f"-{demo.pid}-" in n}
+    assert ours, "the demo made no namespaces"
+    children = _children(demo.pid)
+    assert children, "the demo started no guest"
+    demo.send_signal(signal.SIGTERM)
+    demo.communicate(timeout=30)
+    assert demo.returncode != 0
+    left = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not (left & ours), left & ours
+    # No process the demo started is left.
+    assert all(_pid_gone(pid) for pid in children), children
+
+
+def _children(ppid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == ppid:
+                found.append(int(entry))
+    return found
