@@ -87,6 +87,7 @@ class CheckpointConfig:
     run_pages: int = 256  # pages per frame of the initial sync
     connect_timeout: float = 15.0
     ack_timeout: float = 30.0  # how long to wait for the standby's acknowledgements at the end
+    heartbeat: float = 1.0  # seconds between Pings to the standby while an epoch runs long
     # Fault injection for tests: after this many epochs, send half of the next one and
     # drop the connection (the standby must keep the previous epoch).
     cut_mid_epoch: int | None = None
@@ -175,16 +176,30 @@ class _EpochRunner:
         self.line.send("run_until", steps=target)
         self.pending = True
 
-    def wait(self) -> dict:
-        self.pending = False
-        if self.interval is not None:
-            left = self._started + self.interval - time.monotonic()
-            # One request is outstanding and every reply was read whole: the socket
-            # turns readable exactly when this one's reply arrives.
-            if not select.select([self.line.sock], [], [], max(0.0, left))[0]:
+    def wait(self, heartbeat: Callable[[], None], every: float) -> dict:
+        """The run_until reply; ``heartbeat`` is called every ``every`` seconds while the
+        guest runs (a long epoch must not look like a dead primary to the standby)."""
+        sock = self.line.sock
+        interval_end = None if self.interval is None else self._started + self.interval
+        beat = self._started + every
+        # One request is outstanding and every reply was read whole: the socket turns
+        # readable exactly when this one's reply arrives.
+        while True:
+            now = time.monotonic()
+            until = beat if interval_end is None else min(beat, interval_end)
+            if select.select([sock], [], [], max(0.0, until - now))[0]:
+                break
+            now = time.monotonic()
+            if interval_end is not None and now >= interval_end:
                 self.client.pause()  # the interval ended first: the run_until reply follows
                 self.interval_pauses += 1
-        return self.line.reply("run_until")
+                interval_end = None
+            if now >= beat:
+                heartbeat()
+                beat = now + every
+        reply = self.line.reply("run_until")
+        self.pending = False
+        return reply
 
     def settle(self) -> None:
         """After a failure between start and wait: park the guest and take the reply."""
@@ -431,6 +446,11 @@ class Checkpointer:
                 pass
         self._channel.close()
 
+    def _heartbeat(self) -> None:
+        """A Ping during a long epoch (the standby answers with a Pong, read with the
+        acknowledgements)."""
+        self._send_parts([wire.Ping(token=self.epoch).encode()])
+
     def _tell_standby(self, message) -> None:
         try:
             self._send_parts([message.encode()])
@@ -514,7 +534,7 @@ class Checkpointer:
                 log.ack_us[-1] += (perf() - t7) * 1e6
             del parts
             try:
-                parked = runner.wait()
+                parked = runner.wait(self._heartbeat, cfg.heartbeat)
             except GuestError as exc:
                 raise _GuestLost(exc) from None
             log.run_us.append((mono_ns() - resume_ns) / 1e3)

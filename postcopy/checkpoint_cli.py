@@ -233,7 +233,7 @@ def run_standby(args) -> int:
              if figures["discarded_partial_epoch"] else ""), flush=True)
     fo = figures.get("failover")
     if fo is None:
-        return 0 if figures["end_reason"] == "primary-stopped" or not args.failover else 1
+        return 0 if figures["end_reason"] == "primary-stopped" else 1
     if "error" in fo:
         print(f"postcopy standby: failover: {fo['error']}", file=sys.stderr)
         return 1

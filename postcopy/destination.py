@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -19,7 +20,13 @@ from postcopy.transport import Channel, ChannelClosed, PeerInfo, handshake, tune
 from postcopy.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
                            Userfaultfd, address_of)
 
-MISSING, REQUESTED, PRESENT, ZERO = 0, 1, 2, 3
+# Page states on the destination. REMOVED: the guest dropped the page (MADV_DONTNEED,
+# munmap) during postcopy, so it must read zeros: no source data is installed there.
+MISSING, REQUESTED, PRESENT, ZERO, REMOVED = 0, 1, 2, 3, 4
+# Pages per UFFDIO_COPY while holding the install gate (bounds how long the fault
+# server can wait for the gate behind a bulk install).
+GATED_COPY_PAGES = 64
+RETRY = -1  # a copy met a changing mapping: try again after the events are read
 
 
 class DestinationError(RuntimeError):
@@ -44,7 +51,11 @@ class DestinationAgent:
         self.listener = listener
         self.guest_proc: subprocess.Popen | None = None
         self.final_hash: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # page states and counters
+        # Installs and the reading of uffd events exclude each other: once the fault
+        # server has read a REMOVE event and marked the range, no copy that checked the
+        # range before can land after the kernel's zap.
+        self._gate = threading.Lock()
         self._all_in = threading.Event()
         self._stop = threading.Event()
         self._fault_started: dict[int, int] = {}  # page -> ns the fault event was read
@@ -52,6 +63,7 @@ class DestinationAgent:
         self._first_push_ns: int | None = None
         self._pages = {cause: 0 for cause in report.PAGE_CAUSES}
         self._in_count = 0
+        self._removed_pages = 0
         self._timeline = report.Timeline()
         self._thread_error: BaseException | None = None
 
@@ -228,6 +240,7 @@ class DestinationAgent:
             "first_step_ns": first_step,
             "receive_ms": (all_in - started) * 1e3,
             "timeline": self._timeline.as_dict(),
+            "pages_removed_by_guest": self._removed_pages,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 
@@ -256,32 +269,60 @@ class DestinationAgent:
 
     # -- installing pages ----------------------------------------------------------------
     def _install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
-        """Install a run with one UFFDIO_COPY. A page already there is skipped and its
-        waiter woken (push and demand raced: the guest may have written it since), or,
-        for a precopy resend before the switchover, overwritten in place."""
+        """Install a run with UFFDIO_COPY (one per run, in gated pieces). A page already
+        there is skipped and its waiter woken (push and demand raced: the guest may have
+        written it since), or, for a precopy resend before the switchover, overwritten
+        in place. Pages the guest removed meanwhile are never filled."""
         ps = self.page_size
         src = address_of(data)
         overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
-        done = 0
+        done = retries = 0
         while done < npages:
-            dst = self.base + (first + done) * ps
-            try:
-                copied = self.uffd.copy(dst, src + done * ps, (npages - done) * ps) // ps
-            except PageExistsError:
-                if overwrite:
-                    span = self._present_run(first + done, first + npages)
-                    view = memoryview(data)[done * ps:(done + span) * ps]
-                    os.pwritev(self._ram_fd, [view], self._ram_fd_base + (first + done) * ps)
-                    self._installed(first + done, span, cause)
-                    done += span
-                else:
-                    # The copy that got there first woke the threads waiting then; a
-                    # thread that faulted after it may wait on us.
-                    self.uffd.wake(dst, ps)
+            with self._gate:
+                stop = min(npages, done + GATED_COPY_PAGES)
+                removed = self.state.find(REMOVED, first + done, first + stop)
+                if removed == first + done:  # skip removed pages
                     done += 1
+                    continue
+                if removed > 0:
+                    stop = removed - first
+                handled = self._copy_piece(first, done, stop, src, data, cause, overwrite)
+            if handled == RETRY:
+                retries += 1
+                if retries > 5000:
+                    raise DestinationError(f"page {first + done} stayed unmappable (the guest's mapping changed "
+                                           f"and no event explained it)")
+                time.sleep(0.0002)  # outside the gate: let the fault server read the event
                 continue
-            self._installed(first + done, copied, cause)
-            done += copied
+            done += handled
+
+    def _copy_piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
+                    overwrite: bool) -> int:
+        """One UFFDIO_COPY of pages [first+done, first+stop); returns pages handled."""
+        ps = self.page_size
+        dst = self.base + (first + done) * ps
+        try:
+            copied = self.uffd.copy(dst, src + done * ps, (stop - done) * ps) // ps
+        except PageExistsError:
+            if not overwrite:
+                # The copy that got there first woke the threads waiting then; a thread
+                # that faulted after it may wait on us.
+                self.uffd.wake(dst, ps)
+                return 1
+            span = self._present_run(first + done, first + stop)
+            view = memoryview(data)[done * ps:(done + span) * ps]
+            os.pwritev(self._ram_fd, [view], self._ram_fd_base + (first + done) * ps)
+            self._installed(first + done, span, cause)
+            return span
+        except MappingChangedError:
+            # An unmap or remove is under way (EAGAIN until its event is read; ENOENT
+            # once the range is gone): retry once the fault server has read the event
+            # and marked the range removed.
+            if self._stop.is_set():
+                raise
+            return RETRY
+        self._installed(first + done, copied, cause)
+        return copied
 
     def _present_run(self, page: int, end: int) -> int:
         """Length of the run of installed pages from ``page`` (at least 1: the kernel
@@ -318,7 +359,8 @@ class DestinationAgent:
         with self._lock:
             for first, count in runs:
                 end = first + count
-                self._in_count -= self.state.count(PRESENT, first, end) + self.state.count(ZERO, first, end)
+                # Invariant: the pages counted in are those PRESENT, ZERO or REMOVED.
+                self._in_count -= sum(self.state.count(st, first, end) for st in (PRESENT, ZERO, REMOVED))
                 self.state[first:end] = bytes(count)  # MISSING
             self._all_in.clear()
 
@@ -353,28 +395,61 @@ class DestinationAgent:
 
     # -- fault server and urgent replies -------------------------------------------------
     def _serve_faults(self, urgent: Channel) -> None:
-        """Read fault events in batches; request each missing page once."""
+        """Read fault events in batches; request each missing page once; keep track of
+        ranges the guest removes or unmaps."""
         ps, base, npages = self.page_size, self.base, self.npages
+        poller = select.poll()
+        poller.register(self.uffd.fileno(), select.POLLIN)
         while not self._stop.is_set():
-            for event in self.uffd.read_events(64, timeout=0.05):
-                if event.kind is not EventKind.PAGEFAULT:
-                    continue
-                page = (event.address - base) // ps
-                if not 0 <= page < npages:
-                    continue
+            if not poller.poll(50):
+                continue
+            requests = []
+            zero_fills = []
+            with self._gate:
+                events = self.uffd.read_events(64, timeout=0)
                 now = time.monotonic_ns()
-                with self._lock:
-                    state = self.state[page]
-                    if state in (MISSING, ZERO) and page not in self._fault_started:
-                        self._fault_started[page] = now
+                for event in events:
+                    if event.kind in (EventKind.REMOVE, EventKind.UNMAP):
+                        self._removed(event.address, event.end)
+                        continue
+                    if event.kind is not EventKind.PAGEFAULT:
+                        continue
+                    page = (event.address - base) // ps
+                    if not 0 <= page < npages:
+                        continue
+                    with self._lock:
+                        state = self.state[page]
+                        if state in (MISSING, ZERO, REMOVED) and page not in self._fault_started:
+                            self._fault_started[page] = now
+                        if state == MISSING:
+                            self.state[page] = REQUESTED
                     if state == MISSING:
-                        self.state[page] = REQUESTED
-                if state == MISSING:
-                    urgent.send(wire.PageRequest(first_page=page, npages=1))
-                elif state == ZERO:
+                        requests.append(page)
+                    elif state in (ZERO, REMOVED):
+                        zero_fills.append(page)
+                    elif state == PRESENT:
+                        self.uffd.wake(base + page * ps, ps)
+                for page in zero_fills:
                     self._zero_fill(page)
-                elif state == PRESENT:
-                    self.uffd.wake(base + page * ps, ps)
+            for page in requests:
+                urgent.send(wire.PageRequest(first_page=page, npages=1))
+
+    def _removed(self, start: int, end: int) -> None:
+        """The guest dropped [start, end): those pages now read as zeros, whatever the
+        source held (called with the gate held, before the kernel's zap)."""
+        ps = self.page_size
+        first = max(0, (start - self.base) // ps)
+        last = min(self.npages, -(-(end - self.base) // ps))
+        if first >= last:
+            return
+        with self._lock:
+            new = self.state.count(MISSING, first, last) + self.state.count(REQUESTED, first, last)
+            self.state[first:last] = bytes([REMOVED]) * (last - first)
+            if self._timeline.switchover_ns is not None:  # not the hybrid discard itself
+                self._removed_pages += last - first
+            self._in_count += new
+            if self._in_count >= self.npages:
+                self._all_in.set()
 
     def _receive_urgent(self, urgent: Channel) -> None:
         while True:

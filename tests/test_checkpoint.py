@@ -173,9 +173,10 @@ def _start_guest(params: GuestParams, control: str, start_paused: bool = False) 
     return proc
 
 
-def test_failover_after_a_cut_mid_epoch_starts_from_the_previous_epoch(tmp_path):
+@pytest.mark.parametrize("backing", ["memfd", "anon"])
+def test_failover_after_a_cut_mid_epoch_starts_from_the_previous_epoch(tmp_path, backing):
     _require_dirty_log()
-    params = GuestParams(ram=8 << 20, threads=2, workload="random-write", seed=21, steps=2_000_000)
+    params = GuestParams(ram=8 << 20, threads=2, workload="random-write", seed=21, steps=300_000, backing=backing)
     # Paused at first (however slow the machine, it cannot finish before the epochs): it
     # runs only in the epochs, so the cut surely comes mid-run.
     control = str(tmp_path / "g.sock")
@@ -211,7 +212,7 @@ def test_failover_after_a_cut_mid_epoch_starts_from_the_previous_epoch(tmp_path)
         assert steps[0] == steps[1] > 0
         assert result["image_hash"] == reference_hash_at(params, steps[0], str(tmp_path))
         failover = result["failover"]
-        assert failover["epoch"] == 20 and failover["guest_exit_code"] == 0
+        assert failover["epoch"] == 20 and failover["guest_exit_code"] == 0 and failover["backing"] == backing
         assert failover["final_hash"] == reference
         assert figures["dirty_pages"]["max"] <= 128 and figures["bound_exceeded"] == 0
     finally:
@@ -250,6 +251,33 @@ def test_interval_ends_epochs_and_a_clean_stop_does_not_fail_over(tmp_path):
     assert sb.failover_proc.poll() is not None
 
 
+def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
+    _require_dirty_log()
+    # 500 steps/s and 255 steps per epoch: each epoch runs half a second, longer than the
+    # standby's patience; the primary's heartbeats keep it waiting.
+    params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=8, steps=100_000, rate=500)
+    control = str(tmp_path / "g.sock")
+    guest = _start_guest(params, control, start_paused=True)
+    key = wire.new_key()
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, failover=True, timeout=0.3))
+    try:
+        port = sb.bind().getsockname()[1]
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
+        thread.start()
+        figures = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
+                                                max_dirty=256, epochs=3, heartbeat=0.05)).run()
+        thread.join(timeout=30)
+        assert figures["ok"], figures
+        assert result["end_reason"] == "primary-stopped" and result["committed_epoch"] == 3
+        assert "failover" not in result
+        with GuestClient(control) as client:
+            assert client.status()["steps"] == [2 * 255]  # epochs 2 and 3 each ran one budget
+    finally:
+        _kill(guest)
+        sb.close()
+
+
 # -- the commands, across the two namespaces -----------------------------------------------------
 @pytest.fixture
 def bed():
@@ -264,7 +292,7 @@ def bed():
 def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     """The primary guest is killed mid-run; the standby starts it from the last
     complete epoch in the other namespace and it ends with the reference hash."""
-    params = GuestParams(ram=16 << 20, threads=1, workload="random-write", seed=9, steps=4_000_000)
+    params = GuestParams(ram=16 << 20, threads=1, workload="random-write", seed=9, steps=1_000_000)
     control = str(tmp_path / "g.sock")
     key_file = tmp_path / "key"
     key_file.write_bytes(wire.new_key())
