@@ -4,6 +4,7 @@ on the main channel. The guest's RAM stays intact until the destination confirms
 every page is in."""
 from __future__ import annotations
 
+import os
 import resource
 import secrets
 import socket
@@ -77,6 +78,7 @@ class SourceAgent:
         self._urgent_error: BaseException | None = None
         self._extents: PageExtents | None = None
         self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
+        self._guest_pid: int | None = None
 
     # -- connection --------------------------------------------------------------------
     def _open_channel(self, mem: GuestMemory, session: bytes, name: str) -> Channel:
@@ -98,6 +100,7 @@ class SourceAgent:
         started = time.monotonic()
         guest = GuestClient(cfg.guest_control)
         info, fds = guest.take_fds()
+        self._guest_pid = info.get("pid")
         mem = GuestMemory(info, fds)
         status = guest.status()
         dirty_log = None
@@ -198,6 +201,9 @@ class SourceAgent:
                     guest.resume()
                 return f"migration failed: {exc}. The guest goes on running on the source."
             except Exception as resume_exc:  # the guest itself is gone
+                if self._guest_pid is not None and not os.path.exists(f"/proc/{self._guest_pid}"):
+                    return (f"migration failed: the guest (pid {self._guest_pid}) exited before the switchover "
+                            f"(did it finish its steps?): {exc}")
                 return f"migration failed: {exc}; the source guest could not be resumed: {resume_exc}"
         return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
                 f"all its RAM (control socket {self.config.guest_control}); it can be migrated again to a "

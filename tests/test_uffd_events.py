@@ -105,7 +105,7 @@ def test_many_vcpus_faulting_on_the_same_pages(attempt):
     require_uffd()
     # uffd-stress style: eight vCPUs hammer the same hot pages and the shared slice
     # while the pusher installs runs next to them; any lost wake-up hangs the guest.
-    params = GuestParams(ram=16 << 20, threads=8, workload="hotspot", seed=20 + attempt, steps=60_000,
+    params = GuestParams(ram=16 << 20, threads=8, workload="hotspot", seed=20 + attempt, steps=160_000,
                          rate=40_000)
     report = run_demo(DemoOptions(params=params, migrate_after=0.2, timeout=120))
     assert report["verified"], report
