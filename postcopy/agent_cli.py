@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     src.add_argument("--key-file", required=True, metavar="FILE", help="shared key (both agents)")
     src.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     add_precopy_options(src)
+    src.add_argument("--recovery-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="postcopy: keep reconnecting this long after the link breaks (0: fail at once)")
     src.add_argument("--push-delay", type=float, default=0.0, metavar="SECONDS",
                      help="benchmarks: serve demand faults alone this long before pushing")
     src.set_defaults(func=run_source)
@@ -46,6 +48,8 @@ def register(subparsers) -> None:
     dst.add_argument("--backing", choices=("memfd", "anon"), default="memfd", help="RAM backing of the incoming guest")
     dst.add_argument("--attach", metavar="PATH", help="control socket of an incoming guest already started")
     dst.add_argument("--workdir", metavar="DIR", help="where the incoming guest's control socket goes")
+    dst.add_argument("--recovery-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="postcopy: wait this long for the source to reconnect after the link breaks")
     dst.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     dst.set_defaults(func=run_dest)
 
@@ -72,7 +76,8 @@ def policy_of(args) -> ConvergencePolicy:
 def run_source(args) -> int:
     agent = SourceAgent(SourceConfig(guest_control=args.guest, endpoint=args.connect, key=_key(args),
                                      mode=args.mode, dirty_log=args.dirty_log, policy=policy_of(args),
-                                     free_page_hints=not args.no_free_hints, push_delay=args.push_delay))
+                                     free_page_hints=not args.no_free_hints, push_delay=args.push_delay,
+                                     recovery_timeout=args.recovery_timeout))
     try:
         figures = agent.run()
     except MigrationError as exc:
@@ -89,7 +94,8 @@ def run_source(args) -> int:
 def run_dest(args) -> int:
     with tempfile.TemporaryDirectory(prefix="postcopy-dest-", dir=args.workdir) as workdir:
         agent = DestinationAgent(DestConfig(listen=args.listen, key=_key(args), workdir=workdir,
-                                            backing=args.backing, guest_control=args.attach))
+                                            backing=args.backing, guest_control=args.attach,
+                                            recovery_timeout=args.recovery_timeout))
         try:
             agent.bind()
             print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)

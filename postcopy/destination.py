@@ -41,6 +41,7 @@ class DestConfig:
     backing: str = "memfd"
     guest_control: str | None = None  # attach to this incoming guest instead of starting one
     accept_timeout: float = 60.0
+    recovery_timeout: float = 30.0  # postcopy: how long to wait for the source to reconnect (0: never)
 
 
 class DestinationAgent:
@@ -66,6 +67,12 @@ class DestinationAgent:
         self._removed_pages = 0
         self._timeline = report.Timeline()
         self._thread_error: BaseException | None = None
+        self._main: Channel | None = None
+        self._urgent: Channel | None = None  # None while the link is being recovered
+        self._session: bytes | None = None
+        self._switched = False
+        self._link_broken = threading.Event()
+        self._recoveries: list[float] = []  # ms from noticing the break to resuming
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port)."""
@@ -128,7 +135,8 @@ class DestinationAgent:
         urgent = None
         figures: dict = {}
         try:
-            urgent, _ = self._accept("urgent", peer.hello.session)
+            self._session = peer.hello.session
+            urgent, _ = self._accept("urgent", self._session)
             layout = peer.layout
             if len(layout.regions) != 1 or layout.regions[0][0] != 0:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
@@ -137,22 +145,27 @@ class DestinationAgent:
             info, fds = guest.take_fds()
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
-            figures = self._receive(main, urgent, guest, uffd)
-            main.send(wire.Complete(info=figures))
+            self._main, self._urgent = main, urgent
+            figures = self._receive(guest, uffd)
+            self._main.send(wire.Complete(info=figures))
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
             self._stop.set()
             self.stop_guest()
             raise DestinationError(f"incoming migration failed: {exc}. The incoming guest was stopped: it "
                                    f"never runs on incomplete data.") from exc
+        except DestinationError as exc:
+            self._stop.set()
+            self.stop_guest()
+            raise DestinationError(f"{exc}. The incoming guest was stopped: it never runs on incomplete "
+                                   f"data.") from exc
         except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
             self._stop.set()
             self.stop_guest()
             raise
         finally:
             self._stop.set()
-            for channel in (main, urgent):
-                if channel is not None:
-                    channel.close()
+            for channel in {main, urgent, self._main, self._urgent} - {None}:
+                channel.close()
         if self.guest_proc is not None:
             reader = threading.Thread(target=self._read_guest_output, daemon=True)
             reader.start()
@@ -176,17 +189,20 @@ class DestinationAgent:
             self._ram_fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDWR | os.O_CLOEXEC)
             self._ram_fd_base = self.base
 
-    def _receive(self, main: Channel, urgent: Channel, guest: GuestClient, uffd: Userfaultfd) -> dict:
+    def _receive(self, guest: GuestClient, uffd: Userfaultfd) -> dict:
         started = time.monotonic()
-        faults = threading.Thread(target=self._guard, args=(self._serve_faults, urgent), name="fault-server", daemon=True)
-        replies = threading.Thread(target=self._guard, args=(self._receive_urgent, urgent), name="urgent-receiver", daemon=True)
+        faults = threading.Thread(target=self._guard, args=(self._serve_faults,), name="fault-server", daemon=True)
         faults.start()
-        replies.start()
+        self._start_urgent_receiver()
         switchover: dict | None = None
         resumed: dict | None = None
         push_done = False
         while not push_done:
-            message = main.recv()
+            try:
+                message = self._main.recv()
+            except ChannelClosed:
+                self._recover()
+                continue
             if isinstance(message, wire.PageRun):
                 if self._first_push_ns is None and message.cause == wire.Cause.PUSHED:
                     self._first_push_ns = time.monotonic_ns()
@@ -198,18 +214,21 @@ class DestinationAgent:
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
                 resumed = guest.resume()
+                self._switched = True
                 self._timeline.switchover_ns = time.monotonic_ns()
             elif isinstance(message, wire.Ping):
-                main.send(wire.Pong(token=message.token))  # guest up, fault server running
+                self._main.send(wire.Pong(token=message.token))  # guest up, fault server running
             elif isinstance(message, wire.PushDone):
                 push_done = True
             elif isinstance(message, wire.Error):
                 raise DestinationError(f"the source failed: {message.reason}")
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the main channel")
-        while not self._all_in.wait(0.5):
+        while not self._all_in.wait(0.2):
             if self._thread_error is not None:
                 raise self._thread_error
+            if self._link_broken.is_set():
+                self._recover()
         all_in = time.monotonic()
         # Every non-zero page is in; the pages still missing are exactly the zero ones,
         # which the kernel fills with zeros itself once the range is unregistered.
@@ -241,6 +260,7 @@ class DestinationAgent:
             "receive_ms": (all_in - started) * 1e3,
             "timeline": self._timeline.as_dict(),
             "pages_removed_by_guest": self._removed_pages,
+            "recoveries_ms": self._recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 
@@ -257,15 +277,72 @@ class DestinationAgent:
             time.sleep(0.001)
         return None
 
-    def _guard(self, target, channel: Channel) -> None:
+    def _guard(self, target, *args) -> None:
         try:
-            target(channel)
-        except ChannelClosed:
-            if not self._stop.is_set():
-                self._thread_error = DestinationError("the urgent channel closed before every page was in")
+            target(*args)
         except BaseException as exc:
             if not self._stop.is_set():
                 self._thread_error = exc
+
+    # -- link recovery ---------------------------------------------------------------------
+    def _start_urgent_receiver(self) -> None:
+        channel = self._urgent
+        self._urgent_thread = threading.Thread(target=self._guard, args=(self._receive_urgent, channel),
+                                               name="urgent-receiver", daemon=True)
+        self._urgent_thread.start()
+
+    def _link_lost(self) -> None:
+        """A channel broke: wake the main thread (blocked in recv) so it recovers."""
+        self._link_broken.set()
+        if self._main is not None:
+            self._main.close()
+
+    def _recover(self) -> None:
+        """Postcopy recovery (as QEMU's): the faulting guest threads wait while the
+        source reconnects with the same key and session; then everything outstanding is
+        asked for again. Before the switchover there is nothing to recover: the source
+        goes on running the guest, and this side gives up."""
+        if not self._switched or self.config.recovery_timeout <= 0 or self._stop.is_set():
+            raise ChannelClosed("the link to the source broke")
+        noticed = time.monotonic()
+        self._link_broken.set()
+        for channel in (self._main, self._urgent):
+            if channel is not None:
+                channel.close()
+        self._urgent = None
+        self._urgent_thread.join(timeout=5)
+        print(f"link to the source lost; waiting up to {self.config.recovery_timeout:g} s for it to reconnect",
+              file=sys.stderr, flush=True)
+        saved = self.config.accept_timeout
+        self.config.accept_timeout = self.config.recovery_timeout
+        try:
+            main, _ = self._accept("main", self._session)
+            urgent, _ = self._accept("urgent", self._session)
+        except DestinationError as exc:
+            raise DestinationError(f"the link to the source stayed down longer than the recovery timeout "
+                                   f"({self.config.recovery_timeout:g} s)") from exc
+        finally:
+            self.config.accept_timeout = saved
+        # Everything not in yet: the pusher sends it again; what threads wait on goes
+        # first, on the urgent channel.
+        with self._lock:
+            outstanding = _runs_of(self.state, (MISSING, REQUESTED))
+            waiting = sorted(self._fault_started)
+        for first, count in outstanding:
+            main.send(wire.PageRequest(first_page=first, npages=count))
+        main.send(wire.Ping(token=wire.RECOVERY_TOKEN))
+        reply = main.recv()
+        if not isinstance(reply, wire.Pong) or reply.token != wire.RECOVERY_TOKEN:
+            raise wire.ProtocolError(f"expected the recovery Pong, got {type(reply).__name__}")
+        self._main, self._urgent = main, urgent
+        self._link_broken.clear()
+        self._start_urgent_receiver()
+        for page in waiting:
+            if self.state[page] == REQUESTED:
+                urgent.send(wire.PageRequest(first_page=page, npages=1))
+        self._recoveries.append((time.monotonic() - noticed) * 1e3)
+        print(f"link recovered after {self._recoveries[-1]:.0f} ms; {len(outstanding)} runs outstanding",
+              file=sys.stderr, flush=True)
 
     # -- installing pages ----------------------------------------------------------------
     def _install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
@@ -394,7 +471,7 @@ class DestinationAgent:
                 self._faults.append((started, (now - started) / 1e3))
 
     # -- fault server and urgent replies -------------------------------------------------
-    def _serve_faults(self, urgent: Channel) -> None:
+    def _serve_faults(self) -> None:
         """Read fault events in batches; request each missing page once; keep track of
         ranges the guest removes or unmaps."""
         ps, base, npages = self.page_size, self.base, self.npages
@@ -431,8 +508,14 @@ class DestinationAgent:
                         self.uffd.wake(base + page * ps, ps)
                 for page in zero_fills:
                     self._zero_fill(page)
-            for page in requests:
-                urgent.send(wire.PageRequest(first_page=page, npages=1))
+            urgent = self._urgent
+            if urgent is None:
+                continue  # recovering: these pages are asked for again once reconnected
+            try:
+                for page in requests:
+                    urgent.send(wire.PageRequest(first_page=page, npages=1))
+            except ChannelClosed:
+                self._link_lost()
 
     def _removed(self, start: int, end: int) -> None:
         """The guest dropped [start, end): those pages now read as zeros, whatever the
@@ -453,7 +536,12 @@ class DestinationAgent:
 
     def _receive_urgent(self, urgent: Channel) -> None:
         while True:
-            message = urgent.recv()
+            try:
+                message = urgent.recv()
+            except ChannelClosed:
+                if not self._stop.is_set() and urgent is self._urgent:
+                    self._link_lost()
+                return
             if isinstance(message, wire.PageRun):
                 self._install(message.first_page, message.npages, message.data, message.cause)
             elif isinstance(message, wire.ZeroRange):
@@ -483,3 +571,18 @@ def _spans_not_present(state: bytearray, first: int, end: int):
         if hit > pos:
             yield pos, hit
         pos = hit + 1
+
+
+def _runs_of(state: bytearray, wanted: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Runs (first, count) of pages whose state is one of ``wanted``."""
+    table = bytes(0 if i in wanted else 1 for i in range(256))
+    flags = state.translate(table)
+    runs, pos = [], 0
+    while True:
+        first = flags.find(0, pos)
+        if first < 0:
+            return runs
+        end = flags.find(1, first)
+        end = len(flags) if end < 0 else end
+        runs.append((first, end - first))
+        pos = end

@@ -36,6 +36,7 @@ class SourceConfig:
     free_page_hints: bool = True
     run_pages: int = 256  # pages per pushed frame: 1 MiB with 4 KiB pages
     connect_timeout: float = 15.0
+    recovery_timeout: float = 30.0  # postcopy: how long to try to reconnect after a broken link (0: never)
     push_delay: float = 0.0  # benchmark knob: serve demand faults alone this long first
 
 
@@ -79,15 +80,20 @@ class SourceAgent:
         self._extents: PageExtents | None = None
         self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
         self._guest_pid: int | None = None
+        self._link_lost = threading.Event()
+        self.recoveries: list[float] = []
 
     # -- connection --------------------------------------------------------------------
-    def _open_channel(self, mem: GuestMemory, session: bytes, name: str) -> Channel:
-        sock = connect(self.config.endpoint, self.config.connect_timeout)
-        sock.settimeout(None)
+    def _open_channel(self, mem: GuestMemory, session: bytes, name: str, deadline: float | None = None) -> Channel:
+        timeout = self.config.connect_timeout if deadline is None else max(0.1, deadline - time.monotonic())
+        sock = connect(self.config.endpoint, timeout)
+        # Bounded while reconnecting: the destination may still be noticing the break.
+        sock.settimeout(None if deadline is None else timeout)
         tune(sock, urgent=(name == "urgent"))
         channel = Channel(sock, name, mem.layout)
         hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session)
         handshake(channel, "client", self.config.key, hello)
+        sock.settimeout(None)
         return channel
 
     # -- the migration -----------------------------------------------------------------
@@ -150,13 +156,23 @@ class SourceAgent:
             switchover_sent = True
             switched = time.monotonic()
             self._prepare_postcopy(mem, stale, precopied=dirty_log is not None)
-            server = threading.Thread(target=self._serve_urgent, args=(mem, urgent), name="urgent-server", daemon=True)
-            server.start()
-            if cfg.push_delay:
-                time.sleep(cfg.push_delay)
-            self._push(mem, main)
-            main.send(wire.PushDone(pages=self.stats.pages_pushed))
-            complete = self._await_complete(main)
+            push_delay = cfg.push_delay
+            while True:
+                server = threading.Thread(target=self._serve_urgent, args=(mem, urgent), name="urgent-server",
+                                          daemon=True)
+                server.start()
+                try:
+                    if push_delay and self._link_lost.wait(push_delay):
+                        raise ChannelClosed("urgent channel broke")
+                    push_delay = 0.0
+                    self._push(mem, main)
+                    main.send(wire.PushDone(pages=self.stats.pages_pushed))
+                    complete = self._await_complete(main)
+                    break
+                except ChannelClosed as exc:
+                    if cfg.recovery_timeout <= 0:
+                        raise
+                    main, urgent = self._recover(mem, session, main, urgent, server, exc)
             push_done = time.monotonic()
             guest.quit()  # the destination holds every page now
             urgent.close()
@@ -188,9 +204,59 @@ class SourceAgent:
             "pages_skipped_free": sum(r.skipped_free for r in rounds),
             **{f"pages_{k}": v for k, v in vars(self.stats).items() if k.startswith("pages_")},
             "requests": self.stats.requests,
+            "recoveries_ms": self.recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "dest": complete,
         }
+
+    def _recover(self, mem: GuestMemory, session: bytes, main: Channel, urgent: Channel,
+                 server: threading.Thread, cause: BaseException) -> tuple[Channel, Channel]:
+        """Postcopy recovery: reconnect with the same key and session, learn from the
+        destination which pages it still lacks, and push those again. The guest stays
+        paused here with all its RAM whatever happens."""
+        started = time.monotonic()
+        deadline = started + self.config.recovery_timeout
+        main.close()
+        urgent.close()
+        server.join(timeout=5)
+        print(f"postcopy source: link lost ({cause}); reconnecting for up to "
+              f"{self.config.recovery_timeout:g} s", file=sys.stderr, flush=True)
+        while True:
+            try:
+                main = self._open_channel(mem, session, "main", deadline)
+                urgent = self._open_channel(mem, session, "urgent", deadline)
+                missing = self._outstanding(main)
+                break
+            except (ChannelClosed, OSError, MigrationError, wire.ProtocolError) as exc:
+                if time.monotonic() >= deadline:
+                    raise MigrationError(f"the link to the destination stayed down longer than the recovery "
+                                         f"timeout ({self.config.recovery_timeout:g} s): {exc}") from None
+                time.sleep(0.1)
+        self._sent = bytearray(b"\x01" * mem.npages)
+        for first, count in missing:
+            self._sent[first:first + count] = bytes(count)
+        self._link_lost.clear()
+        self._urgent_error = None
+        main.send(wire.Pong(token=wire.RECOVERY_TOKEN))
+        self.recoveries.append((time.monotonic() - started) * 1e3)
+        print(f"postcopy source: link recovered after {self.recoveries[-1]:.0f} ms; "
+              f"{ranges.total(missing)} pages outstanding", file=sys.stderr, flush=True)
+        return main, urgent
+
+    @staticmethod
+    def _outstanding(main: Channel) -> list[tuple[int, int]]:
+        """After a reconnect the destination lists the runs it still lacks, then Pings."""
+        missing = []
+        while True:
+            message = main.recv()
+            if isinstance(message, wire.PageRequest):
+                missing.append((message.first_page, message.npages))
+            elif isinstance(message, wire.Ping) and message.token == wire.RECOVERY_TOKEN:
+                return missing
+            elif isinstance(message, wire.Error):
+                raise MigrationError(f"the destination refused to resume: {message.reason}")
+            else:
+                raise wire.ProtocolError(f"unexpected {type(message).__name__} while resuming")
 
     def _failure(self, exc: BaseException, guest: GuestClient, switchover_sent: bool) -> str:
         """Say what failed and where the guest is; before the switchover the guest
@@ -269,6 +335,8 @@ class SourceAgent:
         run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
         pos = 0
         while True:
+            if self._link_lost.is_set():
+                raise ChannelClosed("the urgent channel broke")
             if self._urgent_error is not None:
                 raise MigrationError(f"urgent channel failed: {self._urgent_error}")
             hint, self._hint = self._hint, None
@@ -322,7 +390,9 @@ class SourceAgent:
                 self._sent[first:end] = b"\x01" * (end - first)
                 self._hint = end
         except ChannelClosed:
-            return  # the destination closes the urgent channel when every page is in
+            # Either every page is in (the destination closes the channel), or the link
+            # broke: the pusher notices and recovers.
+            self._link_lost.set()
         except BaseException as exc:  # surfaced by the pusher
             self._urgent_error = exc
 

@@ -72,7 +72,10 @@ class Channel:
             self._sendmsg_all((header,), socket.MSG_MORE)
             done = 0
             while done < count:
-                sent = os.sendfile(self.sock.fileno(), fd, offset + done, count - done)
+                try:
+                    sent = os.sendfile(self.sock.fileno(), fd, offset + done, count - done)
+                except OSError as exc:
+                    raise ChannelClosed(f"{self.name}: send failed: {exc}") from exc
                 if sent == 0:
                     raise ChannelClosed(f"{self.name}: sendfile reached the end of the guest RAM file")
                 done += sent
@@ -126,10 +129,21 @@ class Channel:
         self.sock.close()
 
 
+# A link that stops carrying data is declared broken after this long (TCP_USER_TIMEOUT
+# for data in flight, keepalive probes for an idle connection), so postcopy recovery can
+# start instead of a fault waiting for TCP's default of many minutes.
+LINK_TIMEOUT_S = 2
+
+
 def tune(sock: socket.socket, *, urgent: bool) -> None:
     """Socket options: no Nagle delay anywhere (requests and replies are small and
-    latency-bound); big buffers for bulk data."""
+    latency-bound); big buffers for bulk data; a broken link noticed in seconds."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, LINK_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LINK_TIMEOUT_S * 1000)
     if not urgent:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:

@@ -47,6 +47,9 @@ from typing import ClassVar, NamedTuple, Union
 MAGIC = 0x5043  # "PC"
 HEADER = struct.Struct("!HBBIQ")
 PROTOCOL_VERSION = 1
+# Ping token that ends the destination's list of outstanding runs after a postcopy
+# recovery reconnect (answered by a Pong with the same token).
+RECOVERY_TOKEN = 0x5245434F56455259
 
 # Page runs are the largest frames; everything else is far smaller.
 DEFAULT_MAX_PAYLOAD = 16 << 20

@@ -185,3 +185,43 @@ def _children(ppid: int) -> list[int]:
             if int(fields[1]) == ppid:
                 found.append(int(entry))
     return found
+
+
+def test_link_loss_during_postcopy_recovers_and_verifies(bed, tmp_path):
+    m = Migration(bed, tmp_path)
+    dest = m.dest()
+    source = m.source("--push-delay", "1")
+    m.wait_state("paused")
+    time.sleep(0.3)  # postcopy is under way: the incoming guest faults on the urgent channel
+    bed.link_down()
+    time.sleep(3.0)
+    bed.link_up()
+    _, source_err = source.communicate(timeout=120)
+    assert source.returncode == 0, source_err
+    assert "link recovered after" in source_err, source_err
+    out, dest_err = dest.communicate(timeout=120)
+    assert dest.returncode == 0, dest_err
+    assert "link recovered after" in dest_err, dest_err
+    assert f'"final_hash": "{reference_hash(PARAMS)}"' in out.strip().splitlines()[-1], out
+    m.guest.wait(timeout=10)
+    recovered = re.search(r"link recovered after (\d+) ms", dest_err).group(1)
+    print(f"recovery after a 3 s outage: destination resumed {recovered} ms after noticing the break")
+
+
+def test_link_down_past_recovery_timeout_fails_and_source_keeps_guest(bed, tmp_path):
+    m = Migration(bed, tmp_path)
+    dest = m.dest("--recovery-timeout", "2")
+    source = m.source("--push-delay", "1", "--recovery-timeout", "2")
+    m.wait_state("paused")
+    time.sleep(0.3)
+    bed.link_down()
+    try:
+        _, source_err = source.communicate(timeout=60)
+        _, dest_err = dest.communicate(timeout=60)
+    finally:
+        bed.link_up()
+    assert source.returncode == 1
+    assert "recovery timeout" in source_err and "kept paused on the source" in source_err, source_err
+    assert dest.returncode == 1
+    assert "recovery timeout" in dest_err and "incoming guest was stopped" in dest_err, dest_err
+    assert m.status()["state"] == "paused"
