@@ -48,9 +48,11 @@ def uffd_roundtrip(npages: int) -> dict:
     return report.latency_summary(lat[i] / 1e3 for i in range(npages))
 
 
-def migration(ram: int, *, workload: str, steps: int, push_delay: float = 0.0, threads: int = 2) -> dict:
-    params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, working_set=1.0)
-    return run_demo(DemoOptions(params=params, migrate_after=0.5, port=BENCH_PORT + 1, push_delay=push_delay))
+def migration(ram: int, *, workload: str, steps: int, rate: float = 0, migrate_after: float = 0.5,
+              push_delay: float = 0.0, threads: int = 2) -> dict:
+    params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, rate=rate, working_set=1.0)
+    return run_demo(DemoOptions(params=params, migrate_after=migrate_after, port=BENCH_PORT + 1,
+                                push_delay=push_delay))
 
 
 def _ratio(value, base):
@@ -62,9 +64,12 @@ def run_bench(quick: bool) -> dict:
     base = network_baselines(bulk_bytes=(1 if quick else 4) << 30, rtt_count=5000 if quick else 20000)
     base["uffd_roundtrip_us"] = uffd_roundtrip(2000 if quick else 20000)
     # Demand faults alone first (the pusher waits), then with the pusher running.
-    demand = migration(256 << 20, workload="random-write", steps=4_000_000, push_delay=1.0)
-    small = migration(256 << 20, workload="sequential", steps=3_000_000)
-    large = migration(2 << 30, workload="sequential", steps=3_000_000)
+    # Demand faults alone first (the pusher waits a second), then with the pusher.
+    demand = migration(256 << 20, workload="random-write", steps=60_000_000, push_delay=1.0)
+    # Sequential at a fixed rate: all RAM is populated before the move, and the guest
+    # is still running (lightly) while the pusher streams it.
+    small = migration(256 << 20, workload="sequential", steps=400_000, rate=200_000, migrate_after=0.6)
+    large = migration(2 << 30, workload="sequential", steps=700_000, rate=200_000, migrate_after=1.8)
     fault_base = (base["tcp_rtt_4k_us"]["p50"] or 0) + (base["uffd_roundtrip_us"]["p50"] or 0)
     fault_base_p99 = (base["tcp_rtt_4k_us"]["p99"] or 0) + (base["uffd_roundtrip_us"]["p99"] or 0)
     no_push = demand["dest"]["fault_latency_us_before_push"]

@@ -82,7 +82,10 @@ class CheckpointConfig:
     seconds: float | None = None  # stop after this long in the epoch loop
     interval_ms: float | None = None  # also end an epoch after this long
     max_unacked: int = 4  # epochs sent but not yet acknowledged before the guest may run on
-    overlap: bool = True  # send an epoch while the guest runs the next (False: while it is parked)
+    # Send an epoch while the guest runs the next (its pages copied into a buffer first)
+    # instead of while it is parked. Pays with spare cores; on 2 cores the copy and the
+    # competition with the running guest cost more than they hide.
+    overlap: bool = False
     dirty_log: str = "auto"
     run_pages: int = 256  # pages per frame of the initial sync
     connect_timeout: float = 15.0
@@ -224,7 +227,7 @@ class _EpochLog:
         self.pause_us: list[float] = []  # guest parked -> resume requested
         self.run_us: list[float] = []  # resume requested -> parked again (includes the guest's steps)
         self.harvest_us: list[float] = []
-        self.copy_us: list[float] = []  # dirty pages copied into the epoch buffer (guest parked)
+        self.collect_us: list[float] = []  # the epoch's frames built (with overlap: pages copied)
         self.send_us: list[float] = []  # the epoch buffer into the socket (guest running)
         self.ack_us: list[float] = []  # acknowledgement handling before resuming
         self.commit_ms: list[float] = []  # marker sent -> acknowledgement read
@@ -474,10 +477,11 @@ class Checkpointer:
     # -- the epoch loop ---------------------------------------------------------------
     def _loop(self, mem: GuestMemory, dirty, runner: _EpochRunner, parked: dict, budget: int,
               loop_started: float) -> tuple[str, bool, str | None]:
-        """Epochs until a stop condition. While the guest is parked: harvest, copy the
-        dirty pages into the epoch buffer, let the guest run; then, while it runs, send
-        the buffer and take acknowledgements. With max_unacked 0 the epoch is sent and
-        acknowledged before the guest runs."""
+        """Epochs until a stop condition. While the guest is parked: harvest, send the
+        dirty pages and the marker, read the acknowledgements that arrived (waiting if
+        more than max_unacked are outstanding; 0: this epoch's), let the guest run.
+        With ``overlap`` the pages are copied into the epoch buffer instead and sent
+        while the guest runs."""
         cfg, log = self.config, self.log
         perf, mono_ns = time.perf_counter, time.monotonic_ns
         deadline = None if cfg.seconds is None else loop_started + cfg.seconds
@@ -510,7 +514,7 @@ class Checkpointer:
             log.runs.append(nruns)
             log.steps.append(steps[0])
             log.harvest_us.append((t2 - t1) * 1e6)
-            log.copy_us.append((t3 - t2) * 1e6)
+            log.collect_us.append((t3 - t2) * 1e6)
             log.send_us.append((t4 - t3) * 1e6)
             log.ack_us.append((t5 - t4) * 1e6)
             if stopping:
@@ -669,12 +673,17 @@ class Checkpointer:
 
     # -- figures --------------------------------------------------------------------------
     def _figures(self, mem, dirty, runner, status, budget, sync, started, loop_started, loop_ended) -> dict:
+        """The primary's report. Per-epoch statistics cover the steady epochs (2 on):
+        epoch 1 carries everything written during the initial sync and is reported apart
+        (``first_epoch``). ``pause_ms``: from the guest parking (its clock) to the resume
+        request; the resume itself (control round trip, vCPU start) and the epoch's steps
+        are in ``time_us.run_until_rpc``. ``checkpoints_per_s``: steady epochs over the
+        sum of their pause and run times. ``commit_latency_ms``: marker sent to
+        acknowledgement read."""
         log, cfg = self.log, self.config
-        steady = slice(1, None)  # epoch 1 carries everything written during the initial sync
+        steady = slice(1, None)
         elapsed = (loop_ended - loop_started) if loop_started else 0.0
-        epochs_timed = max(0, len(log.pause_us))  # epochs followed by a resume
-        # Checkpoints per second over the steady loop: epochs 2.. between the first resume
-        # and the end (the initial sync and the catch-up epoch 1 are reported apart).
+        epochs_timed = len(log.pause_us)  # epochs followed by a run
         steady_s = sum(log.pause_us[1:]) / 1e6 + sum(log.run_us[1:]) / 1e6
         dirty_steady = log.dirty_pages[steady]
         return {
@@ -688,6 +697,7 @@ class Checkpointer:
             "steps_per_epoch": budget,
             "interval_ms": cfg.interval_ms,
             "max_unacked": cfg.max_unacked,
+            "overlap": cfg.overlap,
             "epochs": self.epoch,
             "committed_epoch": self.acked,
             "committed_steps": log.steps[self.acked - 1] if 0 < self.acked <= len(log.steps) else None,
@@ -702,7 +712,7 @@ class Checkpointer:
             "time_us": {  # where an epoch's time goes (steady epochs)
                 "run_until_rpc": _summary(log.run_us[1:], 1),
                 "harvest": _summary(log.harvest_us[steady], 1),
-                "copy": _summary(log.copy_us[steady], 1),
+                "collect": _summary(log.collect_us[steady], 1),
                 "send": _summary(log.send_us[steady], 1),
                 "ack": _summary(log.ack_us[steady], 1),
             },

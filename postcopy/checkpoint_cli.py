@@ -91,6 +91,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-unacked", type=int, default=4, metavar="N",
                    help="epochs the standby may lag behind before the guest waits (default 4; 0: every "
                         "epoch is committed before the guest runs on)")
+    p.add_argument("--overlap", action="store_true",
+                   help="send each epoch while the guest runs the next (copies the pages first; pays "
+                        "with spare cores) instead of while it is parked")
     p.add_argument("--dirty-log", choices=("auto", "soft-dirty", "pagemap-scan"), default="auto",
                    help="dirty log backend (auto: whichever this kernel offers)")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
@@ -150,7 +153,7 @@ def run_primary(args) -> int:
     agent = Checkpointer(CheckpointConfig(
         guest_control=args.guest, endpoint=args.connect, key=key, max_dirty=args.max_dirty,
         epochs=args.epochs, seconds=args.seconds, interval_ms=args.interval_ms,
-        max_unacked=args.max_unacked, dirty_log=args.dirty_log, on_commit=committed))
+        max_unacked=args.max_unacked, overlap=args.overlap, dirty_log=args.dirty_log, on_commit=committed))
     # The first SIGINT/SIGTERM ends checkpointing cleanly after the current epoch (the
     # standby then does not fail over); a second one forces the exit.
     previous = {}

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report, wire
+from postcopy.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.transport import Channel, ChannelClosed, PeerInfo, handshake, tune
 from postcopy.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
@@ -25,7 +26,7 @@ from postcopy.uffd import (EventKind, Feature, MappingChangedError, PageExistsEr
 MISSING, REQUESTED, PRESENT, ZERO, REMOVED = 0, 1, 2, 3, 4
 # Pages per UFFDIO_COPY while holding the install gate (bounds how long the fault
 # server can wait for the gate behind a bulk install).
-GATED_COPY_PAGES = 64
+GATED_COPY_PAGES = 16
 RETRY = -1  # a copy met a changing mapping: try again after the events are read
 
 
@@ -474,6 +475,7 @@ class DestinationAgent:
     def _serve_faults(self) -> None:
         """Read fault events in batches; request each missing page once; keep track of
         ranges the guest removes or unmaps."""
+        make_current_thread_urgent()
         ps, base, npages = self.page_size, self.base, self.npages
         poller = select.poll()
         poller.register(self.uffd.fileno(), select.POLLIN)
@@ -535,6 +537,7 @@ class DestinationAgent:
                 self._all_in.set()
 
     def _receive_urgent(self, urgent: Channel) -> None:
+        make_current_thread_urgent()
         while True:
             try:
                 message = urgent.recv()

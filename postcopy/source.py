@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from postcopy import ranges, wire
 from postcopy.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.guest.control import GuestClient, GuestError
+from postcopy.priority import make_current_thread_urgent
 from postcopy.precopy import ConvergencePolicy, RoundStats, run_rounds
 from postcopy.guestmem import GuestMemory, PageExtents
 from postcopy.transport import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
@@ -41,7 +42,8 @@ class SourceConfig:
 
 
 MODES = ("postcopy", "precopy", "hybrid")
-DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
+DISCARD_BATCH = 4096
+PREPAGE_PAGES = 16  # pages pushed right behind each demand fault  # runs per Discard frame (well inside the frame size limit)
 
 
 @dataclass
@@ -267,7 +269,7 @@ class SourceAgent:
                     guest.resume()
                 return f"migration failed: {exc}. The guest goes on running on the source."
             except Exception as resume_exc:  # the guest itself is gone
-                if self._guest_pid is not None and not os.path.exists(f"/proc/{self._guest_pid}"):
+                if self._guest_pid is not None and not _alive(self._guest_pid):
                     return (f"migration failed: the guest (pid {self._guest_pid}) exited before the switchover "
                             f"(did it finish its steps?): {exc}")
                 return f"migration failed: {exc}; the source guest could not be resumed: {resume_exc}"
@@ -326,8 +328,9 @@ class SourceAgent:
 
     # -- pusher ------------------------------------------------------------------------
     def _push(self, mem: GuestMemory, main: Channel) -> None:
-        """Send every page not yet sent, in large runs; zero ranges for untouched pages.
-        After a demand fault the cursor jumps next to the faulting page (pre-paging)."""
+        """Send every page not yet sent: a sequential sweep in large runs (zero ranges
+        for untouched pages), and after each demand fault a short window right behind
+        the faulting page first (pre-paging: the guest is likely to touch it next)."""
         sent = self._sent
         if sent.find(0) < 0:
             return  # precopy sent it all
@@ -340,18 +343,29 @@ class SourceAgent:
             if self._urgent_error is not None:
                 raise MigrationError(f"urgent channel failed: {self._urgent_error}")
             hint, self._hint = self._hint, None
-            if hint is not None:
-                pos = hint
+            if hint is not None and hint < mem.npages:
+                self._push_unsent(mem, main, extents, hint, min(hint + PREPAGE_PAGES, mem.npages))
             first = sent.find(0, pos)
             if first < 0:
                 first = sent.find(0)
                 if first < 0:
                     return
-            end = sent.find(1, first, min(first + run_pages, mem.npages))
-            end = min(first + run_pages, mem.npages) if end < 0 else end
-            sent[first:end] = b"\x01" * (end - first)
-            self._send_range(mem, main, first, end, extents.runs_in(first, end), wire.Cause.PUSHED, self._scratch)
+            end = min(first + run_pages, mem.npages)
+            self._push_unsent(mem, main, extents, first, end)
             pos = end
+
+    def _push_unsent(self, mem: GuestMemory, main: Channel, extents: PageExtents, first: int, end: int) -> None:
+        """Push the pages of [first, end) not sent yet."""
+        sent = self._sent
+        while first < end:
+            first = sent.find(0, first, end)
+            if first < 0:
+                return
+            stop = sent.find(1, first, end)
+            stop = end if stop < 0 else stop
+            sent[first:stop] = b"\x01" * (stop - first)
+            self._send_range(mem, main, first, stop, extents.runs_in(first, stop), wire.Cause.PUSHED, self._scratch)
+            first = stop
 
     def _send_range(self, mem: GuestMemory, channel: Channel, first: int, end: int,
                     runs: list[tuple[int, int]], cause: wire.Cause, scratch: bytearray | None) -> None:
@@ -374,6 +388,7 @@ class SourceAgent:
     # -- urgent channel ----------------------------------------------------------------
     def _serve_urgent(self, mem: GuestMemory, urgent: Channel) -> None:
         """Answer page requests at once; they never queue behind pushed data."""
+        make_current_thread_urgent()
         scratch = GuestMemory.scratch() if mem.memfd is None else None
         try:
             while True:
@@ -403,3 +418,12 @@ _CAUSE_COUNTERS = {
     wire.Cause.PUSHED: "pages_pushed",
     wire.Cause.DEMAND: "pages_demand",
 }
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -220,7 +220,7 @@ def test_failover_after_a_cut_mid_epoch_starts_from_the_previous_epoch(tmp_path,
         sb.close()
 
 
-def test_interval_ends_epochs_and_a_clean_stop_does_not_fail_over(tmp_path):
+def test_interval_and_overlap_epochs_then_a_clean_stop_does_not_fail_over(tmp_path):
     _require_dirty_log()
     # 2000 steps/s: a 1024-page budget would take half a second; 5 ms intervals end the epochs.
     params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=4, steps=1_000_000, rate=2000)
@@ -234,7 +234,7 @@ def test_interval_ends_epochs_and_a_clean_stop_does_not_fail_over(tmp_path):
         thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
         thread.start()
         figures = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
-                                                max_dirty=1024, interval_ms=5, epochs=15)).run()
+                                                max_dirty=1024, interval_ms=5, epochs=15, overlap=True)).run()
         thread.join(timeout=30)
         assert figures["ok"] and figures["end_reason"] == "epochs"
         assert figures["epochs"] == figures["committed_epoch"] == 15

@@ -149,9 +149,9 @@ def _make(name: str, guest_path: str, info: dict) -> DirtyLog:
 
 
 def merge_runs(*sources: Runs) -> Runs:
-    """Union of sorted run lists (each sorted, runs not overlapping within one), as
-    sorted runs with touching or overlapping ones merged."""
-    items = sorted(r for src in sources for r in src) if len(sources) > 1 else list(sources[0]) if sources else []
+    """Union of run lists ``(first_page, npages)``: sorted, touching or overlapping
+    runs merged, empty ones dropped."""
+    items = sorted(r for src in sources for r in src)
     out: Runs = []
     for first, count in items:
         if count <= 0:
