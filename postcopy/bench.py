@@ -55,17 +55,54 @@ def migration(ram: int, *, workload: str, steps: int, rate: float = 0, migrate_a
                                 push_delay=push_delay))
 
 
+def harvest_rows(quick: bool) -> list[dict]:
+    """Harvest cost per dirty-log backend this kernel has (plus the C-loop and full
+    pagemap-read baselines), labelled with the kernel it ran on."""
+    from postcopy.harvestbench import harvest_table
+
+    sizes = (256 << 20,) if quick else (256 << 20, 1 << 30, 4 << 30)
+    rows = harvest_table(sizes=sizes, dirty=(0, 100, 10_000, 100_000), large=not quick, repeats=3 if quick else 7)
+    kernel = platform.release()
+    return [{**row, "backend": row["method"], "kernel": kernel} for row in rows]
+
+
+def precopy_rows(quick: bool) -> list[dict]:
+    """Precopy and hybrid on a random-write guest at a few dirty rates: rounds, bytes
+    sent per byte of RAM, downtime."""
+    rows = []
+    ram = 64 << 20
+    for rate in ((50_000,) if quick else (10_000, 50_000, 200_000)):
+        for mode in ("precopy", "hybrid"):
+            params = GuestParams(ram=ram, threads=2, workload="random-write", seed=13, steps=int(rate * 4),
+                                 rate=rate, working_set=0.5)
+            result = run_demo(DemoOptions(params=params, mode=mode, migrate_after=0.5, port=BENCH_PORT + 2,
+                                          downtime_limit_ms=20, max_rounds=10))
+            rows.append({"mode": mode, "dirty_log": result["dirty_log"], "steps_per_s": rate,
+                         "rounds": len(result["precopy_rounds"]),
+                         "sent_per_ram": result["bytes_sent"] / ram, "downtime_ms": result["downtime_ms"],
+                         "verified": result["verified"]})
+    return rows
+
+
+def checkpoint_figures(quick: bool) -> dict:
+    from postcopy.checkpoint_cli import run_checkpoint_demo
+
+    bounds = (64,) if quick else (64, 256, 1024)
+    return run_checkpoint_demo(ram=32 << 20, dirty_bounds=bounds, seconds=1.0 if quick else 3.0,
+                               port=BENCH_PORT + 3)
+
+
 def _ratio(value, base):
     return None if value is None or not base else value / base
 
 
 def run_bench(quick: bool) -> dict:
     started = time.monotonic()
-    base = network_baselines(bulk_bytes=(1 if quick else 4) << 30, rtt_count=5000 if quick else 20000)
+    base = network_baselines(bulk_bytes=(512 << 20) if quick else (4 << 30), rtt_count=3000 if quick else 20000)
     base["uffd_roundtrip_us"] = uffd_roundtrip(2000 if quick else 20000)
     # Demand faults alone first (the pusher waits), then with the pusher running.
     # Demand faults alone first (the pusher waits a second), then with the pusher.
-    demand = migration(256 << 20, workload="random-write", steps=60_000_000, push_delay=1.0)
+    demand = migration(256 << 20, workload="random-write", steps=900_000, rate=300_000, push_delay=1.0)
     # Sequential at a fixed rate: all RAM is populated before the move, and the guest
     # is still running (lightly) while the pusher streams it.
     small = migration(256 << 20, workload="sequential", steps=400_000, rate=200_000, migrate_after=0.6)
@@ -98,8 +135,48 @@ def run_bench(quick: bool) -> dict:
         "baselines": base,
         "postcopy": figures,
         "ratios": ratios,
+        "harvest": harvest_rows(quick),
+        "precopy": precopy_rows(quick),
+        "checkpoint": checkpoint_figures(quick),
         "seconds": time.monotonic() - started,
     }
+
+
+def markdown(result: dict) -> str:
+    """The headline figures as Markdown tables."""
+    from postcopy.harvestbench import format_table
+
+    b, f, r = result["baselines"], result["postcopy"], result["ratios"]
+
+    def num(v, fmt="{:.2f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [f"# postcopy bench ({'quick' if result['quick'] else 'full'}), kernel {result['kernel']}, "
+             f"{result['cpus']} CPUs", "",
+             "| figure | value | baseline | ratio |", "|---|---|---|---|",
+             f"| push throughput | {num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s | "
+             f"TCP bulk {b['tcp_bulk_bytes_per_s'] / 1e9:.2f} GB/s | {num(r['push_vs_tcp_bulk'])}x |",
+             f"| demand fault p50, no pusher | {num(f['fault_us_without_pusher']['p50'], '{:.1f}')} µs | "
+             f"RTT+uffd p50 | {num(r['fault_p50_vs_rtt_plus_uffd'])}x |",
+             f"| demand fault p99, no pusher | {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs | "
+             f"RTT+uffd p99 | {num(r['fault_p99_vs_rtt_plus_uffd'])}x |",
+             f"| demand fault p99, pusher on | {num(f['fault_us_with_pusher']['p99'], '{:.1f}')} µs | "
+             f"p99 without pusher | {num(r['fault_p99_with_vs_without_pusher'])}x |",
+             f"| downtime 256 MiB / 2 GiB | {num(f['downtime_ms_256M'])} / {num(f['downtime_ms_2G'])} ms | | |",
+             "", "## Harvest cost (ms per harvest)", "", "```", format_table(result["harvest"]), "```", "",
+             "## Precopy and hybrid (random-write)", "",
+             "| mode | dirty log | steps/s per vCPU | rounds | sent / RAM | downtime ms | verified |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["precopy"]:
+        lines.append(f"| {row['mode']} | {row['dirty_log']} | {row['steps_per_s']} | {row['rounds']} | "
+                     f"{row['sent_per_ram']:.2f} | {num(row['downtime_ms'])} | {row['verified']} |")
+    lines += ["", "## Continuous checkpointing", "", "| dirty bound | checkpoints/s | pause p50 ms | pause p99 ms |",
+              "|---|---|---|---|"]
+    for bound, row in (result.get("checkpoint") or {}).get("bounds", {}).items():
+        pause = row.get("pause_ms") or {}
+        lines.append(f"| {bound} | {num(row.get('checkpoints_per_s'), '{:.0f}')} | {num(pause.get('p50'), '{:.3f}')} | "
+                     f"{num(pause.get('p99'), '{:.3f}')} |")
+    return "\n".join(lines) + "\n"
 
 
 def format_bench(result: dict) -> str:
@@ -128,12 +205,13 @@ def format_bench(result: dict) -> str:
         f"  all migrations verified     {f['verified']}",
         f"({result['seconds']:.0f} s)",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + markdown(result)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure postcopy against same-run baselines")
-    p.add_argument("--quick", action="store_true", help="smaller samples (about a minute)")
+    p.add_argument("--quick", action="store_true", help="smaller samples (under two minutes)")
+    p.add_argument("--markdown", metavar="FILE", help="write the Markdown tables to FILE")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--svg", metavar="DIR", help="write the benchmark figures (SVG) into DIR")
     p.set_defaults(func=main)
@@ -144,6 +222,9 @@ def main(args: argparse.Namespace) -> int:
     print(format_bench(result))
     if args.json:
         report.write_json(args.json, result)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
     if args.svg:
         os.makedirs(args.svg, exist_ok=True)
         for path in svg.write_figures(args.svg, svg.bench_figures(result)):
