@@ -212,12 +212,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure postcopy against same-run baselines")
     p.add_argument("--quick", action="store_true", help="smaller samples (under two minutes)")
     p.add_argument("--markdown", metavar="FILE", help="write the Markdown tables to FILE")
+    p.add_argument("--harvest", action="store_true",
+                   help="only the dirty-log harvest-cost table (what scripts/kernel-matrix runs in other kernels)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--svg", metavar="DIR", help="write the benchmark figures (SVG) into DIR")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.harvest:
+        from postcopy.harvestbench import format_table
+
+        rows = harvest_rows(args.quick)
+        print(f"kernel {platform.release()}: dirty-log harvest cost")
+        print(format_table(rows))
+        if args.json:
+            report.write_json(args.json, {"kernel": platform.release(), "harvest": rows})
+        return 0
     result = run_bench(args.quick)
     print(format_bench(result))
     if args.json:

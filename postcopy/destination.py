@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report, wire
+from postcopy._native import lib as native
 from postcopy.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.transport import Channel, ChannelClosed, PeerInfo, handshake, tune
@@ -184,6 +185,7 @@ class DestinationAgent:
         self.state = bytearray(self.npages)
         # Precopy resends overwrite pages already installed: through the memfd, or the
         # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
+        self._memfd = memfd
         if memfd is not None:
             self._ram_fd, self._ram_fd_base = memfd, 0
         else:
@@ -431,9 +433,17 @@ class DestinationAgent:
 
     def _discard(self, guest: GuestClient, runs) -> None:
         """Hybrid: drop the pages dirtied since their last send, so they fault in anew.
-        (The guest's madvise waits for our fault server to read its REMOVE events.)"""
+        A memfd is punched right here (no round trip to the guest, no events); anonymous
+        memory needs the guest's own madvise (its REMOVE events are read by our fault
+        server meanwhile)."""
         ps = self.page_size
-        guest.discard([(first * ps, count * ps) for first, count in runs])
+        if self._memfd is not None:
+            for first, count in runs:
+                err = native.pc_punch_hole(self._memfd, first * ps, count * ps)
+                if err:
+                    raise OSError(-err, f"punching pages {first}+{count} out of the guest's memfd")
+        else:
+            guest.discard([(first * ps, count * ps) for first, count in runs])
         with self._lock:
             for first, count in runs:
                 end = first + count

@@ -139,8 +139,7 @@ class SourceAgent:
             paused = guest.pause()
             stale: list[tuple[int, int]] = []
             if dirty_log is not None:
-                stale = dirty_log.harvest()
-                dirty_log.stop()
+                stale = dirty_log.harvest()  # stopped after the switchover: not downtime
                 if cfg.mode == "precopy":
                     self._send_precopy(mem, main, stale, True)
                     stale = []
@@ -157,6 +156,8 @@ class SourceAgent:
             }))
             switchover_sent = True
             switched = time.monotonic()
+            if dirty_log is not None:
+                dirty_log.stop()  # the guest stays paused here; write-protection is moot
             self._prepare_postcopy(mem, stale, precopied=dirty_log is not None)
             push_delay = cfg.push_delay
             while True:
