@@ -134,18 +134,25 @@ class SourceAgent:
                     populated=mem.populated_extents(), dirty_log=dirty_log,
                     send=lambda runs, resend: self._send_precopy(mem, main, runs, resend),
                     free_hint=lambda: self._free_hint(guest, mem), policy=cfg.policy, page_size=mem.page_size)
+            if dirty_log is not None:
+                # Let the destination install the last round before the pause, so its
+                # backlog is not downtime.
+                self._await_ready(main)
             # Downtime starts here: the guest parks at a step boundary.
             pause_started = time.monotonic()
             paused = guest.pause()
+            marks = {"pause": time.monotonic()}
             stale: list[tuple[int, int]] = []
             if dirty_log is not None:
                 stale = dirty_log.harvest()  # stopped after the switchover: not downtime
+                marks["final_harvest"] = time.monotonic()
                 if cfg.mode == "precopy":
                     self._send_precopy(mem, main, stale, True)
                     stale = []
                 else:
                     for i in range(0, len(stale), DISCARD_BATCH):
                         main.send(wire.Discard(ranges=tuple(stale[i:i + DISCARD_BATCH])))
+                marks["final_send"] = time.monotonic()
             mem.send_run(main, 0, 1, wire.Cause.STATE, self._scratch)
             main.send(wire.Switchover(info={
                 "mode": cfg.mode,
@@ -155,7 +162,7 @@ class SourceAgent:
                 "guest": {k: status.get(k) for k in ("threads", "workload", "steps_target", "backing", "ram_size")},
             }))
             switchover_sent = True
-            switched = time.monotonic()
+            switched = marks["switchover"] = time.monotonic()
             if dirty_log is not None:
                 dirty_log.stop()  # the guest stays paused here; write-protection is moot
             self._prepare_postcopy(mem, stale, precopied=dirty_log is not None)
@@ -199,6 +206,9 @@ class SourceAgent:
             "total_ms": (time.monotonic() - started) * 1e3,
             "precopy_ms": (pause_started - started) * 1e3,
             "switchover_ms": (switched - pause_started) * 1e3,
+            # Where the source's part of the downtime went, ms after the pause request.
+            "switchover_breakdown_ms": {k: (t - pause_started) * 1e3 for k, t in marks.items()},
+            "final_stale_pages": ranges.total(stale) if cfg.mode == "hybrid" else 0,
             "push_ms": (push_done - switched) * 1e3,
             "rounds": [r.as_dict() for r in rounds],
             "stop_reason": stop_reason,
@@ -290,8 +300,9 @@ class SourceAgent:
         return ranges.normalize((offset // ps, length // ps) for offset, length in reply.get("ranges", []))
 
     def _await_ready(self, main: Channel) -> None:
-        """The destination answers the Ping once its incoming guest is up and its fault
-        server runs, so starting a guest there never counts as downtime here."""
+        """The destination answers a Ping once it has handled everything sent before it:
+        the first one once its incoming guest is up and its fault server runs (starting
+        a guest there is never downtime here), later ones once the precopy pages are in."""
         main.send(wire.Ping(token=1))
         message = main.recv()
         if isinstance(message, wire.Error):
