@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from postcopy import wire
+from postcopy.units import positive_float_arg, positive_int_arg, size_arg
 from postcopy.report import write_json
 from postcopy.transport import parse_endpoint
 
@@ -28,26 +29,6 @@ def _endpoint(text: str) -> tuple[str, int]:
         return parse_endpoint(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return value
 
 
 def _bounds(text: str) -> tuple[int, ...]:
@@ -69,8 +50,6 @@ def _load_key(path: str, who: str) -> bytes | None:
 
 
 def register(subparsers) -> None:
-    from postcopy.units import size_arg
-
     p = subparsers.add_parser(
         "checkpoint", help="keep a standby copy of a running guest's RAM, in epochs (Remus style)",
         description="Attach to a running guest and send its RAM to a standby in epochs: the guest parks "
@@ -81,12 +60,12 @@ def register(subparsers) -> None:
     p.add_argument("--guest", required=True, metavar="PATH", help="the guest's control socket")
     p.add_argument("--connect", required=True, type=_endpoint, metavar="HOST:PORT", help="the standby")
     p.add_argument("--key-file", required=True, metavar="FILE", help="shared key (both sides)")
-    p.add_argument("--max-dirty", type=_positive_int, default=256, metavar="PAGES",
+    p.add_argument("--max-dirty", type=positive_int_arg, default=256, metavar="PAGES",
                    help="bound on pages dirtied per epoch (default 256)")
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--epochs", type=_positive_int, metavar="N", help="stop after N epochs")
-    stop.add_argument("--seconds", type=_positive_float, metavar="S", help="stop after S seconds")
-    p.add_argument("--interval-ms", type=_positive_float, metavar="MS",
+    stop.add_argument("--epochs", type=positive_int_arg, metavar="N", help="stop after N epochs")
+    stop.add_argument("--seconds", type=positive_float_arg, metavar="S", help="stop after S seconds")
+    p.add_argument("--interval-ms", type=positive_float_arg, metavar="MS",
                    help="also end an epoch after MS milliseconds (default: only the dirty bound ends it)")
     p.add_argument("--max-unacked", type=int, default=4, metavar="N",
                    help="epochs the standby may lag behind before the guest waits (default 4; 0: every "
@@ -113,7 +92,7 @@ def register(subparsers) -> None:
                                                                 "(default: the primary's)")
     s.add_argument("--guest-control", metavar="PATH", help="control socket of the failover guest")
     s.add_argument("--workdir", metavar="DIR", help="where temporary control sockets go")
-    s.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S",
+    s.add_argument("--timeout", type=positive_float_arg, default=5.0, metavar="S",
                    help="silence from the primary that counts as losing it (default 5)")
     s.add_argument("--no-wait", action="store_true", help="after failover, exit once the guest runs")
     s.add_argument("--json", metavar="FILE", help="write the figures as JSON")
@@ -128,8 +107,8 @@ def register(subparsers) -> None:
     d.add_argument("--ram", type=size_arg, default=64 << 20, help="guest RAM (default 64M)")
     d.add_argument("--bounds", type=_bounds, default=DEMO_BOUNDS, metavar="N,N,...",
                    help="dirty page bounds (default 64,256,1024)")
-    d.add_argument("--seconds", type=_positive_float, default=2.0, help="checkpointing time per bound (default 2)")
-    d.add_argument("--threads", type=_positive_int, default=1, help="vCPU threads (default 1)")
+    d.add_argument("--seconds", type=positive_float_arg, default=2.0, help="checkpointing time per bound (default 2)")
+    d.add_argument("--threads", type=positive_int_arg, default=1, help="vCPU threads (default 1)")
     d.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
     d.add_argument("--port", type=int, default=DEFAULT_PORT)
     d.add_argument("--json", metavar="FILE", help="write the results as JSON")

@@ -4,7 +4,6 @@ on the main channel. The guest's RAM stays intact until the destination confirms
 every page is in."""
 from __future__ import annotations
 
-import os
 import resource
 import secrets
 import socket

@@ -3,8 +3,11 @@ with the feature's name as the reason."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
+
+from postcopy.guest import GuestParams, wait_for_control
 
 
 def require_root() -> None:
@@ -28,3 +31,34 @@ def require_netns() -> None:
     require_root()
     if not os.path.exists("/proc/self/ns/net"):
         pytest.skip("needs network namespaces (CONFIG_NET_NS)")
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start guests with a control socket in tmp_path; all are killed at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(params: GuestParams, name: str = "g", **kw) -> tuple[subprocess.Popen, str]:
+        sock = str(tmp_path / f"{name}.sock")
+        proc = subprocess.Popen(params.argv(control=sock, **kw), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        wait_for_control(sock, timeout=60, proc=proc)
+        return proc, sock
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture
+def bed():
+    """A fresh two-namespace testbed (needs root, netns and userfaultfd)."""
+    require_netns()
+    require_uffd()
+    from postcopy.netns import Testbed
+
+    with Testbed() as testbed:
+        yield testbed

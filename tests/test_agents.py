@@ -9,18 +9,9 @@ import time
 
 import pytest
 
-from conftest import require_netns, require_uffd
 from postcopy import wire
 from postcopy.guest import GuestClient, GuestParams, wait_for_control
-from postcopy.netns import Testbed
 
-
-@pytest.fixture
-def bed():
-    require_netns()
-    require_uffd()
-    with Testbed() as testbed:
-        yield testbed
 
 
 def _key_file(path, key: bytes) -> str:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-import subprocess
 import time
 
 import pytest
 
 from postcopy.dirtylog import (DirtyLogUnavailable, available_backends, merge_runs, open_dirty_log)
-from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash, reference_hash, wait_for_control
+from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash, reference_hash
 
 PAGE = mmap.PAGESIZE
 RAM = 8 << 20
@@ -36,24 +35,6 @@ def require_backend(name: str) -> None:
         pytest.skip(reason)  # names CONFIG_MEM_SOFT_DIRTY / PAGEMAP_SCAN + UFFD_FEATURE_WP_ASYNC
 
 
-@pytest.fixture
-def launch(tmp_path):
-    """Start guests with a control socket in tmp_path; all are killed at teardown."""
-    procs: list[subprocess.Popen] = []
-
-    def start(params: GuestParams, name: str = "g", **kw) -> tuple[subprocess.Popen, str]:
-        sock = str(tmp_path / f"{name}.sock")
-        proc = subprocess.Popen(params.argv(control=sock, **kw), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        wait_for_control(sock, timeout=60, proc=proc)
-        return proc, sock
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def page_runs(pages) -> list[tuple[int, int]]:

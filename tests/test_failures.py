@@ -14,18 +14,11 @@ import pytest
 from conftest import require_netns, require_uffd
 from postcopy import wire
 from postcopy.dirtylog import available_backends
-from postcopy.guest import GuestClient, GuestParams, parse_final_hash, reference_hash, wait_for_control
+from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
 from postcopy.netns import Testbed
 
 PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=400_000, rate=100_000)
 
-
-@pytest.fixture
-def bed():
-    require_netns()
-    require_uffd()
-    with Testbed() as testbed:
-        yield testbed
 
 
 class Migration:
@@ -156,7 +149,6 @@ def test_sigterm_to_source_before_switchover_leaves_guest_running(bed, tmp_path)
 def test_sigterm_to_demo_leaves_nothing_behind(tmp_path):
     require_netns()
     require_uffd()
-    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     demo = subprocess.Popen([sys.executable, "-m", "postcopy", "demo", "--ram", "16M", "--steps", "100000000",
                              "--migrate-after", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)

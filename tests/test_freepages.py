@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from postcopy.guest import GuestClient, GuestParams, parse_final_hash, reference_hash, wait_for_control
+from postcopy.guest import GuestClient, GuestParams, parse_final_hash, reference_hash
 
 PAGE = mmap.PAGESIZE
 RAM = 4 << 20
@@ -20,24 +20,6 @@ NPAGES = RAM // PAGE
 BASE = GuestParams(ram=RAM, threads=2, workload="random-write", seed=5, steps=40_000, free_fraction=0.3)
 
 
-@pytest.fixture
-def launch(tmp_path):
-    """Start guests with a control socket in tmp_path; all are killed at teardown."""
-    procs: list[subprocess.Popen] = []
-
-    def start(params: GuestParams, name: str = "g", **kw) -> tuple[subprocess.Popen, str]:
-        sock = str(tmp_path / f"{name}.sock")
-        proc = subprocess.Popen(params.argv(control=sock, **kw), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        wait_for_control(sock, timeout=60, proc=proc)
-        return proc, sock
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def run_guest(params: GuestParams) -> str:

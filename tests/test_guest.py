@@ -14,31 +14,13 @@ import time
 
 import pytest
 
-from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash, reference_hash, wait_for_control
+from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash, reference_hash
 
 RAM = 4 << 20
 PAGE = mmap.PAGESIZE
 BASE = GuestParams(ram=RAM, threads=2, workload="random-write", seed=7, steps=40_000)
 
 
-@pytest.fixture
-def launch(tmp_path):
-    """Start guests with a control socket in tmp_path; all are killed at teardown."""
-    procs: list[subprocess.Popen] = []
-
-    def start(params: GuestParams, name: str = "g", **kw) -> tuple[subprocess.Popen, str]:
-        sock = str(tmp_path / f"{name}.sock")
-        proc = subprocess.Popen(params.argv(control=sock, **kw), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        wait_for_control(sock, timeout=20, proc=proc)
-        return proc, sock
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def run_guest(params: GuestParams, *extra: str) -> subprocess.CompletedProcess:

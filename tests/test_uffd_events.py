@@ -18,20 +18,12 @@ from conftest import require_netns, require_uffd
 from postcopy import wire
 from postcopy.demo import DemoOptions, run_demo
 from postcopy.guest import GuestClient, GuestParams, wait_for_control
-from postcopy.netns import Testbed
 
 PAGE = 4096
 # The shared read-only slice starts at page 1 (page 0 is the state page): filled at
 # boot from the seed, never written again, so its content on the source is known.
 SHARED_FIRST, SHARED_PAGES = 1, 256
 
-
-@pytest.fixture
-def bed():
-    require_netns()
-    require_uffd()
-    with Testbed() as testbed:
-        yield testbed
 
 
 def _state(control: str) -> str:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import time
 
+from postcopy.ranges import normalize
+
 KINDS = ("auto", "soft-dirty", "pagemap-scan")
 BACKENDS = ("soft-dirty", "pagemap-scan")  # auto tries them in this order
 
@@ -151,14 +153,4 @@ def _make(name: str, guest_path: str, info: dict) -> DirtyLog:
 def merge_runs(*sources: Runs) -> Runs:
     """Union of run lists ``(first_page, npages)``: sorted, touching or overlapping
     runs merged, empty ones dropped."""
-    items = sorted(r for src in sources for r in src)
-    out: Runs = []
-    for first, count in items:
-        if count <= 0:
-            continue
-        if out and first <= out[-1][0] + out[-1][1]:
-            last_first, last_count = out[-1]
-            out[-1] = (last_first, max(last_count, first + count - last_first))
-        else:
-            out.append((first, count))
-    return out
+    return normalize(r for src in sources for r in src)

@@ -39,7 +39,7 @@ import time
 
 from postcopy._native import ffi, lib
 from postcopy.dirtylog import DirtyLog, Runs, merge_runs
-from postcopy.guest.control import GuestClient, GuestError
+from postcopy.guest.control import GuestClient
 from postcopy.pagemap import PagemapError, clear_refs
 
 

@@ -65,6 +65,12 @@ def register(subparsers) -> None:
     p.add_argument("--control", metavar="PATH", help="Unix socket for control commands (mode 0600)")
     p.add_argument("--incoming", action="store_true",
                    help="map empty RAM under userfaultfd and wait for the migrated state")
+    p.add_argument("--uffd-minor", action="store_true",
+                   help="incoming, memfd backing: register RAM for missing AND minor faults, so the agent can "
+                        "install pages by writing the memfd and UFFDIO_CONTINUE (needs UFFD_FEATURE_MINOR_SHMEM)")
+    p.add_argument("--staging-pages", type=_positive_int, metavar="N",
+                   help="incoming, anon backing: also map N pages of unregistered private anonymous staging "
+                        "memory the agent fills and moves pages out of with UFFDIO_MOVE (needs UFFD_FEATURE_MOVE)")
     p.add_argument("--linger", action="store_true", help="when finished, keep serving the control socket until quit")
     p.add_argument("--start-paused", action="store_true", help="boot, then wait for resume")
     p.add_argument("--pause-at", type=_positive_int, metavar="K",
@@ -73,8 +79,12 @@ def register(subparsers) -> None:
 
 
 def _validate(args) -> str | None:
-    from postcopy.guest.runtime import layout_error
+    from postcopy.guest.runtime import incoming_options_error, layout_error
 
+    error = incoming_options_error(args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
+                                   staging_pages=args.staging_pages or 0)
+    if error:
+        return error
     if args.incoming:
         given = [f"--{name.replace('_', '-')}" for name in
                  ("threads", "workload", "seed", "steps", "rate", "working_set", "free_fraction", "pause_at")
@@ -104,7 +114,8 @@ def handler(args) -> int:
     if error:
         args._parser.error(error)  # exit 2
     try:
-        guest = Guest(args.ram, args.backing, incoming=args.incoming)
+        guest = Guest(args.ram, args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
+                      staging_pages=args.staging_pages or 0)
     except ImportError as exc:
         print(f"guest: --incoming needs postcopy.uffd: {exc}", file=sys.stderr)
         return 1

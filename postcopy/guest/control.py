@@ -15,7 +15,9 @@ resume       lets the vCPUs run (an incoming guest then faults in its state page
 run_until    ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
 hash         64-bit RAM hash (heartbeats excluded, free pages as zero), paused or
              finished guests only
-fds          memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid
+fds          memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid, backing,
+             uffd_features, uffd_minor (RAM also registered for minor faults) and
+             staging_address / staging_pages (UFFDIO_MOVE staging area, or null / 0)
 discard      ``{"ranges": [[offset, length], ...]}``: the ranges read as missing or zero
 dirty_track  ``{"on": true}``: async write-protect dirty tracking of the RAM by a
              userfaultfd of the guest's own (for PAGEMAP_SCAN); ``{"on": false}`` ends it

@@ -83,13 +83,36 @@ def layout_error(ram: int, threads: int, workload: str, working_set: float,
     return None
 
 
+def incoming_options_error(backing: str, *, incoming: bool, uffd_minor: bool, staging_pages: int) -> str | None:
+    """Why these incoming-guest install options do not fit, or None. (Kernel features
+    are checked when the userfaultfd is opened: its error names the missing one.)"""
+    if (uffd_minor or staging_pages) and not incoming:
+        return "--uffd-minor and --staging-pages only apply to an --incoming guest"
+    if uffd_minor and backing != "memfd":
+        return ("--uffd-minor (UFFDIO_CONTINUE install path) needs memfd backing: minor faults exist only "
+                "for pages already in a shmem/hugetlbfs page cache (Feature.MINOR_SHMEM)")
+    if staging_pages < 0:
+        return "--staging-pages must be >= 0"
+    if staging_pages and backing != "anon":
+        return ("--staging-pages (UFFDIO_MOVE install path) needs anon backing: UFFDIO_MOVE moves only "
+                "private anonymous pages")
+    if uffd_minor and staging_pages:
+        return "--uffd-minor and --staging-pages are two different install paths: pick one"
+    return None
+
+
 class Guest:
     """Guest RAM and its vCPUs. Thread safe; the control server calls in from its
     threads, the vCPU threads report back, the main thread waits in :meth:`wait_exit`."""
 
-    def __init__(self, ram_size: int, backing: str = "memfd", *, incoming: bool = False):
+    def __init__(self, ram_size: int, backing: str = "memfd", *, incoming: bool = False,
+                 uffd_minor: bool = False, staging_pages: int = 0):
         if backing not in BACKINGS:
             raise ValueError(f"backing must be one of {BACKINGS}")
+        error = incoming_options_error(backing, incoming=incoming, uffd_minor=uffd_minor,
+                                       staging_pages=staging_pages)
+        if error:
+            raise ValueError(error)
         self.ram_size = ram_size
         self.page_size = PAGE_SIZE
         self.backing = backing
@@ -124,8 +147,17 @@ class Guest:
         self.uffd = None  # missing mode, incoming guests only; handed out by fds
         self._wp_uffd = None  # async write-protect for dirty tracking; never leaves the guest
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
+        self.uffd_minor = uffd_minor
+        # Staging area for the destination's UFFDIO_MOVE install path: private anonymous
+        # memory in this process (a move never leaves one mm), deliberately NOT
+        # registered; the agent fills it through /proc/PID/mem and moves pages out.
+        self._staging: mmap.mmap | None = None
+        self.staging_address: int | None = None
+        self.staging_pages = staging_pages
         if incoming:
             self._open_uffd()
+            if staging_pages:
+                self._map_staging(staging_pages)
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -133,9 +165,22 @@ class Guest:
         from postcopy.uffd import Feature, Mode, Userfaultfd
 
         required = Feature.MISSING_SHMEM if self.memfd is not None else Feature(0)
+        mode = Mode.MISSING
+        if self.uffd_minor:  # UFFDIO_CONTINUE install path: minor faults on the memfd
+            required |= Feature.MINOR_SHMEM
+            mode |= Mode.MINOR
+        if self.staging_pages:  # UFFDIO_MOVE install path
+            required |= Feature.MOVE
         optional = Feature.THREAD_ID | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
         self.uffd = Userfaultfd(features=required, optional=optional)
-        self.uffd.register(self.address, self.ram_size, Mode.MISSING)
+        self.uffd.register(self.address, self.ram_size, mode)
+
+    def _map_staging(self, pages: int) -> None:
+        self._staging = mmap.mmap(-1, pages * self.page_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Base pages only: a THP here would be split by every partial move.
+        self._staging.madvise(mmap.MADV_NOHUGEPAGE)
+        self.staging_address = int(ffi.cast("uintptr_t", ffi.from_buffer(self._staging)))
 
     def boot(self, params: BootParams) -> None:
         """Write a fresh state page and shared slice (the guest stays paused)."""
@@ -325,6 +370,9 @@ class Guest:
                 "resumed_ns": self._resumed_ns,
                 "paused_ns": self._paused_ns,
                 "uffd": self.uffd is not None,
+                "uffd_minor": self.uffd_minor,
+                "staging_address": self.staging_address,
+                "staging_pages": self.staging_pages,
                 "dirty_tracking": self._wp_uffd is not None,
                 "free_fraction": float(info.free_fraction) if info else None,
                 "free_pages": int(info.free_pages) * int(info.threads) if info else None,
@@ -355,7 +403,9 @@ class Guest:
             self._fds_taken = True
             reply = {"fds": names, "ram_address": self.address, "ram_size": self.ram_size,
                      "page_size": self.page_size, "pid": os.getpid(), "backing": self.backing,
-                     "uffd_features": int(self.uffd.features) if self.uffd is not None else 0}
+                     "uffd_features": int(self.uffd.features) if self.uffd is not None else 0,
+                     "uffd_minor": self.uffd_minor, "staging_address": self.staging_address,
+                     "staging_pages": self.staging_pages}
             return reply, fds
 
     def discard(self, ranges: list) -> dict:
