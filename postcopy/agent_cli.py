@@ -9,6 +9,7 @@ import tempfile
 
 from postcopy import wire
 from postcopy.destination import DestConfig, DestinationAgent, DestinationError
+from postcopy.install import DEFAULT_STAGING_PAGES, INSTALL_PATHS
 from postcopy.report import write_json
 from postcopy.precopy import ConvergencePolicy
 from postcopy.source import MODES, MigrationError, SourceAgent, SourceConfig
@@ -51,7 +52,18 @@ def register(subparsers) -> None:
     dst.add_argument("--recovery-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="postcopy: wait this long for the source to reconnect after the link breaks")
     dst.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    add_install_option(dst)
+    dst.add_argument("--staging-pages", type=int, default=DEFAULT_STAGING_PAGES, metavar="N",
+                     help=f"--install move: staging area of the incoming guest, in pages (default {DEFAULT_STAGING_PAGES})")
     dst.set_defaults(func=run_dest)
+
+
+def add_install_option(parser: argparse.ArgumentParser) -> None:
+    """``--install``, shared by ``dest`` and ``demo``."""
+    parser.add_argument("--install", choices=INSTALL_PATHS, default="copy",
+                        help="how pages are installed: copy (UFFDIO_COPY, default), continue (memfd backing: "
+                             "write the page cache, UFFDIO_CONTINUE on minor faults), move (anon backing: "
+                             "stage in the guest, UFFDIO_MOVE into place)")
 
 
 def add_precopy_options(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +107,8 @@ def run_dest(args) -> int:
     with tempfile.TemporaryDirectory(prefix="postcopy-dest-", dir=args.workdir) as workdir:
         agent = DestinationAgent(DestConfig(listen=args.listen, key=_key(args), workdir=workdir,
                                             backing=args.backing, guest_control=args.attach,
-                                            recovery_timeout=args.recovery_timeout))
+                                            recovery_timeout=args.recovery_timeout, install=args.install,
+                                            staging_pages=args.staging_pages))
         try:
             agent.bind()
             print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)
@@ -105,5 +118,6 @@ def run_dest(args) -> int:
             return 1
     if args.json:
         write_json(args.json, figures)
-    print(json.dumps({"final_hash": figures.get("final_hash"), "downtime_ms": figures.get("downtime_ms")}))
+    print(json.dumps({"final_hash": figures.get("final_hash"), "downtime_ms": figures.get("downtime_ms"),
+                      "install": figures.get("install")}))
     return 0

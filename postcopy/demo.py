@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report, svg, wire
-from postcopy.agent_cli import add_precopy_options
+from postcopy.agent_cli import add_install_option, add_precopy_options
+from postcopy.install import install_path_error
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.guest.runtime import WORKLOADS
 from postcopy.guest import GuestParams, reference_hash
@@ -45,6 +46,7 @@ class DemoOptions:
     max_rounds: int = 30
     stall_rounds: int = 3
     free_hints: bool = True
+    install: str = "copy"  # destination install path: copy, continue (memfd), move (anon)
 
 
 def _agent(*args: str) -> list[str]:
@@ -68,6 +70,9 @@ def run_demo(options: DemoOptions) -> dict:
     params = options.params
     if params.steps is None:
         raise DemoError("the demo needs --steps so the guest finishes and can be verified")
+    error = install_path_error(options.install, params.backing)
+    if error:
+        raise DemoError(error)
     deadline = time.monotonic() + options.timeout
     with tempfile.TemporaryDirectory(prefix="postcopy-demo-") as work, Testbed(rate=options.rate) as bed:
         key_file = os.path.join(work, "key")
@@ -82,7 +87,8 @@ def run_demo(options: DemoOptions) -> dict:
         wait_for_control(control, timeout=30, proc=guest)
         _warm_up(control, options)
         dest = bed.popen(bed.dest, _agent("dest", "--listen", endpoint, "--key-file", key_file,
-                                          "--backing", params.backing, "--json", f"{work}/dest.json"), **pipes)
+                                          "--backing", params.backing, "--install", options.install,
+                                          "--json", f"{work}/dest.json"), **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
                                               "--key-file", key_file, "--json", f"{work}/source.json",
                                               "--push-delay", str(options.push_delay), "--mode", options.mode,
@@ -103,11 +109,13 @@ def run_demo(options: DemoOptions) -> dict:
     if reference is None:
         _progress(options, "computing the reference hash (same workload, no migration) ...")
         reference = _REFERENCE_HASHES[params] = reference_hash(params)
-    return report.build_report(
+    result = report.build_report(
         mode=options.mode, dirty_log=source_figures.get("dirty_log", "none"), ram_bytes=params.ram, workload=params.workload,
         source=source_figures, dest=source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")},
         final_hash=dest_figures.get("final_hash"), reference_hash=reference,
     )
+    result["install"] = dest_figures.get("install", options.install)
+    return result
 
 
 def _warm_up(control: str, options: DemoOptions) -> None:
@@ -133,6 +141,7 @@ def _progress(options: DemoOptions, text: str) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="migrate a running guest between two network namespaces")
     add_precopy_options(p)
+    add_install_option(p)
     p.add_argument("--ram", type=size_arg, default=256 << 20, help="guest RAM (default 256M)")
     p.add_argument("--threads", type=int, default=2, help="vCPU threads (default 2)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="random-write")
@@ -155,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
                           stall_rounds=args.stall_rounds,
-                          free_hints=not args.no_free_hints)
+                          free_hints=not args.no_free_hints, install=args.install)
     try:
         result = run_demo(options)
     except DemoError as exc:

@@ -1,7 +1,8 @@
 """The destination agent: starts (or attaches to) the incoming guest, takes its
 userfaultfd, resumes it as soon as the state arrives, and runs the fault server: fault
 events become page requests on the urgent channel, arriving runs are installed with one
-UFFDIO_COPY each, and the range is unregistered once every page is in."""
+UFFDIO_COPY each (or another install path, see :mod:`postcopy.install`), and the range
+is unregistered once every page is in."""
 from __future__ import annotations
 
 import os
@@ -15,12 +16,13 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report, wire
+from postcopy.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
 from postcopy._native import lib as native
 from postcopy.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.transport import Channel, ChannelClosed, PeerInfo, handshake, tune
 from postcopy.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
-                           Userfaultfd, address_of)
+                           Userfaultfd)
 
 # Page states on the destination. REMOVED: the guest dropped the page (MADV_DONTNEED,
 # munmap) during postcopy, so it must read zeros: no source data is installed there.
@@ -44,6 +46,8 @@ class DestConfig:
     guest_control: str | None = None  # attach to this incoming guest instead of starting one
     accept_timeout: float = 60.0
     recovery_timeout: float = 30.0  # postcopy: how long to wait for the source to reconnect (0: never)
+    install: str = "copy"  # install path: copy, continue (memfd) or move (anon); see postcopy.install
+    staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
 
 
 class DestinationAgent:
@@ -75,9 +79,15 @@ class DestinationAgent:
         self._switched = False
         self._link_broken = threading.Event()
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
+        self._path: CopyPath | None = None  # the install strategy, chosen in _setup
 
     def bind(self) -> socket.socket:
-        """Listen on the configured endpoint (call before run to learn the port)."""
+        """Listen on the configured endpoint (call before run to learn the port).
+        Refuses an install path this backing or kernel cannot do before anyone connects."""
+        if self.config.guest_control is None:
+            error = install_path_error(self.config.install, self.config.backing)
+            if error:
+                raise DestinationError(error)
         if self.listener is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,7 +120,8 @@ class DestinationAgent:
     def _start_guest(self, ram_size: int) -> str:
         control = os.path.join(self.config.workdir, "incoming.sock")
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
-                "--backing", self.config.backing, "--control", control]
+                "--backing", self.config.backing, "--control", control,
+                *guest_options(self.config.install, self.config.staging_pages)]
         self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)
@@ -147,6 +158,10 @@ class DestinationAgent:
             info, fds = guest.take_fds()
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
+            try:
+                self._path = make_install_path(self.config.install, self, info, fds)
+            except ValueError as exc:
+                raise DestinationError(str(exc)) from None
             self._main, self._urgent = main, urgent
             figures = self._receive(guest, uffd)
             self._main.send(wire.Complete(info=figures))
@@ -168,6 +183,8 @@ class DestinationAgent:
             self._stop.set()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
                 channel.close()
+            if self._path is not None:
+                self._path.close()
         if self.guest_proc is not None:
             reader = threading.Thread(target=self._read_guest_output, daemon=True)
             reader.start()
@@ -209,7 +226,7 @@ class DestinationAgent:
             if isinstance(message, wire.PageRun):
                 if self._first_push_ns is None and message.cause == wire.Cause.PUSHED:
                     self._first_push_ns = time.monotonic_ns()
-                self._install(message.first_page, message.npages, message.data, message.cause)
+                self._path.install(message.first_page, message.npages, message.data, message.cause)
             elif isinstance(message, wire.ZeroRange):
                 self._mark_zero(message.first_page, message.npages)
             elif isinstance(message, wire.Discard):
@@ -249,6 +266,7 @@ class DestinationAgent:
         pushed_bytes = self._pages["pushed"] * self.page_size
         push_seconds = (all_in - push_from / 1e9) if self._first_push_ns else None
         return {
+            "install": self._path.name,
             # Faults served before the pusher's first run arrived, and while it ran.
             "fault_latency_us_before_push": report.latency_summary(us for t, us in self._faults if t < push_from),
             "fault_latency_us_during_push": report.latency_summary(us for t, us in self._faults if t >= push_from),
@@ -348,13 +366,13 @@ class DestinationAgent:
               file=sys.stderr, flush=True)
 
     # -- installing pages ----------------------------------------------------------------
-    def _install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
-        """Install a run with UFFDIO_COPY (one per run, in gated pieces). A page already
-        there is skipped and its waiter woken (push and demand raced: the guest may have
-        written it since), or, for a precopy resend before the switchover, overwritten
-        in place. Pages the guest removed meanwhile are never filled."""
-        ps = self.page_size
-        src = address_of(data)
+    def _install_gated(self, first: int, npages: int, data, cause: wire.Cause, src: int, piece) -> None:
+        """Install a run in gated pieces of at most GATED_COPY_PAGES, each done by
+        ``piece`` (the install path's: :meth:`_copy_piece` for UFFDIO_COPY from ``src``).
+        A page already there is skipped and its waiter woken (push and demand raced: the
+        guest may have written it since), or, for a precopy resend before the
+        switchover, overwritten in place. Pages the guest removed meanwhile are never
+        filled."""
         overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
         done = retries = 0
         while done < npages:
@@ -366,7 +384,7 @@ class DestinationAgent:
                     continue
                 if removed > 0:
                     stop = removed - first
-                handled = self._copy_piece(first, done, stop, src, data, cause, overwrite)
+                handled = piece(first, done, stop, src, data, cause, overwrite)
             if handled == RETRY:
                 retries += 1
                 if retries > 5000:
@@ -494,6 +512,7 @@ class DestinationAgent:
                 continue
             requests = []
             zero_fills = []
+            settles = []
             with self._gate:
                 events = self.uffd.read_events(64, timeout=0)
                 now = time.monotonic_ns()
@@ -505,6 +524,11 @@ class DestinationAgent:
                         continue
                     page = (event.address - base) // ps
                     if not 0 <= page < npages:
+                        continue
+                    if event.minor and self.state[page] not in (MISSING, REQUESTED):
+                        # Continue path: the page cache holds this page's truth (our data,
+                        # or the guest's own page): map it, no source data needed.
+                        settles.append(page)
                         continue
                     with self._lock:
                         state = self.state[page]
@@ -520,6 +544,8 @@ class DestinationAgent:
                         self.uffd.wake(base + page * ps, ps)
                 for page in zero_fills:
                     self._zero_fill(page)
+                for page in settles:
+                    self._path.settle(base + page * ps)
             urgent = self._urgent
             if urgent is None:
                 continue  # recovering: these pages are asked for again once reconnected
@@ -556,7 +582,7 @@ class DestinationAgent:
                     self._link_lost()
                 return
             if isinstance(message, wire.PageRun):
-                self._install(message.first_page, message.npages, message.data, message.cause)
+                self._path.install(message.first_page, message.npages, message.data, message.cause)
             elif isinstance(message, wire.ZeroRange):
                 self._mark_zero(message.first_page, message.npages)
             else:

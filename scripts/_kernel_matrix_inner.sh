@@ -86,7 +86,7 @@ say "running pytest -m \"softdirty or precopy\" ${KM_PYTEST_ARGS:-}"
 # the shell would (so -k "not slow" works).
 extra=()
 eval "extra=(${KM_PYTEST_ARGS:-})"
-"${PYTEST[@]}" -n "${KM_WORKERS:-2}" --junitxml="$OUT/marked.xml" -m "softdirty or precopy" "${extra[@]}" tests
+"${PYTEST[@]}" -n "${KM_WORKERS:-0}" --junitxml="$OUT/marked.xml" -m "softdirty or precopy" "${extra[@]}" tests
 rc=$?
 case $rc in
     0) ;;

@@ -17,7 +17,7 @@ from postcopy.dirtylog import available_backends
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
 from postcopy.netns import Testbed
 
-PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=400_000, rate=100_000)
+PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=600_000, rate=100_000)
 
 
 

@@ -272,7 +272,7 @@ def test_precopy_with_dirty_log_and_free_hint_verifies(launch):
     need_uffd()
     from postcopy.dirtylog import DirtyLogUnavailable, open_dirty_log
 
-    params = dataclasses.replace(BASE, workload="hotspot", steps=30_000, rate=60_000)
+    params = dataclasses.replace(BASE, workload="hotspot", steps=90_000, rate=60_000)
     _, src_sock = launch(params, name="src", start_paused=True)
     dst, dst_sock = launch(params, name="dst", incoming=True)
     with GuestClient(src_sock) as source, GuestClient(dst_sock) as target:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -154,6 +156,7 @@ class Guest:
         self._staging: mmap.mmap | None = None
         self.staging_address: int | None = None
         self.staging_pages = staging_pages
+        self._mover_peer: socket.socket | None = None  # the agent's end, handed out by fds
         if incoming:
             self._open_uffd()
             if staging_pages:
@@ -181,6 +184,37 @@ class Guest:
         # Base pages only: a THP here would be split by every partial move.
         self._staging.madvise(mmap.MADV_NOHUGEPAGE)
         self.staging_address = int(ffi.cast("uintptr_t", ffi.from_buffer(self._staging)))
+        # The kernel refuses cross-mm moves (userfaultfd_move: mm != current->mm ->
+        # EINVAL), so the agent cannot issue UFFDIO_MOVE itself: a mover thread of this
+        # process does, on requests over a socketpair.
+        mine, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._mover_peer = peer
+        threading.Thread(target=self._mover, args=(mine,), name="uffd-mover", daemon=True).start()
+
+    def _mover(self, sock: socket.socket) -> None:
+        """Serve UFFDIO_MOVE requests ``(dst, src, len)`` (3 x u64) from staging into
+        RAM; each reply is the ioctl's result as an i64 (bytes moved, or -errno)."""
+        fd = self.uffd.fileno()
+        ram_lo, ram_hi = self.address, self.address + self.ram_size
+        st_lo, st_hi = self.staging_address, self.staging_address + self.staging_pages * self.page_size
+        request, reply = struct.Struct("=QQQ"), struct.Struct("=q")
+        with sock:
+            while True:
+                try:
+                    msg = sock.recv(request.size)
+                except OSError:
+                    return
+                if len(msg) != request.size:
+                    return  # the agent closed its end
+                dst, src, length = request.unpack(msg)
+                if not (ram_lo <= dst and dst + length <= ram_hi and st_lo <= src and src + length <= st_hi):
+                    result = -22  # EINVAL: only staging -> RAM
+                else:
+                    result = lib.pc_uffd_move(fd, dst, src, length, 0, ffi.NULL)
+                try:
+                    sock.send(reply.pack(result))
+                except OSError:
+                    return
 
     def boot(self, params: BootParams) -> None:
         """Write a fresh state page and shared slice (the guest stays paused)."""
@@ -400,6 +434,9 @@ class Guest:
             if self.uffd is not None:
                 names.append("uffd")
                 fds.append(self.uffd.fileno())
+            if self._mover_peer is not None:
+                names.append("mover")
+                fds.append(self._mover_peer.fileno())
             self._fds_taken = True
             reply = {"fds": names, "ram_address": self.address, "ram_size": self.ram_size,
                      "page_size": self.page_size, "pid": os.getpid(), "backing": self.backing,
