@@ -214,7 +214,7 @@ class SourceAgent:
             "bytes_sent": main.bytes_sent + urgent.bytes_sent,
             "bytes_sent_urgent": urgent.bytes_sent,
             "pages_skipped_free": sum(r.skipped_free for r in rounds),
-            **{f"pages_{k}": v for k, v in vars(self.stats).items() if k.startswith("pages_")},
+            **{k: v for k, v in vars(self.stats).items() if k.startswith("pages_")},
             "requests": self.stats.requests,
             "recoveries_ms": self.recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
