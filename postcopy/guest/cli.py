@@ -4,17 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from postcopy.units import size_arg
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+from postcopy.units import positive_int_arg, size_arg
 
 
 def _seed(text: str) -> int:
@@ -48,10 +38,10 @@ def register(subparsers) -> None:
                     "'resume' on the control socket; threads, workload and steps come with the RAM.")
     p.add_argument("--ram", type=size_arg, required=True, metavar="SIZE",
                    help="guest RAM size, a page multiple (e.g. 64M)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help=f"vCPU threads, 1..{MAX_THREADS} (default 1)")
+    p.add_argument("--threads", type=positive_int_arg, metavar="N", help=f"vCPU threads, 1..{MAX_THREADS} (default 1)")
     p.add_argument("--workload", choices=list(WORKLOADS), help="what each step writes (default random-write)")
     p.add_argument("--seed", type=_seed, metavar="S", help="RNG seed (default 1)")
-    p.add_argument("--steps", type=_positive_int, metavar="K",
+    p.add_argument("--steps", type=positive_int_arg, metavar="K",
                    help="steps per vCPU; without it the guest runs until quit or SIGTERM")
     p.add_argument("--rate", type=_nonneg_float, metavar="STEPS_PER_S",
                    help="step rate limit per vCPU, 0 = unlimited (idle: 0 means 1000/s)")
@@ -68,12 +58,12 @@ def register(subparsers) -> None:
     p.add_argument("--uffd-minor", action="store_true",
                    help="incoming, memfd backing: register RAM for missing AND minor faults, so the agent can "
                         "install pages by writing the memfd and UFFDIO_CONTINUE (needs UFFD_FEATURE_MINOR_SHMEM)")
-    p.add_argument("--staging-pages", type=_positive_int, metavar="N",
+    p.add_argument("--staging-pages", type=positive_int_arg, metavar="N",
                    help="incoming, anon backing: also map N pages of unregistered private anonymous staging "
                         "memory the agent fills and moves pages out of with UFFDIO_MOVE (needs UFFD_FEATURE_MOVE)")
     p.add_argument("--linger", action="store_true", help="when finished, keep serving the control socket until quit")
     p.add_argument("--start-paused", action="store_true", help="boot, then wait for resume")
-    p.add_argument("--pause-at", type=_positive_int, metavar="K",
+    p.add_argument("--pause-at", type=positive_int_arg, metavar="K",
                    help="park every vCPU when it has done exactly K steps (resume continues)")
     p.set_defaults(func=handler, _parser=p)
 
