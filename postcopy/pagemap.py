@@ -16,6 +16,7 @@ import os
 import threading
 from array import array
 
+from postcopy.fdowner import FdOwner
 from postcopy._native import ffi as _ffi, lib as _lib
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -77,7 +78,7 @@ def clear_refs(pid: int | str = "self", value: int = CLEAR_REFS_SOFT_DIRTY) -> N
         raise PagemapError(-rc, f"write {value} to /proc/{pid}/clear_refs: {os.strerror(-rc)}")
 
 
-class Pagemap:
+class Pagemap(FdOwner):
     """An open /proc/PID/pagemap (``pid`` an int or ``"self"``).
 
     One object may be shared by threads: calls are serialized on an internal lock
@@ -102,26 +103,10 @@ class Pagemap:
     def fileno(self) -> int:
         return self._fd
 
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
 
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
-    def __enter__(self) -> "Pagemap":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _error(self, rc: int, what: str) -> PagemapError:
         return PagemapError(-rc, f"{what} on {self.path}: {os.strerror(-rc)}")

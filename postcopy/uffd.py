@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from postcopy.fdowner import FdOwner
 from postcopy._native import ffi as _ffi, lib as _lib
 
 PAGE_SIZE: int = mmap.PAGESIZE
@@ -200,7 +201,7 @@ def _open(nonblock: bool) -> tuple[int, str]:
     return fd, _VIA.get(how[0], "userfaultfd(2)")
 
 
-class Userfaultfd:
+class Userfaultfd(FdOwner):
     """A userfaultfd descriptor with its negotiated features.
 
     ``features`` are required (missing ones raise :class:`UffdError` naming them),
@@ -267,9 +268,6 @@ class Userfaultfd:
             raise ValueError("userfaultfd is closed")
         return self._fd
 
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
 
     @property
     def user_mode_only(self) -> bool:
@@ -277,24 +275,9 @@ class Userfaultfd:
         kernel takes on the process's behalf (read(2) into missing RAM) get EFAULT."""
         return self.opened_via == _VIA[_lib.PC_UFFD_VIA_SYSCALL_USER_ONLY]
 
-    def close(self) -> None:
-        """Close the descriptor: registered ranges lose their handler (faults then
-        fill with zeros / map normally) and every waiting thread is woken."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
-    def __enter__(self) -> "Userfaultfd":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
