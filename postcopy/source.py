@@ -105,8 +105,11 @@ class SourceAgent:
         with all its RAM until the destination confirms."""
         cfg = self.config
         started = time.monotonic()
-        guest = GuestClient(cfg.guest_control)
-        info, fds = guest.take_fds()
+        try:
+            guest = GuestClient(cfg.guest_control)
+            info, fds = guest.take_fds()
+        except GuestError as exc:
+            raise MigrationError(f"cannot attach to the guest: {exc}") from None
         self._guest_pid = info.get("pid")
         mem = GuestMemory(info, fds)
         status = guest.status()

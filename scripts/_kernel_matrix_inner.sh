@@ -27,6 +27,7 @@ export PYTHONUNBUFFERED=1
 
 FAILED=0
 say() { echo "== kernel $REL: $*"; }
+took() { echo "$((SECONDS - $1)) s"; }
 record() { echo "$1: $2" >>"$OUT/result.txt"; }
 fail() { say "FAILED: $1"; record failed "$1"; FAILED=1; }
 
@@ -35,6 +36,8 @@ fail() { say "FAILED: $1"; record failed "$1"; FAILED=1; }
 [ ! -r "$OUT/env" ] || . "$OUT/env"
 : >"$OUT/result.txt"
 echo "$REL" >"$OUT/kernel"
+read -r up _ </proc/uptime
+say "up ${up%.*} s after boot (nproc $(nproc), $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo))"
 
 if [ "$MODE" = exec ]; then
     export BENCH_JSON="$OUT/bench.json" KM_OUT="$OUT"
@@ -77,8 +80,10 @@ fi
 
 # 2. A sanity set that must pass on any kernel, then every test marked for this matrix.
 say "running pytest sanity set: tests/test_doctor.py tests/test_uffd.py"
+t0=$SECONDS
 "${PYTEST[@]}" -n 0 --junitxml="$OUT/sanity.xml" tests/test_doctor.py tests/test_uffd.py
 rc=$?
+say "pytest sanity set: exit $rc in $(took $t0)"
 [ "$rc" -eq 0 ] || fail "pytest sanity set exited $rc"
 
 say "running pytest -m \"softdirty or precopy\" ${KM_PYTEST_ARGS:-}"
@@ -86,8 +91,10 @@ say "running pytest -m \"softdirty or precopy\" ${KM_PYTEST_ARGS:-}"
 # the shell would (so -k "not slow" works).
 extra=()
 eval "extra=(${KM_PYTEST_ARGS:-})"
+t0=$SECONDS
 "${PYTEST[@]}" -n "${KM_WORKERS:-0}" --junitxml="$OUT/marked.xml" -m "softdirty or precopy" "${extra[@]}" tests
 rc=$?
+say "pytest -m \"softdirty or precopy\": exit $rc in $(took $t0)"
 case $rc in
     0) ;;
     5) say "no test is marked softdirty or precopy yet (pytest exit 5: none collected)"
@@ -110,6 +117,7 @@ for mode in ${KM_DEMO_MODES:-hybrid}; do
     args=(--mode "$mode" --dirty-log soft-dirty --ram 16M --threads 1 --workload random-write
           --steps "${KM_DEMO_STEPS:-30000000}" --migrate-after 0.5 --json "$OUT/demo-$mode.json")
     say "running postcopy demo ${args[*]}"
+    t0=$SECONDS
     postcopy demo "${args[@]}" >"$OUT/demo-$mode.txt" 2>&1
     rc=$?
     check=$("$PY" - "$OUT/demo-$mode.json" <<'EOF' 2>&1
@@ -126,7 +134,7 @@ EOF
     )
     if [ "$rc" -eq 0 ] && [ "$check" = verified ]; then
         grep -E 'downtime|rounds|final hash' "$OUT/demo-$mode.txt" | head -n 4
-        say "demo --mode $mode --dirty-log soft-dirty: VERIFIED"
+        say "demo --mode $mode --dirty-log soft-dirty: VERIFIED in $(took $t0)"
         record "demo-$mode" verified
     else
         tail -n 15 "$OUT/demo-$mode.txt"

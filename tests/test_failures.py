@@ -11,13 +11,14 @@ import time
 
 import pytest
 
-from conftest import require_netns, require_uffd
+from conftest import SLOWDOWN, require_netns, require_uffd
 from postcopy import wire
 from postcopy.dirtylog import available_backends
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
 from postcopy.netns import Testbed
 
-PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=600_000, rate=100_000)
+PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=600_000 * SLOWDOWN,
+                     rate=100_000)
 
 
 
@@ -85,7 +86,7 @@ def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
     dest = m.dest()
     # Rounds never converge: the migration stays in precopy until the destination dies.
     source = m.source("--mode", "precopy", "--downtime-limit", "0", "--max-rounds", "100000", "--stall-rounds", "0")
-    time.sleep(1.0)
+    time.sleep(1.0 * SLOWDOWN)  # well into the precopy rounds
     assert source.poll() is None, source.communicate()
     os.kill(dest.pid, signal.SIGKILL)
     _, err = source.communicate(timeout=30)

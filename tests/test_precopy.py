@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import require_netns, require_uffd
+from conftest import SLOWDOWN, require_netns, require_uffd
 from postcopy.demo import DemoOptions, run_demo
 from postcopy.dirtylog import available_backends
 from postcopy.guest import GuestParams
@@ -48,7 +48,7 @@ def test_write_heavy_guest_loses_no_write(mode, attempt):
 
 
 def test_idle_guest_precopy_sends_about_its_populated_ram():
-    report = migrate("precopy", workload="idle", steps=2_000, working_set=1.0)
+    report = migrate("precopy", workload="idle", steps=3_000 * SLOWDOWN, working_set=1.0)
     assert report["verified"]
     populated = report["precopy_rounds"][0]["dirty_pages"]
     page_bytes = populated * 4096
