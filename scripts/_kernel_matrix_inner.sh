@@ -6,7 +6,7 @@
 #   _kernel_matrix_inner.sh OUT suite        doctor check, tests marked for other kernels, demos
 #   _kernel_matrix_inner.sh OUT exec CMD...  CMD (a shell string) in the repo, its status is ours
 #
-# Results for the host go to OUT: status (0 or the failing step's code), result.txt
+# Results for the host go to OUT: status (suite: 0 or 1; exec: CMD's status), result.txt
 # (one "key: value" line per step), the JUnit XML and JSON of each step.
 set -uo pipefail
 
@@ -20,8 +20,8 @@ cd "$REPO" || exit 1
 # Debian's python3 is first on the guest's PATH; the project runs from its own venv.
 export PATH="$REPO/.venv/bin:$PATH"
 PY="$REPO/.venv/bin/python"
-# The root filesystem is read-only here: bytecode and the pytest cache cannot be written,
-# temporary files go to the in-guest /tmp overlay (RAM).
+# The root filesystem is read-only here: the host compiled the bytecode beforehand, the
+# pytest cache is off, temporary files go to the in-guest /tmp overlay (RAM).
 export PYTHONDONTWRITEBYTECODE=1 TMPDIR=/tmp
 export PYTHONUNBUFFERED=1
 
@@ -97,7 +97,7 @@ rc=$?
 say "pytest -m \"softdirty or precopy\": exit $rc in $(took $t0)"
 case $rc in
     0) ;;
-    5) say "no test is marked softdirty or precopy yet (pytest exit 5: none collected)"
+    5) say "no test selected: none is marked softdirty or precopy${KM_PYTEST_ARGS:+, or $KM_PYTEST_ARGS left none} (pytest exit 5)"
        record marked "none collected (exit 5)"
        rm -f "$OUT/marked.xml" ;;
     *) fail "pytest -m \"softdirty or precopy\" exited $rc" ;;
@@ -108,7 +108,11 @@ esac
 # enough steps (~800k/s here) to outlive the agents' start-up; the reference run costs
 # as much again. KM_DEMO_MODES="precopy hybrid" adds the precopy demo.
 help=$(postcopy demo --help 2>&1)
-for mode in ${KM_DEMO_MODES:-hybrid}; do
+if [ -z "${KM_DEMO_MODES-hybrid}" ]; then
+    say "no demo: none requested (--demo-modes \"\")"
+    record demo "none requested"
+fi
+for mode in ${KM_DEMO_MODES-hybrid}; do  # set but empty: no demo
     if ! grep -Eq -- "--mode \{[^}]*\b$mode\b" <<<"$help"; then
         say "SKIPPED demo --mode $mode: postcopy demo has no --mode $mode yet"
         record "demo-$mode" "skipped (no --mode $mode in postcopy demo)"
