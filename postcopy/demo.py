@@ -146,7 +146,10 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=2, help="vCPU threads (default 2)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="random-write")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20_000_000, help="steps per vCPU thread")
+    p.add_argument("--steps", type=int, default=4_000_000, help="steps per vCPU thread (default 4,000,000)")
+    p.add_argument("--rate", type=float, default=500_000, metavar="STEPS_PER_S",
+                   help="steps per second per vCPU (default 500,000; 0: as fast as it goes); the final "
+                        "hash does not depend on it, the guest's run time does")
     p.add_argument("--working-set", type=float, default=0.5, help="fraction of each vCPU slice it writes")
     p.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
     p.add_argument("--rate-limit", type=rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit")
@@ -158,7 +161,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed,
+    params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed, rate=args.rate,
                          steps=args.steps, working_set=args.working_set, backing=args.backing)
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
