@@ -104,9 +104,9 @@ case $rc in
 esac
 
 # 3. A whole migration with the soft-dirty log, verified against the reference hash.
-# Under software emulation a Python process needs ~10 s to start, so the guest gets
-# enough steps (~800k/s here) to outlive the agents' start-up; the reference run costs
-# as much again. KM_DEMO_MODES="precopy hybrid" adds the precopy demo.
+# Under software emulation a Python process needs ~10 s to start, so the guest runs
+# ~24 s (12M steps at 500k/s; unthrottled it does ~800k/s here) to outlive the agents'
+# start-up and the precopy rounds. KM_DEMO_MODES="precopy hybrid" adds the precopy demo.
 help=$(postcopy demo --help 2>&1)
 if [ -z "${KM_DEMO_MODES-hybrid}" ]; then
     say "no demo: none requested (--demo-modes \"\")"
@@ -119,7 +119,7 @@ for mode in ${KM_DEMO_MODES-hybrid}; do  # set but empty: no demo
         continue
     fi
     args=(--mode "$mode" --dirty-log soft-dirty --ram 16M --threads 1 --workload random-write
-          --steps "${KM_DEMO_STEPS:-30000000}" --migrate-after 0.5 --json "$OUT/demo-$mode.json")
+          --steps "${KM_DEMO_STEPS:-12000000}" --rate 500000 --migrate-after 0.5 --json "$OUT/demo-$mode.json")
     say "running postcopy demo ${args[*]}"
     t0=$SECONDS
     postcopy demo "${args[@]}" >"$OUT/demo-$mode.txt" 2>&1
