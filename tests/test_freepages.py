@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from conftest import require_uffd as need_uffd
+
 from postcopy.guest import GuestClient, GuestParams, parse_final_hash, reference_hash
 
 PAGE = mmap.PAGESIZE
@@ -208,15 +210,6 @@ class FaultServer(threading.Thread):
         self.join()
         self.uffd.close()
         assert self.error is None, self.error
-
-
-def need_uffd() -> None:
-    from postcopy.uffd import UffdError, Userfaultfd
-
-    try:
-        Userfaultfd().close()
-    except (UffdError, OSError) as exc:
-        pytest.skip(f"needs userfaultfd (CONFIG_USERFAULTFD) for the incoming guest: {exc}")
 
 
 @pytest.mark.parametrize("backing", ["memfd", "anon"])

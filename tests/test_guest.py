@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from conftest import require_uffd as need_uffd
+
 from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash, reference_hash
 
 RAM = 4 << 20
@@ -349,13 +351,6 @@ class FaultServer(threading.Thread):
         self.join()
         self.uffd.close()
         assert self.error is None, self.error
-
-
-def need_uffd() -> None:
-    try:
-        import postcopy.uffd  # noqa: F401  (the incoming guest opens its uffd with it)
-    except ImportError:
-        pytest.skip("needs postcopy.uffd (the userfaultfd wrapper) for --incoming")
 
 
 def runs(pages: list[int]) -> list[tuple[int, int]]:
