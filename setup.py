@@ -1,4 +1,4 @@
 # cffi_modules is a setup() keyword that pyproject.toml cannot express.
 from setuptools import setup
 
-setup(cffi_modules=["postcopy/_build.py:ffibuilder"])
+setup(cffi_modules=["src/postcopy/_build.py:ffibuilder"])

@@ -7,7 +7,17 @@ import subprocess
 
 import pytest
 
+import postcopy
+# A broken build is an error, never a skip: every test needs the native helper.
+import postcopy._native  # noqa: F401
 from postcopy.guest import GuestParams, wait_for_control
+
+# The suite tests the installed package (scripts/setup-venv installs it, not editable);
+# the src/ layout keeps the checkout off sys.path, and this makes sure of it.
+_TREE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+if os.path.abspath(postcopy.__file__).startswith(_TREE + os.sep) and not os.environ.get("POSTCOPY_TEST_TREE"):
+    raise pytest.UsageError(f"postcopy was imported from the checkout ({postcopy.__file__}), not the installed "
+                            "package: run scripts/test (or set POSTCOPY_TEST_TREE=1 for an editable install)")
 
 
 # Under scripts/kernel-matrix everything runs in software emulation, 5-40x slower
@@ -24,7 +34,7 @@ def require_root() -> None:
 def require_uffd() -> None:
     """Skip unless userfaultfd can be opened here."""
     require_root()
-    from postcopy.uffd import Userfaultfd, UffdError
+    from postcopy.kernel.uffd import Userfaultfd, UffdError
 
     try:
         Userfaultfd().close()
@@ -64,7 +74,7 @@ def bed():
     """A fresh two-namespace testbed (needs root, netns and userfaultfd)."""
     require_netns()
     require_uffd()
-    from postcopy.netns import Testbed
+    from postcopy.testbed.netns import Testbed
 
     with Testbed() as testbed:
         yield testbed

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from postcopy import wire
+from postcopy.protocol import wire
 from postcopy.guest import GuestClient, GuestParams, wait_for_control
 
 

@@ -15,18 +15,18 @@ import time
 import pytest
 
 from conftest import require_netns, require_uffd
-from postcopy import wire
-from postcopy.checkpoint import CheckpointConfig, Checkpointer, bound_problem, steps_per_epoch
+from postcopy.protocol import wire
+from postcopy.checkpoint.primary import CheckpointConfig, Checkpointer, bound_problem, steps_per_epoch
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
-from postcopy.standby import Standby, StandbyConfig, reference_hash_at
-from postcopy.transport import Channel, handshake
+from postcopy.checkpoint.standby import Standby, StandbyConfig, reference_hash_at
+from postcopy.protocol.channel import Channel, handshake
 
 PS = os.sysconf("SC_PAGE_SIZE")
 
 
 def _require_dirty_log() -> None:
     require_uffd()
-    from postcopy.dirtylog import available_backends
+    from postcopy.kernel.dirtylog import available_backends
 
     reasons = available_backends()
     if all(reason is not None for reason in reasons.values()):
@@ -126,7 +126,7 @@ def test_a_half_received_epoch_is_never_applied(standby):
 
 
 def test_an_epoch_larger_than_the_receive_buffer_is_applied_whole(standby):
-    from postcopy.standby import RECV_BUFFER
+    from postcopy.checkpoint.standby import RECV_BUFFER
 
     sb, port, key, thread, result = standby
     npages = 2 * RECV_BUFFER // PS
@@ -283,7 +283,7 @@ def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
 def bed():
     require_netns()
     _require_dirty_log()
-    from postcopy.netns import Testbed
+    from postcopy.testbed.netns import Testbed
 
     with Testbed() as testbed:
         yield testbed

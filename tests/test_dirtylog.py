@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from postcopy.dirtylog import (DirtyLogUnavailable, available_backends, merge_runs, open_dirty_log)
+from postcopy.kernel.dirtylog import (DirtyLogUnavailable, available_backends, merge_runs, open_dirty_log)
 from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash, reference_hash
 
 PAGE = mmap.PAGESIZE
@@ -166,8 +166,8 @@ def test_small_native_buffers_continue(launch, monkeypatch, name):
     (PAGEMAP_SCAN after a full buffer, the pagemap pass after a full run list); runs
     cut at a call boundary come back merged."""
     require_backend(name)
-    from postcopy.dirtylog.pagemapscan import PagemapScanLog
-    from postcopy.dirtylog.softdirty import SoftDirtyLog
+    from postcopy.kernel.dirtylog.pagemapscan import PagemapScanLog
+    from postcopy.kernel.dirtylog.softdirty import SoftDirtyLog
 
     monkeypatch.setattr(PagemapScanLog, "scan_buffer", 3)
     monkeypatch.setattr(SoftDirtyLog, "run_buffer", 3)
@@ -257,7 +257,7 @@ def test_soft_dirty_pauses_only_a_running_guest(launch):
     """The harvest's pause/resume, exercised on any kernel: the backend is made
     directly (its bits simply never get set where soft-dirty is missing). A paused
     guest stays paused; a running one runs on after each harvest."""
-    from postcopy.dirtylog.softdirty import SoftDirtyLog
+    from postcopy.kernel.dirtylog.softdirty import SoftDirtyLog
 
     _, sock = launch(dataclasses.replace(BASE, rate=5000), start_paused=True)
     with GuestClient(sock) as guest:
@@ -280,7 +280,7 @@ def test_soft_dirty_reports_memfd_data_without_a_pte(launch):
     soft-dirty bit: the backend reports every page that has data in the memfd and no
     PTE. Made here by writing through another mapping of the memfd, which the guest
     never maps in; runs on any kernel."""
-    from postcopy.dirtylog.softdirty import SoftDirtyLog
+    from postcopy.kernel.dirtylog.softdirty import SoftDirtyLog
 
     _, sock = launch(dataclasses.replace(BASE, working_set=0.5), start_paused=True)
     with GuestClient(sock) as guest:
@@ -348,7 +348,7 @@ def test_touch_spread_writes_distinct_pages(launch):
 
 
 def test_harvest_table_smoke():
-    from postcopy.harvestbench import format_table, harvest_table
+    from postcopy.bench.harvest import format_table, harvest_table
 
     backends = [name for name, reason in available_backends().items() if reason is None]
     if not backends:

@@ -8,10 +8,11 @@ import os
 import pytest
 
 from conftest import require_root
-from postcopy import doctor, probes
+from postcopy.kernel import doctor
+from postcopy.kernel import probes
 from postcopy.cli import main
-from postcopy.probes import Probe
-from postcopy.uffd import Feature, UffdError, address_of, supported_features
+from postcopy.kernel.probes import Probe
+from postcopy.kernel.uffd import Feature, UffdError, address_of, supported_features
 
 
 def run_json(capsys) -> tuple[int, dict]:

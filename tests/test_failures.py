@@ -12,10 +12,10 @@ import time
 import pytest
 
 from conftest import SLOWDOWN, require_netns, require_uffd
-from postcopy import wire
-from postcopy.dirtylog import available_backends
+from postcopy.protocol import wire
+from postcopy.kernel.dirtylog import available_backends
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
-from postcopy.netns import Testbed
+from postcopy.testbed.netns import Testbed
 
 PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=600_000 * SLOWDOWN,
                      rate=100_000)

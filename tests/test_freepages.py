@@ -173,7 +173,7 @@ class FaultServer(threading.Thread):
 
     def __init__(self, uffd_fd: int, features: int, base: int, source: mmap.mmap):
         super().__init__(daemon=True)
-        from postcopy.uffd import Userfaultfd, address_of
+        from postcopy.kernel.uffd import Userfaultfd, address_of
 
         self.uffd = Userfaultfd.from_fd(os.dup(uffd_fd), features)
         self.base, self.source, self.src = base, source, address_of(source)
@@ -184,7 +184,7 @@ class FaultServer(threading.Thread):
     def install(self, offset: int, length: int, src: int | None = None) -> None:
         """Copy [offset, +length) from the source (or from address src), page by page
         where a page already exists."""
-        from postcopy.uffd import PageExistsError
+        from postcopy.kernel.uffd import PageExistsError
 
         done = 0
         while done < length:
@@ -194,7 +194,7 @@ class FaultServer(threading.Thread):
                 done += PAGE
 
     def run(self) -> None:
-        from postcopy.uffd import EventKind
+        from postcopy.kernel.uffd import EventKind
 
         try:
             while not self.stop.is_set():
@@ -217,7 +217,7 @@ def test_migration_skipping_free_pages_verifies(launch, backing):
     """Source paused halfway; only its populated, non-free pages are copied, the free
     ones get garbage. The incoming guest must finish with the reference hash."""
     need_uffd()
-    from postcopy.uffd import address_of
+    from postcopy.kernel.uffd import address_of
 
     params = dataclasses.replace(BASE, backing=backing)
     half = params.steps // 2
@@ -263,7 +263,7 @@ def test_precopy_with_dirty_log_and_free_hint_verifies(launch):
     Pages are written into the incoming guest's memfd (overwriting is what precopy
     rounds do; UFFDIO_COPY cannot overwrite); pages never copied fault and are served."""
     need_uffd()
-    from postcopy.dirtylog import DirtyLogUnavailable, open_dirty_log
+    from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 
     params = dataclasses.replace(BASE, workload="hotspot", steps=90_000, rate=60_000)
     _, src_sock = launch(params, name="src", start_paused=True)

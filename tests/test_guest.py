@@ -315,7 +315,7 @@ class FaultServer(threading.Thread):
 
     def __init__(self, uffd_fd: int, features: int, base: int, source: mmap.mmap):
         super().__init__(daemon=True)
-        from postcopy.uffd import Userfaultfd, address_of
+        from postcopy.kernel.uffd import Userfaultfd, address_of
 
         self.uffd = Userfaultfd.from_fd(os.dup(uffd_fd), features)
         self.base, self.source, self.src = base, source, address_of(source)
@@ -325,7 +325,7 @@ class FaultServer(threading.Thread):
         self.stop = threading.Event()
 
     def install(self, offset: int, length: int = PAGE) -> None:
-        from postcopy.uffd import PageExistsError
+        from postcopy.kernel.uffd import PageExistsError
 
         try:
             self.uffd.copy(self.base + offset, self.src + offset, length)
@@ -333,7 +333,7 @@ class FaultServer(threading.Thread):
             pass
 
     def run(self) -> None:
-        from postcopy.uffd import EventKind
+        from postcopy.kernel.uffd import EventKind
 
         try:
             while not self.stop.is_set():
@@ -404,7 +404,7 @@ def test_incoming_precopy_discard_postcopy(launch, backing):
     the source run on, discard the pages that went stale (they become missing again),
     resume and serve those on demand. The result is the reference run's."""
     need_uffd()
-    from postcopy.uffd import Feature
+    from postcopy.kernel.uffd import Feature
 
     params = dataclasses.replace(BASE, backing=backing, workload="hotspot", working_set=0.5)
     _, src_sock = launch(dataclasses.replace(params, backing="memfd"), name="src", start_paused=True)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from postcopy.demo import DemoError, DemoOptions, run_demo
+from postcopy.testbed.demo import DemoError, DemoOptions, run_demo
 from postcopy.guest import GuestParams
-from postcopy.install import install_path_error
-from postcopy.uffd import Feature
+from postcopy.migration.install import install_path_error
+from postcopy.kernel.uffd import Feature
 from conftest import require_netns, require_uffd
 
 BACKING = {"continue": "memfd", "move": "anon"}

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from postcopy import netns
-from postcopy.netns import Host, Testbed, TestbedError
+from postcopy.testbed import netns
+from postcopy.testbed.netns import Host, Testbed, TestbedError
 
 _REASON = netns.unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -290,7 +290,7 @@ def test_sigterm_through_cli_handler_cleans_up(tmp_path) -> None:
     script.write_text(
         "import signal, sys, time\n"
         "from postcopy.cli import _terminate\n"
-        "from postcopy.netns import Testbed\n"
+        "from postcopy.testbed.netns import Testbed\n"
         "signal.signal(signal.SIGTERM, _terminate)\n"
         "try:\n"
         "    with Testbed() as tb:\n"
@@ -356,7 +356,7 @@ def test_stale_namespaces_of_dead_processes_are_removed() -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from postcopy.netns import Testbed\n"
+         "from postcopy.testbed.netns import Testbed\n"
          "tb = Testbed()\n"
          "p = tb.popen(tb.dest, [sys.executable, '-c', 'import time; time.sleep(120)'])\n"
          "print(tb.source.name, tb.dest.name, p.pid, flush=True)\n"
@@ -402,7 +402,7 @@ def test_ctrl_c_at_any_point_leaves_nothing(tmp_path) -> None:
     script = tmp_path / "interrupt.py"
     script.write_text(
         "import os, signal, sys, threading, time\n"
-        "from postcopy.netns import Testbed, RUN_DIR\n"
+        "from postcopy.testbed.netns import Testbed, RUN_DIR\n"
         "for i in range(60):\n"
         "    t = threading.Timer(0.0002 + i * 0.0003, os.kill, (os.getpid(), signal.SIGINT))\n"
         "    try:\n"
@@ -442,7 +442,7 @@ def test_ctrl_c_at_any_point_leaves_nothing(tmp_path) -> None:
 def test_forgotten_testbed_is_removed_at_exit_but_not_by_a_forked_child() -> None:
     code = (
         "import os, sys\n"
-        "from postcopy.netns import Testbed, RUN_DIR\n"
+        "from postcopy.testbed.netns import Testbed, RUN_DIR\n"
         "tb = Testbed()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

@@ -6,11 +6,11 @@ import mmap
 import pytest
 
 from conftest import require_uffd
-from postcopy import pagemap as pm
+from postcopy.kernel import pagemap as pm
 from postcopy._native import lib
-from postcopy.pagemap import (PM_PRESENT, PM_SOFT_DIRTY, PM_SWAP, Category, Pagemap, PagemapError,
+from postcopy.kernel.pagemap import (PM_PRESENT, PM_SOFT_DIRTY, PM_SWAP, Category, Pagemap, PagemapError,
                               ScanFlag, clear_refs)
-from postcopy.uffd import PAGE_SIZE, Feature, Mode, Userfaultfd, address_of, supported_features
+from postcopy.kernel.uffd import PAGE_SIZE, Feature, Mode, Userfaultfd, address_of, supported_features
 
 PS = PAGE_SIZE
 POPULATED = PM_PRESENT | PM_SWAP
@@ -202,7 +202,7 @@ def test_scan_check_wpasync_rejects_untracked_memory(anon):
 
 
 def test_soft_dirty_bit_tracks_writes(anon):
-    from postcopy.probes import probe_soft_dirty
+    from postcopy.kernel.probes import probe_soft_dirty
 
     if not probe_soft_dirty().ok:
         pytest.skip("kernel built without CONFIG_MEM_SOFT_DIRTY (soft-dirty bit never set)")

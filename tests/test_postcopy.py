@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postcopy.demo import DemoOptions, run_demo
+from postcopy.testbed.demo import DemoOptions, run_demo
 from postcopy.guest import GuestParams
 from conftest import require_netns, require_uffd
 

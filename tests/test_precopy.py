@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import SLOWDOWN, require_netns, require_uffd
-from postcopy.demo import DemoOptions, run_demo
-from postcopy.dirtylog import available_backends
+from postcopy.testbed.demo import DemoOptions, run_demo
+from postcopy.kernel.dirtylog import available_backends
 from postcopy.guest import GuestParams
 
 pytestmark = [pytest.mark.precopy, pytest.mark.usefixtures("needs_precopy")]

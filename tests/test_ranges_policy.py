@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from postcopy import ranges
-from postcopy.precopy import ConvergencePolicy, RoundStats, run_rounds
+from postcopy.migration.precopy import ConvergencePolicy, RoundStats, run_rounds
 
 
 def _pages(runs):

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import require_uffd
 from postcopy._native import ffi, lib
-from postcopy.uffd import (PAGE_SIZE, Event, EventKind, Feature, MappingChangedError, Mode,
+from postcopy.kernel.uffd import (PAGE_SIZE, Event, EventKind, Feature, MappingChangedError, Mode,
                            PageExistsError, UffdError, Userfaultfd, address_of, supported_features)
 
 PS = PAGE_SIZE
@@ -87,7 +87,7 @@ def test_open_negotiates_requested_and_optional_features():
 
 
 def test_missing_required_feature_is_named(monkeypatch):
-    import postcopy.uffd as uffd
+    import postcopy.kernel.uffd as uffd
 
     monkeypatch.setattr(uffd, "_supported", Feature.MISSING_SHMEM | Feature.THREAD_ID)
     with pytest.raises(UffdError) as info:
@@ -340,7 +340,7 @@ def test_poison_makes_access_raise_sigbus():
     # A poisoned page kills whoever touches it: do it in a child process.
     script = textwrap.dedent("""
         import mmap, sys
-        from postcopy.uffd import Feature, Mode, Userfaultfd, address_of, PAGE_SIZE
+        from postcopy.kernel.uffd import Feature, Mode, Userfaultfd, address_of, PAGE_SIZE
         from postcopy._native import lib
         m = mmap.mmap(-1, 2 * PAGE_SIZE)
         base = address_of(m)

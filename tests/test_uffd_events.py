@@ -15,8 +15,8 @@ import time
 import pytest
 
 from conftest import require_netns, require_uffd
-from postcopy import wire
-from postcopy.demo import DemoOptions, run_demo
+from postcopy.protocol import wire
+from postcopy.testbed.demo import DemoOptions, run_demo
 from postcopy.guest import GuestClient, GuestParams, wait_for_control
 
 PAGE = 4096

@@ -9,8 +9,8 @@ import tracemalloc
 
 import pytest
 
-from postcopy import wire
-from postcopy.wire import (HEADER, AuthError, AuthOk, AuthProof, Cause, Complete, Decoder, Discard, Error,
+from postcopy.protocol import wire
+from postcopy.protocol.wire import (HEADER, AuthError, AuthOk, AuthProof, Cause, Complete, Decoder, Discard, Error,
                            ErrorCode, FrameError, FrameType, Handshake, HandshakeError, Hello, Layout, PageRequest,
                            PageRun, PeerError, Ping, Pong, ProtocolError, PushDone, RangeError, Switchover,
                            VersionError, ZeroRange)

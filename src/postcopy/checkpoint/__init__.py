@@ -1,0 +1,1 @@
+"""Continuous checkpointing: the primary and the standby."""

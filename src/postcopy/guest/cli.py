@@ -1,0 +1,144 @@
+"""``postcopy guest``: run a guest (or an incoming guest waiting for its RAM)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from postcopy.units import positive_int_arg, size_arg
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError("seed must fit in 64 bits (0 .. 2**64-1)")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def register(subparsers) -> None:
+    from postcopy.guest.runtime import BACKINGS, MAX_THREADS, WORKLOADS
+
+    p = subparsers.add_parser(
+        "guest", help="run a guest process whose whole state lives in its RAM",
+        description="Run a guest: vCPU threads step a deterministic workload in guest RAM. "
+                    "With --steps, print 'final_hash <16 hex>' when every vCPU is done and exit 0. "
+                    "With --incoming, map empty RAM registered with userfaultfd and wait for "
+                    "'resume' on the control socket; threads, workload and steps come with the RAM.")
+    p.add_argument("--ram", type=size_arg, required=True, metavar="SIZE",
+                   help="guest RAM size, a page multiple (e.g. 64M)")
+    p.add_argument("--threads", type=positive_int_arg, metavar="N", help=f"vCPU threads, 1..{MAX_THREADS} (default 1)")
+    p.add_argument("--workload", choices=list(WORKLOADS), help="what each step writes (default random-write)")
+    p.add_argument("--seed", type=_seed, metavar="S", help="RNG seed (default 1)")
+    p.add_argument("--steps", type=positive_int_arg, metavar="K",
+                   help="steps per vCPU; without it the guest runs until quit or SIGTERM")
+    p.add_argument("--rate", type=_nonneg_float, metavar="STEPS_PER_S",
+                   help="step rate limit per vCPU, 0 = unlimited (idle: 0 means 1000/s)")
+    p.add_argument("--working-set", type=float, metavar="FRACTION",
+                   help="fraction (0, 1] of each vCPU's slice that is written (default 1)")
+    p.add_argument("--free-fraction", type=float, metavar="FRACTION",
+                   help="fraction [0, 1) of each working set that is free at any time; the free set "
+                        "moves (a page taken back is zero-filled first), the hash counts free pages as "
+                        "zero, and the control command free_ranges lists them (default 0)")
+    p.add_argument("--backing", choices=BACKINGS, default="memfd", help="RAM backing (default memfd)")
+    p.add_argument("--control", metavar="PATH", help="Unix socket for control commands (mode 0600)")
+    p.add_argument("--incoming", action="store_true",
+                   help="map empty RAM under userfaultfd and wait for the migrated state")
+    p.add_argument("--uffd-minor", action="store_true",
+                   help="incoming, memfd backing: register RAM for missing AND minor faults, so the agent can "
+                        "install pages by writing the memfd and UFFDIO_CONTINUE (needs UFFD_FEATURE_MINOR_SHMEM)")
+    p.add_argument("--staging-pages", type=positive_int_arg, metavar="N",
+                   help="incoming, anon backing: also map N pages of unregistered private anonymous staging "
+                        "memory the agent fills and moves pages out of with UFFDIO_MOVE (needs UFFD_FEATURE_MOVE)")
+    p.add_argument("--linger", action="store_true", help="when finished, keep serving the control socket until quit")
+    p.add_argument("--start-paused", action="store_true", help="boot, then wait for resume")
+    p.add_argument("--pause-at", type=positive_int_arg, metavar="K",
+                   help="park every vCPU when it has done exactly K steps (resume continues)")
+    p.set_defaults(func=handler, _parser=p)
+
+
+def _validate(args) -> str | None:
+    from postcopy.guest.runtime import incoming_options_error, layout_error
+
+    error = incoming_options_error(args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
+                                   staging_pages=args.staging_pages or 0)
+    if error:
+        return error
+    if args.incoming:
+        given = [f"--{name.replace('_', '-')}" for name in
+                 ("threads", "workload", "seed", "steps", "rate", "working_set", "free_fraction", "pause_at")
+                 if getattr(args, name) is not None]
+        if given:
+            return f"--incoming takes {', '.join(given)} from the migrated state page: leave them out"
+        if args.start_paused:
+            return "--incoming already waits for resume: leave out --start-paused"
+    if (args.incoming or args.start_paused or args.linger) and not args.control:
+        return "--incoming, --start-paused and --linger need --control (nothing else could resume or quit)"
+    if args.start_paused and args.pause_at is not None:
+        return "--start-paused and --pause-at do not mix: use the run_until control command"
+    if args.steps is not None and args.pause_at is not None and args.pause_at >= args.steps:
+        return f"--pause-at {args.pause_at} must be below --steps {args.steps}"
+    threads = args.threads or 1
+    workload = args.workload or "random-write"
+    ws = 1.0 if args.working_set is None else args.working_set
+    free = 0.0 if args.free_fraction is None else args.free_fraction
+    return layout_error(args.ram, threads, workload, ws, free)
+
+
+def handler(args) -> int:
+    from postcopy.guest.control import ControlServer
+    from postcopy.guest.runtime import BootParams, Guest
+
+    error = _validate(args)
+    if error:
+        args._parser.error(error)  # exit 2
+    try:
+        guest = Guest(args.ram, args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
+                      staging_pages=args.staging_pages or 0)
+    except ImportError as exc:
+        print(f"guest: --incoming needs postcopy.kernel.uffd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"guest: {exc}", file=sys.stderr)
+        return 1
+    server = None
+    try:
+        if args.control:
+            try:
+                server = ControlServer(args.control, guest, on_quit=guest.request_quit)
+            except OSError as exc:
+                print(f"guest: control socket {args.control}: {exc}", file=sys.stderr)
+                return 1
+        if not args.incoming:
+            guest.boot(BootParams(threads=args.threads or 1, workload=args.workload or "random-write",
+                                  seed=1 if args.seed is None else args.seed, steps=args.steps,
+                                  rate=args.rate or 0.0,
+                                  working_set=1.0 if args.working_set is None else args.working_set,
+                                  free_fraction=args.free_fraction or 0.0))
+        if server:
+            server.start()
+        if not args.incoming and not args.start_paused:
+            guest.resume(stop_at=args.pause_at)
+        outcome = guest.wait()
+        if outcome == "finished":
+            print(f"final_hash {guest.ram_hash()}", flush=True)
+            if args.linger:
+                outcome = guest.wait(finished_ok=False)
+        if outcome == "fatal":
+            print(f"guest: {guest.fatal}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if server:
+            server.close()

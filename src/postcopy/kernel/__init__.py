@@ -1,0 +1,1 @@
+"""Kernel interfaces: userfaultfd, pagemap and PAGEMAP_SCAN, dirty logs, feature probes."""

@@ -1,0 +1,1 @@
+"""The source and destination agents, the install paths and the convergence policy."""

@@ -1,0 +1,629 @@
+"""The destination agent: starts (or attaches to) the incoming guest, takes its
+userfaultfd, resumes it as soon as the state arrives, and runs the fault server: fault
+events become page requests on the urgent channel, arriving runs are installed with one
+UFFDIO_COPY each (or another install path, see :mod:`postcopy.migration.install`), and the range
+is unregistered once every page is in."""
+from __future__ import annotations
+
+import os
+import resource
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from postcopy import report
+
+from postcopy.protocol import wire
+from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
+from postcopy._native import lib as native
+from postcopy.kernel.priority import make_current_thread_urgent
+from postcopy.guest.control import GuestClient, GuestError, wait_for_control
+from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo, handshake, tune
+from postcopy.kernel.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
+                           Userfaultfd)
+
+# Page states on the destination. REMOVED: the guest dropped the page (MADV_DONTNEED,
+# munmap) during postcopy, so it must read zeros: no source data is installed there.
+MISSING, REQUESTED, PRESENT, ZERO, REMOVED = 0, 1, 2, 3, 4
+# Pages per UFFDIO_COPY while holding the install gate (bounds how long the fault
+# server can wait for the gate behind a bulk install).
+GATED_COPY_PAGES = 16
+RETRY = -1  # a copy met a changing mapping: try again after the events are read
+
+
+class DestinationError(RuntimeError):
+    """The incoming migration failed; the message says why."""
+
+
+@dataclass
+class DestConfig:
+    listen: tuple[str, int]
+    key: bytes
+    workdir: str
+    backing: str = "memfd"
+    guest_control: str | None = None  # attach to this incoming guest instead of starting one
+    accept_timeout: float = 60.0
+    recovery_timeout: float = 30.0  # postcopy: how long to wait for the source to reconnect (0: never)
+    install: str = "copy"  # install path: copy, continue (memfd) or move (anon); see postcopy.migration.install
+    staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
+
+
+class DestinationAgent:
+    """Receives one postcopy migration. Use :meth:`run` (or :meth:`bind` then :meth:`run`)."""
+
+    def __init__(self, config: DestConfig, listener: socket.socket | None = None):
+        self.config = config
+        self.listener = listener
+        self.guest_proc: subprocess.Popen | None = None
+        self.final_hash: str | None = None
+        self._lock = threading.Lock()  # page states and counters
+        # Installs and the reading of uffd events exclude each other: once the fault
+        # server has read a REMOVE event and marked the range, no copy that checked the
+        # range before can land after the kernel's zap.
+        self._gate = threading.Lock()
+        self._all_in = threading.Event()
+        self._stop = threading.Event()
+        self._fault_started: dict[int, int] = {}  # page -> ns the fault event was read
+        self._faults: list[tuple[int, float]] = []  # (ns the fault was read, µs to wake)
+        self._first_push_ns: int | None = None
+        self._pages = {cause: 0 for cause in report.PAGE_CAUSES}
+        self._in_count = 0
+        self._removed_pages = 0
+        self._timeline = report.Timeline()
+        self._thread_error: BaseException | None = None
+        self._main: Channel | None = None
+        self._urgent: Channel | None = None  # None while the link is being recovered
+        self._session: bytes | None = None
+        self._switched = False
+        self._link_broken = threading.Event()
+        self._recoveries: list[float] = []  # ms from noticing the break to resuming
+        self._path: CopyPath | None = None  # the install strategy, chosen in _setup
+
+    def bind(self) -> socket.socket:
+        """Listen on the configured endpoint (call before run to learn the port).
+        Refuses an install path this backing or kernel cannot do before anyone connects."""
+        if self.config.guest_control is None:
+            error = install_path_error(self.config.install, self.config.backing)
+            if error:
+                raise DestinationError(error)
+        if self.listener is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.config.listen)
+            sock.listen(4)
+            self.listener = sock
+        return self.listener
+
+    def _accept(self, name: str, session: bytes | None) -> tuple[Channel, PeerInfo]:
+        self.listener.settimeout(self.config.accept_timeout)
+        try:
+            sock, _ = self.listener.accept()
+        except socket.timeout as exc:
+            raise DestinationError(f"no source connected within {self.config.accept_timeout:.0f} s") from exc
+        sock.settimeout(None)
+        tune(sock, urgent=(name == "urgent"))
+        channel = Channel(sock, name)
+        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session)
+        try:
+            peer = handshake(channel, "server", self.config.key, hello)
+        except BaseException:
+            channel.close()
+            raise
+        if peer.hello.channel != name or (session is not None and peer.hello.session != session):
+            channel.close()
+            raise DestinationError(f"expected the {name} channel of this session, got {peer.hello.channel!r}")
+        return channel, peer
+
+    # -- guest -----------------------------------------------------------------------
+    def _start_guest(self, ram_size: int) -> str:
+        control = os.path.join(self.config.workdir, "incoming.sock")
+        argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
+                "--backing", self.config.backing, "--control", control,
+                *guest_options(self.config.install, self.config.staging_pages)]
+        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
+        wait_for_control(control, timeout=30, proc=self.guest_proc)
+        return control
+
+    def stop_guest(self) -> None:
+        """Kill the incoming guest this agent started (a failed migration must not leave
+        it running on partial RAM)."""
+        if self.guest_proc is not None and self.guest_proc.poll() is None:
+            self.guest_proc.kill()
+            self.guest_proc.wait()
+
+    def _read_guest_output(self) -> None:
+        for line in self.guest_proc.stdout:
+            if line.startswith("final_hash "):
+                self.final_hash = line.split()[1]
+
+    # -- the migration -----------------------------------------------------------------
+    def run(self) -> dict:
+        """Receive the migration; returns the destination's figures (also sent to the
+        source in Complete)."""
+        self.bind()
+        main, peer = self._accept("main", None)
+        urgent = None
+        figures: dict = {}
+        try:
+            self._session = peer.hello.session
+            urgent, _ = self._accept("urgent", self._session)
+            layout = peer.layout
+            if len(layout.regions) != 1 or layout.regions[0][0] != 0:
+                raise DestinationError(f"unsupported RAM layout {layout.regions}")
+            control = self.config.guest_control or self._start_guest(layout.regions[0][1])
+            guest = GuestClient(control)
+            info, fds = guest.take_fds()
+            uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
+            self._setup(info, uffd, layout, fds.get("memfd"))
+            try:
+                self._path = make_install_path(self.config.install, self, info, fds)
+            except ValueError as exc:
+                raise DestinationError(str(exc)) from None
+            self._main, self._urgent = main, urgent
+            figures = self._receive(guest, uffd)
+            self._main.send(wire.Complete(info=figures))
+        except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
+            self._stop.set()
+            self.stop_guest()
+            raise DestinationError(f"incoming migration failed: {exc}. The incoming guest was stopped: it "
+                                   f"never runs on incomplete data.") from exc
+        except DestinationError as exc:
+            self._stop.set()
+            self.stop_guest()
+            raise DestinationError(f"{exc}. The incoming guest was stopped: it never runs on incomplete "
+                                   f"data.") from exc
+        except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
+            self._stop.set()
+            self.stop_guest()
+            raise
+        finally:
+            self._stop.set()
+            for channel in {main, urgent, self._main, self._urgent} - {None}:
+                channel.close()
+            if self._path is not None:
+                self._path.close()
+        if self.guest_proc is not None:
+            reader = threading.Thread(target=self._read_guest_output, daemon=True)
+            reader.start()
+            self.guest_proc.wait()
+            reader.join(timeout=5)
+            figures["guest_exit_code"] = self.guest_proc.returncode
+        figures["final_hash"] = self.final_hash
+        return figures
+
+    def _setup(self, info: dict, uffd: Userfaultfd, layout: wire.Layout, memfd: int | None) -> None:
+        self.uffd = uffd
+        self.base = info["ram_address"]
+        self.page_size = layout.page_size
+        self.npages = layout.total_pages
+        self.state = bytearray(self.npages)
+        # Precopy resends overwrite pages already installed: through the memfd, or the
+        # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
+        self._memfd = memfd
+        if memfd is not None:
+            self._ram_fd, self._ram_fd_base = memfd, 0
+        else:
+            self._ram_fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self._ram_fd_base = self.base
+
+    def _receive(self, guest: GuestClient, uffd: Userfaultfd) -> dict:
+        started = time.monotonic()
+        faults = threading.Thread(target=self._guard, args=(self._serve_faults,), name="fault-server", daemon=True)
+        faults.start()
+        self._start_urgent_receiver()
+        switchover: dict | None = None
+        resumed: dict | None = None
+        push_done = False
+        while not push_done:
+            try:
+                message = self._main.recv()
+            except ChannelClosed:
+                self._recover()
+                continue
+            if isinstance(message, wire.PageRun):
+                if self._first_push_ns is None and message.cause == wire.Cause.PUSHED:
+                    self._first_push_ns = time.monotonic_ns()
+                self._path.install(message.first_page, message.npages, message.data, message.cause)
+            elif isinstance(message, wire.ZeroRange):
+                self._mark_zero(message.first_page, message.npages)
+            elif isinstance(message, wire.Discard):
+                self._discard(guest, message.ranges)
+            elif isinstance(message, wire.Switchover):
+                switchover = message.info
+                resumed = guest.resume()
+                self._switched = True
+                self._timeline.switchover_ns = time.monotonic_ns()
+            elif isinstance(message, wire.Ping):
+                self._main.send(wire.Pong(token=message.token))  # guest up, fault server running
+            elif isinstance(message, wire.PushDone):
+                push_done = True
+            elif isinstance(message, wire.Error):
+                raise DestinationError(f"the source failed: {message.reason}")
+            else:
+                raise wire.ProtocolError(f"unexpected {type(message).__name__} on the main channel")
+        while not self._all_in.wait(0.2):
+            if self._thread_error is not None:
+                raise self._thread_error
+            if self._link_broken.is_set():
+                self._recover()
+        all_in = time.monotonic()
+        # Every non-zero page is in; the pages still missing are exactly the zero ones,
+        # which the kernel fills with zeros itself once the range is unregistered.
+        self._stop.set()
+        faults.join()
+        uffd.unregister(self.base, self.npages * self.page_size)
+        os.close(self._ram_fd)
+        first_step = self._first_step(guest)
+        guest.close()
+        latencies = [us for _, us in self._faults]
+        push_from = self._first_push_ns or time.monotonic_ns()
+        downtime_ms = None
+        if switchover and first_step:
+            downtime_ms = (first_step - switchover["last_heartbeat_ns"]) / 1e6
+        pushed_bytes = self._pages["pushed"] * self.page_size
+        push_seconds = (all_in - push_from / 1e9) if self._first_push_ns else None
+        return {
+            "install": self._path.name,
+            # Faults served before the pusher's first run arrived, and while it ran.
+            "fault_latency_us_before_push": report.latency_summary(us for t, us in self._faults if t < push_from),
+            "fault_latency_us_during_push": report.latency_summary(us for t, us in self._faults if t >= push_from),
+            "push_bytes_per_s": pushed_bytes / push_seconds if push_seconds else None,
+            "pages": dict(self._pages),
+            "fault_latency_us": report.latency_summary(latencies),
+            "fault_latency_histogram": report.pow2_histogram(latencies),
+            "blocktime_ms": sum(latencies) / 1e3,
+            "downtime_ms": downtime_ms,
+            "resumed_ns": resumed and resumed.get("resumed_ns"),
+            "first_step_ns": first_step,
+            "receive_ms": (all_in - started) * 1e3,
+            "timeline": self._timeline.as_dict(),
+            "pages_removed_by_guest": self._removed_pages,
+            "recoveries_ms": self._recoveries,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+
+    def _first_step(self, guest: GuestClient) -> int | None:
+        """When the guest completed its first step after resume (polls briefly)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                value = guest.status().get("first_step_after_resume_ns")
+            except Exception:
+                return None  # the guest already finished and left
+            if value:
+                return value
+            time.sleep(0.001)
+        return None
+
+    def _guard(self, target, *args) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._thread_error = exc
+
+    # -- link recovery ---------------------------------------------------------------------
+    def _start_urgent_receiver(self) -> None:
+        channel = self._urgent
+        self._urgent_thread = threading.Thread(target=self._guard, args=(self._receive_urgent, channel),
+                                               name="urgent-receiver", daemon=True)
+        self._urgent_thread.start()
+
+    def _link_lost(self) -> None:
+        """A channel broke: wake the main thread (blocked in recv) so it recovers."""
+        self._link_broken.set()
+        if self._main is not None:
+            self._main.close()
+
+    def _recover(self) -> None:
+        """Postcopy recovery (as QEMU's): the faulting guest threads wait while the
+        source reconnects with the same key and session; then everything outstanding is
+        asked for again. Before the switchover there is nothing to recover: the source
+        goes on running the guest, and this side gives up."""
+        if not self._switched or self.config.recovery_timeout <= 0 or self._stop.is_set():
+            raise ChannelClosed("the link to the source broke")
+        noticed = time.monotonic()
+        self._link_broken.set()
+        for channel in (self._main, self._urgent):
+            if channel is not None:
+                channel.close()
+        self._urgent = None
+        self._urgent_thread.join(timeout=5)
+        print(f"link to the source lost; waiting up to {self.config.recovery_timeout:g} s for it to reconnect",
+              file=sys.stderr, flush=True)
+        saved = self.config.accept_timeout
+        self.config.accept_timeout = self.config.recovery_timeout
+        try:
+            main, _ = self._accept("main", self._session)
+            urgent, _ = self._accept("urgent", self._session)
+        except DestinationError as exc:
+            raise DestinationError(f"the link to the source stayed down longer than the recovery timeout "
+                                   f"({self.config.recovery_timeout:g} s)") from exc
+        finally:
+            self.config.accept_timeout = saved
+        # Everything not in yet: the pusher sends it again; what threads wait on goes
+        # first, on the urgent channel.
+        with self._lock:
+            outstanding = _runs_of(self.state, (MISSING, REQUESTED))
+            waiting = sorted(self._fault_started)
+        for first, count in outstanding:
+            main.send(wire.PageRequest(first_page=first, npages=count))
+        main.send(wire.Ping(token=wire.RECOVERY_TOKEN))
+        reply = main.recv()
+        if not isinstance(reply, wire.Pong) or reply.token != wire.RECOVERY_TOKEN:
+            raise wire.ProtocolError(f"expected the recovery Pong, got {type(reply).__name__}")
+        self._main, self._urgent = main, urgent
+        self._link_broken.clear()
+        self._start_urgent_receiver()
+        for page in waiting:
+            if self.state[page] == REQUESTED:
+                urgent.send(wire.PageRequest(first_page=page, npages=1))
+        self._recoveries.append((time.monotonic() - noticed) * 1e3)
+        print(f"link recovered after {self._recoveries[-1]:.0f} ms; {len(outstanding)} runs outstanding",
+              file=sys.stderr, flush=True)
+
+    # -- installing pages ----------------------------------------------------------------
+    def _install_gated(self, first: int, npages: int, data, cause: wire.Cause, src: int, piece) -> None:
+        """Install a run in gated pieces of at most GATED_COPY_PAGES, each done by
+        ``piece`` (the install path's: :meth:`_copy_piece` for UFFDIO_COPY from ``src``).
+        A page already there is skipped and its waiter woken (push and demand raced: the
+        guest may have written it since), or, for a precopy resend before the
+        switchover, overwritten in place. Pages the guest removed meanwhile are never
+        filled."""
+        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
+        done = retries = 0
+        while done < npages:
+            with self._gate:
+                stop = min(npages, done + GATED_COPY_PAGES)
+                removed = self.state.find(REMOVED, first + done, first + stop)
+                if removed == first + done:  # skip removed pages
+                    done += 1
+                    continue
+                if removed > 0:
+                    stop = removed - first
+                handled = piece(first, done, stop, src, data, cause, overwrite)
+            if handled == RETRY:
+                retries += 1
+                if retries > 5000:
+                    raise DestinationError(f"page {first + done} stayed unmappable (the guest's mapping changed "
+                                           f"and no event explained it)")
+                time.sleep(0.0002)  # outside the gate: let the fault server read the event
+                continue
+            done += handled
+
+    def _copy_piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
+                    overwrite: bool) -> int:
+        """One UFFDIO_COPY of pages [first+done, first+stop); returns pages handled."""
+        ps = self.page_size
+        dst = self.base + (first + done) * ps
+        try:
+            copied = self.uffd.copy(dst, src + done * ps, (stop - done) * ps) // ps
+        except PageExistsError:
+            if not overwrite:
+                # The copy that got there first woke the threads waiting then; a thread
+                # that faulted after it may wait on us.
+                self.uffd.wake(dst, ps)
+                return 1
+            span = self._present_run(first + done, first + stop)
+            view = memoryview(data)[done * ps:(done + span) * ps]
+            os.pwritev(self._ram_fd, [view], self._ram_fd_base + (first + done) * ps)
+            self._installed(first + done, span, cause)
+            return span
+        except MappingChangedError:
+            # An unmap or remove is under way (EAGAIN until its event is read; ENOENT
+            # once the range is gone): retry once the fault server has read the event
+            # and marked the range removed.
+            if self._stop.is_set():
+                raise
+            return RETRY
+        self._installed(first + done, copied, cause)
+        return copied
+
+    def _present_run(self, page: int, end: int) -> int:
+        """Length of the run of installed pages from ``page`` (at least 1: the kernel
+        just said this one exists)."""
+        n = 1
+        while page + n < end and self.state[page + n] == PRESENT:
+            n += 1
+        return n
+
+    def _installed(self, first: int, count: int, cause: wire.Cause) -> None:
+        now = time.monotonic_ns()
+        end = first + count
+        name = _CAUSE_NAMES.get(cause, "pushed")
+        with self._lock:
+            # Pages announced as zero (counted in already) or re-sent (present) do not
+            # count again.
+            new = self.state.count(MISSING, first, end) + self.state.count(REQUESTED, first, end)
+            self.state[first:end] = bytes([PRESENT]) * count
+            self._pages[name] += count
+            self._timeline.add(name, count, now)
+            self._in_count += new
+            if self._fault_started:
+                for page in [p for p in self._fault_started if first <= p < end]:
+                    started = self._fault_started.pop(page)
+                    self._faults.append((started, (now - started) / 1e3))
+            if self._in_count >= self.npages:
+                self._all_in.set()
+
+    def _discard(self, guest: GuestClient, runs) -> None:
+        """Hybrid: drop the pages dirtied since their last send, so they fault in anew.
+        A memfd is punched right here (no round trip to the guest, no events); anonymous
+        memory needs the guest's own madvise (its REMOVE events are read by our fault
+        server meanwhile)."""
+        ps = self.page_size
+        if self._memfd is not None:
+            for first, count in runs:
+                err = native.pc_punch_hole(self._memfd, first * ps, count * ps)
+                if err:
+                    raise OSError(-err, f"punching pages {first}+{count} out of the guest's memfd")
+        else:
+            guest.discard([(first * ps, count * ps) for first, count in runs])
+        with self._lock:
+            for first, count in runs:
+                end = first + count
+                # Invariant: the pages counted in are those PRESENT, ZERO or REMOVED.
+                self._in_count -= sum(self.state.count(st, first, end) for st in (PRESENT, ZERO, REMOVED))
+                self.state[first:end] = bytes(count)  # MISSING
+            self._all_in.clear()
+
+    def _mark_zero(self, first: int, npages: int) -> None:
+        """Pages that hold only zeros: nothing crosses the wire for them. Threads already
+        waiting on one get a UFFDIO_ZEROPAGE now; later faults get it on the spot."""
+        with self._lock:
+            end = first + npages
+            new = self.state.count(MISSING, first, end) + self.state.count(REQUESTED, first, end)
+            waiting = [p for p in self._fault_started if first <= p < end]
+            for lo, hi in _spans_not_present(self.state, first, end):
+                self.state[lo:hi] = bytes([ZERO]) * (hi - lo)
+            self._pages["zero"] += new
+            self._timeline.add("zero", new)
+            self._in_count += new
+            if self._in_count >= self.npages:
+                self._all_in.set()
+        for page in waiting:
+            self._zero_fill(page)
+
+    def _zero_fill(self, page: int) -> None:
+        addr = self.base + page * self.page_size
+        try:
+            self.uffd.zeropage(addr, self.page_size)
+        except PageExistsError:
+            self.uffd.wake(addr, self.page_size)
+        now = time.monotonic_ns()
+        with self._lock:
+            started = self._fault_started.pop(page, None)
+            if started is not None:
+                self._faults.append((started, (now - started) / 1e3))
+
+    # -- fault server and urgent replies -------------------------------------------------
+    def _serve_faults(self) -> None:
+        """Read fault events in batches; request each missing page once; keep track of
+        ranges the guest removes or unmaps."""
+        make_current_thread_urgent()
+        ps, base, npages = self.page_size, self.base, self.npages
+        poller = select.poll()
+        poller.register(self.uffd.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(50):
+                continue
+            requests = []
+            zero_fills = []
+            settles = []
+            with self._gate:
+                events = self.uffd.read_events(64, timeout=0)
+                now = time.monotonic_ns()
+                for event in events:
+                    if event.kind in (EventKind.REMOVE, EventKind.UNMAP):
+                        self._removed(event.address, event.end)
+                        continue
+                    if event.kind is not EventKind.PAGEFAULT:
+                        continue
+                    page = (event.address - base) // ps
+                    if not 0 <= page < npages:
+                        continue
+                    if event.minor and self.state[page] not in (MISSING, REQUESTED):
+                        # Continue path: the page cache holds this page's truth (our data,
+                        # or the guest's own page): map it, no source data needed.
+                        settles.append(page)
+                        continue
+                    with self._lock:
+                        state = self.state[page]
+                        if state in (MISSING, ZERO, REMOVED) and page not in self._fault_started:
+                            self._fault_started[page] = now
+                        if state == MISSING:
+                            self.state[page] = REQUESTED
+                    if state == MISSING:
+                        requests.append(page)
+                    elif state in (ZERO, REMOVED):
+                        zero_fills.append(page)
+                    elif state == PRESENT:
+                        self.uffd.wake(base + page * ps, ps)
+                for page in zero_fills:
+                    self._zero_fill(page)
+                for page in settles:
+                    self._path.settle(base + page * ps)
+            urgent = self._urgent
+            if urgent is None:
+                continue  # recovering: these pages are asked for again once reconnected
+            try:
+                for page in requests:
+                    urgent.send(wire.PageRequest(first_page=page, npages=1))
+            except ChannelClosed:
+                self._link_lost()
+
+    def _removed(self, start: int, end: int) -> None:
+        """The guest dropped [start, end): those pages now read as zeros, whatever the
+        source held (called with the gate held, before the kernel's zap)."""
+        ps = self.page_size
+        first = max(0, (start - self.base) // ps)
+        last = min(self.npages, -(-(end - self.base) // ps))
+        if first >= last:
+            return
+        with self._lock:
+            new = self.state.count(MISSING, first, last) + self.state.count(REQUESTED, first, last)
+            self.state[first:last] = bytes([REMOVED]) * (last - first)
+            if self._timeline.switchover_ns is not None:  # not the hybrid discard itself
+                self._removed_pages += last - first
+            self._in_count += new
+            if self._in_count >= self.npages:
+                self._all_in.set()
+
+    def _receive_urgent(self, urgent: Channel) -> None:
+        make_current_thread_urgent()
+        while True:
+            try:
+                message = urgent.recv()
+            except ChannelClosed:
+                if not self._stop.is_set() and urgent is self._urgent:
+                    self._link_lost()
+                return
+            if isinstance(message, wire.PageRun):
+                self._path.install(message.first_page, message.npages, message.data, message.cause)
+            elif isinstance(message, wire.ZeroRange):
+                self._mark_zero(message.first_page, message.npages)
+            else:
+                raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
+
+
+_CAUSE_NAMES = {
+    wire.Cause.PRECOPY: "precopy",
+    wire.Cause.RESENT: "resent",
+    wire.Cause.DEMAND: "demand",
+    wire.Cause.PUSHED: "pushed",
+    wire.Cause.STATE: "pushed",
+}
+
+
+def _spans_not_present(state: bytearray, first: int, end: int):
+    """Sub-ranges of [first, end) whose pages are not PRESENT (those become ZERO)."""
+    pos = first
+    marker = bytes([PRESENT])
+    while pos < end:
+        hit = state.find(marker, pos, end)
+        if hit < 0:
+            yield pos, end
+            return
+        if hit > pos:
+            yield pos, hit
+        pos = hit + 1
+
+
+def _runs_of(state: bytearray, wanted: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Runs (first, count) of pages whose state is one of ``wanted``."""
+    table = bytes(0 if i in wanted else 1 for i in range(256))
+    flags = state.translate(table)
+    runs, pos = [], 0
+    while True:
+        first = flags.find(0, pos)
+        if first < 0:
+            return runs
+        end = flags.find(1, first)
+        end = len(flags) if end < 0 else end
+        runs.append((first, end - first))
+        pos = end

@@ -1,0 +1,131 @@
+"""The source agent's view of a guest's RAM: which pages are populated, and sending
+page runs from it without mapping the guest's RAM into the agent (so the agent's RSS
+does not grow with the guest)."""
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+
+from postcopy.protocol import wire
+from postcopy.kernel.pagemap import PM_PRESENT, PM_SWAP, Pagemap
+from postcopy.protocol.channel import MAX_RUN_BYTES, Channel
+
+
+class GuestMemory:
+    """Guest RAM as handed over by the guest's control socket (``fds`` command).
+
+    memfd backing: the memfd itself is the RAM. Populated pages are its data extents
+    (SEEK_DATA/SEEK_HOLE, which also counts pages swapped out, unlike pagemap for a
+    shared mapping), and runs go out with sendfile(2).
+    anon backing: the guest's private memory is read through /proc/PID/mem; populated
+    pages are those pagemap shows present or swapped.
+    """
+
+    def __init__(self, info: dict, fds: dict[str, int]):
+        self.pid: int = info["pid"]
+        self.base: int = info["ram_address"]
+        self.size: int = info["ram_size"]
+        self.page_size: int = info["page_size"]
+        self.npages = self.size // self.page_size
+        self.memfd: int | None = fds.get("memfd")
+        self._mem_fd: int | None = None
+        self._pagemap: Pagemap | None = None
+        if self.memfd is None:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self._pagemap = Pagemap(self.pid)
+
+    @property
+    def layout(self) -> wire.Layout:
+        return wire.Layout(page_size=self.page_size, regions=((0, self.size),))
+
+    def populated_extents(self) -> list[tuple[int, int]]:
+        """Every run (first_page, npages) of populated pages, in order, in one sweep.
+
+        One sweep, because the kernel's SEEK_HOLE walks a whole data extent and a
+        pagemap read costs per call: asking chunk by chunk would be quadratic."""
+        if self._pagemap is not None:
+            return self._pagemap.runs(self.base, self.npages, PM_PRESENT | PM_SWAP)
+        ps, end = self.page_size, self.size
+        pos, runs = 0, []
+        while pos < end:
+            try:
+                data = os.lseek(self.memfd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(self.memfd, data, os.SEEK_HOLE), end)
+            runs.append((data // ps, (hole - data) // ps))
+            pos = hole
+        return runs
+
+    def is_populated(self, page: int) -> bool:
+        """Whether one page holds data (cheap: for the demand path)."""
+        if self._pagemap is not None:
+            return bool(self._pagemap.runs(self.base + page * self.page_size, 1, PM_PRESENT | PM_SWAP))
+        offset = page * self.page_size
+        try:
+            # SEEK_DATA returns at once on a data page; SEEK_HOLE would walk the extent.
+            return os.lseek(self.memfd, offset, os.SEEK_DATA) == offset
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return False
+            raise
+
+    def send_run(self, channel: Channel, first_page: int, npages: int, cause: wire.Cause,
+                 scratch: bytearray | None = None) -> None:
+        """Send pages [first_page, first_page+npages) as one frame (≤ MAX_RUN_BYTES)."""
+        length = npages * self.page_size
+        offset = first_page * self.page_size
+        if self.memfd is not None:
+            channel.sendfile_page_run(first_page, npages, cause, self.memfd, offset)
+            return
+        assert scratch is not None and len(scratch) >= length, "anon backing needs a scratch buffer"
+        view = memoryview(scratch)[:length]
+        got = os.preadv(self._mem_fd, [view], self.base + offset)
+        if got != length:
+            raise OSError(errno.EIO, f"short read of guest RAM at page {first_page}: {got} of {length} bytes")
+        channel.send_page_run(first_page, npages, cause, view)
+
+    @staticmethod
+    def scratch() -> bytearray:
+        """A per-thread buffer for :meth:`send_run`."""
+        return bytearray(MAX_RUN_BYTES)
+
+    def close(self) -> None:
+        for fd in (self.memfd, self._mem_fd):
+            if fd is not None:
+                os.close(fd)
+        self.memfd = self._mem_fd = None
+        if self._pagemap is not None:
+            self._pagemap.close()
+            self._pagemap = None
+
+
+class PageExtents:
+    """A sorted list of populated runs, queried by range (bisect, no per-page loops)."""
+
+    def __init__(self, runs: list[tuple[int, int]]):
+        self.runs = runs
+        self._starts = [start for start, _ in runs]
+
+    def runs_in(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The populated runs clipped to [first, end)."""
+        i = max(0, bisect.bisect_right(self._starts, first) - 1)
+        out = []
+        while i < len(self.runs):
+            start, count = self.runs[i]
+            if start >= end:
+                break
+            lo, hi = max(start, first), min(start + count, end)
+            if lo < hi:
+                out.append((lo, hi - lo))
+            i += 1
+        return out
+
+    @property
+    def pages(self) -> int:
+        return sum(count for _, count in self.runs)

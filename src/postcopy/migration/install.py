@@ -1,0 +1,285 @@
+"""How the destination puts a received run of pages into the incoming guest's RAM.
+
+One small strategy object per install path, chosen once when the migration starts:
+
+``copy``     (default) one UFFDIO_COPY per gated piece: the kernel allocates, copies
+             and maps, atomically refusing (EEXIST) a page that is already there.
+``continue`` memfd RAM registered for missing AND minor faults: write the data into
+             the memfd's page cache (pwritev at the page's offset), then one
+             UFFDIO_CONTINUE maps the piece and wakes its waiters. Nothing in the kernel
+             refuses the write of a page the guest already owns, so the page states are
+             checked and the write, map and mark happen under the install gate.
+``move``     anonymous RAM: write the run into an unregistered staging area in the
+             guest's own address space (/proc/PID/mem), then UFFDIO_MOVE the pages
+             from staging to their place (no copy for that step; it maps and wakes,
+             and refuses an existing destination page with EEXIST). The staging pages
+             are holes again afterwards, so the area is reused run after run. The
+             kernel refuses cross-mm moves (fs/userfaultfd.c userfaultfd_move():
+             ``mm != current->mm`` -> EINVAL), so the ioctl is issued by a mover thread
+             inside the guest, one request/reply over a socketpair per gated piece.
+
+The strategies are the install half of :class:`postcopy.migration.destination.DestinationAgent`
+and use its page states, gate and bookkeeping (``state``, ``_installed``,
+``_install_gated``, ``_ram_fd``...).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import socket
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from postcopy.protocol import wire
+from postcopy.kernel.uffd import Feature, MappingChangedError, PageExistsError, UffdError, address_of
+
+if TYPE_CHECKING:
+    from postcopy.migration.destination import DestinationAgent
+
+INSTALL_PATHS = ("copy", "continue", "move")
+DEFAULT_STAGING_PAGES = 512  # two slots of one 1 MiB pushed run each (4 KiB pages)
+
+# Page states (same values as postcopy.migration.destination's).
+MISSING, REQUESTED, PRESENT, ZERO, REMOVED = 0, 1, 2, 3, 4
+RETRY = -1
+
+_BACKING = {"continue": "memfd", "move": "anon"}
+_FEATURE = {"continue": Feature.MINOR_SHMEM, "move": Feature.MOVE}
+_WHY = {"continue": "UFFDIO_CONTINUE resolves minor faults on pages already in a shmem page cache",
+        "move": "UFFDIO_MOVE moves only private anonymous pages"}
+
+
+def install_path_error(path: str, backing: str, features: Feature | None = None) -> str | None:
+    """Why install path ``path`` cannot run on ``backing`` RAM with these userfaultfd
+    ``features`` (default: what this kernel offers), or None if it can."""
+    if path not in INSTALL_PATHS:
+        return f"unknown install path {path!r} (choose from {', '.join(INSTALL_PATHS)})"
+    if path == "copy":
+        return None
+    if backing != _BACKING[path]:
+        return (f"install path {path!r} needs {_BACKING[path]} backing, not {backing}: {_WHY[path]}")
+    if features is None:
+        from postcopy.kernel.uffd import supported_features
+
+        try:
+            features = supported_features()
+        except (UffdError, OSError) as exc:
+            return f"install path {path!r}: no userfaultfd here ({exc})"
+    if not features & _FEATURE[path]:
+        return (f"install path {path!r} needs userfaultfd feature {_FEATURE[path].name} "
+                f"(UFFD_FEATURE_{_FEATURE[path].name}), which this kernel does not offer")
+    return None
+
+
+def supported_paths(backing: str) -> list[str]:
+    """Install paths this kernel offers for ``backing`` RAM."""
+    return [p for p in INSTALL_PATHS if install_path_error(p, backing) is None]
+
+
+def guest_options(path: str, staging_pages: int = DEFAULT_STAGING_PAGES) -> list[str]:
+    """``postcopy guest --incoming`` options an install path needs."""
+    if path == "continue":
+        return ["--uffd-minor"]
+    if path == "move":
+        return ["--staging-pages", str(staging_pages)]
+    return []
+
+
+def make_install_path(path: str, agent: "DestinationAgent", info: dict, fds: dict[str, int]) -> "CopyPath":
+    """The strategy for ``path``, checked against the incoming guest's ``fds`` reply
+    and descriptors (raises ValueError with the reason when the guest was not set up
+    for it)."""
+    error = install_path_error(path, info.get("backing", "memfd"), agent.uffd.features)
+    if error:
+        raise ValueError(error)
+    if path == "continue":
+        if not info.get("uffd_minor"):
+            raise ValueError("install path 'continue' needs an incoming guest whose RAM is registered for minor "
+                             "faults (start it with postcopy guest --incoming --uffd-minor)")
+        if agent._memfd is None:
+            raise ValueError("install path 'continue' needs the guest's memfd (it sent none)")
+        return ContinuePath(agent)
+    if path == "move":
+        if not info.get("staging_address") or not info.get("staging_pages") or "mover" not in fds:
+            raise ValueError("install path 'move' needs an incoming guest with a staging area (start it with "
+                             "postcopy guest --incoming --backing anon --staging-pages N)")
+        return MovePath(agent, info["staging_address"], info["staging_pages"], fds["mover"])
+    return CopyPath(agent)
+
+
+class CopyPath:
+    """UFFDIO_COPY straight from the received frame (the tested default)."""
+
+    name = "copy"
+
+    def __init__(self, agent: "DestinationAgent") -> None:
+        self.agent = agent
+
+    def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
+        """Install the run [first, first+npages) whose bytes are ``data``."""
+        agent = self.agent
+        agent._install_gated(first, npages, data, cause, address_of(data), agent._copy_piece)
+
+    def settle(self, addr: int) -> None:
+        """A fault on a page that needs no data from the source (already installed, or
+        a minor fault on a page the page cache holds): let its thread go on."""
+        self.agent.uffd.wake(addr, self.agent.page_size)
+
+    def close(self) -> None:
+        """Release what the path holds (nothing for copy)."""
+
+
+class ContinuePath(CopyPath):
+    """pwritev into the memfd's page cache, then UFFDIO_CONTINUE."""
+
+    name = "continue"
+
+    def __init__(self, agent: "DestinationAgent") -> None:
+        super().__init__(agent)
+        # Writable page states: MISSING/REQUESTED always; PRESENT/ZERO only for a precopy
+        # resend before the switchover (nothing runs yet). REMOVED never.
+        self._blocked = bytes(0 if s in (MISSING, REQUESTED) else 1 for s in range(256))
+        self._blocked_overwrite = bytes(0 if s != REMOVED else 1 for s in range(256))
+
+    def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
+        self.agent._install_gated(first, npages, data, cause, 0, self._piece)
+
+    def _piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
+               overwrite: bool) -> int:
+        """Pages [first+done, first+stop) (none REMOVED), with the gate held."""
+        agent = self.agent
+        ps = agent.page_size
+        lo, hi = first + done, first + stop
+        # Never write a page the guest may own: the kernel would not refuse it here.
+        flags = agent.state[lo:hi].translate(self._blocked_overwrite if overwrite else self._blocked)
+        blocked = flags.find(1)
+        if blocked == 0:  # installed (by the other channel) or zero-filled: wake, skip
+            agent.uffd.wake(agent.base + lo * ps, ps)
+            return 1
+        if blocked > 0:
+            hi = lo + blocked
+        view = memoryview(data)[done * ps:(hi - first) * ps]
+        os.pwritev(agent._memfd, [view], lo * ps)
+        addr, end = agent.base + lo * ps, agent.base + hi * ps
+        while addr < end:
+            try:
+                addr += agent.uffd.continue_(addr, end - addr)
+            except PageExistsError:  # mapped already (a resend): the cache write updated it
+                agent.uffd.wake(addr, ps)
+                addr += ps
+            except MappingChangedError:
+                if agent._stop.is_set():
+                    raise
+                # Pages written but not mapped stay MISSING: the guest cannot reach them
+                # without a minor fault we answer, so rewriting them later is safe.
+                mapped = (addr - agent.base) // ps - lo
+                if mapped:
+                    agent._installed(lo, mapped, cause)
+                    return mapped
+                return RETRY
+        agent._installed(lo, hi - lo, cause)
+        return hi - lo
+
+    def settle(self, addr: int) -> None:
+        """Minor fault on a page whose cache copy is the truth (ours, or the guest's
+        own zero-filled page): map it; if it is mapped already, wake."""
+        agent = self.agent
+        try:
+            agent.uffd.continue_(addr, agent.page_size)
+        except PageExistsError:
+            agent.uffd.wake(addr, agent.page_size)
+        except MappingChangedError:
+            pass  # an event is pending; the thread faults again once it is read
+
+
+class MovePath(CopyPath):
+    """pwritev into the guest's staging area, then UFFDIO_MOVE into place."""
+
+    name = "move"
+
+    _REQUEST = struct.Struct("=QQQ")
+    _REPLY = struct.Struct("=q")
+
+    def __init__(self, agent: "DestinationAgent", staging_address: int, staging_pages: int, mover_fd: int) -> None:
+        super().__init__(agent)
+        self._mover = socket.socket(fileno=mover_fd)
+        self._mover_lock = threading.Lock()
+        # One slot per installing thread (main and urgent channel): demand installs
+        # never wait for the pusher's staging.
+        nslots = 2 if staging_pages >= 2 else 1
+        self.slot_pages = staging_pages // nslots
+        self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(nslots):
+            self._slots.put(staging_address + i * self.slot_pages * agent.page_size)
+
+    def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
+        agent = self.agent
+        ps = agent.page_size
+        slot = self._slots.get()
+        try:
+            view = memoryview(data)
+            for off in range(0, npages, self.slot_pages):
+                n = min(self.slot_pages, npages - off)
+                chunk = view[off * ps:(off + n) * ps]
+                # Staging is private to this slot's holder: filled outside the gate.
+                os.pwritev(agent._ram_fd, [chunk], slot)
+                agent._install_gated(first + off, n, chunk, cause, slot, self._piece)
+        finally:
+            self._slots.put(slot)
+
+    def _piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
+               overwrite: bool) -> int:
+        """UFFDIO_MOVE pages [first+done, first+stop) from staging ``src``, gate held."""
+        agent = self.agent
+        ps = agent.page_size
+        dst = agent.base + (first + done) * ps
+        try:
+            moved = self._move(dst, src + done * ps, (stop - done) * ps) // ps
+        except PageExistsError:
+            if not overwrite:
+                agent.uffd.wake(dst, ps)  # as for copy: the waiter may be ours
+                return 1
+            span = agent._present_run(first + done, first + stop)
+            os.pwritev(agent._ram_fd, [memoryview(data)[done * ps:(done + span) * ps]],
+                       agent._ram_fd_base + (first + done) * ps)
+            agent._installed(first + done, span, cause)
+            return span
+        except MappingChangedError:
+            if agent._stop.is_set():
+                raise
+            return RETRY
+        except UffdError as exc:
+            if exc.errno == errno.ENOENT and not agent._stop.is_set():
+                # The staging page is there (just written): the destination VMA is
+                # changing under an unmap.
+                return RETRY
+            if exc.errno != errno.EBUSY:
+                raise
+            # EBUSY: the staging folio is shared or pinned (not exclusive anon); fall
+            # back to copying this piece from the frame.
+            return agent._copy_piece(first, done, stop, address_of(data), data, cause, overwrite)
+        agent._installed(first + done, moved, cause)
+        return moved
+
+    def _move(self, dst: int, src: int, length: int) -> int:
+        """UFFDIO_MOVE done by the guest's mover thread; bytes moved, or the exception
+        :meth:`postcopy.kernel.uffd.Userfaultfd.move` would raise."""
+        with self._mover_lock:  # the gate serializes pieces already; this keeps replies paired
+            self._mover.sendall(self._REQUEST.pack(dst, src, length))
+            reply = self._mover.recv(self._REPLY.size)
+        if len(reply) != self._REPLY.size:
+            raise UffdError(errno.ESRCH, "UFFDIO_MOVE", "the guest's mover thread is gone")
+        n = self._REPLY.unpack(reply)[0]
+        if n > 0:
+            return n
+        err = -n if n < 0 else errno.EINVAL
+        if err == errno.EEXIST:
+            raise PageExistsError(err, "UFFDIO_MOVE", f"0x{dst:x}: first page already mapped")
+        if err == errno.EAGAIN:
+            raise MappingChangedError(err, "UFFDIO_MOVE", f"0x{dst:x}: address space changing")
+        raise UffdError(err, "UFFDIO_MOVE", f"0x{dst:x}+{length:#x} from 0x{src:x}")
+
+    def close(self) -> None:
+        self._mover.close()

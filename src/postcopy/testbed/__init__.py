@@ -1,0 +1,1 @@
+"""Network-namespace testbed and the scenarios run in it (demo)."""
