@@ -100,3 +100,18 @@ def test_dirty_rate_measures_a_running_guest_without_migrating_it(launch):
     assert result["distinct_pages"] <= ws * ram // 4096 + 1
     assert result["prediction"]["converges"] in (True, False)
     assert proc.poll() is None  # still running, not migrated
+
+
+def test_rate_limiter_holds_back_past_the_burst():
+    from postcopy.migration.ratelimit import RateLimiter
+
+    unlimited = RateLimiter(0)
+    unlimited.consume(1 << 30)
+    assert unlimited.waited_s == 0
+    limiter = RateLimiter(1e9, burst=1 << 20)
+    limiter.consume(1 << 20)  # the burst passes at once
+    assert limiter.waited_s == 0
+    limiter.consume(10 << 20)  # 10 MiB more at 1 GB/s: about 10 ms held back
+    assert 0.005 < limiter.waited_s < 0.02
+    with pytest.raises(ValueError):
+        RateLimiter(-1)
