@@ -28,7 +28,7 @@ def c_baselines(quick: bool) -> dict:
     """The C floors of this run (bench/baselines.py), on a testbed of their own."""
     from postcopy.bench import baselines
 
-    return baselines.measure(bulk_bytes=(512 << 20) if quick else (4 << 30), rtt_count=3000 if quick else 20000,
+    return baselines.measure(bulk_bytes=(256 << 20) if quick else (2 << 30), rtt_count=3000 if quick else 20000,
                              uffd_faults=2000 if quick else 20000, port=BENCH_PORT)
 
 
