@@ -36,6 +36,32 @@ void pc_unpin_thread(struct pc_affinity *saved)
 	saved->saved = 0;
 }
 
+int pc_sched_fifo(int priority, struct pc_sched *saved)
+{
+	struct sched_param param;
+	saved->saved = 0;
+	if (priority <= 0)
+		return 0;
+	saved->policy = sched_getscheduler(0);
+	if (saved->policy < 0 || sched_getparam(0, &param) < 0)
+		return 0;
+	saved->priority = param.sched_priority;
+	param.sched_priority = priority;
+	if (sched_setscheduler(0, SCHED_FIFO, &param) < 0)
+		return 0;
+	saved->saved = 1;
+	return 1;
+}
+
+void pc_sched_restore(struct pc_sched *saved)
+{
+	if (saved->saved) {
+		struct sched_param param = { .sched_priority = saved->priority };
+		sched_setscheduler(0, saved->policy, &param);
+	}
+	saved->saved = 0;
+}
+
 uint64_t pc_now_ns(void)
 {
 	struct timespec ts;

@@ -21,6 +21,21 @@ int pc_pin_thread(int cpu, struct pc_affinity *saved);
 /* Restore what pc_pin_thread saved (nothing if it saved nothing). */
 void pc_unpin_thread(struct pc_affinity *saved);
 
+/* A thread's saved scheduling policy. */
+struct pc_sched {
+	int policy;
+	int priority;
+	int saved;
+};
+
+/* Make the calling thread SCHED_FIFO at priority (the agents' demand and bulk threads
+ * run so), saving its policy; priority <= 0: do nothing.  Returns 1 if it took
+ * effect, 0 if not (not permitted: the agents go on unprioritized then too). */
+int pc_sched_fifo(int priority, struct pc_sched *saved);
+
+/* Restore what pc_sched_fifo saved (nothing if it saved nothing). */
+void pc_sched_restore(struct pc_sched *saved);
+
 uint64_t pc_now_ns(void);
 
 /* User and system CPU nanoseconds the calling thread has used (RUSAGE_THREAD). */

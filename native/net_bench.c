@@ -22,7 +22,7 @@ struct hello {          /* client -> server, opens a session */
 	uint32_t magic;
 	uint32_t kind;
 	int32_t server_cpu;
-	uint32_t pad;
+	int32_t rt_priority;
 	uint64_t count;
 };
 
@@ -30,10 +30,33 @@ struct verdict {        /* server -> client: ready (after pinning), then its fig
 	uint32_t magic;
 	int32_t status;     /* 0, or the server's -errno */
 	int32_t cpu;
-	uint32_t pad;
+	int32_t fifo;
 	uint64_t user_ns;
 	uint64_t sys_ns;
 };
+
+/* Where a thread runs for a session, and how to put it back. */
+struct placement {
+	struct pc_affinity affinity;
+	struct pc_sched sched;
+	int fifo;
+};
+
+static int place(int cpu, int rt_priority, struct placement *p)
+{
+	p->sched.saved = 0;
+	int r = pc_pin_thread(cpu, &p->affinity);
+	if (r < 0)
+		return r;
+	p->fifo = pc_sched_fifo(rt_priority, &p->sched);
+	return 0;
+}
+
+static void unplace(struct placement *p)
+{
+	pc_sched_restore(&p->sched);
+	pc_unpin_thread(&p->affinity);
+}
 
 static int send_all(int fd, const void *buf, size_t len)
 {
@@ -139,7 +162,7 @@ static int serve_one(int fd, char *buf)
 {
 	struct hello h;
 	struct verdict v = { .magic = MAGIC };
-	struct pc_affinity saved;
+	struct placement saved;
 	uint64_t u0, s0, u1, s1;
 	int r = recv_all(fd, &h, sizeof(h));
 	if (r < 0)
@@ -148,16 +171,18 @@ static int serve_one(int fd, char *buf)
 		return -EPROTO;
 	if ((r = tune(fd, h.kind == KIND_BULK)) < 0)
 		return r;
-	v.status = pc_pin_thread(h.server_cpu, &saved);
+	v.status = place(h.server_cpu, h.rt_priority, &saved);
 	if ((r = send_all(fd, &v, sizeof(v))) < 0 || v.status < 0) {
-		pc_unpin_thread(&saved);
+		if (v.status == 0)
+			unplace(&saved);
 		return r < 0 ? r : 0; /* the client reports a failed pin; go on serving */
 	}
 	pc_thread_cpu_ns(&u0, &s0);
 	r = serve_data(fd, &h, buf);
 	pc_thread_cpu_ns(&u1, &s1);
 	v.cpu = sched_getcpu();
-	pc_unpin_thread(&saved);
+	v.fifo = saved.fifo;
+	unplace(&saved);
 	if (r < 0)
 		return r;
 	v.user_ns = u1 - u0;
@@ -192,15 +217,16 @@ int pc_net_serve(int listen_fd, int sessions)
 
 /* Connect, pin, open the session and wait until the server is placed. */
 static int open_session(const char *host, int port, uint32_t kind, uint64_t count, int client_cpu,
-			int server_cpu, struct pc_affinity *saved)
+			int server_cpu, int rt_priority, struct placement *saved)
 {
 	struct sockaddr_in sa;
-	struct hello h = { .magic = MAGIC, .kind = kind, .server_cpu = server_cpu, .count = count };
+	struct hello h = { .magic = MAGIC, .kind = kind, .server_cpu = server_cpu, .rt_priority = rt_priority,
+			   .count = count };
 	struct verdict v;
 	int r = ipv4(host, port, &sa);
 	if (r < 0)
 		return r;
-	if ((r = pc_pin_thread(client_cpu, saved)) < 0)
+	if ((r = place(client_cpu, rt_priority, saved)) < 0)
 		return r;
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
@@ -222,12 +248,12 @@ static int open_session(const char *host, int port, uint32_t kind, uint64_t coun
 fail:
 	if (fd >= 0)
 		close(fd);
-	pc_unpin_thread(saved);
+	unplace(saved);
 	return r;
 }
 
 /* Read the server's figures and fill out; closes fd and restores the affinity. */
-static int close_session(int fd, struct pc_affinity *saved, uint64_t count, uint64_t t0, uint64_t u0,
+static int close_session(int fd, struct placement *saved, uint64_t count, uint64_t t0, uint64_t u0,
 			 uint64_t s0, struct pc_net_result *out)
 {
 	struct verdict v;
@@ -235,7 +261,8 @@ static int close_session(int fd, struct pc_affinity *saved, uint64_t count, uint
 	uint64_t t1 = pc_now_ns(), u1, s1;
 	pc_thread_cpu_ns(&u1, &s1);
 	out->client_cpu = sched_getcpu();
-	pc_unpin_thread(saved);
+	out->client_fifo = saved->fifo;
+	unplace(saved);
 	close(fd);
 	if (r < 0)
 		return r;
@@ -248,19 +275,20 @@ static int close_session(int fd, struct pc_affinity *saved, uint64_t count, uint
 	out->server_user_ns = v.user_ns;
 	out->server_sys_ns = v.sys_ns;
 	out->server_cpu = v.cpu;
+	out->server_fifo = v.fifo;
 	return 0;
 }
 
 int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int server_cpu,
-		struct pc_net_result *out)
+		int rt_priority, struct pc_net_result *out)
 {
-	struct pc_affinity saved;
+	struct placement saved;
 	uint64_t u0, s0;
 	char *buf = malloc(PC_NET_BULK_CHUNK);
 	if (!buf)
 		return -ENOMEM;
 	memset(buf, 0xa5, PC_NET_BULK_CHUNK);
-	int fd = open_session(host, port, KIND_BULK, nbytes, client_cpu, server_cpu, &saved);
+	int fd = open_session(host, port, KIND_BULK, nbytes, client_cpu, server_cpu, rt_priority, &saved);
 	if (fd < 0) {
 		free(buf);
 		return fd;
@@ -275,7 +303,7 @@ int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int
 	}
 	free(buf);
 	if (r < 0) {
-		pc_unpin_thread(&saved);
+		unplace(&saved);
 		close(fd);
 		return r;
 	}
@@ -283,12 +311,12 @@ int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int
 }
 
 int pc_net_rtt(const char *host, int port, uint64_t count, int client_cpu, int server_cpu,
-	       uint64_t *lat_ns, struct pc_net_result *out)
+	       int rt_priority, uint64_t *lat_ns, struct pc_net_result *out)
 {
-	struct pc_affinity saved;
+	struct placement saved;
 	char request[PC_NET_RTT_REQUEST] = { 0 }, reply[PC_NET_RTT_REPLY];
 	uint64_t u0, s0;
-	int fd = open_session(host, port, KIND_RTT, count, client_cpu, server_cpu, &saved);
+	int fd = open_session(host, port, KIND_RTT, count, client_cpu, server_cpu, rt_priority, &saved);
 	if (fd < 0)
 		return fd;
 	uint64_t t0 = pc_now_ns();
@@ -302,7 +330,7 @@ int pc_net_rtt(const char *host, int port, uint64_t count, int client_cpu, int s
 		lat_ns[i] = pc_now_ns() - start;
 	}
 	if (r < 0) {
-		pc_unpin_thread(&saved);
+		unplace(&saved);
 		close(fd);
 		return r;
 	}

@@ -11,8 +11,11 @@
  * kinds, 8 MiB SO_SNDBUF/SO_RCVBUF on bulk sockets.  Each session places both ends:
  * the client pins its thread to client_cpu and asks the server to pin its thread to
  * server_cpu (-1: leave unpinned); both restore their previous affinity afterwards.
- * Each side measures its own thread's user and system CPU time (RUSAGE_THREAD) over
- * the data phase; the server sends its figures back, so the client reports both.
+ * With rt_priority > 0 both ends also run SCHED_FIFO at that priority, as the agents'
+ * demand and bulk threads do (best effort: without the privilege they run as they
+ * are, and report so).  Each side measures its own thread's user and system CPU time
+ * (RUSAGE_THREAD) over the data phase; the server sends its figures back, so the
+ * client reports both.
  *
  * Functions return 0 (or a descriptor) on success and -errno on failure; -EPROTO
  * when the peer breaks the session protocol.  All block: call them without the GIL
@@ -37,6 +40,8 @@ struct pc_net_result {
 	uint64_t server_sys_ns;
 	int32_t client_cpu;      /* CPU each side ran on at the end (sched_getcpu) */
 	int32_t server_cpu;
+	int32_t client_fifo;     /* 1 if that side ran SCHED_FIFO */
+	int32_t server_fifo;
 };
 
 /* A listening TCP socket on IPv4 address addr ("0.0.0.0": any), port. */
@@ -47,10 +52,10 @@ int pc_net_serve(int listen_fd, int sessions);
 
 /* Send nbytes to the server at host:port; out gets the figures of both sides. */
 int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int server_cpu,
-		struct pc_net_result *out);
+		int rt_priority, struct pc_net_result *out);
 
 /* count round trips; lat_ns[i] gets the i-th round trip's nanoseconds. */
 int pc_net_rtt(const char *host, int port, uint64_t count, int client_cpu, int server_cpu,
-	       uint64_t *lat_ns, struct pc_net_result *out);
+	       int rt_priority, uint64_t *lat_ns, struct pc_net_result *out);
 
 #endif /* PC_NET_BENCH_H */

@@ -98,14 +98,16 @@ int pc_bench_uffd_roundtrip(size_t npages, uint64_t *lat_ns)
 
 int pc_bench_uffd_roundtrip_ex(size_t npages, uint64_t *lat_ns, int flags)
 {
-	return pc_bench_uffd_roundtrip_at(npages, lat_ns, flags, -1, -1);
+	return pc_bench_uffd_roundtrip_at(npages, lat_ns, flags, -1, -1, 0);
 }
 
-int pc_bench_uffd_roundtrip_at(size_t npages, uint64_t *lat_ns, int flags, int fault_cpu, int handler_cpu)
+int pc_bench_uffd_roundtrip_at(size_t npages, uint64_t *lat_ns, int flags, int fault_cpu, int handler_cpu,
+			       int rt_priority)
 {
 	struct server s = { .uffd = -1, .stop_fd = -1, .spin = !!(flags & PC_BENCH_SPIN) };
 	uint8_t *dst = MAP_FAILED, *src = MAP_FAILED;
 	struct pc_affinity saved = { .saved = 0 };
+	struct pc_sched sched = { .saved = 0 };
 	pthread_t thread;
 	int started = 0, ret = 0;
 
@@ -113,6 +115,7 @@ int pc_bench_uffd_roundtrip_at(size_t npages, uint64_t *lat_ns, int flags, int f
 		return -EINVAL;
 	if ((ret = pc_pin_thread(fault_cpu, &saved)) < 0)
 		return ret;
+	pc_sched_fifo(rt_priority, &sched); /* the server thread inherits it */
 	s.page_size = (uint64_t)sysconf(_SC_PAGESIZE);
 	size_t len = npages * s.page_size;
 
@@ -173,6 +176,7 @@ out:
 		munmap(dst, len);
 	if (src != MAP_FAILED)
 		munmap(src, s.page_size);
+	pc_sched_restore(&sched);
 	pc_unpin_thread(&saved);
 	return ret;
 }

@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -26,6 +27,24 @@ def _forbidden_cpu() -> int:
     return max(os.sched_getaffinity(0)) + 1
 
 
+def _fifo_allowed() -> bool:
+    """Whether a thread of this process may make itself SCHED_FIFO (tried in a thread
+    that dies afterwards)."""
+    box = []
+
+    def attempt():
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            box.append(True)
+        except OSError:
+            box.append(False)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return box[0]
+
+
 def _sane_latency(summary: dict, count: int) -> None:
     assert summary["count"] == count
     assert 0 < summary["p50"] <= summary["p99"] <= summary["max"]
@@ -33,6 +52,7 @@ def _sane_latency(summary: dict, count: int) -> None:
 
 def test_tcp_bulk_and_rtt_run_between_the_hosts_on_the_cpus_asked(bed):
     placements = baselines.cpu_placements()
+    fifo = _fifo_allowed()
     result = net.measure(bed, placements, bulk_bytes=3 << 20, rtt_count=50, port=PORT,
                          bulk_runs=2)
     assert set(result["bulk"]) == set(result["rtt"]) == set(placements)
@@ -41,6 +61,7 @@ def test_tcp_bulk_and_rtt_run_between_the_hosts_on_the_cpus_asked(bed):
         assert bulk["bytes"] == 3 << 20 and len(bulk["runs_bytes_per_s"]) == 2
         assert bulk["bytes_per_s"] == max(bulk["runs_bytes_per_s"]) > 0
         assert bulk["cpus"] == rtt["cpus"] == {"client": client_cpu, "server": server_cpu}
+        assert bulk["fifo"] == rtt["fifo"] == {"client": fifo, "server": fifo}
         for side in ("client", "server"):
             cpu = bulk["cpu"][side]
             assert cpu["user_s"] >= 0 and cpu["sys_s"] >= 0
@@ -72,17 +93,18 @@ def test_uffd_roundtrip_placed_sleeping_and_spinning():
         _sane_latency(baselines.uffd_roundtrip(200, fault_cpu, handler_cpu), 200)
         if fault_cpu != handler_cpu:
             _sane_latency(baselines.uffd_roundtrip(200, fault_cpu, handler_cpu, spin=True), 200)
-    # The calling thread gets its own placement back.
+    # The calling thread gets its own placement and scheduling policy back.
     before = os.sched_getaffinity(0)
-    baselines.uffd_roundtrip(10, min(before), min(before))
+    baselines.uffd_roundtrip(10, min(before), min(before), rt_priority=10)
     assert os.sched_getaffinity(0) == before
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_uffd_roundtrip_refuses_a_forbidden_cpu():
     require_uffd()
     lat = ffi.new("uint64_t[]", 10)
-    assert lib.pc_bench_uffd_roundtrip_at(10, lat, 0, _forbidden_cpu(), -1) == -errno.EINVAL
-    assert lib.pc_bench_uffd_roundtrip_at(10, lat, 0, -1, _forbidden_cpu()) == -errno.EINVAL
+    assert lib.pc_bench_uffd_roundtrip_at(10, lat, 0, _forbidden_cpu(), -1, 0) == -errno.EINVAL
+    assert lib.pc_bench_uffd_roundtrip_at(10, lat, 0, -1, _forbidden_cpu(), 0) == -errno.EINVAL
     with pytest.raises(OSError, match="uffd round-trip benchmark failed"):
         baselines.uffd_roundtrip(10, handler_cpu=_forbidden_cpu())
 

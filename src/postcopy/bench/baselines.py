@@ -2,7 +2,9 @@
 run on the same machine: TCP bulk and 4 KiB round trips over the testbed's veth
 (bench/net.py), and the userfaultfd fault round trip with a C handler thread, each with
 both ends on one CPU and on two CPUs, plus the busy-polling handler across CPUs (what
-a spinning fault loop could reach). Python plays no part in any of these figures.
+a spinning fault loop could reach). Python plays no part in any of these figures. They
+run at the real-time priorities the agents give their own threads (kernel/priority.py),
+so a busy host slows the floors no more than it slows the agents.
 
     python -m postcopy.bench.baselines [--quick]     prints them as JSON
 """
@@ -34,15 +36,18 @@ def cpu_placements() -> dict[str, tuple[int, int]]:
     return placements
 
 
-def uffd_roundtrip(npages: int, fault_cpu: int = -1, handler_cpu: int = -1, *, spin: bool = False) -> dict:
+def uffd_roundtrip(npages: int, fault_cpu: int = -1, handler_cpu: int = -1, *, spin: bool = False,
+                   rt_priority: int = 0) -> dict:
     """Fault round trip in one process, no Python: the faulting thread on fault_cpu
     reads each missing page once; a C thread on handler_cpu reads the event, installs
     the page with UFFDIO_COPY and so wakes it. spin: the handler busy-polls the
-    userfaultfd with non-blocking reads instead of sleeping in poll(2)."""
+    userfaultfd with non-blocking reads instead of sleeping in poll(2). rt_priority:
+    both run SCHED_FIFO at it (if allowed)."""
     from postcopy._native import ffi, lib
 
     lat = ffi.new("uint64_t[]", npages)
-    rc = lib.pc_bench_uffd_roundtrip_at(npages, lat, lib.PC_BENCH_SPIN if spin else 0, fault_cpu, handler_cpu)
+    rc = lib.pc_bench_uffd_roundtrip_at(npages, lat, lib.PC_BENCH_SPIN if spin else 0, fault_cpu, handler_cpu,
+                                        rt_priority)
     if rc != 0:
         raise OSError(-rc, f"uffd round-trip benchmark failed: {os.strerror(-rc)}")
     return floor_summary([lat[i] / 1e3 for i in range(npages)])
@@ -66,14 +71,16 @@ def measure(*, bulk_bytes: int, rtt_count: int, uffd_faults: int, port: int) -> 
     read: tcp_bulk_bytes_per_s (the faster placement: a ratio to it flatters nothing),
     tcp_rtt_4k_us and uffd_roundtrip_us (same CPU, the lower)."""
     from postcopy.bench import net
+    from postcopy.kernel.priority import URGENT_RT_PRIORITY as RT
     from postcopy.testbed.netns import Testbed
 
     placements = cpu_placements()
     with Testbed() as bed:
         tcp = net.measure(bed, placements, bulk_bytes=bulk_bytes, rtt_count=rtt_count, port=port)
-    uffd = {name: uffd_roundtrip(uffd_faults, a, b) for name, (a, b) in placements.items()}
+    # At the priority of the agents' fault threads, as the TCP round trips.
+    uffd = {name: uffd_roundtrip(uffd_faults, a, b, rt_priority=RT) for name, (a, b) in placements.items()}
     if ACROSS_CPUS in placements:
-        uffd[ACROSS_CPUS + "_spin"] = uffd_roundtrip(uffd_faults, *placements[ACROSS_CPUS], spin=True)
+        uffd[ACROSS_CPUS + "_spin"] = uffd_roundtrip(uffd_faults, *placements[ACROSS_CPUS], spin=True, rt_priority=RT)
     best_bulk = max(tcp["bulk"], key=lambda name: tcp["bulk"][name]["bytes_per_s"])
     return {
         "placements": {name: list(cpus) for name, cpus in placements.items()},

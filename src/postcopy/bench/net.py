@@ -3,7 +3,8 @@
 process on each testbed host, the way the agents run, with both ends placed on CPUs.
 
     python -m postcopy.bench.net server PORT [SESSIONS]
-    python -m postcopy.bench.net bulk|rtt HOST PORT N [--client-cpu C] [--server-cpu C] [--runs K]
+    python -m postcopy.bench.net bulk|rtt HOST PORT N [--client-cpu C] [--server-cpu C]
+                                               [--rt-priority P] [--runs K (bulk)]
 
 The server answers SESSIONS sessions (default 2) and exits; each client session
 prints one JSON line. :func:`measure` runs them all inside a :class:`Testbed`."""
@@ -51,38 +52,52 @@ def serve(port: int, sessions: int = 2) -> None:
         os.close(fd)
 
 
-def bulk(host: str, port: int, nbytes: int, client_cpu: int = -1, server_cpu: int = -1, *, runs: int = 1) -> dict:
+def _placed(res) -> dict:
+    return {"cpus": {"client": res.client_cpu, "server": res.server_cpu},
+            "fifo": {"client": bool(res.client_fifo), "server": bool(res.server_fifo)}}
+
+
+def bulk(host: str, port: int, nbytes: int, client_cpu: int = -1, server_cpu: int = -1, *, runs: int = 1,
+         rt_priority: int = 0) -> dict:
     """Send nbytes in 1 MiB send(2) calls (the client is the sender), ``runs`` times
-    over as many sessions; the figures are those of the fastest run."""
+    over as many sessions; the figures are those of the fastest run. rt_priority > 0:
+    both ends run SCHED_FIFO at it (if allowed), as the agents' bulk threads do."""
     from postcopy._native import ffi, lib
 
     best = None
     rates = []
     for _ in range(runs):
         res = ffi.new("struct pc_net_result *")
-        _check(lib.pc_net_bulk(host.encode(), port, nbytes, client_cpu, server_cpu, res), f"TCP bulk to {host}:{port}")
+        _check(lib.pc_net_bulk(host.encode(), port, nbytes, client_cpu, server_cpu, rt_priority, res),
+               f"TCP bulk to {host}:{port}")
         rates.append(nbytes / (res.elapsed_ns * _NS))
         if best is None or res.elapsed_ns < best.elapsed_ns:
             best = res
     return {"bytes": nbytes, "seconds": best.elapsed_ns * _NS, "bytes_per_s": max(rates), "runs_bytes_per_s": rates,
-            "cpus": {"client": best.client_cpu, "server": best.server_cpu}, "cpu": _cpu_figures(best, nbytes)}
+            **_placed(best), "cpu": _cpu_figures(best, nbytes)}
 
 
-def rtt(host: str, port: int, count: int, client_cpu: int = -1, server_cpu: int = -1) -> dict:
-    """count round trips of a 16-byte request and a 4 KiB reply (a demand fault's shape)."""
+def rtt(host: str, port: int, count: int, client_cpu: int = -1, server_cpu: int = -1, *,
+        rt_priority: int = 0) -> dict:
+    """count round trips of a 16-byte request and a 4 KiB reply (a demand fault's
+    shape); rt_priority as for :func:`bulk` (the agents' demand threads)."""
     from postcopy._native import ffi, lib
 
     res = ffi.new("struct pc_net_result *")
     lat = ffi.new("uint64_t[]", count)
-    _check(lib.pc_net_rtt(host.encode(), port, count, client_cpu, server_cpu, lat, res), f"TCP RTT to {host}:{port}")
-    return {"latency_us": floor_summary([lat[i] / 1e3 for i in range(count)]),
-            "cpus": {"client": res.client_cpu, "server": res.server_cpu}, "cpu": _cpu_figures(res, None)}
+    _check(lib.pc_net_rtt(host.encode(), port, count, client_cpu, server_cpu, rt_priority, lat, res),
+           f"TCP RTT to {host}:{port}")
+    return {"latency_us": floor_summary([lat[i] / 1e3 for i in range(count)]), **_placed(res),
+            "cpu": _cpu_figures(res, None)}
 
 
 def measure(bed, placements: dict[str, tuple[int, int]], *, bulk_bytes: int, rtt_count: int,
             port: int, bulk_runs: int = STRETCHES) -> dict:
     """Bulk (best of bulk_runs) and round trips from the source host to the dest host,
-    per placement (name -> (client CPU, server CPU)): {"bulk": {name: ...}, "rtt": {name: ...}}."""
+    per placement (name -> (client CPU, server CPU)): {"bulk": {name: ...}, "rtt": {name: ...}}.
+    Both ends run at the real-time priority of the agents' threads of that kind."""
+    from postcopy.kernel.priority import BULK_RT_PRIORITY, URGENT_RT_PRIORITY
+
     argv = [sys.executable, "-m", "postcopy.bench.net"]
     server = bed.popen(bed.dest, [*argv, "server", str(port), str((bulk_runs + 1) * len(placements))],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -92,9 +107,10 @@ def measure(bed, placements: dict[str, tuple[int, int]], *, bulk_bytes: int, rtt
         results: dict[str, dict] = {"bulk": {}, "rtt": {}}
         for name, (client_cpu, server_cpu) in placements.items():
             for kind, n in (("bulk", bulk_bytes), ("rtt", rtt_count)):
-                runs = ["--runs", str(bulk_runs)] if kind == "bulk" else []
+                extra = ["--runs", str(bulk_runs), "--rt-priority", str(BULK_RT_PRIORITY)] if kind == "bulk" \
+                    else ["--rt-priority", str(URGENT_RT_PRIORITY)]
                 out = bed.run(bed.source, [*argv, kind, bed.dest.address, str(port), str(n), "--client-cpu",
-                                           str(client_cpu), "--server-cpu", str(server_cpu), *runs],
+                                           str(client_cpu), "--server-cpu", str(server_cpu), *extra],
                               timeout=120, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"TCP {kind} ({name}) failed: {out.stderr.strip()[-500:]}")
@@ -120,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("n", type=int)
         c.add_argument("--client-cpu", type=int, default=-1, help="pin the client here (default: unpinned)")
         c.add_argument("--server-cpu", type=int, default=-1, help="ask the server to pin itself here")
+        c.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority of both ends (0: none)")
         if kind == "bulk":
             c.add_argument("--runs", type=int, default=1, help="transfers, one session each; report the fastest")
     return p
@@ -136,9 +153,10 @@ def main(argv: list[str]) -> int:
         if args.command == "bulk":
             if args.runs <= 0:
                 raise ValueError(f"--runs must be positive, not {args.runs}")
-            result = bulk(args.host, args.port, args.n, args.client_cpu, args.server_cpu, runs=args.runs)
+            result = bulk(args.host, args.port, args.n, args.client_cpu, args.server_cpu, runs=args.runs,
+                          rt_priority=args.rt_priority)
         else:
-            result = rtt(args.host, args.port, args.n, args.client_cpu, args.server_cpu)
+            result = rtt(args.host, args.port, args.n, args.client_cpu, args.server_cpu, rt_priority=args.rt_priority)
         print(json.dumps(result))
     except (OSError, ValueError) as exc:
         print(f"postcopy.bench.net {args.command}: {exc}", file=sys.stderr)
