@@ -181,3 +181,4 @@ def test_ratios_are_taken_against_the_c_floor_of_each_placement():
     assert "| demand fault p50, no pusher | 200.0 µs | RTT+uffd 40.0 µs (same_cpu) / 100.0 µs (across_cpus) | " \
            "5.00x / 2.00x |" in text
     assert "| dest agent CPU s per GiB pushed | n/a | TCP receiver 0.25 | n/a |" in text
+    assert "| TCP bulk | across_cpus | 2.00 GB/s | 0.50 / 0.25 |" in text

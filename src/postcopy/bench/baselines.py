@@ -117,6 +117,22 @@ def format_lines(base: dict) -> list[str]:
     return lines
 
 
+def markdown_rows(base: dict) -> list[str]:
+    """The floors as a Markdown table, one row per figure and placement."""
+    def us(lat: dict) -> str:
+        return f"p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs"
+
+    rows = ["| C floor | placement | figure | CPU s/GiB sender / receiver |", "|---|---|---|---|"]
+    for name, row in base["tcp_bulk"].items():
+        cpu = row["cpu"]
+        rows.append(f"| TCP bulk | {name} | {row['bytes_per_s'] / 1e9:.2f} GB/s | "
+                    f"{cpu['client']['cpu_s_per_gib']:.2f} / {cpu['server']['cpu_s_per_gib']:.2f} |")
+    rows += [f"| TCP 4 KiB RTT | {name} | {us(row['latency_us'])} | |" for name, row in base["tcp_rtt_4k"].items()]
+    rows += [f"| uffd round trip | {name} | {us(lat)} | |"
+             for name, lat in base["uffd_roundtrip_by_placement_us"].items()]
+    return rows
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m postcopy.bench.baselines", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller samples")

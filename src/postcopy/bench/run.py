@@ -203,7 +203,9 @@ def _times(v) -> str:
 
 
 def _headline_rows(result: dict) -> list[str]:
-    """The postcopy figures beside their C floors, as Markdown table rows."""
+    """The postcopy figures beside their C floors, then the floors, as Markdown tables."""
+    from postcopy.bench import baselines
+
     b, f, r = result["baselines"], result["postcopy"], result["ratios"]
     us = "{:.1f}"
     floor, bulk = b["fault_floor_us"], b["tcp_bulk"][b["tcp_bulk_placement"]]
@@ -223,15 +225,14 @@ def _headline_rows(result: dict) -> list[str]:
                     + " / ".join(_times(r[f"fault_{p}_vs_floor_{n}"]) for n in placements) + " |")
     rows += [f"| demand fault p99, pusher on | {_num(f['fault_us_with_pusher']['p99'], us)} µs | "
              f"p99 without pusher | {_times(r['fault_p99_with_vs_without_pusher'])} |",
-             f"| downtime 256 MiB / 2 GiB | {_num(f['downtime_ms_256M'])} / {_num(f['downtime_ms_2G'])} ms | | |"]
+             f"| downtime 256 MiB / 2 GiB | {_num(f['downtime_ms_256M'])} / {_num(f['downtime_ms_2G'])} ms | | |",
+             "", *baselines.markdown_rows(b)]
     return rows
 
 
 def markdown(result: dict) -> str:
     """The headline figures as Markdown tables."""
     from postcopy.bench.harvest import format_table
-
-    b, f, r = result["baselines"], result["postcopy"], result["ratios"]
 
     def num(v, fmt="{:.2f}"):
         return "n/a" if v is None else fmt.format(v)
