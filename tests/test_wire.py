@@ -47,6 +47,15 @@ def sample_messages() -> list:
         Error(code=ErrorCode.AUTH, reason="nope: clé refusée"),
         Ping(token=0),
         Pong(token=2**64 - 1),
+        wire.ReadyCheck(),
+        wire.Ready(),
+        wire.RecoveryEnd(),
+        wire.RecoveryAck(),
+        wire.EpochBegin(epoch=7),
+        wire.EpochCommit(info={"epoch": 7, "pages": 3, "steps": [1, 2]}),
+        wire.EpochAck(info={"epoch": 7, "steps": [1, 2]}),
+        wire.CheckpointEnd(epoch=7),
+        hello("primary", unauthenticated=True),
     ]
 
 
@@ -380,7 +389,7 @@ def test_recorded_proof_cannot_be_replayed():
         server.receive(wire.decode(client_proof))
 
 
-@pytest.mark.parametrize("offset, bit", [(HEADER.size + 4, 0x10), (HEADER.size + 30, 0x80), (HEADER.size + 73, 0x01)],
+@pytest.mark.parametrize("offset, bit", [(HEADER.size + 5, 0x10), (HEADER.size + 31, 0x80), (HEADER.size + 74, 0x01)],
                          ids=["session", "nonce", "region"])
 def test_altered_hello_is_detected(offset, bit):
     # A man in the middle flips a bit of the client's Hello (session, nonce, region
@@ -426,7 +435,9 @@ def test_page_size_mismatch_refused():
 
 @pytest.mark.parametrize("server_hello, match", [
     (hello("dest", "urgent"), "channel mismatch"),
-    (hello("source", regions=()), "both ends are a source"),
+    (hello("source", regions=()), "a source cannot talk to a source"),
+    (hello("standby"), "a standby cannot talk to a source"),
+    (hello("dest", unauthenticated=True), "frame authentication mismatch"),
     (hello("dest", regions=((0, 64 * PS),)), "RAM layout mismatch"),
 ])
 def test_incompatible_peers_refused(server_hello, match):
