@@ -62,6 +62,11 @@ class Channel:
         self._decoder.set_layout(layout)
 
     @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned by :meth:`recv` (a poll would miss them)."""
+        return self._decoder.buffered
+
+    @property
     def authenticated(self) -> bool:
         return self._sealer is not None
 
