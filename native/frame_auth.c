@@ -96,10 +96,10 @@ int64_t pc_frame_auth_bench(struct pc_frame_auth *ctx, const uint8_t *buf, size_
 {
     struct timespec t0, t1;
     uint8_t tag[PC_AUTH_TAG_BYTES];
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
     for (uint32_t i = 0; i < rounds; i++)
         if (pc_frame_auth_tag(ctx, i, buf, len, NULL, 0, tag))
             return -1;
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
     return (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
 }

@@ -35,7 +35,7 @@ int pc_frame_auth_tag(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a,
 int pc_frame_auth_check(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen,
                         const uint8_t *b, size_t blen, const uint8_t *tag);
 
-/* Tags `rounds` times a buffer of len bytes (seq 0, 1, ...): nanoseconds taken, or -1.
+/* Tags `rounds` times a buffer of len bytes (seq 0, 1, ...): CPU nanoseconds of this thread, or -1.
  * The MAC's own speed, for the bench's comparison with HMAC-SHA256. */
 int64_t pc_frame_auth_bench(struct pc_frame_auth *ctx, const uint8_t *buf, size_t len, uint32_t rounds);
 

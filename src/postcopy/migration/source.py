@@ -41,6 +41,7 @@ class SourceConfig:
     connect_timeout: float = 15.0
     recovery_timeout: float = 30.0  # postcopy: how long to try to reconnect after a broken link (0: never)
     push_delay: float = 0.0  # benchmark knob: serve demand faults alone this long first
+    frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
 
 
 MODES = ("postcopy", "precopy", "hybrid")
@@ -96,7 +97,8 @@ class SourceAgent:
         sock.settimeout(None if deadline is None else timeout)
         tune(sock, urgent=(name == "urgent"))
         channel = Channel(sock, name, mem.layout, self.protocol)
-        hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session)
+        hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session,
+                                unauthenticated=not self.config.frame_auth)
         handshake(channel, "client", self.config.key, hello)
         sock.settimeout(None)
         return channel

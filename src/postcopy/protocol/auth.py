@@ -76,7 +76,7 @@ class FrameAuth:
         self.seq += 1
 
     def bench(self, buf, rounds: int) -> float:
-        """Seconds to tag ``buf`` ``rounds`` times in C (the MAC's own speed)."""
+        """CPU seconds to tag ``buf`` ``rounds`` times in C (the MAC's own speed)."""
         view = ffi.from_buffer(buf)
         ns = lib.pc_frame_auth_bench(self._ctx, view, len(view), rounds)
         if ns < 0:
