@@ -159,9 +159,9 @@ class Channel:
                 raise ChannelClosed(f"{self.name}: the channel was closed")
             try:
                 n = self.sock.recv_into(decoder.space())
-            except TimeoutError:
-                raise
             except OSError as exc:
+                if isinstance(exc, TimeoutError) and exc.errno is None:
+                    raise  # the socket's own timeout (silence), not a broken link (ETIMEDOUT)
                 raise ChannelClosed(f"{self.name}: receive failed: {exc}") from exc
             if n == 0:
                 raise ChannelClosed(f"{self.name}: the peer closed the connection")
