@@ -508,7 +508,7 @@ def mutate(rng: random.Random, data: bytes, corpus: list[bytes]) -> bytes:
                 i = rng.randrange(min(len(buf), 96) if rng.random() < 0.8 else len(buf))
                 buf[i] ^= 1 << rng.randrange(8)
         elif kind == 2 and len(buf) >= HEADER.size:  # huge or random length
-            length = rng.choice([2**32 - 1, 2**31, wire.DEFAULT_MAX_PAYLOAD + 1, rng.randrange(2**32),
+            length = rng.choice([2**32 - 1, 2**31, wire.MAX_PAYLOAD + 1, rng.randrange(2**32),
                                  rng.randrange(64), max(0, len(buf) - HEADER.size + rng.randint(-9, 9))])
             buf[4:8] = struct.pack("!I", length)
         elif kind == 3 and len(buf) >= HEADER.size:  # random page index / argument

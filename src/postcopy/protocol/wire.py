@@ -73,6 +73,4 @@ from postcopy.protocol.handshake import AUTH_FAILED, Handshake, load_key, new_ke
 from postcopy.protocol.layout import MAX_PAGE_SIZE, MAX_REGIONS, MIN_PAGE_SIZE, Layout
 from postcopy.protocol.state import CHECKPOINT, MIGRATION, Phase, Session, kind
 
-DEFAULT_MAX_PAYLOAD = MAX_PAYLOAD
-
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]
