@@ -312,6 +312,8 @@ class Decoder:
     ``capacity`` bytes and grows only as far as frames that passed the header checks
     need."""
 
+    GREEDY_READ = 64 << 10
+
     def __init__(self, layout: Layout | None = None, max_payload: int = MAX_PAYLOAD, capacity: int = 64 << 10,
                  zero_copy: bool = False):
         self.layout = layout
@@ -338,9 +340,15 @@ class Decoder:
         self._buffer.feed(data)
 
     def space(self) -> memoryview:
-        """Where to receive the next bytes: room for at least the frame in progress."""
+        """Where to receive the next bytes. Small frames are read greedily, several per
+        call; the rest of a large frame (a page run) is read exactly, so its bytes land
+        where it is decoded and nothing after it ever needs moving."""
         need = HEADER.size if self._header is None else HEADER.size + self._header.length + self._tag_bytes
-        return self._buffer.space(need)
+        buf = self._buffer
+        if need > self.GREEDY_READ:
+            room = buf.space(need)
+            return room[:buf.start + need - buf.end]
+        return buf.space(self.GREEDY_READ)[:self.GREEDY_READ]
 
     def commit(self, n: int) -> None:
         """``n`` bytes were received into :meth:`space`."""
