@@ -122,6 +122,32 @@ def test_several_frames_in_one_feed():
     assert decoder.next_message() is None
 
 
+def test_receiving_into_the_decoder_like_a_channel():
+    """The channel's path: recv_into(decoder.space()), commit, next_message, with
+    zero-copy page runs; a large frame's rest is read exactly, so none of its bytes is
+    ever moved (its data view stays where it was received)."""
+    rng = random.Random(5)
+    big = [PageRun(i * 16, 16, Cause.PUSHED, bytes([i]) * 16 * PS) for i in range(4)]
+    messages = sample_messages() + big + sample_messages()
+    stream = memoryview(b"".join(m.encode() for m in messages))
+    decoder, pos, got = Decoder(LAYOUT, capacity=4096, zero_copy=True), 0, []
+    while len(got) < len(messages):
+        message = decoder.next_message()
+        if message is None:
+            room = decoder.space()
+            assert len(room) <= max(Decoder.GREEDY_READ, 16 * PS + HEADER.size)
+            n = min(len(room), len(stream) - pos, rng.randrange(1, 3 * PS))
+            room[:n] = stream[pos:pos + n]
+            decoder.commit(n)
+            pos += n
+            continue
+        if isinstance(message, PageRun):
+            assert isinstance(message.data, memoryview)
+            message = PageRun(message.first_page, message.npages, message.cause, bytes(message.data))
+        got.append(message)
+    assert got == messages and decoder.buffered == 0
+
+
 def test_zero_copy_page_run():
     data = bytes(random.Random(2).randbytes(3 * PS))
     header = wire.encode_page_run_header(10, 3, Cause.PUSHED, PS)
