@@ -359,7 +359,9 @@ class DestinationAgent:
         for first, count in outstanding:
             main.send(wire.PageRequest(first_page=first, npages=count))
         main.send(wire.RecoveryEnd())
-        reply = main.recv()  # RecoveryAck: the table refuses anything else here
+        reply = main.recv()  # RecoveryAck or Error: the table refuses anything else here
+        if isinstance(reply, wire.Error):
+            raise DestinationError(f"the source refused to resume: {reply.reason}")
         self._main, self._urgent = main, urgent
         self._link_broken.clear()
         self._start_urgent_receiver()
