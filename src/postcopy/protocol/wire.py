@@ -49,7 +49,8 @@ Tag = AES-256-GMAC under the direction's key, nonce = 0^32 || sequence number (6
 counted by both ends from 0, never sent), over header || payload. A wrong tag (altered,
 replayed, reordered, dropped, injected frame) raises :class:`IntegrityError`: the stream
 ends and nothing of the frame is used. GMAC was chosen over HMAC-SHA256 by measurement
-(``postcopy bench``: several GB/s in C against well under one for hashlib's HMAC).
+(``postcopy bench``, 1 MiB frames: about 5 GB per CPU second for GMAC in C, about 1.3 for
+hashlib's HMAC-SHA256, SHA-NI included, on the development machine).
 Frames are authenticated, not encrypted: for confidentiality run the agents over an
 encrypted link (WireGuard, IPsec), see README.
 
