@@ -17,6 +17,7 @@ from postcopy.protocol.wire import MAX_RUN_BYTES
 # Runs sent after the switchover: the source guest is paused, so their bytes cannot
 # change between the frame's tag and sendfile's copy.
 _STABLE_CAUSES = frozenset({wire.Cause.DEMAND, wire.Cause.PUSHED, wire.Cause.STATE})
+_FAULT_AROUND = 64 << 10  # the kernel's default fault_around_bytes
 
 
 class GuestMemory:
@@ -101,7 +102,7 @@ class GuestMemory:
             finally:
                 if view is not None:
                     view.release()
-                    self._map.madvise(mmap.MADV_DONTNEED, offset, length)  # drop from RSS, not data
+                    self._unmap_pages(offset, length)
             return
         if scratch is None:
             assert self.memfd is not None, "anon backing needs a scratch buffer"
@@ -112,6 +113,14 @@ class GuestMemory:
         if got != length:
             raise OSError(errno.EIO, f"short read of guest RAM at page {first_page}: {got} of {length} bytes")
         channel.send_page_run(first_page, npages, cause, view)
+
+    def _unmap_pages(self, offset: int, length: int) -> None:
+        """Drop the pages of [offset, offset+length) from this mapping (from RSS, not
+        from the guest's RAM), widened to the kernel's fault-around window, which
+        maps neighbours of every page read."""
+        start = offset // _FAULT_AROUND * _FAULT_AROUND
+        end = min(-(-(offset + length) // _FAULT_AROUND) * _FAULT_AROUND, self.size)
+        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _mapped(self, offset: int, length: int) -> memoryview:
         with self._map_lock:
