@@ -41,6 +41,7 @@ def register(subparsers) -> None:
                      help="postcopy: keep reconnecting this long after the link breaks (0: fail at once)")
     src.add_argument("--push-delay", type=float, default=0.0, metavar="SECONDS",
                      help="benchmarks: serve demand faults alone this long before pushing")
+    add_unsafe_option(src)
     src.set_defaults(func=run_source)
 
     dst = subparsers.add_parser("dest", help="receive a migration and run the guest here")
@@ -55,7 +56,13 @@ def register(subparsers) -> None:
     add_install_option(dst)
     dst.add_argument("--staging-pages", type=int, default=DEFAULT_STAGING_PAGES, metavar="N",
                      help=f"--install move: staging area of the incoming guest, in pages (default {DEFAULT_STAGING_PAGES})")
+    add_unsafe_option(dst)
     dst.set_defaults(func=run_dest)
+
+
+def add_unsafe_option(parser: argparse.ArgumentParser) -> None:
+    """``--unsafe-no-frame-auth``: benchmarks only."""
+    parser.add_argument("--unsafe-no-frame-auth", action="store_true", help="UNSAFE, for measuring the cost of frame authentication only: frames after the handshake carry no tag (both agents must say so)")
 
 
 def add_install_option(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +96,8 @@ def run_source(args) -> int:
     agent = SourceAgent(SourceConfig(guest_control=args.guest, endpoint=args.connect, key=_key(args),
                                      mode=args.mode, dirty_log=args.dirty_log, policy=policy_of(args),
                                      free_page_hints=not args.no_free_hints, push_delay=args.push_delay,
-                                     recovery_timeout=args.recovery_timeout))
+                                     recovery_timeout=args.recovery_timeout,
+                                     frame_auth=not args.unsafe_no_frame_auth))
     try:
         figures = agent.run()
     except MigrationError as exc:
@@ -108,7 +116,8 @@ def run_dest(args) -> int:
         agent = DestinationAgent(DestConfig(listen=args.listen, key=_key(args), workdir=workdir,
                                             backing=args.backing, guest_control=args.attach,
                                             recovery_timeout=args.recovery_timeout, install=args.install,
-                                            staging_pages=args.staging_pages))
+                                            staging_pages=args.staging_pages,
+                                            frame_auth=not args.unsafe_no_frame_auth))
         try:
             agent.bind()
             print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)

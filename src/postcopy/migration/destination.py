@@ -50,6 +50,7 @@ class DestConfig:
     recovery_timeout: float = 30.0  # postcopy: how long to wait for the source to reconnect (0: never)
     install: str = "copy"  # install path: copy, continue (memfd) or move (anon); see postcopy.migration.install
     staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
+    frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
 
 
 class DestinationAgent:
@@ -82,6 +83,7 @@ class DestinationAgent:
         self._link_broken = threading.Event()
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
+        self.protocol = wire.Session(wire.MIGRATION, "dest")  # checks every frame of every channel
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -106,8 +108,9 @@ class DestinationAgent:
             raise DestinationError(f"no source connected within {self.config.accept_timeout:.0f} s") from exc
         sock.settimeout(None)
         tune(sock, urgent=(name == "urgent"))
-        channel = Channel(sock, name)
-        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session)
+        channel = Channel(sock, name, session=self.protocol)
+        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session,
+                                unauthenticated=not self.config.frame_auth)
         try:
             peer = handshake(channel, "server", self.config.key, hello)
         except BaseException:
@@ -152,6 +155,7 @@ class DestinationAgent:
         try:
             self._session = peer.hello.session
             urgent, _ = self._accept("urgent", self._session)
+            self.protocol.established()
             layout = peer.layout
             if len(layout.regions) != 1 or layout.regions[0][0] != 0:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
@@ -238,8 +242,8 @@ class DestinationAgent:
                 resumed = guest.resume()
                 self._switched = True
                 self._timeline.switchover_ns = time.monotonic_ns()
-            elif isinstance(message, wire.Ping):
-                self._main.send(wire.Pong(token=message.token))  # guest up, fault server running
+            elif isinstance(message, wire.ReadyCheck):
+                self._main.send(wire.Ready())  # guest up, fault server running
             elif isinstance(message, wire.PushDone):
                 push_done = True
             elif isinstance(message, wire.Error):
@@ -334,6 +338,7 @@ class DestinationAgent:
                 channel.close()
         self._urgent = None
         self._urgent_thread.join(timeout=5)
+        self.protocol.link_lost()
         print(f"link to the source lost; waiting up to {self.config.recovery_timeout:g} s for it to reconnect",
               file=sys.stderr, flush=True)
         saved = self.config.accept_timeout
@@ -353,10 +358,10 @@ class DestinationAgent:
             waiting = sorted(self._fault_started)
         for first, count in outstanding:
             main.send(wire.PageRequest(first_page=first, npages=count))
-        main.send(wire.Ping(token=wire.RECOVERY_TOKEN))
-        reply = main.recv()
-        if not isinstance(reply, wire.Pong) or reply.token != wire.RECOVERY_TOKEN:
-            raise wire.ProtocolError(f"expected the recovery Pong, got {type(reply).__name__}")
+        main.send(wire.RecoveryEnd())
+        reply = main.recv()  # RecoveryAck or Error: the table refuses anything else here
+        if isinstance(reply, wire.Error):
+            raise DestinationError(f"the source refused to resume: {reply.reason}")
         self._main, self._urgent = main, urgent
         self._link_broken.clear()
         self._start_urgent_receiver()

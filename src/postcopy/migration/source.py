@@ -20,7 +20,8 @@ from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.migration.precopy import ConvergencePolicy, RoundStats, run_rounds
 from postcopy.migration.guestmem import GuestMemory, PageExtents
-from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.wire import MAX_RUN_BYTES
 
 
 class MigrationError(RuntimeError):
@@ -40,6 +41,7 @@ class SourceConfig:
     connect_timeout: float = 15.0
     recovery_timeout: float = 30.0  # postcopy: how long to try to reconnect after a broken link (0: never)
     push_delay: float = 0.0  # benchmark knob: serve demand faults alone this long first
+    frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
 
 
 MODES = ("postcopy", "precopy", "hybrid")
@@ -85,6 +87,7 @@ class SourceAgent:
         self._guest_pid: int | None = None
         self._link_lost = threading.Event()
         self.recoveries: list[float] = []
+        self.protocol = wire.Session(wire.MIGRATION, "source")  # checks every frame of both channels
 
     # -- connection --------------------------------------------------------------------
     def _open_channel(self, mem: GuestMemory, session: bytes, name: str, deadline: float | None = None) -> Channel:
@@ -93,8 +96,9 @@ class SourceAgent:
         # Bounded while reconnecting: the destination may still be noticing the break.
         sock.settimeout(None if deadline is None else timeout)
         tune(sock, urgent=(name == "urgent"))
-        channel = Channel(sock, name, mem.layout)
-        hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session)
+        channel = Channel(sock, name, mem.layout, self.protocol)
+        hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session,
+                                unauthenticated=not self.config.frame_auth)
         handshake(channel, "client", self.config.key, hello)
         sock.settimeout(None)
         return channel
@@ -129,6 +133,7 @@ class SourceAgent:
             session = secrets.token_bytes(wire.SESSION_BYTES)
             main = self._open_channel(mem, session, "main")
             urgent = self._open_channel(mem, session, "urgent")
+            self.protocol.established()
             self._await_ready(main)
             self._scratch = GuestMemory.scratch() if mem.memfd is None else None
             self._sent = bytearray(mem.npages)
@@ -236,6 +241,7 @@ class SourceAgent:
         main.close()
         urgent.close()
         server.join(timeout=5)
+        self.protocol.link_lost()
         print(f"postcopy source: link lost ({cause}); reconnecting for up to "
               f"{self.config.recovery_timeout:g} s", file=sys.stderr, flush=True)
         while True:
@@ -254,7 +260,7 @@ class SourceAgent:
             self._sent[first:first + count] = bytes(count)
         self._link_lost.clear()
         self._urgent_error = None
-        main.send(wire.Pong(token=wire.RECOVERY_TOKEN))
+        main.send(wire.RecoveryAck())
         self.recoveries.append((time.monotonic() - started) * 1e3)
         print(f"postcopy source: link recovered after {self.recoveries[-1]:.0f} ms; "
               f"{ranges.total(missing)} pages outstanding", file=sys.stderr, flush=True)
@@ -262,13 +268,13 @@ class SourceAgent:
 
     @staticmethod
     def _outstanding(main: Channel) -> list[tuple[int, int]]:
-        """After a reconnect the destination lists the runs it still lacks, then Pings."""
+        """After a reconnect the destination lists the runs it still lacks, then RecoveryEnd."""
         missing = []
         while True:
             message = main.recv()
             if isinstance(message, wire.PageRequest):
                 missing.append((message.first_page, message.npages))
-            elif isinstance(message, wire.Ping) and message.token == wire.RECOVERY_TOKEN:
+            elif isinstance(message, wire.RecoveryEnd):
                 return missing
             elif isinstance(message, wire.Error):
                 raise MigrationError(f"the destination refused to resume: {message.reason}")
@@ -304,15 +310,13 @@ class SourceAgent:
         return ranges.normalize((offset // ps, length // ps) for offset, length in reply.get("ranges", []))
 
     def _await_ready(self, main: Channel) -> None:
-        """The destination answers a Ping once it has handled everything sent before it:
+        """The destination answers Ready once it has handled everything sent before it:
         the first one once its incoming guest is up and its fault server runs (starting
         a guest there is never downtime here), later ones once the precopy pages are in."""
-        main.send(wire.Ping(token=1))
+        main.send(wire.ReadyCheck())
         message = main.recv()
         if isinstance(message, wire.Error):
             raise MigrationError(f"the destination is not ready: {message.reason}")
-        if not isinstance(message, wire.Pong) or message.token != 1:
-            raise wire.ProtocolError(f"expected Pong, got {type(message).__name__}")
 
     def _await_complete(self, main: Channel) -> dict:
         message = main.recv()

@@ -51,6 +51,7 @@ class DemoOptions:
     stall_rounds: int = 3
     free_hints: bool = True
     install: str = "copy"  # destination install path: copy, continue (memfd), move (anon)
+    frame_auth: bool = True  # False is UNSAFE (no tags after the handshake): the bench's baseline only
 
 
 def _agent(*args: str) -> list[str]:
@@ -86,13 +87,14 @@ def run_demo(options: DemoOptions) -> dict:
         control = os.path.join(work, "guest.sock")
         endpoint = f"{bed.dest.address}:{options.port}"
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        unsafe = [] if options.frame_auth else ["--unsafe-no-frame-auth"]
 
         guest = bed.popen(bed.source, params.argv(control=control), **pipes)
         wait_for_control(control, timeout=30, proc=guest)
         _warm_up(control, options)
         dest = bed.popen(bed.dest, _agent("dest", "--listen", endpoint, "--key-file", key_file,
                                           "--backing", params.backing, "--install", options.install,
-                                          "--json", f"{work}/dest.json"), **pipes)
+                                          "--json", f"{work}/dest.json", *unsafe), **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
                                               "--key-file", key_file, "--json", f"{work}/source.json",
                                               "--push-delay", str(options.push_delay), "--mode", options.mode,
@@ -100,7 +102,8 @@ def run_demo(options: DemoOptions) -> dict:
                                               "--downtime-limit", str(options.downtime_limit_ms),
                                               "--max-rounds", str(options.max_rounds),
                                               "--stall-rounds", str(options.stall_rounds),
-                                              *([] if options.free_hints else ["--no-free-hints"])), **pipes)
+                                              *([] if options.free_hints else ["--no-free-hints"]), *unsafe),
+                       **pipes)
         _progress(options, "migrating ...")
         _wait(source, "postcopy source", deadline)
         _wait(dest, "postcopy dest", deadline)
