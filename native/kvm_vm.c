@@ -651,28 +651,12 @@ static int probe_mode(int mode, char *err, int errlen)
     return rc;
 }
 
-int pc_kvm_probe(char *err, int errlen)
+int pc_kvm_probe(int mode, char *err, int errlen)
 {
-    int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        snprintf(err, (size_t)errlen, "/dev/kvm: %s", strerror(e));
-        return -e;
+    if (mode < PC_KVM_LOG_BITMAP || mode > PC_KVM_LOG_RING) {
+        snprintf(err, (size_t)errlen, "unknown dirty log mode %d", mode);
+        return -EINVAL;
     }
-    close(fd);
-    int ok = 0;
-    char one[256];
     err[0] = 0;
-    static const char *names[] = {"", "KVM_GET_DIRTY_LOG", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2+KVM_CLEAR_DIRTY_LOG",
-                                  "KVM_CAP_DIRTY_LOG_RING"};
-    for (int mode = PC_KVM_LOG_BITMAP; mode <= PC_KVM_LOG_RING; mode++) {
-        one[0] = 0;
-        if (probe_mode(mode, one, sizeof(one)) == 0) {
-            ok |= 1 << (mode - 1);
-        } else {
-            size_t used = strlen(err);
-            snprintf(err + used, (size_t)errlen - used, "%s%s: %s", used ? "; " : "", names[mode], one);
-        }
-    }
-    return ok;
+    return probe_mode(mode, err, errlen);
 }

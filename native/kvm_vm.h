@@ -70,9 +70,9 @@ int64_t pc_kvm_dirty_harvest(struct pc_kvm *vm, uint64_t *t);
  * runs[2 * max_runs]; *next is where to continue (RAM's page count when done). */
 int64_t pc_kvm_dirty_runs(struct pc_kvm *vm, uint64_t *runs, uint64_t max_runs, uint64_t *next);
 
-/* What this host's KVM offers, each tried on a scratch VM: bit 0 GET_DIRTY_LOG,
- * bit 1 MANUAL_DIRTY_LOG_PROTECT2 + CLEAR_DIRTY_LOG, bit 2 DIRTY_LOG_RING; a negative
- * value when /dev/kvm cannot be used (-errno). The reason of each missing one in err. */
-int pc_kvm_probe(char *err, int errlen);
+/* Try one dirty log (PC_KVM_LOG_*) for real on a scratch VM: the guest writes pages 3
+ * and 7, then 5, and each harvest must report exactly those. 0, or negative with the
+ * reason in err (naming /dev/kvm or the capability). */
+int pc_kvm_probe(int mode, char *err, int errlen);
 
 #endif /* PC_KVM_VM_H */

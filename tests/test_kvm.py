@@ -1,0 +1,192 @@
+"""The KVM guest (``postcopy guest --vm kvm``) and KVM's three dirty logs.
+
+The KVM guest runs the workloads inside a micro-VM on the process guest's RAM layout,
+so after K steps its RAM hash equals the process guest's. Each KVM dirty log must
+report exactly the pages the guest wrote: the guest's page tables live in a memslot of
+their own that is never logged, so no nested-paging extras are allowed. Needs /dev/kvm
+(and, per backend, the capability): skips name what is missing."""
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from postcopy.guest import GuestClient, GuestError, GuestParams, parse_final_hash
+from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
+
+ROOT = Path(__file__).resolve().parents[1]
+RAM = 8 << 20
+PAGE = mmap.PAGESIZE
+KVM = GuestParams(ram=RAM, threads=2, workload="random-write", seed=5, steps=None, vm="kvm")
+LOGS = ["kvm-bitmap", "kvm-clear", "kvm-ring"]
+
+
+def require_kvm() -> None:
+    from postcopy.guest.kvm import kvm_reason
+
+    reason = kvm_reason()
+    if reason:
+        pytest.skip(f"needs /dev/kvm: {reason}")
+
+
+def require_log(name: str) -> None:
+    require_kvm()
+    from postcopy.kernel.dirtylog.kvm import kvm_backend_reasons
+
+    reason = kvm_backend_reasons()[name]
+    if reason:
+        pytest.skip(reason)  # names the capability (KVM_CAP_DIRTY_LOG_RING, ...)
+
+
+def pages_of(runs) -> set[int]:
+    return {p for first, count in runs for p in range(first, first + count)}
+
+
+def run_to_end(params: GuestParams) -> str:
+    proc = subprocess.run(params.argv(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return parse_final_hash(proc.stdout)
+
+
+def test_guest_code_header_is_built_from_its_source(tmp_path):
+    """native/kvm_guest_code.h is what scripts/gen-kvm-guest makes of guest.c."""
+    header = ROOT / "native" / "kvm_guest_code.h"
+    if not (ROOT / "scripts" / "gen-kvm-guest").exists():
+        pytest.skip("needs the source tree (scripts/gen-kvm-guest)")
+    if not all(shutil.which(tool) for tool in ("gcc", "objcopy", "objdump")):
+        pytest.skip("needs gcc and binutils (objcopy, objdump) to rebuild the guest code")
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    if gcc not in header.read_text():
+        pytest.skip(f"the header was made by another compiler than {gcc!r}: bytes may differ")
+    out = tmp_path / "code.h"
+    subprocess.run([str(ROOT / "scripts" / "gen-kvm-guest"), str(out)], check=True, capture_output=True)
+    assert filecmp.cmp(out, header, shallow=False), "native/kvm_guest_code.h is stale: run scripts/gen-kvm-guest"
+
+
+@pytest.mark.parametrize("workload", ["random-write", "sequential", "hotspot", "idle"])
+def test_kvm_guest_ends_with_the_process_guests_ram(workload):
+    require_kvm()
+    params = dataclasses.replace(KVM, workload=workload, steps=1500, backing="anon")
+    kvm_hash = run_to_end(params)
+    assert kvm_hash == run_to_end(dataclasses.replace(params, vm="process"))
+    assert kvm_hash == run_to_end(params)  # and again: deterministic
+
+
+def test_kvm_guest_refuses_what_it_cannot_run():
+    require_kvm()
+    argv = [sys.executable, "-m", "postcopy", "guest", "--vm", "kvm", "--ram", "8M", "--free-fraction", "0.2"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no free pages" in proc.stderr
+
+
+def test_control_socket_pauses_at_a_step_boundary(launch):
+    require_kvm()
+    _, sock = launch(dataclasses.replace(KVM, steps=4000), start_paused=True)
+    with GuestClient(sock) as guest:
+        status = guest.status()
+        assert status["vm"] == "kvm" and status["state"] == "paused"
+        reply = guest.run_until(700)
+        assert reply["steps"] == [700, 700] and reply["state"] == "paused"
+        first = guest.hash()
+        guest.resume()
+        paused = guest.pause()
+        assert paused["state"] == "paused" and min(paused["steps"]) >= 700
+        guest.quit()
+    # The hash at step 700 is the process guest's at step 700.
+    _, sock2 = launch(dataclasses.replace(KVM, steps=4000, vm="process"), name="p", start_paused=True)
+    with GuestClient(sock2) as proc_guest:
+        proc_guest.run_until(700)
+        assert proc_guest.hash() == first
+        proc_guest.quit()
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_log_reports_exactly_the_pages_the_guest_wrote(launch, name):
+    require_log(name)
+    _, sock = launch(KVM, start_paused=True)
+    with GuestClient(sock) as guest:
+        log = open_dirty_log(name, guest, guest.status())
+        assert log.name == name
+        with log:
+            log.start()
+            assert log.harvest() == []  # nothing written since the start
+            written = [3, 4, 5, 100, 1000, 2047]
+            guest.touch(written)
+            assert pages_of(log.harvest()) == set(written)
+            assert log.harvest() == []  # the harvest cleared them
+            guest.touch_spread(0, 2048, 300, seed=9)
+            assert len(pages_of(log.harvest())) == 300
+        guest.quit()
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_log_of_a_stepping_guest_is_what_changed(launch, name):
+    """Steps between two harvests: the report is exactly the pages whose content changed
+    (every workload write changes its word), the state page among them."""
+    require_log(name)
+    _, sock = launch(KVM, start_paused=True)  # memfd RAM: read here without a write
+    with GuestClient(sock) as guest:
+        _, fds = guest.take_fds()
+        try:
+            ram = mmap.mmap(fds["memfd"], RAM, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        log = open_dirty_log(name, guest, guest.status())
+        with log:
+            log.start()
+            for target in (300, 1200):
+                before = ram[:]
+                guest.run_until(target)
+                changed = changed_pages(before, ram[:])
+                assert 0 in changed and len(changed) > 100
+                assert pages_of(log.harvest()) == changed
+        ram.close()
+        guest.quit()
+
+
+def changed_pages(a: bytes, b: bytes) -> set[int]:
+    return {p for p in range(len(a) // PAGE) if a[p * PAGE:(p + 1) * PAGE] != b[p * PAGE:(p + 1) * PAGE]}
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_kvm_log_refuses_a_process_guest(launch, name):
+    require_log(name)
+    _, sock = launch(dataclasses.replace(KVM, vm="process"), start_paused=True)
+    with GuestClient(sock) as guest:
+        with pytest.raises(DirtyLogUnavailable, match="--vm kvm"):
+            open_dirty_log(name, guest, guest.status())
+        guest.quit()
+
+
+def test_doctor_tries_each_kvm_log():
+    require_kvm()
+    from postcopy.kernel.dirtylog.kvm import kvm_backend_reasons
+    from postcopy.kernel.probes import probe_kvm_dirty_logs
+
+    probes = {p.name: p for p in probe_kvm_dirty_logs()}
+    assert set(probes) == {"kvm_dirty_bitmap", "kvm_dirty_clear", "kvm_dirty_ring"}
+    for name, reason in kvm_backend_reasons().items():
+        probe = probes[f"kvm_dirty_{name[4:]}"]
+        assert probe.ok == (reason is None)
+        assert ("reported exactly" in probe.detail) if probe.ok else ("KVM" in probe.detail)
+
+
+def test_unknown_kvm_dirty_request_is_refused(launch):
+    require_kvm()
+    _, sock = launch(KVM, start_paused=True)
+    with GuestClient(sock) as guest:
+        with pytest.raises(GuestError, match="op start"):
+            guest.request("kvm_dirty", op="bogus")
+        with pytest.raises(GuestError, match="needs a started"):
+            guest.request("kvm_dirty", op="harvest")
+        with pytest.raises(GuestError, match="log one of"):
+            guest.request("kvm_dirty", op="start", log="soft-dirty")
+        guest.quit()
