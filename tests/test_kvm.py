@@ -190,3 +190,41 @@ def test_unknown_kvm_dirty_request_is_refused(launch):
         with pytest.raises(GuestError, match="log one of"):
             guest.request("kvm_dirty", op="start", log="soft-dirty")
         guest.quit()
+
+
+# ---- migrations of a KVM guest --------------------------------------------------------
+
+
+def migrate_kvm(mode: str, dirty_log: str, **params) -> dict:
+    from conftest import require_netns, require_uffd
+    from postcopy.testbed.demo import DemoOptions, run_demo
+
+    require_netns()
+    require_uffd()
+    fields = dict(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=8000, working_set=0.25, vm="kvm")
+    fields.update(params)
+    return run_demo(DemoOptions(params=GuestParams(**fields), mode=mode, migrate_after=0.5, downtime_limit_ms=20,
+                                max_rounds=8, dirty_log=dirty_log, **({"push_delay": 1.0} if mode == "postcopy" else {})))
+
+
+@pytest.mark.parametrize("name", LOGS)
+@pytest.mark.parametrize("mode", ["precopy", "hybrid"])
+def test_precopy_and_hybrid_of_a_kvm_guest_verify(mode, name):
+    require_log(name)
+    report = migrate_kvm(mode, name)
+    assert report["verified"], report
+    assert report["dirty_log"] == name and len(report["precopy_rounds"]) >= 2
+    assert report["pages"]["resent"] > 0  # rounds re-sent what the VM dirtied
+    if mode == "precopy":
+        assert report["pages"]["demand"] == 0 and report["pages"]["pushed"] == 0
+
+
+@pytest.mark.parametrize("backing", ["memfd", "anon"])
+def test_postcopy_of_a_kvm_guest_serves_kvms_own_faults(backing):
+    """Nothing is sent before the switchover and the pusher waits a second: the VM's
+    first steps on the destination fault in KVM (its guest RAM registered with
+    userfaultfd), and those faults are served on demand like any other."""
+    require_kvm()
+    report = migrate_kvm("postcopy", "auto", backing=backing)
+    assert report["verified"], report
+    assert report["pages"]["demand"] > 0 and report["pages"]["precopy"] == 0
