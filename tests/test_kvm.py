@@ -228,3 +228,25 @@ def test_postcopy_of_a_kvm_guest_serves_kvms_own_faults(backing):
     report = migrate_kvm("postcopy", "auto", backing=backing)
     assert report["verified"], report
     assert report["pages"]["demand"] > 0 and report["pages"]["precopy"] == 0
+
+
+# ---- the bench experiment -------------------------------------------------------------
+
+
+def test_kvm_bench_tables_smoke():
+    require_kvm()
+    from postcopy.bench.kvm import format_kvm, harvest_rows, rate_rows, usable_logs
+
+    logs = usable_logs()
+    if not logs:
+        pytest.skip("no KVM dirty log on this host (see postcopy doctor)")
+    rows = harvest_rows(16 << 20, logs, (0, 100), repeats=1, say=lambda _m: None)
+    assert {r["method"] for r in rows} == set(logs) and len(rows) == 2 * len(logs)
+    for r in rows:  # exactly the pages the service vCPU wrote, plus the state page the idle steps write
+        assert r["dirty_pages"] <= r["reported_pages"] <= r["dirty_pages"] + 1, r
+        assert (r["kernel_ms"] is None) == (r["method"] == "pagemap-scan")
+    rates = rate_rows(16 << 20, logs[:1], seconds=0.3, say=lambda _m: None)
+    assert [(r["vm"], r["dirty_log"]) for r in rates] == [("process", "none"), ("kvm", "none"), ("kvm", logs[0])]
+    assert all(r["steps_per_s"] > 0 for r in rates) and rates[2]["harvests_per_s"] > 0
+    text = format_kvm({"harvest": rows, "rates": rates})
+    assert all(name in text for name in logs) and "steps/s" in text
