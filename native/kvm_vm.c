@@ -1,6 +1,6 @@
-/* kvm_vm: the KVM micro-VM guest and KVM's dirty logs. See kvm_vm.h and kvm_layout.h. */
+/* kvm_vm: the KVM micro-VM guest: VM, vCPUs in 64-bit mode, passes of guest code.
+ * See kvm_vm.h and kvm_layout.h; the dirty logs are in kvm_dirtylog.c. */
 #define _GNU_SOURCE
-#include "kvm_vm.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -16,15 +16,15 @@
 #include <unistd.h>
 
 #include "kvm_guest_code.h"
-#include "kvm_layout.h"
+#include "kvm_vm_internal.h"
 
 _Static_assert(sizeof(pc_kvm_guest_code) <= PC_KVM_CODE_MAX, "guest code overflows its area");
 _Static_assert(sizeof(struct pc_kvm_mailbox) == 128, "mailbox layout");
 _Static_assert(PC_KVM_MAILBOX_GPA + PC_KVM_MAX_VCPUS * 128 <= PC_KVM_CODE_GPA, "mailboxes overlap code");
 _Static_assert(PC_KVM_STACK_GPA + PC_KVM_MAX_VCPUS * PC_KVM_STACK_SIZE <= PC_KVM_LIST_GPA, "stacks overlap list");
 
-#define SLOT_FW 0
-#define SLOT_RAM 1
+#define fail pc_kvm_fail
+#define set_slot pc_kvm_set_slot
 #define PTE_P 0x1ULL
 #define PTE_RW 0x2ULL
 #define PTE_A 0x20ULL
@@ -33,34 +33,14 @@ _Static_assert(PC_KVM_STACK_GPA + PC_KVM_MAX_VCPUS * PC_KVM_STACK_SIZE <= PC_KVM
 #define PASS_TARGET_NS 2000000ULL /* an unpaced pass lasts about this long */
 #define PACE_CATCH_UP_NS 2000000ULL
 
-struct pc_kvm {
-    int kvm_fd, vm_fd;
-    int nvcpu; /* threads + the service vCPU (the last one) */
-    int vcpu_fd[PC_KVM_MAX_VCPUS];
-    struct kvm_run *run[PC_KVM_MAX_VCPUS];
-    size_t run_size;
-    char *fw;
-    char *ram;
-    uint64_t ram_size, npages, page_size;
-    int log_mode;
-    uint32_t ring_entries;
-    struct kvm_dirty_gfn *ring[PC_KVM_MAX_VCPUS];
-    uint32_t ring_fetch[PC_KVM_MAX_VCPUS];
-    uint64_t *pending; /* ring: collected since the latest harvest */
-    uint64_t *snap;    /* the latest harvest */
-    uint64_t bitmap_words;
-    pthread_mutex_t ring_lock, service_lock;
-    char err[256];
-};
-
-static uint64_t now_ns(void)
+uint64_t pc_kvm_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-static int fail(struct pc_kvm *vm, int rc, const char *fmt, ...)
+int fail(struct pc_kvm *vm, int rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -105,7 +85,7 @@ static void build_firmware(struct pc_kvm *vm)
     }
 }
 
-static int set_slot(struct pc_kvm *vm, uint32_t slot, uint64_t gpa, uint64_t size, void *host, uint32_t flags)
+int set_slot(struct pc_kvm *vm, uint32_t slot, uint64_t gpa, uint64_t size, void *host, uint32_t flags)
 {
     struct kvm_userspace_memory_region r = {.slot = slot, .flags = flags, .guest_phys_addr = gpa,
                                             .memory_size = size, .userspace_addr = (uint64_t)(uintptr_t)host};
@@ -309,41 +289,6 @@ void pc_kvm_free(struct pc_kvm *vm)
     free(vm);
 }
 
-/* ---- dirty ring ------------------------------------------------------------------- */
-
-/* Move every published entry of every ring into vm->pending, then let KVM re-protect
- * those pages (KVM_RESET_DIRTY_RINGS). Called by a harvest and by a vCPU whose ring is
- * full; ring_lock held. */
-static int ring_collect_locked(struct pc_kvm *vm)
-{
-    const uint32_t mask = vm->ring_entries - 1;
-    uint64_t taken = 0;
-    for (int i = 0; i < vm->nvcpu; i++) {
-        for (;;) {
-            struct kvm_dirty_gfn *e = &vm->ring[i][vm->ring_fetch[i] & mask];
-            uint32_t flags = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
-            if (!(flags & KVM_DIRTY_GFN_F_DIRTY))
-                break;
-            if ((e->slot & 0xffff) == SLOT_RAM && e->offset < vm->npages)
-                vm->pending[e->offset >> 6] |= 1ULL << (e->offset & 63);
-            __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-            vm->ring_fetch[i]++;
-            taken++;
-        }
-    }
-    if (taken && ioctl(vm->vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0)
-        return fail(vm, -errno, "KVM_RESET_DIRTY_RINGS: %s", strerror(errno));
-    return 0;
-}
-
-static int ring_collect(struct pc_kvm *vm)
-{
-    pthread_mutex_lock(&vm->ring_lock);
-    int rc = ring_collect_locked(vm);
-    pthread_mutex_unlock(&vm->ring_lock);
-    return rc;
-}
-
 /* ---- running passes ----------------------------------------------------------------- */
 
 /* KVM_RUN until the guest halts at the end of the pass. */
@@ -360,7 +305,7 @@ static int run_pass(struct pc_kvm *vm, int idx)
         case KVM_EXIT_HLT:
             return 0;
         case KVM_EXIT_DIRTY_RING_FULL:
-            if (ring_collect(vm))
+            if (pc_kvm_ring_collect(vm))
                 return PC_KVM_ERUN;
             continue;
         case KVM_EXIT_INTR:
@@ -396,7 +341,7 @@ static int pace(uint64_t deadline, volatile int *pause_flag)
     for (;;) {
         if (__atomic_load_n(pause_flag, __ATOMIC_ACQUIRE))
             return 1;
-        uint64_t now = now_ns();
+        uint64_t now = pc_kvm_now_ns();
         if (now >= deadline)
             return 0;
         uint64_t until = deadline - now > 10000000ULL ? now + 10000000ULL : deadline;
@@ -423,7 +368,7 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
     struct pc_kvm_mailbox *mb = mailbox(vm, tid);
     uint64_t steps = ((const struct pc_vcpu_state *)(vm->ram + PC_GUEST_VCPU_OFFSET))[tid].steps_done;
     uint64_t batch = interval ? 1 + 1000000ULL / interval : 16; /* paced: ~1 ms of steps per pass */
-    uint64_t next = now_ns();
+    uint64_t next = pc_kvm_now_ns();
     __atomic_store_n(&local->first_step_ns, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&local->steps_done, steps, __ATOMIC_RELAXED);
     while (steps < limit) {
@@ -431,7 +376,7 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
             return PC_VCPU_PAUSED;
         if (interval && pace(next, pause))
             return PC_VCPU_PAUSED;
-        uint64_t t0 = now_ns();
+        uint64_t t0 = pc_kvm_now_ns();
         mb->cmd = PC_KVM_CMD_STEPS;
         mb->limit = limit - steps < batch ? limit : steps + batch;
         mb->now_ns = t0;
@@ -439,7 +384,7 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
         rc = run_pass(vm, tid);
         if (rc)
             return rc;
-        uint64_t t1 = now_ns(), done = mb->steps_done;
+        uint64_t t1 = pc_kvm_now_ns(), done = mb->steps_done;
         if (done > steps)
             note_progress(local, done, t1);
         if (interval) {
@@ -473,190 +418,4 @@ int pc_kvm_touch(struct pc_kvm *vm, const uint64_t *pages, uint64_t n)
     }
     pthread_mutex_unlock(&vm->service_lock);
     return rc;
-}
-
-/* ---- dirty logs ----------------------------------------------------------------------- */
-
-static int set_manual_protect(struct pc_kvm *vm, int on)
-{
-    struct kvm_enable_cap cap = {.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                                 .args = {on ? KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE : 0}};
-    if (on && ioctl(vm->vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) <= 0)
-        return fail(vm, -EOPNOTSUPP, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered by this KVM");
-    if (ioctl(vm->vm_fd, KVM_ENABLE_CAP, &cap))
-        return fail(vm, -errno, "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): %s", strerror(errno));
-    return 0;
-}
-
-int pc_kvm_dirty_start(struct pc_kvm *vm, int mode)
-{
-    if (mode < PC_KVM_LOG_OFF || mode > PC_KVM_LOG_RING)
-        return fail(vm, -EINVAL, "unknown dirty log mode %d", mode);
-    if ((mode == PC_KVM_LOG_RING) != (vm->ring_entries != 0) && mode != PC_KVM_LOG_OFF)
-        return fail(vm, -EINVAL, vm->ring_entries ? "this VM logs to its dirty ring only"
-                                                  : "this VM was made without a dirty ring");
-    int rc = 0;
-    if (vm->log_mode != PC_KVM_LOG_OFF) { /* off first: a restart is a fresh epoch */
-        rc = set_slot(vm, SLOT_RAM, PC_KVM_RAM_GPA, vm->ram_size, vm->ram, 0);
-        if (rc)
-            return fail(vm, rc, "RAM memslot, dirty log off: %s", strerror(-rc));
-        vm->log_mode = PC_KVM_LOG_OFF;
-    }
-    if (mode == PC_KVM_LOG_OFF)
-        return 0;
-    if (!vm->ring_entries && (rc = set_manual_protect(vm, mode == PC_KVM_LOG_CLEAR)))
-        return rc;
-    if (mode == PC_KVM_LOG_RING) { /* drop what an earlier epoch left */
-        if ((rc = ring_collect(vm)))
-            return rc;
-        pthread_mutex_lock(&vm->ring_lock);
-        memset(vm->pending, 0, vm->bitmap_words * 8);
-        pthread_mutex_unlock(&vm->ring_lock);
-    }
-    rc = set_slot(vm, SLOT_RAM, PC_KVM_RAM_GPA, vm->ram_size, vm->ram, KVM_MEM_LOG_DIRTY_PAGES);
-    if (rc)
-        return fail(vm, rc, "RAM memslot with KVM_MEM_LOG_DIRTY_PAGES: %s", strerror(-rc));
-    vm->log_mode = mode;
-    return 0;
-}
-
-static int get_log(struct pc_kvm *vm)
-{
-    struct kvm_dirty_log log = {.slot = SLOT_RAM, .dirty_bitmap = vm->snap};
-    if (ioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log))
-        return fail(vm, -errno, "KVM_GET_DIRTY_LOG: %s", strerror(errno));
-    return 0;
-}
-
-/* Re-protect exactly the pages in snap, PC_KVM_CLEAR_CHUNK pages per ioctl, skipping
- * chunks without a dirty page. */
-static int clear_log(struct pc_kvm *vm)
-{
-    const uint64_t words = PC_KVM_CLEAR_CHUNK / 64;
-    for (uint64_t w = 0; w < vm->bitmap_words; w += words) {
-        uint64_t end = w + words < vm->bitmap_words ? w + words : vm->bitmap_words, any = 0;
-        for (uint64_t k = w; k < end; k++)
-            any |= vm->snap[k];
-        if (!any)
-            continue;
-        uint64_t first = w * 64, num = end * 64 > vm->npages ? vm->npages - first : (end - w) * 64;
-        struct kvm_clear_dirty_log c = {.slot = SLOT_RAM, .num_pages = (uint32_t)num, .first_page = first,
-                                        .dirty_bitmap = vm->snap + w};
-        if (ioctl(vm->vm_fd, KVM_CLEAR_DIRTY_LOG, &c))
-            return fail(vm, -errno, "KVM_CLEAR_DIRTY_LOG: %s", strerror(errno));
-    }
-    return 0;
-}
-
-int64_t pc_kvm_dirty_harvest(struct pc_kvm *vm, uint64_t *t)
-{
-    uint64_t t0 = now_ns();
-    int rc = 0;
-    t[0] = t[1] = 0;
-    switch (vm->log_mode) {
-    case PC_KVM_LOG_BITMAP:
-        rc = get_log(vm);
-        break;
-    case PC_KVM_LOG_CLEAR:
-        rc = get_log(vm);
-        t[0] = now_ns() - t0;
-        if (!rc)
-            rc = clear_log(vm);
-        t[1] = now_ns() - t0 - t[0];
-        break;
-    case PC_KVM_LOG_RING:
-        pthread_mutex_lock(&vm->ring_lock);
-        rc = ring_collect_locked(vm);
-        if (!rc) {
-            memcpy(vm->snap, vm->pending, vm->bitmap_words * 8);
-            memset(vm->pending, 0, vm->bitmap_words * 8);
-        }
-        pthread_mutex_unlock(&vm->ring_lock);
-        break;
-    default:
-        return fail(vm, -EINVAL, "the dirty log is off");
-    }
-    if (rc)
-        return rc;
-    if (vm->log_mode != PC_KVM_LOG_CLEAR)
-        t[0] = now_ns() - t0;
-    int64_t n = 0;
-    for (uint64_t k = 0; k < vm->bitmap_words; k++)
-        n += __builtin_popcountll(vm->snap[k]);
-    return n;
-}
-
-int64_t pc_kvm_dirty_runs(struct pc_kvm *vm, uint64_t *runs, uint64_t max_runs, uint64_t *next)
-{
-    uint64_t pg = *next, n = 0;
-    const uint64_t *bm = vm->snap;
-    while (pg < vm->npages) {
-        uint64_t w = bm[pg >> 6] >> (pg & 63);
-        if (!w) { /* skip to the next word */
-            pg = (pg | 63) + 1;
-            continue;
-        }
-        pg += (uint64_t)__builtin_ctzll(w);
-        if (pg >= vm->npages)
-            break;
-        if (n == max_runs)
-            break;
-        uint64_t start = pg;
-        while (pg < vm->npages && (bm[pg >> 6] >> (pg & 63)) & 1)
-            pg++;
-        runs[2 * n] = start;
-        runs[2 * n + 1] = pg - start;
-        n++;
-    }
-    *next = pg < vm->npages ? pg : vm->npages;
-    return (int64_t)n;
-}
-
-/* ---- probe --------------------------------------------------------------------------- */
-
-/* One backend on a scratch VM: the service vCPU writes pages 3 and 7, then 5; each
- * harvest must report exactly those. 0 or a reason in err. */
-static int probe_mode(int mode, char *err, int errlen)
-{
-    const uint64_t npages = 16;
-    long ps = sysconf(_SC_PAGESIZE);
-    void *ram = mmap(NULL, npages * (uint64_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ram == MAP_FAILED)
-        return snprintf(err, (size_t)errlen, "mmap: %s", strerror(errno)), -ENOMEM;
-    struct pc_kvm *vm = pc_kvm_new(ram, npages * (uint64_t)ps, 1, mode == PC_KVM_LOG_RING ? 256 : 0, err, errlen);
-    int rc = vm ? 0 : -EIO;
-    static const uint64_t first[] = {3, 7}, second[] = {5};
-    const uint64_t want[2] = {(1ULL << 3) | (1ULL << 7), 1ULL << 5};
-    for (int round = 0; round < 2 && !rc; round++) {
-        uint64_t t[2];
-        if (round == 0 && (rc = pc_kvm_dirty_start(vm, mode)))
-            break;
-        if ((rc = pc_kvm_touch(vm, round ? second : first, round ? 1 : 2)))
-            break;
-        int64_t n = pc_kvm_dirty_harvest(vm, t);
-        if (n < 0) {
-            rc = (int)n;
-            break;
-        }
-        if (vm->snap[0] != want[round]) {
-            snprintf(vm->err, sizeof(vm->err), "harvest %d reported pages %#llx, the guest wrote %#llx", round + 1,
-                     (unsigned long long)vm->snap[0], (unsigned long long)want[round]);
-            rc = -EIO;
-        }
-    }
-    if (vm && rc)
-        snprintf(err, (size_t)errlen, "%s", vm->err);
-    pc_kvm_free(vm);
-    munmap(ram, npages * (uint64_t)ps);
-    return rc;
-}
-
-int pc_kvm_probe(int mode, char *err, int errlen)
-{
-    if (mode < PC_KVM_LOG_BITMAP || mode > PC_KVM_LOG_RING) {
-        snprintf(err, (size_t)errlen, "unknown dirty log mode %d", mode);
-        return -EINVAL;
-    }
-    err[0] = 0;
-    return probe_mode(mode, err, errlen);
 }

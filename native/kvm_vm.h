@@ -19,6 +19,7 @@
  *                      chosen when the VM is created (ring_entries > 0), exclusive
  *                      with the other two
  * A harvest fills a bitmap of RAM pages; pc_kvm_dirty_runs reads it as runs.
+ * (Code: kvm_vm.c for the VM and its passes, kvm_dirtylog.c for the logs.)
  */
 #ifndef PC_KVM_VM_H
 #define PC_KVM_VM_H
