@@ -350,6 +350,14 @@ static int pace(uint64_t deadline, volatile int *pause_flag)
     }
 }
 
+/* The dirty ring must never overflow. KVM stops a vCPU at the ring's soft limit
+ * (KVM_EXIT_DIRTY_RING_FULL) only when it re-enters the guest; a guest run through KVM's
+ * instruction emulator (small guests on this kind of nested host) writes on without
+ * re-entering, and past the hard limit KVM drops entries (a WARN in
+ * kvm_dirty_ring_push). So between two collections a vCPU writes at most a quarter of
+ * its ring in distinct pages: passes are capped and the vCPU collects its ring itself. */
+static uint64_t ring_budget(const struct pc_kvm *vm) { return vm->ring_entries / 4; }
+
 int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_local *local)
 {
     struct pc_guest_info info;
@@ -369,6 +377,7 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
     uint64_t steps = ((const struct pc_vcpu_state *)(vm->ram + PC_GUEST_VCPU_OFFSET))[tid].steps_done;
     uint64_t batch = interval ? 1 + 1000000ULL / interval : 16; /* paced: ~1 ms of steps per pass */
     uint64_t next = pc_kvm_now_ns();
+    uint64_t pushed = 0; /* ring: entries this vCPU may have pushed since it collected (<= 2 a step) */
     __atomic_store_n(&local->first_step_ns, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&local->steps_done, steps, __ATOMIC_RELAXED);
     while (steps < limit) {
@@ -376,9 +385,19 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
             return PC_VCPU_PAUSED;
         if (interval && pace(next, pause))
             return PC_VCPU_PAUSED;
+        uint64_t pass = batch;
+        if (vm->ring_entries) {
+            pass = batch < ring_budget(vm) / 4 ? batch : ring_budget(vm) / 4;
+            if (pushed + 2 * pass + 1 > ring_budget(vm)) {
+                if ((rc = pc_kvm_ring_collect(vm)))
+                    return rc;
+                pushed = 0;
+            }
+            pushed += 2 * pass + 1;
+        }
         uint64_t t0 = pc_kvm_now_ns();
         mb->cmd = PC_KVM_CMD_STEPS;
-        mb->limit = limit - steps < batch ? limit : steps + batch;
+        mb->limit = limit - steps < pass ? limit : steps + pass;
         mb->now_ns = t0;
         mb->seq++;
         rc = run_pass(vm, tid);
@@ -391,7 +410,7 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
             next += (done - steps) * interval;
             if (t1 > next + PACE_CATCH_UP_NS)
                 next = t1;
-        } else if (done - steps == batch) { /* aim at PASS_TARGET_NS per pass */
+        } else if (done - steps == pass && pass == batch) { /* aim at PASS_TARGET_NS per pass */
             uint64_t want = t1 > t0 ? batch * PASS_TARGET_NS / (t1 - t0) : batch * 2;
             batch = want < 1 ? 1 : want > batch * 2 ? batch * 2 : want > (1ULL << 24) ? (1ULL << 24) : want;
         }
@@ -407,9 +426,12 @@ int pc_kvm_touch(struct pc_kvm *vm, const uint64_t *pages, uint64_t n)
             return fail(vm, -EINVAL, "touch: page %llu beyond RAM", (unsigned long long)pages[i]);
     int svc = vm->nvcpu - 1, rc = 0;
     struct pc_kvm_mailbox *mb = mailbox(vm, svc);
+    const uint64_t chunk = vm->ring_entries ? ring_budget(vm) : PC_KVM_LIST_MAX; /* see ring_budget */
     pthread_mutex_lock(&vm->service_lock);
-    for (uint64_t off = 0; off < n && !rc; off += PC_KVM_LIST_MAX) {
-        uint64_t len = n - off < PC_KVM_LIST_MAX ? n - off : PC_KVM_LIST_MAX;
+    for (uint64_t off = 0; off < n && !rc; off += chunk) {
+        uint64_t len = n - off < chunk ? n - off : chunk;
+        if (vm->ring_entries && off && (rc = pc_kvm_ring_collect(vm)))
+            break;
         memcpy(vm->fw + PC_KVM_LIST_GPA, pages + off, len * 8);
         mb->cmd = PC_KVM_CMD_TOUCH;
         mb->list_len = len;

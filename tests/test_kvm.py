@@ -126,29 +126,52 @@ def test_log_reports_exactly_the_pages_the_guest_wrote(launch, name):
         guest.quit()
 
 
-@pytest.mark.parametrize("name", LOGS)
-def test_log_of_a_stepping_guest_is_what_changed(launch, name):
+def test_full_dirty_ring_is_collected_not_lost(launch):
+    """More distinct pages than a vCPU's ring holds (RING_ENTRIES) between two harvests:
+    the vCPU exits with KVM_EXIT_DIRTY_RING_FULL, collects its ring and goes on."""
+    require_log("kvm-ring")
+    from postcopy.guest.kvm import RING_ENTRIES
+
+    ram = 128 << 20
+    n = RING_ENTRIES + RING_ENTRIES // 4
+    assert n < ram // PAGE
+    _, sock = launch(dataclasses.replace(KVM, ram=ram), start_paused=True)
+    with GuestClient(sock) as guest:
+        with open_dirty_log("kvm-ring", guest, guest.status()) as log:
+            log.start()
+            guest.touch_spread(0, ram // PAGE, n, seed=3)
+            assert sum(count for _, count in log.harvest()) == n
+        guest.quit()
+
+
+@pytest.mark.parametrize("name, workload, ram, steps", [
+    *[(name, "random-write", RAM, (300, 1200)) for name in LOGS],
+    # each step a new page: more distinct pages than a vCPU's ring holds between harvests
+    ("kvm-ring", "sequential", 128 << 20, (20000,)),
+])
+def test_log_of_a_stepping_guest_is_what_changed(launch, name, workload, ram, steps):
     """Steps between two harvests: the report is exactly the pages whose content changed
     (every workload write changes its word), the state page among them."""
     require_log(name)
-    _, sock = launch(KVM, start_paused=True)  # memfd RAM: read here without a write
+    params = dataclasses.replace(KVM, workload=workload, ram=ram, threads=1)
+    _, sock = launch(params, start_paused=True)  # memfd RAM: read here without a write
     with GuestClient(sock) as guest:
         _, fds = guest.take_fds()
         try:
-            ram = mmap.mmap(fds["memfd"], RAM, mmap.MAP_SHARED, mmap.PROT_READ)
+            mem = mmap.mmap(fds["memfd"], ram, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             for fd in fds.values():
                 os.close(fd)
         log = open_dirty_log(name, guest, guest.status())
         with log:
             log.start()
-            for target in (300, 1200):
-                before = ram[:]
+            for target in steps:
+                before = mem[:]
                 guest.run_until(target)
-                changed = changed_pages(before, ram[:])
+                changed = changed_pages(before, mem[:])
                 assert 0 in changed and len(changed) > 100
                 assert pages_of(log.harvest()) == changed
-        ram.close()
+        mem.close()
         guest.quit()
 
 
