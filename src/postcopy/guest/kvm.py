@@ -19,6 +19,7 @@ this process can do (KVM refuses ioctls from any other mm).
 """
 from __future__ import annotations
 
+import base64
 import os
 import time
 
@@ -70,21 +71,22 @@ class KvmVm:
         if lib.pc_kvm_dirty_start(self._vm, mode):
             raise GuestStateError(f"KVM dirty log: {self.error}")
 
-    def harvest(self) -> tuple[list[list[int]], int, float, float]:
-        """(runs [first, count], pages, ms getting the log, ms clearing it)."""
+    def harvest(self) -> tuple[bytes, int, float, float]:
+        """(runs as little-endian u64 pairs first, count; pages; ms getting the log; ms
+        clearing it). Packed, not a list: a harvest of 10,000 scattered pages then costs
+        the control socket one string instead of 10,000 JSON pairs."""
         n = lib.pc_kvm_dirty_harvest(self._vm, self._t)
         if n < 0:
             raise GuestStateError(f"KVM dirty log harvest: {self.error}")
         get_ms, clear_ms = self._t[0] / 1e6, self._t[1] / 1e6
-        runs: list[list[int]] = []
+        packed = []
         self._next[0] = 0
         while self._next[0] < self.npages:
             k = lib.pc_kvm_dirty_runs(self._vm, self._runs, _RUNS_CHUNK, self._next)
-            flat = ffi.unpack(self._runs, 2 * k)
-            runs.extend([a, b] for a, b in zip(flat[0::2], flat[1::2]))
             if k == 0:
                 break
-        return runs, int(n), get_ms, clear_ms
+            packed.append(ffi.buffer(self._runs, 16 * k)[:])
+        return b"".join(packed), int(n), get_ms, clear_ms
 
 
 def vcpu_error(rc: int, vm: KvmVm) -> str:
@@ -245,15 +247,16 @@ class KvmGuest(Guest):
 
     def kvm_dirty_harvest(self) -> dict:
         """Pages written by the guest since the previous harvest (or start), re-protected
-        before the reply: ``runs`` [[first page, count], ...], ``pages``, and the time
-        inside the VM's ioctls (``harvest_ms``: get + clear; ``clear_ms``)."""
+        before the reply: ``runs`` (base64 of little-endian u64 pairs first page, count:
+        :mod:`postcopy.kernel.dirtylog.kvm` unpacks them), ``pages``, and the time inside the VM's ioctls
+        (``harvest_ms``: get + clear; ``clear_ms``)."""
         vm = self.vm
         if vm is None or self.dirty_log is None:
             raise GuestStateError("kvm_dirty harvest needs a started KVM dirty log")
         t0 = time.perf_counter()
         runs, pages, get_ms, clear_ms = vm.harvest()
         total_ms = (time.perf_counter() - t0) * 1e3
-        return {"runs": runs, "pages": pages, "log": self.dirty_log, "harvest_ms": get_ms + clear_ms,
+        return {"runs": base64.b64encode(runs).decode(), "pages": pages, "log": self.dirty_log, "harvest_ms": get_ms + clear_ms,
                 "clear_ms": clear_ms, "total_ms": total_ms}
 
     def kvm_dirty_stop(self) -> dict:

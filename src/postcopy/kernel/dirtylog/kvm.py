@@ -23,6 +23,9 @@ trying it on a scratch VM (:func:`kvm_backend_reasons`).
 """
 from __future__ import annotations
 
+import array
+import base64
+import sys
 import threading
 
 from postcopy.guest.control import GuestClient, GuestError
@@ -96,7 +99,7 @@ class KvmDirtyLog(DirtyLog):
         reply = self._client.request("kvm_dirty", op="harvest")
         self.last_kernel_ms = float(reply["harvest_ms"])
         self.last_pause_ms = 0.0
-        return [(int(a), int(b)) for a, b in reply["runs"]]
+        return _unpack(reply["runs"])
 
     def _stop(self) -> None:
         try:
@@ -108,6 +111,15 @@ class KvmDirtyLog(DirtyLog):
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _unpack(text: str) -> Runs:
+    """Runs from a harvest reply (base64 of little-endian u64 pairs first, count)."""
+    words = array.array("Q", base64.b64decode(text))
+    if sys.byteorder != "little":
+        words.byteswap()
+    it = iter(words)
+    return list(zip(it, it))
 
 
 def open_kvm_log(kind: str, guest_path: str, status: dict, info: dict) -> KvmDirtyLog:
