@@ -218,7 +218,7 @@ def test_unknown_kvm_dirty_request_is_refused(launch):
 # ---- migrations of a KVM guest --------------------------------------------------------
 
 
-def migrate_kvm(mode: str, dirty_log: str, **params) -> dict:
+def migrate_kvm(mode: str, dirty_log: str, install: str = "copy", **params) -> dict:
     from conftest import require_netns, require_uffd
     from postcopy.testbed.demo import DemoOptions, run_demo
 
@@ -227,7 +227,8 @@ def migrate_kvm(mode: str, dirty_log: str, **params) -> dict:
     fields = dict(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=8000, working_set=0.25, vm="kvm")
     fields.update(params)
     return run_demo(DemoOptions(params=GuestParams(**fields), mode=mode, migrate_after=0.5, downtime_limit_ms=20,
-                                max_rounds=8, dirty_log=dirty_log, **({"push_delay": 1.0} if mode == "postcopy" else {})))
+                                max_rounds=8, dirty_log=dirty_log, install=install,
+                                **({"push_delay": 1.0} if mode == "postcopy" else {})))
 
 
 @pytest.mark.parametrize("name", LOGS)
@@ -242,14 +243,22 @@ def test_precopy_and_hybrid_of_a_kvm_guest_verify(mode, name):
         assert report["pages"]["demand"] == 0 and report["pages"]["pushed"] == 0
 
 
-@pytest.mark.parametrize("backing", ["memfd", "anon"])
-def test_postcopy_of_a_kvm_guest_serves_kvms_own_faults(backing):
+@pytest.mark.parametrize("backing, install", [("memfd", "copy"), ("anon", "copy"), ("memfd", "continue"), ("anon", "move")])
+def test_postcopy_of_a_kvm_guest_serves_kvms_own_faults(backing, install):
     """Nothing is sent before the switchover and the pusher waits a second: the VM's
     first steps on the destination fault in KVM (its guest RAM registered with
-    userfaultfd), and those faults are served on demand like any other."""
+    userfaultfd), and those faults are served on demand like any other, by UFFDIO_COPY
+    or UFFDIO_CONTINUE (memfd, minor faults) or UFFDIO_MOVE (anon, from staging)."""
     require_kvm()
-    report = migrate_kvm("postcopy", "auto", backing=backing)
+    if install != "copy":
+        from postcopy.migration.install import install_path_error
+
+        error = install_path_error(install, backing)
+        if error:
+            pytest.skip(error)  # names the missing userfaultfd feature
+    report = migrate_kvm("postcopy", "auto", backing=backing, install=install)
     assert report["verified"], report
+    assert report["install"] == install
     assert report["pages"]["demand"] > 0 and report["pages"]["precopy"] == 0
 
 

@@ -91,8 +91,6 @@ def _validate(args) -> str | None:
 
         if args.free_fraction:
             return "--vm kvm: the KVM guest has no free pages: leave out --free-fraction"
-        if args.staging_pages:
-            return "--vm kvm: --staging-pages (UFFDIO_MOVE) is not offered for the KVM guest"
         reason = kvm_reason()
         if reason:
             return f"--vm kvm: {reason}"
