@@ -249,6 +249,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['install']} | {row['backing']} | {num(push and push / 1e9)} | {num(row['push_vs_copy'])}x | "
                      f"{num(lat['p50'], '{:.1f}')} | {num(lat['p99'], '{:.1f}')} | "
                      f"{num(row['fault_p50_vs_copy'])}x / {num(row['fault_p99_vs_copy'])}x | {row['verified']} |")
+    if result.get("kvm"):
+        from postcopy.bench.kvm import format_kvm
+
+        lines += ["", "## KVM guest: KVM's dirty logs beside PAGEMAP_SCAN", "", "```", format_kvm(result["kvm"]), "```"]
     return "\n".join(lines) + "\n"
 
 
