@@ -168,6 +168,12 @@ def _experiment(name: str, run, quick: bool, empty):
         return empty
 
 
+def _kvm_figures(quick: bool) -> dict:
+    from postcopy.bench.kvm import kvm_figures
+
+    return kvm_figures(quick)
+
+
 def _ratio(value, base):
     return None if value is None or not base else value / base
 
@@ -228,6 +234,7 @@ def run_bench(quick: bool) -> dict:
         "checkpoint": _experiment("checkpoint", checkpoint_figures, quick, {}),
         "install_paths": _experiment("install paths", install_paths, quick, []),
         "frame_auth": _experiment("frame auth", frame_auth_figures, quick, {}),
+        "kvm": _experiment("kvm", _kvm_figures, quick, {}),
         "errors": _ERRORS,
         "seconds": time.monotonic() - started,
     }
@@ -309,6 +316,10 @@ def markdown(result: dict) -> str:
                   f"| push, authenticated | {num(push['authenticated']['push_bytes_per_s'] / 1e9)} GB/s | "
                   f"unauthenticated (unsafe) {num(push['unauthenticated_unsafe']['push_bytes_per_s'] / 1e9)} GB/s | "
                   f"{num(auth['push_with_vs_without_auth'])}x |"]
+    if result.get("kvm"):
+        from postcopy.bench.kvm import format_kvm
+
+        lines += ["", "## KVM guest: KVM's dirty logs beside PAGEMAP_SCAN", "", "```", format_kvm(result["kvm"]), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -351,12 +362,22 @@ def register(subparsers) -> None:
     p.add_argument("--markdown", metavar="FILE", help="write the Markdown tables to FILE")
     p.add_argument("--harvest", action="store_true",
                    help="only the dirty-log harvest-cost table (what scripts/kernel-matrix runs in other kernels)")
+    p.add_argument("--kvm", action="store_true",
+                   help="only the KVM guest's tables: KVM dirty logs beside PAGEMAP_SCAN, step and harvest rates")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--svg", metavar="DIR", help="write the benchmark figures (SVG) into DIR")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.kvm:
+        from postcopy.bench.kvm import format_kvm, kvm_figures
+
+        result = kvm_figures(args.quick, progress=lambda msg: print(msg, file=sys.stderr))
+        print(f"kernel {platform.release()}: KVM guest\n{format_kvm(result)}")
+        if args.json:
+            report.write_json(args.json, {"kernel": platform.release(), "kvm": result})
+        return 0
     if args.harvest:
         from postcopy.bench.harvest import format_table
 

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
                         "moves (a page taken back is zero-filled first), the hash counts free pages as "
                         "zero, and the control command free_ranges lists them (default 0)")
     p.add_argument("--backing", choices=BACKINGS, default="memfd", help="RAM backing (default memfd)")
+    p.add_argument("--vm", choices=("process", "kvm"), default="process",
+                   help="who runs the workload: threads of this process (default), or the vCPUs of a KVM "
+                        "micro-VM over the same RAM (needs /dev/kvm; same RAM and hash after K steps)")
     p.add_argument("--control", metavar="PATH", help="Unix socket for control commands (mode 0600)")
     p.add_argument("--incoming", action="store_true",
                    help="map empty RAM under userfaultfd and wait for the migrated state")
@@ -83,6 +86,14 @@ def _validate(args) -> str | None:
             return f"--incoming takes {', '.join(given)} from the migrated state page: leave them out"
         if args.start_paused:
             return "--incoming already waits for resume: leave out --start-paused"
+    if args.vm == "kvm":
+        from postcopy.guest.kvm import kvm_reason
+
+        if args.free_fraction:
+            return "--vm kvm: the KVM guest has no free pages: leave out --free-fraction"
+        reason = kvm_reason()
+        if reason:
+            return f"--vm kvm: {reason}"
     if (args.incoming or args.start_paused or args.linger) and not args.control:
         return "--incoming, --start-paused and --linger need --control (nothing else could resume or quit)"
     if args.start_paused and args.pause_at is not None:
@@ -104,6 +115,8 @@ def handler(args) -> int:
     if error:
         args._parser.error(error)  # exit 2
     try:
+        if args.vm == "kvm":
+            from postcopy.guest.kvm import KvmGuest as Guest
         guest = Guest(args.ram, args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
                       staging_pages=args.staging_pages or 0)
     except ImportError as exc:
@@ -121,11 +134,15 @@ def handler(args) -> int:
                 print(f"guest: control socket {args.control}: {exc}", file=sys.stderr)
                 return 1
         if not args.incoming:
-            guest.boot(BootParams(threads=args.threads or 1, workload=args.workload or "random-write",
-                                  seed=1 if args.seed is None else args.seed, steps=args.steps,
-                                  rate=args.rate or 0.0,
-                                  working_set=1.0 if args.working_set is None else args.working_set,
-                                  free_fraction=args.free_fraction or 0.0))
+            try:
+                guest.boot(BootParams(threads=args.threads or 1, workload=args.workload or "random-write",
+                                      seed=1 if args.seed is None else args.seed, steps=args.steps,
+                                      rate=args.rate or 0.0,
+                                      working_set=1.0 if args.working_set is None else args.working_set,
+                                      free_fraction=args.free_fraction or 0.0))
+            except (ValueError, RuntimeError) as exc:  # the KVM guest: its VM could not be made
+                print(f"guest: {exc}", file=sys.stderr)
+                return 1
         if server:
             server.start()
         if not args.incoming and not args.start_paused:

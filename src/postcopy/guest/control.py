@@ -25,6 +25,8 @@ free_ranges  ``{"ranges": [[offset, length], ...], "free_pages": N}``: pages fre
 touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "seed"}}``:
              write to pages without changing them (dirty-log tests and benchmarks)
 max_step_gap longest gap between two steps of any vCPU since the previous call (ns)
+kvm_dirty    KVM guests only: ``{"op": "start", "log": "kvm-bitmap|kvm-clear|kvm-ring"}``,
+             ``{"op": "harvest"}`` (runs, pages, harvest_ms), ``{"op": "stop"}``
 quit         reply, then the guest exits 0 without printing its hash
 ============ =============================================================================
 
@@ -155,6 +157,8 @@ class ControlServer:
                 reply = g.take_max_step_gap()
             elif cmd == "quit":
                 return {"ok": True}, [], True
+            elif cmd in getattr(g, "commands", {}):  # a guest kind's own (KvmGuest: kvm_dirty)
+                reply = g.commands[cmd](req)
             else:
                 raise GuestStateError(f"unknown command {cmd!r}")
         except GuestStateError as exc:
@@ -370,12 +374,15 @@ class GuestParams:
     working_set: float = 1.0
     backing: str = "memfd"
     free_fraction: float = 0.0
+    vm: str = "process"  # or "kvm": the same RAM and workload run by KVM vCPUs
 
     def argv(self, *, control: str | None = None, incoming: bool = False, linger: bool = False,
              start_paused: bool = False, pause_at: int | None = None) -> list[str]:
         """Command line that starts this guest. An incoming guest gets only RAM size and
         backing: the rest comes with its state page."""
         argv = [sys.executable, "-m", "postcopy", "guest", "--ram", str(self.ram), "--backing", self.backing]
+        if self.vm != "process":
+            argv += ["--vm", self.vm]
         if incoming:
             argv.append("--incoming")
         else:

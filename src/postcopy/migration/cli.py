@@ -7,6 +7,7 @@ import json
 import sys
 import tempfile
 
+from postcopy.kernel.dirtylog import KINDS as DIRTY_LOGS
 from postcopy.protocol import wire
 from postcopy.migration.destination import DestConfig, DestinationAgent, DestinationError
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, INSTALL_PATHS
@@ -54,6 +55,8 @@ def register(subparsers) -> None:
                      help="postcopy: wait this long for the source to reconnect after the link breaks")
     dst.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     add_install_option(dst)
+    dst.add_argument("--vm", choices=("process", "kvm"), default="process",
+                     help="the incoming guest this agent starts: a process guest (default) or a KVM guest")
     dst.add_argument("--staging-pages", type=int, default=DEFAULT_STAGING_PAGES, metavar="N",
                      help=f"--install move: staging area of the incoming guest, in pages (default {DEFAULT_STAGING_PAGES})")
     add_unsafe_option(dst)
@@ -77,8 +80,9 @@ def add_precopy_options(parser: argparse.ArgumentParser) -> None:
     """Mode and precopy options, shared by ``source`` and ``demo``."""
     parser.add_argument("--mode", choices=MODES, default="postcopy",
                         help="postcopy (default), precopy (stop-and-copy after rounds), hybrid (rounds, then postcopy)")
-    parser.add_argument("--dirty-log", choices=("auto", "soft-dirty", "pagemap-scan"), default="auto",
-                        help="dirty log for precopy rounds (auto: soft-dirty where it works, else pagemap-scan)")
+    parser.add_argument("--dirty-log", choices=DIRTY_LOGS, default="auto",
+                        help="dirty log for precopy rounds (auto: soft-dirty where it works, else pagemap-scan; "
+                             "a KVM guest: kvm-ring, else kvm-clear, else kvm-bitmap)")
     parser.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                         help="precopy stops when the rest fits this at the measured bandwidth (default 300)")
     parser.add_argument("--max-rounds", type=int, default=30, help="precopy round limit (default 30)")
@@ -116,7 +120,7 @@ def run_dest(args) -> int:
         agent = DestinationAgent(DestConfig(listen=args.listen, key=_key(args), workdir=workdir,
                                             backing=args.backing, guest_control=args.attach,
                                             recovery_timeout=args.recovery_timeout, install=args.install,
-                                            staging_pages=args.staging_pages,
+                                            staging_pages=args.staging_pages, guest_vm=args.vm,
                                             frame_auth=not args.unsafe_no_frame_auth))
         try:
             agent.bind()

@@ -51,6 +51,7 @@ class DestConfig:
     install: str = "copy"  # install path: copy, continue (memfd) or move (anon); see postcopy.migration.install
     staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
     frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
+    guest_vm: str = "process"  # the guest this agent starts: process, or kvm (postcopy guest --vm)
 
 
 class DestinationAgent:
@@ -126,7 +127,8 @@ class DestinationAgent:
         control = os.path.join(self.config.workdir, "incoming.sock")
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
                 "--backing", self.config.backing, "--control", control,
-                *guest_options(self.config.install, self.config.staging_pages)]
+                *guest_options(self.config.install, self.config.staging_pages),
+                *(["--vm", self.config.guest_vm] if self.config.guest_vm != "process" else [])]
         self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)

@@ -94,6 +94,7 @@ def run_demo(options: DemoOptions) -> dict:
         _warm_up(control, options)
         dest = bed.popen(bed.dest, _agent("dest", "--listen", endpoint, "--key-file", key_file,
                                           "--backing", params.backing, "--install", options.install,
+                                          "--vm", params.vm,
                                           "--json", f"{work}/dest.json", *unsafe), **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
                                               "--key-file", key_file, "--json", f"{work}/source.json",
@@ -159,6 +160,8 @@ def register(subparsers) -> None:
                         "hash does not depend on it, the guest's run time does")
     p.add_argument("--working-set", type=float, default=0.5, help="fraction of each vCPU slice it writes")
     p.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
+    p.add_argument("--vm", choices=("process", "kvm"), default="process",
+                   help="run the guest in a KVM micro-VM on both sides (needs /dev/kvm)")
     p.add_argument("--rate-limit", type=rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit")
     p.add_argument("--migrate-after", type=float, default=0.5, metavar="SECONDS")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -169,7 +172,8 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed, rate=args.rate,
-                         steps=args.steps, working_set=args.working_set, backing=args.backing)
+                         steps=args.steps, working_set=args.working_set, backing=args.backing,
+                         vm=args.vm)
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
