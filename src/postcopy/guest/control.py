@@ -25,6 +25,15 @@ free_ranges  ``{"ranges": [[offset, length], ...], "free_pages": N}``: pages fre
 touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "seed"}}``:
              write to pages without changing them (dirty-log tests and benchmarks)
 max_step_gap longest gap between two steps of any vCPU since the previous call (ns)
+lease        exclusive lease for one migration agent: ``{"token": T}``; refused while
+             another connection holds it or while a fence holds; it ends when its
+             connection closes (or ``release``). When it ends, dirty tracking ends, and
+             an incoming guest whose RAM has not all arrived stops (exit 1)
+release      ``{"token": T}``: end the lease now
+fence        ``{"token": T, "seconds": S}``: a destination may run this guest for S more
+             seconds (only ever extended); ``{"token": T, "lift": true}``: it confirmed
+             completion. While a fence holds, ``lease``, ``resume`` and ``run_until`` are
+             refused: the guest must not run, or move again, in two places
 quit         reply, then the guest exits 0 without printing its hash
 ============ =============================================================================
 
@@ -36,7 +45,9 @@ import array
 import dataclasses
 import json
 import os
+import secrets
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -72,6 +83,7 @@ class ControlServer:
             os.umask(old)
         self._sock.listen(8)
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._lease = Lease()
 
     def start(self) -> None:
         self._thread.start()
@@ -93,6 +105,23 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        finally:
+            if self._lease.drop(conn):
+                self._lease_ended()
+
+    def _lease_ended(self) -> None:
+        """The migration agent that held the lease is gone (or released it): what it
+        started on the guest must not outlive it."""
+        try:
+            self.guest.dirty_track(False)
+        except Exception as exc:
+            print(f"guest: ending dirty tracking: {exc!r}", file=sys.stderr)
+        if self.guest.ram_arriving():
+            self.guest.abandon("its destination agent went away before every page arrived")
+
+    def _serve_lines(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as rfile:
             while True:
                 line = rfile.readline(MAX_LINE + 1)
@@ -101,7 +130,7 @@ class ControlServer:
                 if len(line) > MAX_LINE:
                     _send(conn, {"ok": False, "error": "request line too long"})
                     return
-                reply, fds, quitting = self._dispatch(line)
+                reply, fds, quitting = self._dispatch(line, conn)
                 try:
                     _send(conn, reply, fds)
                 except OSError:
@@ -110,7 +139,7 @@ class ControlServer:
                     self.on_quit()
                     return
 
-    def _dispatch(self, line: bytes) -> tuple[dict, list[int], bool]:
+    def _dispatch(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict, list[int], bool]:
         from postcopy.guest.runtime import GuestStateError
 
         try:
@@ -123,19 +152,25 @@ class ControlServer:
         try:
             fds: list[int] = []
             if cmd == "status":
-                reply = g.status()
+                reply = {**g.status(), **self._lease.status()}
             elif cmd == "pause":
                 reply = g.pause()
             elif cmd == "resume":
                 stop_at = req.get("stop_at")
                 if stop_at is not None and (not _is_count(stop_at)):
                     raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
+                self._lease.check_unfenced("resume")
                 reply = g.resume(stop_at=stop_at)
             elif cmd == "run_until":
                 steps = req.get("steps")
                 if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
                     raise GuestStateError("run_until wants a non-negative integer 'steps'")
+                self._lease.check_unfenced("run_until")
                 reply = g.run_until(steps)
+            elif cmd in ("lease", "release", "fence"):
+                reply = self._lease.command(cmd, req, conn)
+                if cmd == "release":
+                    self._lease_ended()
             elif cmd == "hash":
                 reply = {"hash": g.ram_hash()}
             elif cmd == "fds":
@@ -163,6 +198,88 @@ class ControlServer:
             print(f"guest: {cmd} failed: {exc!r}", file=sys.stderr)
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, [], False
         return {"ok": True, **reply}, fds, False
+
+
+class Lease:
+    """Who may migrate the guest, and until when a destination may run it.
+
+    One connection at a time holds the lease (a second migration agent is refused).
+    After a switchover the agent sets a fence: a destination may run this guest until
+    then, so it must neither run here nor be migrated again before (a second copy).
+    The fence outlives the lease (the agent may die); it is lifted only when the
+    destination confirmed, or when its time has passed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holder: socket.socket | None = None
+        self._holder_pid: int | None = None
+        self._token: str | None = None
+        self._fence_until = 0.0  # time.monotonic() until which a destination may run the guest
+
+    def fence_left(self) -> float:
+        return max(0.0, self._fence_until - time.monotonic())
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"lease_pid": self._holder_pid if self._holder is not None else None,
+                    "fence_remaining_s": round(self.fence_left(), 3)}
+
+    def check_unfenced(self, what: str) -> None:
+        """Refuse ``what`` while a destination may still run this guest."""
+        from postcopy.guest.runtime import GuestStateError
+
+        left = self.fence_left()
+        if left > 0:
+            until = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + left))
+            raise GuestStateError(
+                f"{what} refused: this guest was switched over to a destination that may still be running it "
+                f"for another {left:.1f} s (until {until}: its recovery timeout plus a margin); running or "
+                f"migrating it here before then could run it twice. Retry after {until}.")
+
+    def command(self, cmd: str, req: dict, conn: socket.socket | None) -> dict:
+        from postcopy.guest.runtime import GuestStateError
+
+        with self._lock:
+            if cmd == "lease":
+                if self._holder is not None and self._holder is not conn:
+                    raise GuestStateError(f"the guest is already being migrated (its lease is held by pid "
+                                          f"{self._holder_pid}): one migration at a time")
+                self.check_unfenced("lease")
+                if self._holder is None:
+                    self._holder, self._holder_pid = conn, _peer_pid(conn)
+                    self._token = secrets.token_hex(16)
+                return {"token": self._token}
+            if self._token is None or req.get("token") != self._token:
+                raise GuestStateError(f"{cmd} needs the token of the current lease")
+            if cmd == "release":
+                self._holder = self._holder_pid = self._token = None
+                return {"released": True}
+            if req.get("lift") is True:
+                self._fence_until = 0.0
+            else:
+                seconds = req.get("seconds")
+                if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 1e6:
+                    raise GuestStateError("fence wants 'seconds' in [0, 1e6) or 'lift': true")
+                self._fence_until = max(self._fence_until, time.monotonic() + seconds)
+            return {"fence_remaining_s": round(self.fence_left(), 3)}
+
+    def drop(self, conn: socket.socket) -> bool:
+        """``conn`` closed: end its lease if it held one. Returns whether it did."""
+        with self._lock:
+            if self._holder is not conn:
+                return False
+            self._holder = self._holder_pid = self._token = None
+            return True
+
+
+def _peer_pid(conn: socket.socket | None) -> int | None:
+    if conn is None:
+        return None
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return struct.unpack("3i", creds)[0]
 
 
 def _is_count(x) -> bool:
@@ -325,6 +442,18 @@ class GuestClient:
     def max_step_gap_ns(self) -> int:
         """Longest gap between two steps of any vCPU since the previous call."""
         return self.request("max_step_gap")["max_gap_ns"]
+
+    def lease(self) -> str:
+        """Take the guest's exclusive migration lease (held while this connection
+        stays open); returns its token. Raises GuestError if another agent holds it or
+        a fence holds."""
+        return self.request("lease")["token"]
+
+    def fence(self, token: str, seconds: float | None = None, *, lift: bool = False) -> float:
+        """Extend the fence (a destination may run the guest ``seconds`` more), or
+        lift it; returns the seconds left."""
+        fields = {"token": token, "lift": True} if lift else {"token": token, "seconds": float(seconds)}
+        return self.request("fence", **fields)["fence_remaining_s"]
 
     def quit(self) -> None:
         """Ask the guest to exit (0, no hash printed)."""

@@ -82,6 +82,7 @@ class DestinationAgent:
         self._link_broken = threading.Event()
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
+        self._source_recovery_timeout: float | None = None  # from the Switchover
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -124,7 +125,8 @@ class DestinationAgent:
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
                 "--backing", self.config.backing, "--control", control,
                 *guest_options(self.config.install, self.config.staging_pages)]
-        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                                           preexec_fn=_die_with(os.getpid()))
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)
         return control
@@ -135,6 +137,14 @@ class DestinationAgent:
         if self.guest_proc is not None and self.guest_proc.poll() is None:
             self.guest_proc.kill()
             self.guest_proc.wait()
+
+    def _stopped_note(self) -> str:
+        """What became of the incoming guest after a failure (said only if true)."""
+        if self.guest_proc is None:
+            return ("The incoming guest this agent attached to ends when its control connection closes, "
+                    "before every page arrived.")
+        return (f"The incoming guest was stopped (pid {self.guest_proc.pid}, exit status "
+                f"{self.guest_proc.returncode}) before it had every page.")
 
     def _read_guest_output(self) -> None:
         for line in self.guest_proc.stdout:
@@ -157,6 +167,8 @@ class DestinationAgent:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
             control = self.config.guest_control or self._start_guest(layout.regions[0][1])
             guest = GuestClient(control)
+            # Held until every page is in: if this agent goes away first, the guest stops.
+            guest.lease()
             info, fds = guest.take_fds()
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
@@ -170,13 +182,11 @@ class DestinationAgent:
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"incoming migration failed: {exc}. The incoming guest was stopped: it "
-                                   f"never runs on incomplete data.") from exc
+            raise DestinationError(f"incoming migration failed: {exc}. {self._stopped_note()}") from exc
         except DestinationError as exc:
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"{exc}. The incoming guest was stopped: it never runs on incomplete "
-                                   f"data.") from exc
+            raise DestinationError(f"{exc}. {self._stopped_note()}") from exc
         except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
             self._stop.set()
             self.stop_guest()
@@ -235,6 +245,7 @@ class DestinationAgent:
                 self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
+                self._source_recovery_timeout = switchover.get("recovery_timeout_s")
                 resumed = guest.resume()
                 self._switched = True
                 self._timeline.switchover_ns = time.monotonic_ns()
@@ -314,6 +325,14 @@ class DestinationAgent:
                                                name="urgent-receiver", daemon=True)
         self._urgent_thread.start()
 
+    def _recovery_timeout(self) -> float:
+        """How long to wait for the source after a break: ours, or the source's if
+        shorter (its guest's fence counts on that: see postcopy.migration.fence)."""
+        theirs = self._source_recovery_timeout
+        if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and theirs >= 0:
+            return min(self.config.recovery_timeout, float(theirs))
+        return self.config.recovery_timeout
+
     def _link_lost(self) -> None:
         """A channel broke: wake the main thread (blocked in recv) so it recovers."""
         self._link_broken.set()
@@ -325,7 +344,8 @@ class DestinationAgent:
         source reconnects with the same key and session; then everything outstanding is
         asked for again. Before the switchover there is nothing to recover: the source
         goes on running the guest, and this side gives up."""
-        if not self._switched or self.config.recovery_timeout <= 0 or self._stop.is_set():
+        timeout = self._recovery_timeout()
+        if not self._switched or timeout <= 0 or self._stop.is_set():
             raise ChannelClosed("the link to the source broke")
         noticed = time.monotonic()
         self._link_broken.set()
@@ -334,16 +354,17 @@ class DestinationAgent:
                 channel.close()
         self._urgent = None
         self._urgent_thread.join(timeout=5)
-        print(f"link to the source lost; waiting up to {self.config.recovery_timeout:g} s for it to reconnect",
+        print(f"link to the source lost; waiting up to {timeout:g} s for it to reconnect",
               file=sys.stderr, flush=True)
         saved = self.config.accept_timeout
-        self.config.accept_timeout = self.config.recovery_timeout
         try:
+            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
             main, _ = self._accept("main", self._session)
+            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
             urgent, _ = self._accept("urgent", self._session)
         except DestinationError as exc:
             raise DestinationError(f"the link to the source stayed down longer than the recovery timeout "
-                                   f"({self.config.recovery_timeout:g} s)") from exc
+                                   f"({timeout:g} s)") from exc
         finally:
             self.config.accept_timeout = saved
         # Everything not in yet: the pusher sends it again; what threads wait on goes
@@ -589,6 +610,23 @@ class DestinationAgent:
                 self._mark_zero(message.first_page, message.npages)
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
+
+
+def _die_with(parent: int):
+    """A preexec_fn: the child gets SIGKILL when its parent dies (PR_SET_PDEATHSIG),
+    and exits at once if the parent died before that was set. (The agent forks from
+    its main thread, which lives as long as the agent: the signal follows the thread.)"""
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        if prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return child
 
 
 _CAUSE_NAMES = {

@@ -18,6 +18,7 @@ from postcopy.protocol import wire
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.priority import make_current_thread_urgent
+from postcopy.migration.fence import FenceKeeper, fence_note
 from postcopy.migration.precopy import ConvergencePolicy, RoundStats, run_rounds
 from postcopy.migration.guestmem import GuestMemory, PageExtents
 from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
@@ -84,6 +85,8 @@ class SourceAgent:
         self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
         self._guest_pid: int | None = None
         self._link_lost = threading.Event()
+        self._lease: str | None = None
+        self._fence: FenceKeeper | None = None
         self.recoveries: list[float] = []
 
     # -- connection --------------------------------------------------------------------
@@ -109,6 +112,7 @@ class SourceAgent:
         started = time.monotonic()
         try:
             guest = GuestClient(cfg.guest_control)
+            self._lease = guest.lease()  # one migration of a guest at a time
             info, fds = guest.take_fds()
         except GuestError as exc:
             raise MigrationError(f"cannot attach to the guest: {exc}") from None
@@ -158,7 +162,12 @@ class SourceAgent:
                         main.send(wire.Discard(ranges=tuple(stale[i:i + DISCARD_BATCH])))
                 marks["final_send"] = time.monotonic()
             mem.send_run(main, 0, 1, wire.Cause.STATE, self._scratch)
+            # From the Switchover on, the destination may run the guest: fence it here first.
+            self._fence = FenceKeeper(cfg.guest_control, self._lease, cfg.recovery_timeout,
+                                      in_contact=lambda: not self._link_lost.is_set())
+            self._fence.arm()
             main.send(wire.Switchover(info={
+                "recovery_timeout_s": cfg.recovery_timeout,
                 "mode": cfg.mode,
                 "paused_ns": paused["paused_ns"],
                 "last_heartbeat_ns": paused["last_heartbeat_ns"],
@@ -197,6 +206,8 @@ class SourceAgent:
             print(f"postcopy source: {self._failure(exc, guest, switchover_sent)}", file=sys.stderr)
             raise
         finally:
+            if self._fence is not None:
+                self._fence.close()
             if dirty_log is not None:
                 dirty_log.stop()
             for channel in (main, urgent):
@@ -233,6 +244,7 @@ class SourceAgent:
         paused here with all its RAM whatever happens."""
         started = time.monotonic()
         deadline = started + self.config.recovery_timeout
+        self._link_lost.set()  # no fence refresh while out of contact
         main.close()
         urgent.close()
         server.join(timeout=5)
@@ -240,6 +252,7 @@ class SourceAgent:
               f"{self.config.recovery_timeout:g} s", file=sys.stderr, flush=True)
         while True:
             try:
+                self._fence.refresh()  # before the destination can hear from us again
                 main = self._open_channel(mem, session, "main", deadline)
                 urgent = self._open_channel(mem, session, "urgent", deadline)
                 missing = self._outstanding(main)
@@ -288,9 +301,9 @@ class SourceAgent:
                     return (f"migration failed: the guest (pid {self._guest_pid}) exited before the switchover "
                             f"(did it finish its steps?): {exc}")
                 return f"migration failed: {exc}; the source guest could not be resumed: {resume_exc}"
+        remaining = self._fence.remaining() if self._fence is not None else None
         return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
-                f"all its RAM (control socket {self.config.guest_control}); it can be migrated again to a "
-                f"new destination.")
+                f"all its RAM (control socket {self.config.guest_control}). {fence_note(remaining)}")
 
     def _free_hint(self, guest: GuestClient, mem: GuestMemory) -> list[tuple[int, int]]:
         """Pages the guest reports free right now (skipped: their content is undefined)."""
