@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from test_failures import PARAMS, Migration, _pid_gone
 from postcopy.guest import GuestClient, GuestError, GuestParams, reference_hash, wait_for_control
 from postcopy.kernel.dirtylog import available_backends
+from postcopy.migration.destination import _die_with
 
 # Every page written before the move (sequential), parked a few thousand steps before
 # its end, so it finishes on the destination long before the pusher is done.
@@ -167,3 +169,21 @@ def test_source_killed_mid_precopy_ends_dirty_tracking(bed, tmp_path):
     source.communicate()
     _wait_for(lambda: not m.status()["dirty_tracking"], "dirty tracking to end with its source")
     m.assert_running_on_source()
+
+
+def test_child_dies_with_the_agent_that_started_it(tmp_path):
+    """PR_SET_PDEATHSIG in the child: a kill -9 of its parent takes it along; a
+    parent that died before the prctl is caught by the getppid() check."""
+    agent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        "from postcopy.migration.destination import _die_with\n"
+        "child = subprocess.Popen(['sleep', '600'], preexec_fn=_die_with(os.getpid()))\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(agent.stdout.readline())
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.communicate()
+    _wait_for(lambda: _pid_gone(child), "the child to die with its parent")
+    # A parent that is not the child's parent any more (it died before the prctl).
+    orphan = subprocess.run(["true"], preexec_fn=_die_with(os.getppid()))
+    assert orphan.returncode == 1

@@ -83,6 +83,8 @@ class DestinationAgent:
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
         self._source_recovery_timeout: float | None = None  # from the Switchover
+        self._guest_client: GuestClient | None = None  # holds the incoming guest's lease
+        self._killed_guest = False
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -132,19 +134,25 @@ class DestinationAgent:
         return control
 
     def stop_guest(self) -> None:
-        """Kill the incoming guest this agent started (a failed migration must not leave
-        it running on partial RAM)."""
+        """Stop the incoming guest before it has every page (a failed migration must not
+        leave it running): kill the one this agent started; an attached one stops when
+        its lease (our control connection) ends."""
+        if self._guest_client is not None:
+            self._guest_client.close()
         if self.guest_proc is not None and self.guest_proc.poll() is None:
+            self._killed_guest = True
             self.guest_proc.kill()
             self.guest_proc.wait()
 
     def _stopped_note(self) -> str:
         """What became of the incoming guest after a failure (said only if true)."""
         if self.guest_proc is None:
-            return ("The incoming guest this agent attached to ends when its control connection closes, "
-                    "before every page arrived.")
-        return (f"The incoming guest was stopped (pid {self.guest_proc.pid}, exit status "
-                f"{self.guest_proc.returncode}) before it had every page.")
+            return ("The incoming guest this agent attached to stops now: its lease ended before every "
+                    "page arrived.")
+        if self._killed_guest:
+            return f"The incoming guest was stopped (pid {self.guest_proc.pid}) before it had every page."
+        return (f"The incoming guest (pid {self.guest_proc.pid}) had already exited with status "
+                f"{self.guest_proc.returncode}.")
 
     def _read_guest_output(self) -> None:
         for line in self.guest_proc.stdout:
@@ -166,7 +174,7 @@ class DestinationAgent:
             if len(layout.regions) != 1 or layout.regions[0][0] != 0:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
             control = self.config.guest_control or self._start_guest(layout.regions[0][1])
-            guest = GuestClient(control)
+            guest = self._guest_client = GuestClient(control)
             # Held until every page is in: if this agent goes away first, the guest stops.
             guest.lease()
             info, fds = guest.take_fds()
