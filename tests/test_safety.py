@@ -187,3 +187,4 @@ def test_child_dies_with_the_agent_that_started_it(tmp_path):
     # A parent that is not the child's parent any more (it died before the prctl).
     orphan = subprocess.run(["true"], preexec_fn=_die_with(os.getppid()))
     assert orphan.returncode == 1
+

@@ -50,12 +50,19 @@ PREPAGE_PAGES = 16  # pages pushed right behind each demand fault  # runs per Di
 
 @dataclass
 class SourceStats:
+    """Page counters, updated by the pusher and the urgent server at once: use add()."""
+
     pages_precopy: int = 0
     pages_resent: int = 0
     pages_pushed: int = 0
     pages_demand: int = 0
     pages_zero: int = 0
     requests: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, count: int) -> None:
+        with self._lock:  # += on an attribute is a read and a write: two threads lose counts
+            setattr(self, name, getattr(self, name) + count)
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -79,7 +86,8 @@ class SourceAgent:
         self.config = config
         self.stats = SourceStats()
         self._hint: int | None = None  # next page for the pusher after a demand fault
-        self._sent: bytearray | None = None
+        self._sent: bytearray | None = None  # per page: sent once already (pusher and urgent server)
+        self._sent_lock = threading.Lock()
         self._urgent_error: BaseException | None = None
         self._extents: PageExtents | None = None
         self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
@@ -343,7 +351,7 @@ class SourceAgent:
         if resend:
             for first, count in ranges.split(runs, self.config.run_pages):
                 mem.send_run(main, first, count, wire.Cause.RESENT, self._scratch)
-                self.stats.pages_resent += count
+                self.stats.add("pages_resent", count)
         else:
             self._send_range(mem, main, 0, mem.npages, runs, wire.Cause.PRECOPY, self._scratch)
         return main.bytes_sent - before
@@ -387,12 +395,13 @@ class SourceAgent:
         """Push the pages of [first, end) not sent yet."""
         sent = self._sent
         while first < end:
-            first = sent.find(0, first, end)
-            if first < 0:
-                return
-            stop = sent.find(1, first, end)
-            stop = end if stop < 0 else stop
-            sent[first:stop] = b"\x01" * (stop - first)
+            with self._sent_lock:  # find and claim at once: the urgent server marks pages too
+                first = sent.find(0, first, end)
+                if first < 0:
+                    return
+                stop = sent.find(1, first, end)
+                stop = end if stop < 0 else stop
+                sent[first:stop] = b"\x01" * (stop - first)
             self._send_range(mem, main, first, stop, extents.runs_in(first, stop), wire.Cause.PUSHED, self._scratch)
             first = stop
 
@@ -406,13 +415,13 @@ class SourceAgent:
         for start, count in ranges.split(runs, self.config.run_pages):
             if start > cursor:
                 channel.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
-                stats.pages_zero += start - cursor
+                stats.add("pages_zero", start - cursor)
             mem.send_run(channel, start, count, cause, scratch)
-            setattr(stats, counter, getattr(stats, counter) + count)
+            stats.add(counter, count)
             cursor = start + count
         if cursor < end:
             channel.send(wire.ZeroRange(first_page=cursor, npages=end - cursor))
-            stats.pages_zero += end - cursor
+            stats.add("pages_zero", end - cursor)
 
     # -- urgent channel ----------------------------------------------------------------
     def _serve_urgent(self, mem: GuestMemory, urgent: Channel) -> None:
@@ -424,14 +433,15 @@ class SourceAgent:
                 message = urgent.recv()
                 if not isinstance(message, wire.PageRequest):
                     raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
-                self.stats.requests += 1
+                self.stats.add("requests", 1)
                 first, end = message.first_page, message.first_page + message.npages
                 if self._extents is not None:
                     runs = self._extents.runs_in(first, end)
                 else:  # the pusher is still sweeping the extents: ask page by page
                     runs = [(page, 1) for page in range(first, end) if mem.is_populated(page)]
                 self._send_range(mem, urgent, first, end, runs, wire.Cause.DEMAND, scratch)
-                self._sent[first:end] = b"\x01" * (end - first)
+                with self._sent_lock:
+                    self._sent[first:end] = b"\x01" * (end - first)
                 self._hint = end
         except ChannelClosed:
             # Either every page is in (the destination closes the channel), or the link
