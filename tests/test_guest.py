@@ -395,6 +395,7 @@ def test_incoming_guest_finishes_with_reference_hash(launch, backing):
                 time.sleep(0.05)
                 assert server.faults == []  # nothing touches incoming RAM before resume
                 target.resume()
+                wait_state(target, "finished")  # on the pages it faulted in
                 server.complete(RAM)
                 result = final_hash_of(dst)
             finally:
