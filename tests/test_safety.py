@@ -188,3 +188,23 @@ def test_child_dies_with_the_agent_that_started_it(tmp_path):
     orphan = subprocess.run(["true"], preexec_fn=_die_with(os.getppid()))
     assert orphan.returncode == 1
 
+
+
+def test_stopped_destination_agent_its_guest_stops_before_the_fence_ends(bed, tmp_path):
+    """A destination agent that is stopped (not dead) cannot stop its guest: the guest's
+    own watchdog, renewed by the agent only while it runs and hears the source, does."""
+    m = _parked(bed, tmp_path)
+    dest = m.dest("--recovery-timeout", "2")
+    source = m.source("--push-delay", "60", "--recovery-timeout", "2")
+    dest_guest = m.wait_dest_guest(dest)
+    _wait_for(lambda: m.status()["fence_remaining_s"] > 0, "the switchover fence")
+    os.kill(dest.pid, signal.SIGSTOP)
+    try:
+        os.kill(source.pid, signal.SIGKILL)
+        source.communicate()
+        m.wait_unfenced()
+        assert _pid_gone(dest_guest), "the stopped destination's guest outlived the fence"
+    finally:
+        os.kill(dest.pid, signal.SIGCONT)
+        dest.kill()
+        dest.communicate()

@@ -34,6 +34,9 @@ fence        ``{"token": T, "seconds": S}``: a destination may run this guest fo
              seconds (only ever extended); ``{"token": T, "lift": true}``: it confirmed
              completion. While a fence holds, ``lease``, ``resume`` and ``run_until`` are
              refused: the guest must not run, or move again, in two places
+watchdog     ``{"token": T, "seconds": S}``: an incoming guest whose pages are still
+             arriving stops itself (exit 1) unless this comes again within S seconds
+             (its destination agent may be stopped or cut off: it must not run on)
 quit         reply, then the guest exits 0 without printing its hash
 ============ =============================================================================
 
@@ -84,6 +87,7 @@ class ControlServer:
         self._sock.listen(8)
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._lease = Lease()
+        self._watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -110,6 +114,22 @@ class ControlServer:
         finally:
             if self._lease.drop(conn):
                 self._lease_ended()
+
+    def _start_watchdog(self) -> None:
+        with self._lease._lock:
+            if self._watchdog is not None:
+                return
+            self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Stop an incoming guest whose agent stopped renewing the watchdog while its
+        pages were still arriving."""
+        while not self._lease.watchdog_expired():
+            time.sleep(0.05)
+        if self.guest.ram_arriving():
+            self.guest.abandon("its destination agent did not renew the watchdog in time (stopped, or cut off "
+                               "from the source): it must not run on")
 
     def _lease_ended(self) -> None:
         """The migration agent that held the lease is gone (or released it): what it
@@ -167,8 +187,10 @@ class ControlServer:
                     raise GuestStateError("run_until wants a non-negative integer 'steps'")
                 self._lease.check_unfenced("run_until")
                 reply = g.run_until(steps)
-            elif cmd in ("lease", "release", "fence"):
+            elif cmd in ("lease", "release", "fence", "watchdog"):
                 reply = self._lease.command(cmd, req, conn)
+                if cmd == "watchdog":
+                    self._start_watchdog()
                 if cmd == "release":
                     self._lease_ended()
             elif cmd == "hash":
@@ -215,6 +237,7 @@ class Lease:
         self._holder_pid: int | None = None
         self._token: str | None = None
         self._fence_until = 0.0  # time.monotonic() until which a destination may run the guest
+        self._watchdog_until: float | None = None  # incoming: time.monotonic() by which the agent must renew
 
     def fence_left(self) -> float:
         return max(0.0, self._fence_until - time.monotonic())
@@ -254,14 +277,22 @@ class Lease:
             if cmd == "release":
                 self._holder = self._holder_pid = self._token = None
                 return {"released": True}
-            if req.get("lift") is True:
+            if cmd == "fence" and req.get("lift") is True:
                 self._fence_until = 0.0
-            else:
-                seconds = req.get("seconds")
-                if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 1e6:
-                    raise GuestStateError("fence wants 'seconds' in [0, 1e6) or 'lift': true")
-                self._fence_until = max(self._fence_until, time.monotonic() + seconds)
+                return {"fence_remaining_s": 0.0}
+            seconds = req.get("seconds")
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 1e6:
+                raise GuestStateError(f"{cmd} wants 'seconds' in [0, 1e6)" + (" or 'lift': true" if cmd == "fence"
+                                                                              else ""))
+            if cmd == "watchdog":
+                self._watchdog_until = time.monotonic() + seconds
+                return {"watchdog_s": seconds}
+            self._fence_until = max(self._fence_until, time.monotonic() + seconds)
             return {"fence_remaining_s": round(self.fence_left(), 3)}
+
+    def watchdog_expired(self) -> bool:
+        until = self._watchdog_until
+        return until is not None and time.monotonic() > until
 
     def drop(self, conn: socket.socket) -> bool:
         """``conn`` closed: end its lease if it held one. Returns whether it did."""
@@ -454,6 +485,10 @@ class GuestClient:
         lift it; returns the seconds left."""
         fields = {"token": token, "lift": True} if lift else {"token": token, "seconds": float(seconds)}
         return self.request("fence", **fields)["fence_remaining_s"]
+
+    def watchdog(self, token: str, seconds: float) -> None:
+        """Incoming guest: stop by itself unless renewed within ``seconds``."""
+        self.request("watchdog", token=token, seconds=float(seconds))
 
     def quit(self) -> None:
         """Ask the guest to exit (0, no hash printed)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from postcopy import report
 
 from postcopy.protocol import wire
+from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
 from postcopy._native import lib as native
 from postcopy.kernel.priority import make_current_thread_urgent
@@ -84,6 +85,8 @@ class DestinationAgent:
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
         self._source_recovery_timeout: float | None = None  # from the Switchover
         self._guest_client: GuestClient | None = None  # holds the incoming guest's lease
+        self._lease: str | None = None
+        self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
         self._killed_guest = False
 
     def bind(self) -> socket.socket:
@@ -176,7 +179,7 @@ class DestinationAgent:
             control = self.config.guest_control or self._start_guest(layout.regions[0][1])
             guest = self._guest_client = GuestClient(control)
             # Held until every page is in: if this agent goes away first, the guest stops.
-            guest.lease()
+            self._lease = guest.lease()
             info, fds = guest.take_fds()
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
@@ -201,6 +204,8 @@ class DestinationAgent:
             raise
         finally:
             self._stop.set()
+            if self._watchdog is not None:
+                self._watchdog.close()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
                 channel.close()
             if self._path is not None:
@@ -254,6 +259,10 @@ class DestinationAgent:
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
                 self._source_recovery_timeout = switchover.get("recovery_timeout_s")
+                # Stopped or cut off, this agent stops renewing, and the guest stops itself.
+                self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
+                                                 in_contact=lambda: not self._link_broken.is_set())
+                self._watchdog.arm()
                 resumed = guest.resume()
                 self._switched = True
                 self._timeline.switchover_ns = time.monotonic_ns()
@@ -388,6 +397,8 @@ class DestinationAgent:
             raise wire.ProtocolError(f"expected the recovery Pong, got {type(reply).__name__}")
         self._main, self._urgent = main, urgent
         self._link_broken.clear()
+        if self._watchdog is not None:
+            self._watchdog.refresh()  # in contact again: the guest may run on
         self._start_urgent_receiver()
         for page in waiting:
             if self.state[page] == REQUESTED:

@@ -18,7 +18,7 @@ from postcopy.protocol import wire
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.priority import make_current_thread_urgent
-from postcopy.migration.fence import FenceKeeper, fence_note
+from postcopy.migration.fence import LeaseKeeper, fence_keeper, fence_note
 from postcopy.migration.precopy import ConvergencePolicy, RoundStats, run_rounds
 from postcopy.migration.guestmem import GuestMemory, PageExtents
 from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
@@ -94,7 +94,7 @@ class SourceAgent:
         self._guest_pid: int | None = None
         self._link_lost = threading.Event()
         self._lease: str | None = None
-        self._fence: FenceKeeper | None = None
+        self._fence: LeaseKeeper | None = None
         self.recoveries: list[float] = []
 
     # -- connection --------------------------------------------------------------------
@@ -171,8 +171,8 @@ class SourceAgent:
                 marks["final_send"] = time.monotonic()
             mem.send_run(main, 0, 1, wire.Cause.STATE, self._scratch)
             # From the Switchover on, the destination may run the guest: fence it here first.
-            self._fence = FenceKeeper(cfg.guest_control, self._lease, cfg.recovery_timeout,
-                                      in_contact=lambda: not self._link_lost.is_set())
+            self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout,
+                                       in_contact=lambda: not self._link_lost.is_set())
             self._fence.arm()
             main.send(wire.Switchover(info={
                 "recovery_timeout_s": cfg.recovery_timeout,
