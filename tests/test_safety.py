@@ -194,10 +194,18 @@ def test_stopped_destination_agent_its_guest_stops_before_the_fence_ends(bed, tm
     """A destination agent that is stopped (not dead) cannot stop its guest: the guest's
     own watchdog, renewed by the agent only while it runs and hears the source, does."""
     m = _parked(bed, tmp_path)
-    dest = m.dest("--recovery-timeout", "2")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    dest = m.dest("--recovery-timeout", "2", "--workdir", str(workdir))
     source = m.source("--push-delay", "60", "--recovery-timeout", "2")
     dest_guest = m.wait_dest_guest(dest)
-    _wait_for(lambda: m.status()["fence_remaining_s"] > 0, "the switchover fence")
+    incoming = str(next(workdir.glob("postcopy-dest-*/incoming.sock")))
+
+    def resumed() -> bool:  # the destination took the switchover: its guest runs
+        with GuestClient(incoming) as client:
+            return client.status()["state"] != "incoming"
+
+    _wait_for(resumed, "the destination guest to resume")
     os.kill(dest.pid, signal.SIGSTOP)
     try:
         os.kill(source.pid, signal.SIGKILL)

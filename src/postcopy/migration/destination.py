@@ -150,6 +150,10 @@ class DestinationAgent:
     def _stopped_note(self) -> str:
         """What became of the incoming guest after a failure (said only if true)."""
         if self.guest_proc is None:
+            if self.config.guest_control is None:
+                return "No incoming guest was started."
+            if self._lease is None:
+                return "The incoming guest this agent was to attach to was not touched."
             return ("The incoming guest this agent attached to stops now: its lease ended before every "
                     "page arrived.")
         if self._killed_guest:
