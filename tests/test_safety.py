@@ -199,7 +199,8 @@ def test_stopped_destination_agent_its_guest_stops_before_the_fence_ends(bed, tm
     dest = m.dest("--recovery-timeout", "2", "--workdir", str(workdir))
     source = m.source("--push-delay", "60", "--recovery-timeout", "2")
     dest_guest = m.wait_dest_guest(dest)
-    incoming = str(next(workdir.glob("postcopy-dest-*/incoming.sock")))
+    incoming = str(_wait_for(lambda: next(workdir.glob("postcopy-dest-*/incoming.sock"), None),
+                             "the destination guest's control socket"))
 
     def resumed() -> bool:  # the destination took the switchover: its guest runs
         with GuestClient(incoming) as client:
