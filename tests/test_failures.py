@@ -25,7 +25,7 @@ PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, s
 class Migration:
     """A guest on the source host and helpers to run the two agents against it."""
 
-    def __init__(self, bed: Testbed, tmp_path, params: GuestParams = PARAMS):
+    def __init__(self, bed: Testbed, tmp_path, params: GuestParams = PARAMS, **argv_options):
         self.bed, self.tmp = bed, tmp_path
         self.params = params
         self.key = str(tmp_path / "key")
@@ -33,7 +33,7 @@ class Migration:
             f.write(wire.new_key())
         os.chmod(self.key, 0o600)
         self.control = str(tmp_path / "guest.sock")
-        self.guest = bed.popen(bed.source, params.argv(control=self.control), stdout=subprocess.PIPE, text=True)
+        self.guest = bed.popen(bed.source, params.argv(control=self.control, **argv_options), stdout=subprocess.PIPE, text=True)
         wait_for_control(self.control, proc=self.guest)
         self.port = 7040
 
@@ -49,6 +49,18 @@ class Migration:
                                                 "--key-file", self.key, *extra],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    @staticmethod
+    def wait_dest_guest(dest: subprocess.Popen) -> int:
+        """Read the destination's stderr up to its incoming guest's pid (both channels
+        are up then); returns that pid."""
+        while True:
+            line = dest.stderr.readline()
+            if not line:
+                raise AssertionError(f"the destination exited before starting its guest: {dest.communicate()}")
+            match = re.search(r"incoming guest pid (\d+)", line)
+            if match:
+                return int(match.group(1))
+
     def status(self) -> dict:
         with GuestClient(self.control) as client:
             return client.status()
@@ -61,6 +73,15 @@ class Migration:
                 return status
             time.sleep(0.02)
         raise AssertionError(f"guest never reached {state}: {status}")
+
+    def wait_unfenced(self, timeout: float = 120.0) -> dict:
+        """Wait until no destination may run the guest any more (its fence ended)."""
+        deadline = time.monotonic() + timeout
+        while (status := self.status())["fence_remaining_s"] > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the fence never ended: {status}")
+            time.sleep(0.1)
+        return status
 
     def assert_running_on_source(self) -> None:
         before = self.status()
@@ -86,7 +107,8 @@ def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
     dest = m.dest()
     # Rounds never converge: the migration stays in precopy until the destination dies.
     source = m.source("--mode", "precopy", "--downtime-limit", "0", "--max-rounds", "100000", "--stall-rounds", "0")
-    time.sleep(1.0 * SLOWDOWN)  # well into the precopy rounds
+    m.wait_dest_guest(dest)  # both channels are up: precopy is under way
+    time.sleep(0.5 * SLOWDOWN)  # well into the precopy rounds
     assert source.poll() is None, source.communicate()
     os.kill(dest.pid, signal.SIGKILL)
     _, err = source.communicate(timeout=30)
@@ -108,6 +130,8 @@ def test_dest_killed_during_postcopy_source_keeps_guest_and_retry_verifies(bed, 
     assert source.returncode == 1
     assert "kept paused on the source" in err and "new destination" in err, err
     assert m.status()["state"] == "paused"
+    # The source cannot know the destination is dead: the retry waits out its fence.
+    m.wait_unfenced()
     # Retry to a fresh destination: the paused guest moves and finishes verified.
     dest2 = m.dest()
     source2 = m.source()

@@ -332,6 +332,13 @@ class FaultServer(threading.Thread):
         except PageExistsError:  # two vCPUs faulted on one page: both are woken
             pass
 
+    def complete(self, size: int) -> None:
+        """What a destination does last: every page in (the rest copied from the
+        source), then unregister. An incoming guest hashes and exits only after it."""
+        for offset in range(0, size, PAGE):
+            self.install(offset)
+        self.uffd.unregister(self.base, size)
+
     def run(self) -> None:
         from postcopy.kernel.uffd import EventKind
 
@@ -388,6 +395,8 @@ def test_incoming_guest_finishes_with_reference_hash(launch, backing):
                 time.sleep(0.05)
                 assert server.faults == []  # nothing touches incoming RAM before resume
                 target.resume()
+                wait_state(target, "finished")  # on the pages it faulted in
+                server.complete(RAM)
                 result = final_hash_of(dst)
             finally:
                 server.close()
@@ -432,6 +441,9 @@ def test_incoming_precopy_discard_postcopy(launch, backing):
                     for page in range(offset, offset + length, PAGE):
                         server.install(page)
                 wait_state(target, "finished")
+                with pytest.raises(GuestError, match="every page in"):
+                    target.hash()  # pages it never touched are still on the source
+                server.complete(RAM)
                 result = target.hash()
             finally:
                 server.close()

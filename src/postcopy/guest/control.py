@@ -27,6 +27,18 @@ touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "se
 max_step_gap longest gap between two steps of any vCPU since the previous call (ns)
 kvm_dirty    KVM guests only: ``{"op": "start", "log": "kvm-bitmap|kvm-clear|kvm-ring"}``,
              ``{"op": "harvest"}`` (runs, pages, harvest_ms), ``{"op": "stop"}``
+lease        exclusive lease for one migration agent: ``{"token": T}``; refused while
+             another connection holds it or while a fence holds; it ends when its
+             connection closes (or ``release``). When it ends, dirty tracking ends, and
+             an incoming guest whose RAM has not all arrived stops (exit 1)
+release      ``{"token": T}``: end the lease now
+fence        ``{"token": T, "seconds": S}``: a destination may run this guest for S more
+             seconds (only ever extended); ``{"token": T, "lift": true}``: it confirmed
+             completion. While a fence holds, ``lease``, ``resume`` and ``run_until`` are
+             refused: the guest must not run, or move again, in two places
+watchdog     ``{"token": T, "seconds": S}``: an incoming guest whose pages are still
+             arriving stops itself (exit 1) unless this comes again within S seconds
+             (its destination agent may be stopped or cut off: it must not run on)
 quit         reply, then the guest exits 0 without printing its hash
 ============ =============================================================================
 
@@ -45,6 +57,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from postcopy.guest.lease import Lease
 
 MAX_LINE = 1 << 20  # requests
 MAX_REPLY = 64 << 20  # replies: free_ranges of a fragmented free set can be long
@@ -74,6 +88,9 @@ class ControlServer:
             os.umask(old)
         self._sock.listen(8)
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._lease = Lease()
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -95,6 +112,39 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        finally:
+            if self._lease.drop(conn):
+                self._lease_ended()
+
+    def _start_watchdog(self) -> None:
+        with self._watchdog_lock:
+            if self._watchdog is not None:
+                return
+            self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Stop an incoming guest whose agent stopped renewing the watchdog while its
+        pages were still arriving."""
+        while not self._lease.watchdog_expired():
+            time.sleep(0.05)
+        if self.guest.ram_arriving():
+            self.guest.abandon("its destination agent did not renew the watchdog in time (stopped, or cut off "
+                               "from the source): it must not run on")
+
+    def _lease_ended(self) -> None:
+        """The migration agent that held the lease is gone (or released it): what it
+        started on the guest must not outlive it."""
+        try:
+            self.guest.dirty_track(False)
+        except Exception as exc:
+            print(f"guest: ending dirty tracking: {exc!r}", file=sys.stderr)
+        if self.guest.ram_arriving():
+            self.guest.abandon("its destination agent went away before every page arrived")
+
+    def _serve_lines(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as rfile:
             while True:
                 line = rfile.readline(MAX_LINE + 1)
@@ -103,7 +153,7 @@ class ControlServer:
                 if len(line) > MAX_LINE:
                     _send(conn, {"ok": False, "error": "request line too long"})
                     return
-                reply, fds, quitting = self._dispatch(line)
+                reply, fds, quitting = self._dispatch(line, conn)
                 try:
                     _send(conn, reply, fds)
                 except OSError:
@@ -112,7 +162,7 @@ class ControlServer:
                     self.on_quit()
                     return
 
-    def _dispatch(self, line: bytes) -> tuple[dict, list[int], bool]:
+    def _dispatch(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict, list[int], bool]:
         from postcopy.guest.runtime import GuestStateError
 
         try:
@@ -125,19 +175,27 @@ class ControlServer:
         try:
             fds: list[int] = []
             if cmd == "status":
-                reply = g.status()
+                reply = {**g.status(), **self._lease.status()}
             elif cmd == "pause":
                 reply = g.pause()
             elif cmd == "resume":
                 stop_at = req.get("stop_at")
                 if stop_at is not None and (not _is_count(stop_at)):
                     raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
+                self._lease.check_unfenced("resume")
                 reply = g.resume(stop_at=stop_at)
             elif cmd == "run_until":
                 steps = req.get("steps")
                 if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
                     raise GuestStateError("run_until wants a non-negative integer 'steps'")
+                self._lease.check_unfenced("run_until")
                 reply = g.run_until(steps)
+            elif cmd in ("lease", "release", "fence", "watchdog"):
+                reply = self._lease.command(cmd, req, conn)
+                if cmd == "watchdog":
+                    self._start_watchdog()
+                if cmd == "release":
+                    self._lease_ended()
             elif cmd == "hash":
                 reply = {"hash": g.ram_hash()}
             elif cmd == "fds":
@@ -329,6 +387,22 @@ class GuestClient:
     def max_step_gap_ns(self) -> int:
         """Longest gap between two steps of any vCPU since the previous call."""
         return self.request("max_step_gap")["max_gap_ns"]
+
+    def lease(self) -> str:
+        """Take the guest's exclusive migration lease (held while this connection
+        stays open); returns its token. Raises GuestError if another agent holds it or
+        a fence holds."""
+        return self.request("lease")["token"]
+
+    def fence(self, token: str, seconds: float | None = None, *, lift: bool = False) -> float:
+        """Extend the fence (a destination may run the guest ``seconds`` more), or
+        lift it; returns the seconds left."""
+        fields = {"token": token, "lift": True} if lift else {"token": token, "seconds": float(seconds)}
+        return self.request("fence", **fields)["fence_remaining_s"]
+
+    def watchdog(self, token: str, seconds: float) -> None:
+        """Incoming guest: stop by itself unless renewed within ``seconds``."""
+        self.request("watchdog", token=token, seconds=float(seconds))
 
     def quit(self) -> None:
         """Ask the guest to exit (0, no hash printed)."""

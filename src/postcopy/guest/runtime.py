@@ -146,6 +146,7 @@ class Guest:
         self._fatal: str | None = None
         self._quit = False
         self._fds_taken = False
+        self._ram_settled = False  # an incoming guest's RAM was seen unregistered (all in)
         self.uffd = None  # missing mode, incoming guests only; handed out by fds
         self._wp_uffd = None  # async write-protect for dirty tracking; never leaves the guest
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
@@ -412,14 +413,29 @@ class Guest:
                 "free_pages": int(info.free_pages) * int(info.threads) if info else None,
             }
 
+    def ram_arriving(self) -> bool:
+        """Whether pages may still arrive: an incoming guest's RAM stays registered with
+        its userfaultfd until the destination has every page in (it unregisters then).
+        Until that, a read that bypasses the mapping (the hash's SEEK_DATA on the memfd,
+        or skipping non-present pages) would see missing pages as zeros."""
+        if self.uffd is None or self._ram_settled:
+            return False
+        if _uffd_registered(self.address, self.ram_size):
+            return True
+        self._ram_settled = True  # nothing registers it again
+        return False
+
     def ram_hash(self) -> str:
         """Hash of the whole RAM without heartbeats (paused or finished guests only).
-        Pages that read as zero without being present are not touched, so on an
-        incoming guest the hash is only meaningful once every page has arrived."""
+        Pages that read as zero without being present are not touched, so an incoming
+        guest refuses until every page has arrived (see :meth:`ram_arriving`)."""
         with self._op:
             with self._cond:
                 if self._state not in ("paused", "finished") or self._starting or self._running:
                     raise GuestStateError(f"hash needs a paused or finished guest (state {self._state})")
+            if self.ram_arriving():
+                raise GuestStateError("hash needs every page in: the RAM is still registered with the incoming "
+                                      "userfaultfd (the destination has not received every page yet)")
             value = lib.pc_guest_hash(self._ram, self.ram_size, self.page_size,
                                       -1 if self.memfd is None else self.memfd)
             return f"{value:016x}"
@@ -603,6 +619,14 @@ class Guest:
             out.append((off, length))
         return out
 
+    def abandon(self, reason: str) -> None:
+        """Stop for good (the main thread exits 1 with ``reason``): an incoming guest
+        whose destination agent is gone would otherwise wait forever on its faults."""
+        with self._cond:
+            self._fatal = self._fatal or reason
+            self._pause_flag[0] = 1
+            self._cond.notify_all()
+
     def request_quit(self) -> None:
         """Ask the main thread to exit (after the reply went out)."""
         with self._cond:
@@ -620,12 +644,35 @@ class Guest:
                 if self._quit:
                     return "quit"
                 if finished_ok and self._state == "finished":
-                    return "finished"
+                    # An incoming guest that ran to its end before every page arrived
+                    # stays parked: its hash and exit wait for the rest of its RAM.
+                    if not self.ram_arriving():
+                        return "finished"
+                    self._cond.wait(0.02)
+                    continue
                 self._cond.wait(0.5)  # short waits keep SIGTERM (KeyboardInterrupt) prompt
 
     @property
     def fatal(self) -> str | None:
         return self._fatal
+
+
+def _uffd_registered(address: int, size: int) -> bool:
+    """Whether any mapping in [address, address + size) is registered with a
+    userfaultfd in missing or minor mode (VmFlags ``um`` / ``ui`` in /proc/self/smaps)."""
+    end = address + size
+    overlaps = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0] if line.strip() else ""
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                overlaps = lo < end and address < hi
+            elif overlaps and head == "VmFlags:":
+                flags = line.split()[1:]
+                if "um" in flags or "ui" in flags:
+                    return True
+    return False
 
 
 def _is_int(x) -> bool:

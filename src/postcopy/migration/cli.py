@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
 import tempfile
 
@@ -115,8 +118,47 @@ def run_source(args) -> int:
     return 0
 
 
+WORKDIR_PREFIX = "postcopy-dest-"
+_WORKDIR_NAME = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
+
+
+def remove_stale_workdirs(parent: str | None) -> list[str]:
+    """Remove the work folders of destination agents that died without cleaning up
+    (kill -9): named ``postcopy-dest-<pid>-*``, ours, and that pid is gone."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = _WORKDIR_NAME.match(name)
+        path = os.path.join(parent, name)
+        if not match or _pid_exists(int(match.group(1))):
+            continue
+        try:
+            if os.lstat(path).st_uid != os.geteuid() or not os.path.isdir(path):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_dest(args) -> int:
-    with tempfile.TemporaryDirectory(prefix="postcopy-dest-", dir=args.workdir) as workdir:
+    remove_stale_workdirs(args.workdir)
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=args.workdir) as workdir:
         agent = DestinationAgent(DestConfig(listen=args.listen, key=_key(args), workdir=workdir,
                                             backing=args.backing, guest_control=args.attach,
                                             recovery_timeout=args.recovery_timeout, install=args.install,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from postcopy import report
 
 from postcopy.protocol import wire
+from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
 from postcopy._native import lib as native
 from postcopy.kernel.priority import make_current_thread_urgent
@@ -85,6 +86,11 @@ class DestinationAgent:
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
         self.protocol = wire.Session(wire.MIGRATION, "dest")  # checks every frame of every channel
+        self._source_recovery_timeout: float | None = None  # from the Switchover
+        self._guest_client: GuestClient | None = None  # holds the incoming guest's lease
+        self._lease: str | None = None
+        self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
+        self._killed_guest = False
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -129,17 +135,36 @@ class DestinationAgent:
                 "--backing", self.config.backing, "--control", control,
                 *guest_options(self.config.install, self.config.staging_pages),
                 *(["--vm", self.config.guest_vm] if self.config.guest_vm != "process" else [])]
-        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                                           preexec_fn=_die_with(os.getpid()))
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)
         return control
 
     def stop_guest(self) -> None:
-        """Kill the incoming guest this agent started (a failed migration must not leave
-        it running on partial RAM)."""
+        """Stop the incoming guest before it has every page (a failed migration must not
+        leave it running): kill the one this agent started; an attached one stops when
+        its lease (our control connection) ends."""
+        if self._guest_client is not None:
+            self._guest_client.close()
         if self.guest_proc is not None and self.guest_proc.poll() is None:
+            self._killed_guest = True
             self.guest_proc.kill()
             self.guest_proc.wait()
+
+    def _stopped_note(self) -> str:
+        """What became of the incoming guest after a failure (said only if true)."""
+        if self.guest_proc is None:
+            if self.config.guest_control is None:
+                return "No incoming guest was started."
+            if self._lease is None:
+                return "The incoming guest this agent was to attach to was not touched."
+            return ("The incoming guest this agent attached to stops now: its lease ended before every "
+                    "page arrived.")
+        if self._killed_guest:
+            return f"The incoming guest was stopped (pid {self.guest_proc.pid}) before it had every page."
+        return (f"The incoming guest (pid {self.guest_proc.pid}) had already exited with status "
+                f"{self.guest_proc.returncode}.")
 
     def _read_guest_output(self) -> None:
         for line in self.guest_proc.stdout:
@@ -162,7 +187,9 @@ class DestinationAgent:
             if len(layout.regions) != 1 or layout.regions[0][0] != 0:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
             control = self.config.guest_control or self._start_guest(layout.regions[0][1])
-            guest = GuestClient(control)
+            guest = self._guest_client = GuestClient(control)
+            # Held until every page is in: if this agent goes away first, the guest stops.
+            self._lease = guest.lease()
             info, fds = guest.take_fds()
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
@@ -176,19 +203,19 @@ class DestinationAgent:
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"incoming migration failed: {exc}. The incoming guest was stopped: it "
-                                   f"never runs on incomplete data.") from exc
+            raise DestinationError(f"incoming migration failed: {exc}. {self._stopped_note()}") from exc
         except DestinationError as exc:
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"{exc}. The incoming guest was stopped: it never runs on incomplete "
-                                   f"data.") from exc
+            raise DestinationError(f"{exc}. {self._stopped_note()}") from exc
         except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
             self._stop.set()
             self.stop_guest()
             raise
         finally:
             self._stop.set()
+            if self._watchdog is not None:
+                self._watchdog.close()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
                 channel.close()
             if self._path is not None:
@@ -241,6 +268,11 @@ class DestinationAgent:
                 self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
+                self._source_recovery_timeout = switchover.get("recovery_timeout_s")
+                # Stopped or cut off, this agent stops renewing, and the guest stops itself.
+                self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
+                                                 in_contact=lambda: not self._link_broken.is_set())
+                self._watchdog.arm()
                 resumed = guest.resume()
                 self._switched = True
                 self._timeline.switchover_ns = time.monotonic_ns()
@@ -320,6 +352,14 @@ class DestinationAgent:
                                                name="urgent-receiver", daemon=True)
         self._urgent_thread.start()
 
+    def _recovery_timeout(self) -> float:
+        """How long to wait for the source after a break: ours, or the source's if
+        shorter (its guest's fence counts on that: see postcopy.migration.fence)."""
+        theirs = self._source_recovery_timeout
+        if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and theirs >= 0:
+            return min(self.config.recovery_timeout, float(theirs))
+        return self.config.recovery_timeout
+
     def _link_lost(self) -> None:
         """A channel broke: wake the main thread (blocked in recv) so it recovers."""
         self._link_broken.set()
@@ -331,7 +371,8 @@ class DestinationAgent:
         source reconnects with the same key and session; then everything outstanding is
         asked for again. Before the switchover there is nothing to recover: the source
         goes on running the guest, and this side gives up."""
-        if not self._switched or self.config.recovery_timeout <= 0 or self._stop.is_set():
+        timeout = self._recovery_timeout()
+        if not self._switched or timeout <= 0 or self._stop.is_set():
             raise ChannelClosed("the link to the source broke")
         noticed = time.monotonic()
         self._link_broken.set()
@@ -341,16 +382,17 @@ class DestinationAgent:
         self._urgent = None
         self._urgent_thread.join(timeout=5)
         self.protocol.link_lost()
-        print(f"link to the source lost; waiting up to {self.config.recovery_timeout:g} s for it to reconnect",
+        print(f"link to the source lost; waiting up to {timeout:g} s for it to reconnect",
               file=sys.stderr, flush=True)
         saved = self.config.accept_timeout
-        self.config.accept_timeout = self.config.recovery_timeout
         try:
+            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
             main, _ = self._accept("main", self._session)
+            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
             urgent, _ = self._accept("urgent", self._session)
         except DestinationError as exc:
             raise DestinationError(f"the link to the source stayed down longer than the recovery timeout "
-                                   f"({self.config.recovery_timeout:g} s)") from exc
+                                   f"({timeout:g} s)") from exc
         finally:
             self.config.accept_timeout = saved
         # Everything not in yet: the pusher sends it again; what threads wait on goes
@@ -366,6 +408,8 @@ class DestinationAgent:
             raise DestinationError(f"the source refused to resume: {reply.reason}")
         self._main, self._urgent = main, urgent
         self._link_broken.clear()
+        if self._watchdog is not None:
+            self._watchdog.refresh()  # in contact again: the guest may run on
         self._start_urgent_receiver()
         for page in waiting:
             if self.state[page] == REQUESTED:
@@ -596,6 +640,23 @@ class DestinationAgent:
                 self._mark_zero(message.first_page, message.npages)
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
+
+
+def _die_with(parent: int):
+    """A preexec_fn: the child gets SIGKILL when its parent dies (PR_SET_PDEATHSIG),
+    and exits at once if the parent died before that was set. (The agent forks from
+    its main thread, which lives as long as the agent: the signal follows the thread.)"""
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        if prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return child
 
 
 _CAUSE_NAMES = {

@@ -18,6 +18,7 @@ from postcopy.protocol import wire
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.priority import make_current_thread_urgent
+from postcopy.migration.fence import LeaseKeeper, fence_keeper, fence_note
 from postcopy.migration.precopy import ConvergencePolicy, RoundStats, run_rounds
 from postcopy.migration.guestmem import GuestMemory, PageExtents
 from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
@@ -51,12 +52,19 @@ PREPAGE_PAGES = 16  # pages pushed right behind each demand fault  # runs per Di
 
 @dataclass
 class SourceStats:
+    """Page counters, updated by the pusher and the urgent server at once: use add()."""
+
     pages_precopy: int = 0
     pages_resent: int = 0
     pages_pushed: int = 0
     pages_demand: int = 0
     pages_zero: int = 0
     requests: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, count: int) -> None:
+        with self._lock:  # += on an attribute is a read and a write: two threads lose counts
+            setattr(self, name, getattr(self, name) + count)
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -80,12 +88,15 @@ class SourceAgent:
         self.config = config
         self.stats = SourceStats()
         self._hint: int | None = None  # next page for the pusher after a demand fault
-        self._sent: bytearray | None = None
+        self._sent: bytearray | None = None  # per page: sent once already (pusher and urgent server)
+        self._sent_lock = threading.Lock()
         self._urgent_error: BaseException | None = None
         self._extents: PageExtents | None = None
         self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
         self._guest_pid: int | None = None
         self._link_lost = threading.Event()
+        self._lease: str | None = None
+        self._fence: LeaseKeeper | None = None
         self.recoveries: list[float] = []
         self.protocol = wire.Session(wire.MIGRATION, "source")  # checks every frame of both channels
 
@@ -113,6 +124,7 @@ class SourceAgent:
         started = time.monotonic()
         try:
             guest = GuestClient(cfg.guest_control)
+            self._lease = guest.lease()  # one migration of a guest at a time
             info, fds = guest.take_fds()
         except GuestError as exc:
             raise MigrationError(f"cannot attach to the guest: {exc}") from None
@@ -163,7 +175,12 @@ class SourceAgent:
                         main.send(wire.Discard(ranges=tuple(stale[i:i + DISCARD_BATCH])))
                 marks["final_send"] = time.monotonic()
             mem.send_run(main, 0, 1, wire.Cause.STATE, self._scratch)
+            # From the Switchover on, the destination may run the guest: fence it here first.
+            self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout,
+                                       in_contact=lambda: not self._link_lost.is_set())
+            self._fence.arm()
             main.send(wire.Switchover(info={
+                "recovery_timeout_s": cfg.recovery_timeout,
                 "mode": cfg.mode,
                 "paused_ns": paused["paused_ns"],
                 "last_heartbeat_ns": paused["last_heartbeat_ns"],
@@ -202,6 +219,8 @@ class SourceAgent:
             print(f"postcopy source: {self._failure(exc, guest, switchover_sent)}", file=sys.stderr)
             raise
         finally:
+            if self._fence is not None:
+                self._fence.close()
             if dirty_log is not None:
                 dirty_log.stop()
             for channel in (main, urgent):
@@ -238,6 +257,7 @@ class SourceAgent:
         paused here with all its RAM whatever happens."""
         started = time.monotonic()
         deadline = started + self.config.recovery_timeout
+        self._link_lost.set()  # no fence refresh while out of contact
         main.close()
         urgent.close()
         server.join(timeout=5)
@@ -246,6 +266,7 @@ class SourceAgent:
               f"{self.config.recovery_timeout:g} s", file=sys.stderr, flush=True)
         while True:
             try:
+                self._fence.refresh()  # before the destination can hear from us again
                 main = self._open_channel(mem, session, "main", deadline)
                 urgent = self._open_channel(mem, session, "urgent", deadline)
                 missing = self._outstanding(main)
@@ -294,9 +315,9 @@ class SourceAgent:
                     return (f"migration failed: the guest (pid {self._guest_pid}) exited before the switchover "
                             f"(did it finish its steps?): {exc}")
                 return f"migration failed: {exc}; the source guest could not be resumed: {resume_exc}"
+        remaining = self._fence.remaining() if self._fence is not None else None
         return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
-                f"all its RAM (control socket {self.config.guest_control}); it can be migrated again to a "
-                f"new destination.")
+                f"all its RAM (control socket {self.config.guest_control}). {fence_note(remaining)}")
 
     def _free_hint(self, guest: GuestClient, mem: GuestMemory) -> list[tuple[int, int]]:
         """Pages the guest reports free right now (skipped: their content is undefined)."""
@@ -334,7 +355,7 @@ class SourceAgent:
         if resend:
             for first, count in ranges.split(runs, self.config.run_pages):
                 mem.send_run(main, first, count, wire.Cause.RESENT, self._scratch)
-                self.stats.pages_resent += count
+                self.stats.add("pages_resent", count)
         else:
             self._send_range(mem, main, 0, mem.npages, runs, wire.Cause.PRECOPY, self._scratch)
         return main.bytes_sent - before
@@ -378,12 +399,13 @@ class SourceAgent:
         """Push the pages of [first, end) not sent yet."""
         sent = self._sent
         while first < end:
-            first = sent.find(0, first, end)
-            if first < 0:
-                return
-            stop = sent.find(1, first, end)
-            stop = end if stop < 0 else stop
-            sent[first:stop] = b"\x01" * (stop - first)
+            with self._sent_lock:  # find and claim at once: the urgent server marks pages too
+                first = sent.find(0, first, end)
+                if first < 0:
+                    return
+                stop = sent.find(1, first, end)
+                stop = end if stop < 0 else stop
+                sent[first:stop] = b"\x01" * (stop - first)
             self._send_range(mem, main, first, stop, extents.runs_in(first, stop), wire.Cause.PUSHED, self._scratch)
             first = stop
 
@@ -397,13 +419,13 @@ class SourceAgent:
         for start, count in ranges.split(runs, self.config.run_pages):
             if start > cursor:
                 channel.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
-                stats.pages_zero += start - cursor
+                stats.add("pages_zero", start - cursor)
             mem.send_run(channel, start, count, cause, scratch)
-            setattr(stats, counter, getattr(stats, counter) + count)
+            stats.add(counter, count)
             cursor = start + count
         if cursor < end:
             channel.send(wire.ZeroRange(first_page=cursor, npages=end - cursor))
-            stats.pages_zero += end - cursor
+            stats.add("pages_zero", end - cursor)
 
     # -- urgent channel ----------------------------------------------------------------
     def _serve_urgent(self, mem: GuestMemory, urgent: Channel) -> None:
@@ -415,14 +437,15 @@ class SourceAgent:
                 message = urgent.recv()
                 if not isinstance(message, wire.PageRequest):
                     raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
-                self.stats.requests += 1
+                self.stats.add("requests", 1)
                 first, end = message.first_page, message.first_page + message.npages
                 if self._extents is not None:
                     runs = self._extents.runs_in(first, end)
                 else:  # the pusher is still sweeping the extents: ask page by page
                     runs = [(page, 1) for page in range(first, end) if mem.is_populated(page)]
                 self._send_range(mem, urgent, first, end, runs, wire.Cause.DEMAND, scratch)
-                self._sent[first:end] = b"\x01" * (end - first)
+                with self._sent_lock:
+                    self._sent[first:end] = b"\x01" * (end - first)
                 self._hint = end
         except ChannelClosed:
             # Either every page is in (the destination closes the channel), or the link
