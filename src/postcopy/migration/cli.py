@@ -16,6 +16,8 @@ from postcopy.migration.destination import DestConfig, DestinationAgent, Destina
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, INSTALL_PATHS
 from postcopy.report import write_json
 from postcopy.migration.precopy import ConvergencePolicy
+from postcopy.migration.progress import terminal_or_none
+from postcopy.units import rate_arg
 from postcopy.migration.source import MODES, MigrationError, SourceAgent, SourceConfig
 from postcopy.protocol.channel import parse_endpoint
 
@@ -40,6 +42,13 @@ def register(subparsers) -> None:
     src.add_argument("--connect", required=True, type=_endpoint, metavar="HOST:PORT")
     src.add_argument("--key-file", required=True, metavar="FILE", help="shared key (both agents)")
     src.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    src.add_argument("--events", metavar="FILE",
+                     help="write one JSON line per status change (setup, precopy round, switchover, postcopy, "
+                          "recovery, done, failed) with the live figures")
+    src.add_argument("--progress", action="store_true",
+                     help="draw the live progress line on stderr even when it is not a terminal")
+    src.add_argument("--status-socket", metavar="PATH",
+                     help="answer `postcopy status --source PATH` while migrating")
     add_precopy_options(src)
     src.add_argument("--recovery-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="postcopy: keep reconnecting this long after the link breaks (0: fail at once)")
@@ -92,24 +101,54 @@ def add_precopy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-rounds", type=int, default=3, metavar="N",
                         help="switch over when the dirty set has not shrunk for N rounds (0: never)")
     parser.add_argument("--no-free-hints", action="store_true", help="send pages the guest reports free")
+    parser.add_argument("--auto-converge", action="store_true",
+                        help="throttle the guest's vCPUs while rounds do not converge (QEMU's auto-converge: "
+                             "20%%, then +10%% each time, at most 99%%; lifted at the switchover)")
+    parser.add_argument("--dirty-limit", type=float, default=0.0, metavar="PAGES_S",
+                        help="cap each vCPU's step rate so that it dirties at most this many pages/s during "
+                             "precopy (0: no limit)")
+    parser.add_argument("--max-bandwidth", type=rate_arg, default=0, metavar="RATE",
+                        help="precopy bandwidth limit, e.g. 1gbit or 100MB (default: none)")
+    parser.add_argument("--max-postcopy-bandwidth", type=rate_arg, default=0, metavar="RATE",
+                        help="the postcopy pusher's bandwidth limit; demand pages are never held back (default: none)")
+
+
+def precopy_argv(args) -> list[str]:
+    """The source flags for the options of :func:`add_precopy_options` in ``args``."""
+    argv = ["--mode", args.mode, "--dirty-log", args.dirty_log, "--downtime-limit", str(args.downtime_limit),
+            "--max-rounds", str(args.max_rounds), "--stall-rounds", str(args.stall_rounds),
+            "--dirty-limit", str(args.dirty_limit),
+            "--max-bandwidth", f"{args.max_bandwidth}bit", "--max-postcopy-bandwidth", f"{args.max_postcopy_bandwidth}bit"]
+    if args.no_free_hints:
+        argv.append("--no-free-hints")
+    if args.auto_converge:
+        argv.append("--auto-converge")
+    return argv
 
 
 def policy_of(args) -> ConvergencePolicy:
     return ConvergencePolicy(downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
-                             stall_rounds=args.stall_rounds)
+                             stall_rounds=args.stall_rounds, auto_converge=args.auto_converge,
+                             dirty_limit=args.dirty_limit)
 
 
 def run_source(args) -> int:
-    agent = SourceAgent(SourceConfig(guest_control=args.guest, endpoint=args.connect, key=_key(args),
-                                     mode=args.mode, dirty_log=args.dirty_log, policy=policy_of(args),
-                                     free_page_hints=not args.no_free_hints, push_delay=args.push_delay,
-                                     recovery_timeout=args.recovery_timeout,
-                                     frame_auth=not args.unsafe_no_frame_auth))
+    events = open(args.events, "w") if args.events else None
     try:
+        agent = SourceAgent(SourceConfig(
+            guest_control=args.guest, endpoint=args.connect, key=_key(args), mode=args.mode,
+            dirty_log=args.dirty_log, policy=policy_of(args), free_page_hints=not args.no_free_hints,
+            push_delay=args.push_delay, recovery_timeout=args.recovery_timeout,
+            frame_auth=not args.unsafe_no_frame_auth, max_bandwidth=args.max_bandwidth / 8,
+            max_postcopy_bandwidth=args.max_postcopy_bandwidth / 8, events=events,
+            terminal=terminal_or_none(sys.stderr, force=args.progress), status_socket=args.status_socket))
         figures = agent.run()
     except MigrationError as exc:
         print(f"postcopy source: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if events is not None:
+            events.close()
     if args.json:
         write_json(args.json, figures)
     dest = figures.get("dest", {})
