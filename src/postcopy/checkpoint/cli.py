@@ -18,7 +18,8 @@ import time
 from postcopy.protocol import wire
 from postcopy.units import positive_float_arg, positive_int_arg, size_arg
 from postcopy.report import write_json
-from postcopy.protocol.channel import parse_endpoint
+from postcopy.protocol.endpoint import format_endpoint, parse_endpoint
+from postcopy.protocol.keyfile import load_key
 
 DEFAULT_PORT = 7030
 DEMO_BOUNDS = (64, 256, 1024)
@@ -43,7 +44,7 @@ def _bounds(text: str) -> tuple[int, ...]:
 
 def _load_key(path: str, who: str) -> bytes | None:
     try:
-        return wire.load_key(path)
+        return load_key(path)
     except (OSError, ValueError) as exc:
         print(f"postcopy {who}: cannot use key file {path}: {exc}", file=sys.stderr)
         return None
@@ -194,7 +195,7 @@ def run_standby(args) -> int:
                                     timeout=args.timeout, wait_guest=not args.no_wait))
     try:
         standby.bind()
-        print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)
+        print(f"listening on {format_endpoint(args.listen)}", flush=True)
         figures = standby.run()
     except StandbyError as exc:
         print(f"postcopy standby: {exc}", file=sys.stderr)

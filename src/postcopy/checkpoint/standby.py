@@ -57,6 +57,7 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.guest.control import GuestClient, GuestError, GuestParams, parse_final_hash, wait_for_control
+from postcopy.protocol.endpoint import listen_socket
 from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
 
 # Frames are at most one page run of MAX_RUN_BYTES; the receive buffer holds two.
@@ -190,15 +191,11 @@ class Standby:
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint."""
         if self.listener is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(self.config.listen)
+                sock = listen_socket(self.config.listen)  # IPv4 or IPv6
             except OSError as exc:
-                sock.close()
                 raise StandbyError(f"cannot listen on {self.config.listen[0]}:{self.config.listen[1]}: "
                                    f"{exc.strerror or exc}") from None
-            sock.listen(1)
             self.listener = sock
         return self.listener
 

@@ -22,7 +22,9 @@ from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_op
 from postcopy._native import lib as native
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
-from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
+from postcopy.migration.listener import AcceptTimeout, Listener
+from postcopy.protocol.endpoint import listen_socket
 from postcopy.kernel.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
                            Userfaultfd)
 
@@ -82,6 +84,7 @@ class DestinationAgent:
         self._link_broken = threading.Event()
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
+        self._listener: Listener | None = None
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -91,32 +94,20 @@ class DestinationAgent:
             if error:
                 raise DestinationError(error)
         if self.listener is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.config.listen)
-            sock.listen(4)
-            self.listener = sock
+            self.listener = listen_socket(self.config.listen)
+        if self._listener is None:  # accepts and authenticates in the background from now on
+            self._listener = Listener(self.listener, self.config.key)
         return self.listener
 
     def _accept(self, name: str, session: bytes | None) -> tuple[Channel, PeerInfo]:
-        self.listener.settimeout(self.config.accept_timeout)
+        """The next authenticated channel of this migration (strangers and other
+        sources are dealt with by the listener; see :mod:`postcopy.migration.listener`)."""
         try:
-            sock, _ = self.listener.accept()
-        except socket.timeout as exc:
-            raise DestinationError(f"no source connected within {self.config.accept_timeout:.0f} s") from exc
-        sock.settimeout(None)
-        tune(sock, urgent=(name == "urgent"))
-        channel = Channel(sock, name)
-        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session)
-        try:
-            peer = handshake(channel, "server", self.config.key, hello)
-        except BaseException:
-            channel.close()
-            raise
-        if peer.hello.channel != name or (session is not None and peer.hello.session != session):
-            channel.close()
-            raise DestinationError(f"expected the {name} channel of this session, got {peer.hello.channel!r}")
-        return channel, peer
+            return self._listener.accept(name, session, self.config.accept_timeout)
+        except AcceptTimeout as exc:
+            if session is None:  # no migration began: nothing else will close it
+                self._listener.close()
+            raise DestinationError(str(exc)) from None
 
     # -- guest -----------------------------------------------------------------------
     def _start_guest(self, ram_size: int) -> str:
@@ -187,6 +178,7 @@ class DestinationAgent:
                 channel.close()
             if self._path is not None:
                 self._path.close()
+            self._listener.close()
         if self.guest_proc is not None:
             reader = threading.Thread(target=self._read_guest_output, daemon=True)
             reader.start()

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 
 from postcopy.protocol import wire
+from postcopy.protocol.endpoint import parse_endpoint  # noqa: F401  (its old home)
 
 # Bulk frames carry up to this many bytes of pages; receive buffers are sized for it.
 MAX_RUN_BYTES = 4 << 20
@@ -176,11 +177,3 @@ def handshake(channel: Channel, role: str, key: bytes, hello: wire.Hello) -> Pee
             channel.send_bytes(frame)
     channel.layout = shake.layout
     return PeerInfo(hello=shake.peer, layout=shake.layout)
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` → (host, port), with a clear error."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)

@@ -21,10 +21,11 @@ from postcopy.protocol import wire
 from postcopy.migration.cli import add_install_option, add_precopy_options
 from postcopy.migration.install import install_path_error
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
-from postcopy.guest.runtime import WORKLOADS
+from postcopy.guest.runtime import WORKLOADS, layout_error
+from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.guest import GuestParams, reference_hash
 from postcopy.testbed.netns import Testbed
-from postcopy.units import rate_arg, size_arg
+from postcopy.units import nonneg_float_arg, port_arg, positive_int_arg, positive_rate_arg, seed_arg, size_arg
 
 DEFAULT_PORT = 7010
 # The reference hash depends only on the guest parameters: compute it once per process.
@@ -87,9 +88,10 @@ def run_demo(options: DemoOptions) -> dict:
         endpoint = f"{bed.dest.address}:{options.port}"
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+        guest_started = time.monotonic()
         guest = bed.popen(bed.source, params.argv(control=control), **pipes)
-        wait_for_control(control, timeout=30, proc=guest)
-        _warm_up(control, options)
+        wait_for_control(control, timeout=60, proc=guest)
+        _warm_up(control, options, guest, guest_started)
         dest = bed.popen(bed.dest, _agent("dest", "--listen", endpoint, "--key-file", key_file,
                                           "--backing", params.backing, "--install", options.install,
                                           "--json", f"{work}/dest.json"), **pipes)
@@ -102,7 +104,11 @@ def run_demo(options: DemoOptions) -> dict:
                                               "--stall-rounds", str(options.stall_rounds),
                                               *([] if options.free_hints else ["--no-free-hints"])), **pipes)
         _progress(options, "migrating ...")
-        _wait(source, "postcopy source", deadline)
+        try:
+            _wait(source, "postcopy source", deadline)
+        except DemoError:
+            _raise_if_finished_early(guest, guest_started, params)
+            raise
         _wait(dest, "postcopy dest", deadline)
         _wait(guest, "source guest", deadline)
         with open(f"{work}/source.json") as f:
@@ -122,7 +128,7 @@ def run_demo(options: DemoOptions) -> dict:
     return result
 
 
-def _warm_up(control: str, options: DemoOptions) -> None:
+def _warm_up(control: str, options: DemoOptions, proc: subprocess.Popen, started: float) -> None:
     """Let the guest run a while so it migrates mid-run, and check it is still running."""
     _progress(options, f"guest running on the source; migrating in {options.migrate_after:.1f} s")
     time.sleep(options.migrate_after)
@@ -132,9 +138,23 @@ def _warm_up(control: str, options: DemoOptions) -> None:
     except GuestError:
         status = {"state": "finished"}
     if status["state"] != "running":
+        _raise_if_finished_early(proc, started, options.params)
         raise DemoError(f"the guest is {status['state']} before migration; give it more --steps "
                         f"or a smaller --migrate-after")
     _progress(options, f"guest at steps {status['steps']} of {status['steps_target']} per thread")
+
+
+def _raise_if_finished_early(proc: subprocess.Popen, started: float, params: GuestParams) -> None:
+    """A guest that ran all its steps before the switchover leaves nothing to migrate:
+    say that, not what the agents saw of its going."""
+    try:
+        proc.wait(timeout=2)  # a finished guest is exiting already
+    except subprocess.TimeoutExpired:
+        return
+    if proc.returncode == 0:
+        took = time.monotonic() - started
+        raise DemoError(f"the guest ran its {params.steps} steps in {took:.1f} s and exited before the migration "
+                        f"started; raise --steps or lower --rate") from None
 
 
 def _progress(options: DemoOptions, text: str) -> None:
@@ -147,24 +167,33 @@ def register(subparsers) -> None:
     add_precopy_options(p)
     add_install_option(p)
     p.add_argument("--ram", type=size_arg, default=256 << 20, help="guest RAM (default 256M)")
-    p.add_argument("--threads", type=int, default=2, help="vCPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int_arg, default=2, help="vCPU threads (default 2)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="random-write")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4_000_000, help="steps per vCPU thread (default 4,000,000)")
-    p.add_argument("--rate", type=float, default=500_000, metavar="STEPS_PER_S",
+    p.add_argument("--seed", type=seed_arg, default=1)
+    p.add_argument("--steps", type=positive_int_arg, default=4_000_000, help="steps per vCPU thread (default 4,000,000)")
+    p.add_argument("--rate", type=nonneg_float_arg, default=500_000, metavar="STEPS_PER_S",
                    help="steps per second per vCPU (default 500,000; 0: as fast as it goes); the final "
                         "hash does not depend on it, the guest's run time does")
     p.add_argument("--working-set", type=float, default=0.5, help="fraction of each vCPU slice it writes")
     p.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
-    p.add_argument("--rate-limit", type=rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit")
-    p.add_argument("--migrate-after", type=float, default=0.5, metavar="SECONDS")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--rate-limit", type=positive_rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit")
+    p.add_argument("--migrate-after", type=nonneg_float_arg, default=0.5, metavar="SECONDS")
+    p.add_argument("--port", type=port_arg, default=DEFAULT_PORT)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--svg", metavar="FILE", help="write a timeline picture of the migration (SVG)")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, _parser=p)
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What argparse cannot check alone, before any namespace or process is made."""
+    error = layout_error(args.ram, args.threads, args.workload, args.working_set)
+    return error or install_path_error(args.install, args.backing) or ram_fit_error(args.ram, copies=2)
 
 
 def main(args: argparse.Namespace) -> int:
+    error = _usage_error(args)
+    if error:
+        args._parser.error(error)  # exit 2 with the demo's own usage line
     params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed, rate=args.rate,
                          steps=args.steps, working_set=args.working_set, backing=args.backing)
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,

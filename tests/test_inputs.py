@@ -1,0 +1,104 @@
+"""Bad input is refused up front with one clear line: demo arguments, key files,
+endpoints (IPv6 included)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from postcopy.protocol import wire
+from postcopy.protocol.endpoint import format_endpoint, parse_endpoint
+from postcopy.protocol.keyfile import load_key
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def _postcopy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "postcopy", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "0"], "--threads"),
+    (["--threads", "100000"], "--threads must be"),
+    (["--steps", "-5"], "--steps"),
+    (["--port", "70000"], "--port"),
+    (["--seed", "-1"], "--seed"),
+    (["--migrate-after", "-1"], "--migrate-after"),
+    (["--rate-limit", "0"], "--rate-limit"),
+    (["--working-set", "0"], "--working-set"),
+    (["--ram", "1T"], "more than this host's memory"),
+])
+def test_demo_refuses_bad_arguments_before_making_anything(argv, words):
+    result = _postcopy("demo", *argv)
+    assert result.returncode == 2, result
+    assert "usage: postcopy demo" in result.stderr, result.stderr
+    assert words in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _write(path, data: bytes, mode: int = 0o600) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_key_readable_by_others_is_refused(tmp_path):
+    path = _write(tmp_path / "key", KEY, 0o644)
+    with pytest.raises(wire.KeyFileError, match="chmod 600"):
+        load_key(path)
+
+
+def test_short_key_is_refused(tmp_path):
+    with pytest.raises(wire.KeyFileError, match="at least 16"):
+        load_key(_write(tmp_path / "key", b"secret\n"))
+
+
+def test_good_key_file_and_pipe_are_read(tmp_path):
+    assert load_key(_write(tmp_path / "key", KEY + b"\n")) == KEY
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo, 0o600)
+    writer = threading.Thread(target=lambda: _write(fifo, KEY, 0o600))
+    writer.start()
+    assert load_key(fifo) == KEY
+    writer.join()
+
+
+def test_fifo_without_writer_does_not_hang(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(wire.KeyFileError, match="nobody wrote a key"):
+        load_key(fifo, pipe_wait=0.2)
+
+
+def test_agent_refuses_a_world_readable_key_in_one_line(tmp_path):
+    path = _write(tmp_path / "key", KEY, 0o644)
+    result = _postcopy("dest", "--listen", "127.0.0.1:7998", "--key-file", path)
+    assert result.returncode != 0
+    assert "chmod 600" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("text, endpoint", [
+    ("127.0.0.1:7000", ("127.0.0.1", 7000)),
+    ("[::1]:7000", ("::1", 7000)),
+    ("[fe80::1%eth0]:80", ("fe80::1%eth0", 80)),
+    ("host.example:1", ("host.example", 1)),
+])
+def test_endpoints_parse_and_format_back(text, endpoint):
+    assert parse_endpoint(text) == endpoint
+    assert format_endpoint(endpoint) == text
+
+
+@pytest.mark.parametrize("text, words", [
+    ("::1:7000", "in brackets"),
+    ("[::1:7000", "brackets"),
+    ("[]:7000", "no host"),
+    ("host:0", "HOST:PORT"),
+    ("host", "HOST:PORT"),
+])
+def test_bad_endpoints_are_refused(text, words):
+    with pytest.raises(ValueError, match=words):
+        parse_endpoint(text)
