@@ -102,3 +102,48 @@ def test_endpoints_parse_and_format_back(text, endpoint):
 def test_bad_endpoints_are_refused(text, words):
     with pytest.raises(ValueError, match=words):
         parse_endpoint(text)
+
+
+def _key_file(tmp_path) -> str:
+    return _write(tmp_path / "key", KEY)
+
+
+def test_control_socket_answering_non_json_is_a_clear_error(tmp_path):
+    import socket
+
+    path = str(tmp_path / "not-a-guest.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.0 400 Bad Request\n")
+        conn.close()
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    result = _postcopy("source", "--guest", path, "--connect", "127.0.0.1:9", "--key-file", _key_file(tmp_path))
+    answering.join()
+    server.close()
+    assert result.returncode == 1, result
+    assert "not a postcopy guest's control socket" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_source_never_takes_an_incoming_guests_userfaultfd(launch, tmp_path):
+    from conftest import require_uffd
+    from postcopy.guest import GuestClient, GuestParams
+
+    require_uffd()
+    proc, control = launch(GuestParams(ram=16 << 20, threads=1, workload="idle", seed=1, steps=1), incoming=True)
+    result = _postcopy("source", "--guest", control, "--connect", "127.0.0.1:9", "--key-file", _key_file(tmp_path))
+    assert result.returncode == 1, result
+    assert "incoming guest" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    with GuestClient(control) as client:  # untouched: still waiting for its destination
+        assert client.status()["state"] == "incoming"
+        info, fds = client.take_fds(incoming=True)
+        assert "uffd" in fds
+        for fd in fds.values():
+            os.close(fd)
+    assert proc.poll() is None

@@ -463,7 +463,7 @@ class Standby:
         try:
             wait_for_control(self._control, timeout=30, proc=proc)
             with GuestClient(self._control) as client:
-                info, fds = client.take_fds()
+                info, fds = client.take_fds(incoming=True)
                 if "memfd" in fds:
                     os.close(fds["memfd"])
                 uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))

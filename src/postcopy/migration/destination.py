@@ -148,7 +148,7 @@ class DestinationAgent:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
             control = self.config.guest_control or self._start_guest(layout.regions[0][1])
             guest = GuestClient(control)
-            info, fds = guest.take_fds()
+            info, fds = guest.take_fds(incoming=True)
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
             try:
