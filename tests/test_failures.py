@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 
 import pytest
 
@@ -15,17 +18,21 @@ from conftest import SLOWDOWN, require_netns, require_uffd
 from postcopy.protocol import wire
 from postcopy.kernel.dirtylog import available_backends
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
+from postcopy.testbed.inject import PhaseWatch
 from postcopy.testbed.netns import Testbed
 
 PARAMS = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=9, steps=600_000 * SLOWDOWN,
                      rate=100_000)
+HOLD_AT = 1_000
 
 
 
 class Migration:
     """A guest on the source host and helpers to run the two agents against it."""
 
-    def __init__(self, bed: Testbed, tmp_path, params: GuestParams = PARAMS):
+    def __init__(self, bed: Testbed, tmp_path, params: GuestParams = PARAMS, hold: bool = False):
+        """With ``hold`` the guest parks at step HOLD_AT until it is migrated, so it is
+        mid-run at the switchover however busy the host."""
         self.bed, self.tmp = bed, tmp_path
         self.params = params
         self.key = str(tmp_path / "key")
@@ -33,15 +40,29 @@ class Migration:
             f.write(wire.new_key())
         os.chmod(self.key, 0o600)
         self.control = str(tmp_path / "guest.sock")
-        self.guest = bed.popen(bed.source, params.argv(control=self.control), stdout=subprocess.PIPE, text=True)
+        self.guest = bed.popen(bed.source, params.argv(control=self.control, pause_at=HOLD_AT if hold else None),
+                               stdout=subprocess.PIPE, text=True)
         wait_for_control(self.control, proc=self.guest)
+        if hold:
+            self.wait_state("paused", timeout=120)
         self.port = 7040
+        # Short: the incoming guest's control socket path must fit AF_UNIX's limit.
+        self.workdir = tempfile.mkdtemp(prefix="pc-", dir="/tmp")
+        weakref.finalize(self, shutil.rmtree, self.workdir, True)
+        self._dest: subprocess.Popen | None = None
 
     def dest(self, *extra: str) -> subprocess.Popen:
         self.port += 1
-        return self.bed.popen(self.bed.dest, [sys.executable, "-m", "postcopy", "dest", "--listen",
-                                              f"{self.bed.dest.address}:{self.port}", "--key-file", self.key, *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._dest = self.bed.popen(self.bed.dest, [sys.executable, "-m", "postcopy", "dest", "--listen",
+                                                    f"{self.bed.dest.address}:{self.port}", "--key-file", self.key,
+                                                    "--workdir", self.workdir, *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return self._dest
+
+    def wait_phase(self, phase: str, source: subprocess.Popen) -> None:
+        """Block until the migration is observably in ``phase`` (see testbed.inject)."""
+        watch = PhaseWatch(self.control, self._dest, self.port, self.workdir)
+        watch.wait(phase, timeout=120 * SLOWDOWN, alive=[source, self._dest])
 
     def source(self, *extra: str) -> subprocess.Popen:
         return self.bed.popen(self.bed.source, [sys.executable, "-m", "postcopy", "source", "--guest", self.control,
@@ -53,7 +74,7 @@ class Migration:
         with GuestClient(self.control) as client:
             return client.status()
 
-    def wait_state(self, state: str, timeout: float = 20.0) -> dict:
+    def wait_state(self, state: str, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
@@ -86,8 +107,7 @@ def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
     dest = m.dest()
     # Rounds never converge: the migration stays in precopy until the destination dies.
     source = m.source("--mode", "precopy", "--downtime-limit", "0", "--max-rounds", "100000", "--stall-rounds", "0")
-    time.sleep(1.0 * SLOWDOWN)  # well into the precopy rounds
-    assert source.poll() is None, source.communicate()
+    m.wait_phase("precopy", source)  # connected, the guest still running here: the rounds are on
     os.kill(dest.pid, signal.SIGKILL)
     _, err = source.communicate(timeout=30)
     assert source.returncode == 1
@@ -97,12 +117,11 @@ def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
 
 
 def test_dest_killed_during_postcopy_source_keeps_guest_and_retry_verifies(bed, tmp_path):
-    m = Migration(bed, tmp_path)
+    m = Migration(bed, tmp_path, hold=True)
     dest = m.dest()
     # The pusher waits, so the migration stays in postcopy long enough to kill it there.
     source = m.source("--push-delay", "30")
-    m.wait_state("paused")
-    time.sleep(0.3)
+    m.wait_phase("postcopy", source)
     os.kill(dest.pid, signal.SIGKILL)
     _, err = source.communicate(timeout=60)
     assert source.returncode == 1
@@ -121,11 +140,10 @@ def test_dest_killed_during_postcopy_source_keeps_guest_and_retry_verifies(bed, 
 
 
 def test_source_killed_during_postcopy_dest_guest_never_runs_on(bed, tmp_path):
-    m = Migration(bed, tmp_path)
+    m = Migration(bed, tmp_path, hold=True)
     dest = m.dest()
     source = m.source("--push-delay", "30")
-    m.wait_state("paused")
-    time.sleep(0.3)
+    m.wait_phase("postcopy", source)
     os.kill(source.pid, signal.SIGKILL)
     _, err = dest.communicate(timeout=60)
     assert dest.returncode == 1
@@ -152,10 +170,13 @@ def test_sigterm_to_demo_leaves_nothing_behind(tmp_path):
     require_uffd()
     demo = subprocess.Popen([sys.executable, "-m", "postcopy", "demo", "--ram", "16M", "--steps", "100000000",
                              "--migrate-after", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
-    ours = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else []) if f"-{demo.pid}-" in n}
+    deadline = time.monotonic() + 120
+    ours, children = set(), []
+    while not (ours and children) and time.monotonic() < deadline and demo.poll() is None:
+        time.sleep(0.05)  # until the namespaces and the guest are there
+        ours = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else []) if f"-{demo.pid}-" in n}
+        children = _children(demo.pid)
     assert ours, "the demo made no namespaces"
-    children = _children(demo.pid)
     assert children, "the demo started no guest"
     demo.send_signal(signal.SIGTERM)
     demo.communicate(timeout=30)
@@ -181,11 +202,10 @@ def _children(ppid: int) -> list[int]:
 
 
 def test_link_loss_during_postcopy_recovers_and_verifies(bed, tmp_path):
-    m = Migration(bed, tmp_path)
+    m = Migration(bed, tmp_path, hold=True)
     dest = m.dest()
     source = m.source("--push-delay", "1")
-    m.wait_state("paused")
-    time.sleep(0.3)  # postcopy is under way: the incoming guest faults on the urgent channel
+    m.wait_phase("postcopy", source)  # the incoming guest runs and faults on the urgent channel
     bed.link_down()
     time.sleep(3.0)
     bed.link_up()
@@ -202,11 +222,10 @@ def test_link_loss_during_postcopy_recovers_and_verifies(bed, tmp_path):
 
 
 def test_link_down_past_recovery_timeout_fails_and_source_keeps_guest(bed, tmp_path):
-    m = Migration(bed, tmp_path)
+    m = Migration(bed, tmp_path, hold=True)
     dest = m.dest("--recovery-timeout", "2")
     source = m.source("--push-delay", "1", "--recovery-timeout", "2")
-    m.wait_state("paused")
-    time.sleep(0.3)
+    m.wait_phase("postcopy", source)
     bed.link_down()
     try:
         _, source_err = source.communicate(timeout=60)
