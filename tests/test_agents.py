@@ -26,6 +26,7 @@ def _postcopy(*args: str) -> list[str]:
     return [sys.executable, "-m", "postcopy", *args]
 
 
+@pytest.mark.loaded
 def test_wrong_key_and_strangers_are_refused_and_the_destination_keeps_listening(bed, tmp_path):
     params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=3, steps=10_000_000, rate=20_000)
     control = str(tmp_path / "guest.sock")

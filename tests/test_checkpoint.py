@@ -289,6 +289,7 @@ def bed():
         yield testbed
 
 
+@pytest.mark.loaded
 def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     """The primary guest is killed mid-run; the standby starts it from the last
     complete epoch in the other namespace and it ends with the reference hash."""

@@ -139,6 +139,7 @@ def test_dest_killed_during_postcopy_source_keeps_guest_and_retry_verifies(bed, 
     m.guest.wait(timeout=10)
 
 
+@pytest.mark.loaded
 def test_source_killed_during_postcopy_dest_guest_never_runs_on(bed, tmp_path):
     m = Migration(bed, tmp_path, hold=True)
     dest = m.dest()
@@ -201,6 +202,7 @@ def _children(ppid: int) -> list[int]:
     return found
 
 
+@pytest.mark.loaded
 def test_link_loss_during_postcopy_recovers_and_verifies(bed, tmp_path):
     m = Migration(bed, tmp_path, hold=True)
     dest = m.dest()

@@ -57,6 +57,7 @@ def _injected(*events: str) -> dict:
     return section
 
 
+@pytest.mark.loaded
 def test_link_down_in_postcopy_is_recovered_and_verified():
     section = _injected("link-down=1s@postcopy")
     assert section["events"][0]["phase_seen"] == "postcopy"
@@ -70,6 +71,7 @@ def test_flap_in_postcopy_is_recovered_and_verified():
     assert section["outcome"] == "verified" and section["documented"], section
 
 
+@pytest.mark.loaded
 def test_source_killed_in_postcopy_fails_cleanly_and_the_source_guest_finishes_verified():
     section = _injected("kill-source@postcopy")
     assert section["agents"]["dest"]["exit"] == 1

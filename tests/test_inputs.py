@@ -147,3 +147,39 @@ def test_source_never_takes_an_incoming_guests_userfaultfd(launch, tmp_path):
         for fd in fds.values():
             os.close(fd)
     assert proc.poll() is None
+
+
+def test_dest_listens_on_an_ipv6_endpoint(tmp_path):
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("needs IPv6 (CONFIG_IPV6)")
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"needs an IPv6 loopback address: {exc}")
+        port = probe.getsockname()[1]
+    dest = subprocess.Popen([sys.executable, "-m", "postcopy", "dest", "--listen", f"[::1]:{port}", "--key-file",
+                             _key_file(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dest.stdout.readline().strip() == f"listening on [::1]:{port}"
+        with socket.create_connection(("::1", port), timeout=30) as stranger:
+            stranger.sendall(b"not a postcopy peer")
+            assert stranger.recv(1) == b""  # dropped, and the destination listens on
+        assert dest.poll() is None
+    finally:
+        dest.kill()
+        dest.communicate()
+
+
+def test_demo_says_when_the_guest_finished_before_the_migration():
+    from conftest import require_netns, require_uffd
+
+    require_netns()
+    require_uffd()
+    result = _postcopy("demo", "--ram", "16M", "--threads", "1", "--steps", "100", "--rate", "1000",
+                       "--migrate-after", "2")
+    assert result.returncode == 1, result
+    assert "the guest ran its 100 steps in" in result.stderr, result.stderr
+    assert "raise --steps or lower --rate" in result.stderr and "Traceback" not in result.stderr
