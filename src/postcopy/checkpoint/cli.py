@@ -22,6 +22,9 @@ from postcopy.protocol.endpoint import format_endpoint, parse_endpoint
 from postcopy.protocol.keyfile import load_key
 
 DEFAULT_PORT = 7030
+# Starting a Python process takes seconds on a busy host: wait for observable readiness
+# this long before calling it a failure.
+STARTUP_TIMEOUT = 120.0
 DEMO_BOUNDS = (64, 256, 1024)
 
 
@@ -292,15 +295,17 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
         for n, bound in enumerate(dirty_bounds):
             control = os.path.join(work, f"guest{n}.sock")
             pjson, sjson = os.path.join(work, f"primary{n}.json"), os.path.join(work, f"standby{n}.json")
-            guest = bed.popen(bed.source, params.argv(control=control), **pipes)
-            wait_for_control(control, timeout=30, proc=guest)
+            # Started paused: the primary runs it epoch by epoch from its first step, so
+            # it cannot finish (or run unprotected) while a slow host starts the agents.
+            guest = bed.popen(bed.source, params.argv(control=control, start_paused=True), **pipes)
+            wait_for_control(control, timeout=STARTUP_TIMEOUT, proc=guest)
             standby = bed.popen(bed.dest, _agent("standby", "--listen", endpoint, "--key-file", key_file,
                                                  "--failover", "--workdir", work, "--json", sjson), **pipes)
-            _read_line(standby, "listening", "postcopy standby", 30)
+            _read_line(standby, "listening", "postcopy standby", STARTUP_TIMEOUT)
             primary = bed.popen(bed.source, _agent("checkpoint", "--guest", control, "--connect", endpoint,
                                                    "--key-file", key_file, "--max-dirty", str(bound),
                                                    "--json", pjson), **pipes)
-            _read_line(primary, "protected", "postcopy checkpoint", 60)
+            _read_line(primary, "protected", "postcopy checkpoint", STARTUP_TIMEOUT)
             guest_cpu = _cpu_seconds(guest.pid)
             time.sleep(seconds)
             guest_cpu = _cpu_seconds(guest.pid) - guest_cpu
