@@ -73,3 +73,38 @@ def test_bad_cli_input_is_one_clear_line_and_exit_2(argv, words):
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr
     assert words in result.stderr, result.stderr
+
+
+def test_a_second_source_is_refused_as_busy_and_its_guest_runs_on(launch, tmp_path):
+    import socket
+
+    from postcopy.protocol.channel import Channel, handshake
+
+    key = wire.new_key()
+    key_file = _key_file(tmp_path / "key", key)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dest = subprocess.Popen(_postcopy("dest", "--listen", f"127.0.0.1:{port}", "--key-file", key_file),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = None
+    try:
+        assert dest.stdout.readline().startswith("listening on")
+        # Another source's main channel has the destination (it waits for its urgent one).
+        first = Channel(socket.create_connection(("127.0.0.1", port), timeout=30), "main")
+        handshake(first, "client", key, wire.make_hello("source", "main", os.sysconf("SC_PAGE_SIZE"),
+                                                        ((0, 1 << 20),)))
+        params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=3, steps=None, rate=1000)
+        guest, control = launch(params)
+        source = subprocess.run(_postcopy("source", "--guest", control, "--connect", f"127.0.0.1:{port}",
+                                          "--key-file", key_file), capture_output=True, text=True, timeout=60)
+        assert source.returncode == 1
+        assert "busy: serving another migration" in source.stderr, source.stderr
+        assert "goes on running on the source" in source.stderr, source.stderr
+        with GuestClient(control) as client:
+            assert client.status()["state"] == "running"
+    finally:
+        if first is not None:
+            first.close()
+        dest.kill()
+        dest.communicate()

@@ -209,14 +209,19 @@ def test_link_loss_during_postcopy_recovers_and_verifies(bed, tmp_path):
     source = m.source("--push-delay", "1")
     m.wait_phase("postcopy", source)  # the incoming guest runs and faults on the urgent channel
     bed.link_down()
-    time.sleep(3.0)
+    # A stranger on the destination's side sends garbage meanwhile: it is dropped, and
+    # the destination goes on waiting for its own source.
+    bed.run(bed.dest, [sys.executable, "-c", "import socket, sys; s = socket.create_connection((sys.argv[1], "
+                       "int(sys.argv[2]))); s.sendall(b'GET / HTTP/1.0' * 64); s.recv(1)",
+                       bed.dest.address, str(m.port)], check=True, timeout=60)
+    time.sleep(3.0)  # the outage itself
     bed.link_up()
     _, source_err = source.communicate(timeout=120)
     assert source.returncode == 0, source_err
     assert "link recovered after" in source_err, source_err
     out, dest_err = dest.communicate(timeout=120)
     assert dest.returncode == 0, dest_err
-    assert "link recovered after" in dest_err, dest_err
+    assert "link recovered after" in dest_err and "dropped connection" in dest_err, dest_err
     assert f'"final_hash": "{reference_hash(PARAMS)}"' in out.strip().splitlines()[-1], out
     m.guest.wait(timeout=10)
     recovered = re.search(r"link recovered after (\d+) ms", dest_err).group(1)
