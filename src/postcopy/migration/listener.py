@@ -174,6 +174,9 @@ class Listener:
             for frame in exc.reply:
                 self._send(pending, frame)
             self._drop(pending, str(exc))
+        except Exception as exc:  # whatever a stranger sends, the listener goes on
+            if pending.sock.fileno() in self._pending:
+                self._drop(pending, f"unexpected error: {exc!r}")
 
     def _handle(self, pending: _Pending, message) -> bool:
         """Advance one handshake; True once the connection left the pending set."""
