@@ -183,3 +183,32 @@ def test_demo_says_when_the_guest_finished_before_the_migration():
     assert result.returncode == 1, result
     assert "the guest ran its 100 steps in" in result.stderr, result.stderr
     assert "raise --steps or lower --rate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dest_refuses_a_guest_larger_than_this_host_up_front(tmp_path):
+    import socket
+
+    from postcopy.protocol.channel import Channel, handshake
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dest = subprocess.Popen([sys.executable, "-m", "postcopy", "dest", "--listen", f"127.0.0.1:{port}",
+                             "--key-file", _key_file(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    channels = []
+    try:
+        assert dest.stdout.readline().startswith("listening on")
+        session = os.urandom(wire.SESSION_BYTES)
+        for name in ("main", "urgent"):  # a source announcing 1 TiB of RAM
+            channel = Channel(socket.create_connection(("127.0.0.1", port), timeout=30), name)
+            handshake(channel, "client", KEY, wire.make_hello("source", name, os.sysconf("SC_PAGE_SIZE"),
+                                                              ((0, 1 << 40),), session))
+            channels.append(channel)
+        _, err = dest.communicate(timeout=60)
+    finally:
+        for channel in channels:
+            channel.close()
+        dest.kill()
+    assert dest.returncode == 1
+    assert "cannot run here" in err and "more than this host's memory" in err and "Traceback" not in err, err

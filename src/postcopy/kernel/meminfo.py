@@ -24,6 +24,8 @@ def ram_fit_error(ram: int, copies: int = 1) -> str | None:
     limit = info.get("MemTotal", 0) + info.get("SwapTotal", 0)
     if ram * copies <= limit:
         return None
-    who = "a guest" if copies == 1 else f"{copies} guests (source and destination on this host)"
-    return (f"--ram {format_bytes(ram)}: {who} need {format_bytes(ram * copies)}, more than this host's "
-            f"memory and swap ({format_bytes(limit)})")
+    if copies == 1:
+        return (f"a guest of {format_bytes(ram)} needs more than this host's memory and swap "
+                f"({format_bytes(limit)})")
+    return (f"{copies} guests of {format_bytes(ram)} (source and destination on this host) need "
+            f"{format_bytes(ram * copies)}, more than this host's memory and swap ({format_bytes(limit)})")

@@ -20,6 +20,7 @@ from postcopy import report
 from postcopy.protocol import wire
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
 from postcopy._native import lib as native
+from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
@@ -111,6 +112,9 @@ class DestinationAgent:
 
     # -- guest -----------------------------------------------------------------------
     def _start_guest(self, ram_size: int) -> str:
+        error = ram_fit_error(ram_size)  # refused now, not at the very end (UFFDIO_UNREGISTER: ENOMEM)
+        if error:
+            raise DestinationError(f"the source's guest cannot run here: {error}")
         control = os.path.join(self.config.workdir, "incoming.sock")
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
                 "--backing", self.config.backing, "--control", control,
