@@ -297,6 +297,7 @@ def bed():
         yield testbed
 
 
+@pytest.mark.loaded
 def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     """The primary guest is killed mid-run; the standby starts it from the last
     complete epoch in the other namespace and it ends with the reference hash."""
@@ -304,6 +305,7 @@ def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     control = str(tmp_path / "g.sock")
     key_file = tmp_path / "key"
     key_file.write_bytes(wire.new_key())
+    key_file.chmod(0o600)  # agents refuse a key others can read
     endpoint = f"{bed.dest.address}:7031"
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Started paused, the guest runs only in the epochs: it is surely mid-run when killed.
@@ -345,6 +347,7 @@ def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
 def test_user_errors_are_one_clear_line(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_bytes(wire.new_key())
+    key_file.chmod(0o600)  # agents refuse a key others can read
     run = lambda *a: subprocess.run(_postcopy(*a), capture_output=True, text=True, timeout=60)  # noqa: E731
     r = run("checkpoint", "--guest", str(tmp_path / "nope.sock"), "--connect", "127.0.0.1:9", "--key-file",
             str(key_file))
@@ -364,8 +367,9 @@ def test_a_wrong_key_is_refused_and_leaves_the_guest_alone(tmp_path):
     control = str(tmp_path / "g.sock")
     guest = _start_guest(params, control, start_paused=True)
     try:
-        (tmp_path / "a").write_bytes(wire.new_key())
-        (tmp_path / "b").write_bytes(wire.new_key())
+        for name in "ab":
+            (tmp_path / name).write_bytes(wire.new_key())
+            (tmp_path / name).chmod(0o600)  # agents refuse a key others can read
         with socket.socket() as probe:  # a free port on loopback
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

@@ -382,7 +382,7 @@ def test_incoming_guest_finishes_with_reference_hash(launch, backing):
     with GuestClient(src_sock) as source, GuestClient(dst_sock) as target:
         wait_state(source, "paused")
         _, src_fds = source.take_fds()
-        info, dst_fds = target.take_fds()
+        info, dst_fds = target.take_fds(incoming=True)
         status = target.status()
         assert status["state"] == "incoming" and status["uffd"] is True and status["steps"] == []
         assert info["fds"] == (["memfd", "uffd"] if backing == "memfd" else ["uffd"])
@@ -421,7 +421,7 @@ def test_incoming_precopy_discard_postcopy(launch, backing):
     with GuestClient(src_sock) as source, GuestClient(dst_sock) as target:
         source.run_until(params.steps // 4)
         _, src_fds = source.take_fds()
-        info, dst_fds = target.take_fds()
+        info, dst_fds = target.take_fds(incoming=True)
         with mmap.mmap(src_fds["memfd"], RAM, mmap.MAP_SHARED, mmap.PROT_READ) as src_ram:
             server = FaultServer(dst_fds["uffd"], info["uffd_features"], info["ram_address"], src_ram)
             server.start()

@@ -32,10 +32,17 @@ def c_baselines(quick: bool) -> dict:
                              uffd_faults=2000 if quick else 20000, port=BENCH_PORT)
 
 
+def _park_at(params: GuestParams) -> int:
+    """Where a bench guest parks if a busy host has not migrated it yet (see
+    DemoOptions.park_at): late enough that an idle host always migrates it mid-run."""
+    return params.steps - max(1, params.steps // 20)
+
+
 def migration(ram: int, *, workload: str, steps: int, rate: float = 0, migrate_after: float = 0.5,
               push_delay: float = 0.0, threads: int = 2) -> dict:
     params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, rate=rate, working_set=1.0)
-    return run_demo(DemoOptions(params=params, migrate_after=migrate_after, port=BENCH_PORT + 1,
+    return run_demo(DemoOptions(params=params, park_at=_park_at(params), migrate_after=migrate_after,
+                                port=BENCH_PORT + 1,
                                 push_delay=push_delay))
 
 
@@ -59,7 +66,8 @@ def precopy_rows(quick: bool) -> list[dict]:
         for mode in ("precopy", "hybrid"):
             params = GuestParams(ram=ram, threads=2, workload="random-write", seed=13, steps=int(rate * 4),
                                  rate=rate, working_set=0.5)
-            result = run_demo(DemoOptions(params=params, mode=mode, migrate_after=0.5, port=BENCH_PORT + 2,
+            result = run_demo(DemoOptions(params=params, park_at=_park_at(params), mode=mode, migrate_after=0.5,
+                                          port=BENCH_PORT + 2,
                                           downtime_limit_ms=20, max_rounds=10))
             rows.append({"mode": mode, "dirty_log": result["dirty_log"], "steps_per_s": rate,
                          "rounds": len(result["precopy_rounds"]),
@@ -80,7 +88,8 @@ def _install_migration(install: str, backing: str, ram: int, *, workload: str, s
                        migrate_after: float, push_delay: float) -> dict:
     params = GuestParams(ram=ram, threads=2, workload=workload, seed=17, steps=steps, rate=rate, working_set=1.0,
                          backing=backing)
-    return run_demo(DemoOptions(params=params, migrate_after=migrate_after, port=BENCH_PORT + 4,
+    return run_demo(DemoOptions(params=params, park_at=_park_at(params), migrate_after=migrate_after,
+                                port=BENCH_PORT + 4,
                                 push_delay=push_delay, install=install))
 
 

@@ -61,6 +61,7 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.guest.control import GuestClient, GuestError, GuestParams, parse_final_hash, wait_for_control
+from postcopy.protocol.endpoint import listen_socket
 from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
 
 # Why the stream ended -> whether that means the primary is lost (failover).
@@ -128,15 +129,11 @@ class Standby:
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint."""
         if self.listener is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(self.config.listen)
+                sock = listen_socket(self.config.listen)  # IPv4 or IPv6
             except OSError as exc:
-                sock.close()
                 raise StandbyError(f"cannot listen on {self.config.listen[0]}:{self.config.listen[1]}: "
                                    f"{exc.strerror or exc}") from None
-            sock.listen(1)
             self.listener = sock
         return self.listener
 
@@ -375,9 +372,9 @@ class Standby:
         self._prestart()
         proc = self.failover_proc
         try:
-            wait_for_control(self._control, timeout=30, proc=proc)
+            wait_for_control(self._control, timeout=120, proc=proc)  # a busy host starts Python slowly
             with GuestClient(self._control) as client:
-                info, fds = client.take_fds()
+                info, fds = client.take_fds(incoming=True)
                 if "memfd" in fds:
                     os.close(fds["memfd"])
                 uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
@@ -469,7 +466,7 @@ def reference_hash_at(params: GuestParams, steps: int, workdir: str, timeout: fl
                             params.argv(control=control, start_paused=True),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_control(control, timeout=30, proc=proc)
+        wait_for_control(control, timeout=120, proc=proc)
         with GuestClient(control, timeout=timeout) as client:
             deadline = time.monotonic() + timeout
             while (status := client.status())["state"] != "paused" or min(status["steps"]) < steps:

@@ -300,7 +300,14 @@ class GuestClient:
             self.close()  # a late reply would desynchronise the stream
             what = "no reply within the timeout" if isinstance(exc, TimeoutError) else exc
             raise GuestError(f"guest {self.path}: {cmd}: {what}") from None
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            self.close()
+            raise GuestError(f"{self.path} answered {cmd!r} with something other than a JSON object: "
+                             f"not a postcopy guest's control socket")
         if not reply.get("ok"):
             for fd in fds:
                 os.close(fd)
@@ -355,9 +362,13 @@ class GuestClient:
     def hash(self) -> str:
         return self.request("hash")["hash"]
 
-    def take_fds(self) -> tuple[dict, dict[str, int]]:
+    def take_fds(self, incoming: bool = False) -> tuple[dict, dict[str, int]]:
         """The ``fds`` reply and the received descriptors by name ("memfd", "uffd");
-        the caller owns (and must close) them."""
+        the caller owns (and must close) them. Only a destination (``incoming=True``)
+        may take those of an incoming guest: its userfaultfd is its destination's."""
+        if not incoming and self.status().get("state") == "incoming":
+            raise GuestError(f"{self.path} belongs to an incoming guest waiting for its RAM (a destination's): "
+                             f"it cannot be migrated from here")
         reply, fds = self._roundtrip("fds", {})
         if len(fds) != len(reply["fds"]):
             for fd in fds:

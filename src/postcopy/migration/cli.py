@@ -19,7 +19,8 @@ from postcopy.migration.precopy import ConvergencePolicy
 from postcopy.migration.progress import terminal_or_none
 from postcopy.units import rate_arg
 from postcopy.migration.source import MODES, MigrationError, SourceAgent, SourceConfig
-from postcopy.protocol.channel import parse_endpoint
+from postcopy.protocol.endpoint import format_endpoint, parse_endpoint
+from postcopy.protocol.keyfile import load_key
 
 
 def _endpoint(text: str) -> tuple[str, int]:
@@ -31,7 +32,7 @@ def _endpoint(text: str) -> tuple[str, int]:
 
 def _key(args) -> bytes:
     try:
-        return wire.load_key(args.key_file)
+        return load_key(args.key_file)
     except (OSError, ValueError, wire.ProtocolError) as exc:
         raise SystemExit(f"postcopy: cannot use key file {args.key_file}: {exc}")
 
@@ -205,7 +206,7 @@ def run_dest(args) -> int:
                                             frame_auth=not args.unsafe_no_frame_auth))
         try:
             agent.bind()
-            print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)
+            print(f"listening on {format_endpoint(args.listen)}", flush=True)
             figures = agent.run()
         except (DestinationError, wire.ProtocolError, OSError) as exc:
             print(f"postcopy dest: {exc}", file=sys.stderr)

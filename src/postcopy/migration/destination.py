@@ -21,9 +21,12 @@ from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
 from postcopy._native import lib as native
+from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
-from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
+from postcopy.migration.listener import AcceptTimeout, Listener
+from postcopy.protocol.endpoint import listen_socket
 from postcopy.kernel.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
                            Userfaultfd)
 
@@ -91,6 +94,7 @@ class DestinationAgent:
         self._lease: str | None = None
         self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
         self._killed_guest = False
+        self._listener: Listener | None = None
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -100,36 +104,27 @@ class DestinationAgent:
             if error:
                 raise DestinationError(error)
         if self.listener is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.config.listen)
-            sock.listen(4)
-            self.listener = sock
+            self.listener = listen_socket(self.config.listen)
+        if self._listener is None:  # accepts and authenticates in the background from now on
+            self._listener = Listener(self.listener, self.config.key, protocol=self.protocol,
+                                      frame_auth=self.config.frame_auth)
         return self.listener
 
     def _accept(self, name: str, session: bytes | None) -> tuple[Channel, PeerInfo]:
-        self.listener.settimeout(self.config.accept_timeout)
+        """The next authenticated channel of this migration (strangers and other
+        sources are dealt with by the listener; see :mod:`postcopy.migration.listener`)."""
         try:
-            sock, _ = self.listener.accept()
-        except socket.timeout as exc:
-            raise DestinationError(f"no source connected within {self.config.accept_timeout:.0f} s") from exc
-        sock.settimeout(None)
-        tune(sock, urgent=(name == "urgent"))
-        channel = Channel(sock, name, session=self.protocol)
-        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session,
-                                unauthenticated=not self.config.frame_auth)
-        try:
-            peer = handshake(channel, "server", self.config.key, hello)
-        except BaseException:
-            channel.close()
-            raise
-        if peer.hello.channel != name or (session is not None and peer.hello.session != session):
-            channel.close()
-            raise DestinationError(f"expected the {name} channel of this session, got {peer.hello.channel!r}")
-        return channel, peer
+            return self._listener.accept(name, session, self.config.accept_timeout)
+        except AcceptTimeout as exc:
+            if session is None:  # no migration began: nothing else will close it
+                self._listener.close()
+            raise DestinationError(str(exc)) from None
 
     # -- guest -----------------------------------------------------------------------
     def _start_guest(self, ram_size: int) -> str:
+        error = ram_fit_error(ram_size)  # refused now, not at the very end (UFFDIO_UNREGISTER: ENOMEM)
+        if error:
+            raise DestinationError(f"the source's guest cannot run here: {error}")
         control = os.path.join(self.config.workdir, "incoming.sock")
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
                 "--backing", self.config.backing, "--control", control,
@@ -190,7 +185,7 @@ class DestinationAgent:
             guest = self._guest_client = GuestClient(control)
             # Held until every page is in: if this agent goes away first, the guest stops.
             self._lease = guest.lease()
-            info, fds = guest.take_fds()
+            info, fds = guest.take_fds(incoming=True)
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
             try:
@@ -220,6 +215,7 @@ class DestinationAgent:
                 channel.close()
             if self._path is not None:
                 self._path.close()
+            self._listener.close()
         if self.guest_proc is not None:
             reader = threading.Thread(target=self._read_guest_output, daemon=True)
             reader.start()

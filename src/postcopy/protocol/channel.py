@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from postcopy.protocol import wire
 from postcopy.protocol.state import header_kind, kind
+from postcopy.protocol.endpoint import parse_endpoint  # noqa: F401  (its old home)
 
 SOCKET_BUFFER = 8 << 20
 IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
@@ -233,11 +234,3 @@ def handshake(channel: Channel, role: str, key: bytes, hello: wire.Hello) -> Pee
     if not hello.unauthenticated:
         channel.secure(*shake.frame_keys())
     return PeerInfo(hello=shake.peer, layout=shake.layout)
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` → (host, port), with a clear error."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
