@@ -114,16 +114,18 @@ def add_precopy_options(parser: argparse.ArgumentParser) -> None:
                         help="the postcopy pusher's bandwidth limit; demand pages are never held back (default: none)")
 
 
-def precopy_argv(args) -> list[str]:
-    """The source flags for the options of :func:`add_precopy_options` in ``args``."""
-    argv = ["--mode", args.mode, "--dirty-log", args.dirty_log, "--downtime-limit", str(args.downtime_limit),
-            "--max-rounds", str(args.max_rounds), "--stall-rounds", str(args.stall_rounds),
-            "--dirty-limit", str(args.dirty_limit),
-            "--max-bandwidth", f"{args.max_bandwidth}bit", "--max-postcopy-bandwidth", f"{args.max_postcopy_bandwidth}bit"]
-    if args.no_free_hints:
-        argv.append("--no-free-hints")
+def convergence_argv(args) -> list[str]:
+    """Source flags for the convergence options of :func:`add_precopy_options` in
+    ``args`` that differ from their defaults (the demo passes them on)."""
+    argv = []
     if args.auto_converge:
         argv.append("--auto-converge")
+    if args.dirty_limit:
+        argv += ["--dirty-limit", repr(args.dirty_limit)]
+    if args.max_bandwidth:
+        argv += ["--max-bandwidth", f"{args.max_bandwidth}bit"]
+    if args.max_postcopy_bandwidth:
+        argv += ["--max-postcopy-bandwidth", f"{args.max_postcopy_bandwidth}bit"]
     return argv
 
 

@@ -18,7 +18,7 @@ from postcopy import report
 from postcopy import svg
 
 from postcopy.protocol import wire
-from postcopy.migration.cli import add_install_option, add_precopy_options
+from postcopy.migration.cli import add_install_option, add_precopy_options, convergence_argv
 from postcopy.migration.install import install_path_error
 from postcopy.guest.control import GuestClient, GuestError, parse_final_hash, wait_for_control
 from postcopy.guest.runtime import WORKLOADS, layout_error
@@ -62,6 +62,7 @@ class DemoOptions:
     # not happened yet (a busy host). Benchmarks use it.
     park_at: int | None = None
     inject: list = field(default_factory=list)  # inject.Injection events, applied in order
+    source_options: tuple[str, ...] = ()  # more `postcopy source` flags (convergence, limits, --events)
 
 
 def _agent(*args: str) -> list[str]:
@@ -122,7 +123,8 @@ def run_demo(options: DemoOptions) -> dict:
                                               "--downtime-limit", str(options.downtime_limit_ms),
                                               "--max-rounds", str(options.max_rounds),
                                               "--stall-rounds", str(options.stall_rounds),
-                                              *([] if options.free_hints else ["--no-free-hints"]), *unsafe),
+                                              *([] if options.free_hints else ["--no-free-hints"]), *unsafe,
+                                              *options.source_options),
                        **pipes)
         _progress(options, "migrating ...")
         if options.inject:
@@ -293,6 +295,7 @@ def register(subparsers) -> None:
                         "flap=DOWN/UP:TOTAL@PHASE, kill-source@PHASE, kill-dest@PHASE, stop-dest=DURATION@PHASE; "
                         "PHASE is precopy, switchover or postcopy. The report says whether the outcome is the "
                         "documented one; exit 0 if it is")
+    p.add_argument("--events", metavar="FILE", help="the source's status-change events, as JSON lines")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--svg", metavar="FILE", help="write a timeline picture of the migration (SVG)")
     p.set_defaults(func=main, _parser=p)
@@ -329,7 +332,9 @@ def main(args: argparse.Namespace) -> int:
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
                           stall_rounds=args.stall_rounds,
-                          free_hints=not args.no_free_hints, install=args.install, inject=args.inject)
+                          free_hints=not args.no_free_hints, install=args.install, inject=args.inject,
+                          source_options=(*convergence_argv(args),
+                                          *(["--events", os.path.abspath(args.events)] if args.events else [])))
     try:
         result = run_demo(options)
     except DemoError as exc:
