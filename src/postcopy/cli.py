@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "postcopy.testbed.demo",
     "postcopy.bench.run",
     "postcopy.checkpoint.cli",
+    "postcopy.testbed.checkpoint_demo",
 ]
 
 

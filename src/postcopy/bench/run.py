@@ -77,7 +77,7 @@ def precopy_rows(quick: bool) -> list[dict]:
 
 
 def checkpoint_figures(quick: bool) -> dict:
-    from postcopy.checkpoint.cli import run_checkpoint_demo
+    from postcopy.testbed.checkpoint_demo import run_checkpoint_demo
 
     bounds = (64,) if quick else (64, 256, 1024)
     return run_checkpoint_demo(ram=32 << 20, dirty_bounds=bounds, seconds=1.0 if quick else 3.0,
