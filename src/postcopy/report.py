@@ -76,10 +76,24 @@ def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, so
         "timeline": dest.get("timeline"),
         "final_hash": final_hash,
         "reference_hash": reference_hash,
-        "verified": bool(final_hash and reference_hash and final_hash == reference_hash),
+        # None: nothing to compare (an agent alone knows neither hash).
+        "verified": final_hash == reference_hash if final_hash and reference_hash else None,
         "source": source,
         "dest": {k: v for k, v in dest.items() if k not in ("fault_latency_histogram", "timeline")},
     }
+
+
+_VERDICT = {True: "VERIFIED", False: "MISMATCH", None: "not verified (no reference hash here)"}
+
+
+def source_report(figures: dict) -> dict:
+    """The report of DESIGN.md as ``postcopy source --json`` writes it: the same shape
+    as the demo's, from the source's figures and the destination's (its Complete
+    message); the hashes are the demo's to compare, so ``verified`` is None here."""
+    guest = figures.get("guest", {})
+    return build_report(mode=figures["mode"], dirty_log=figures.get("dirty_log", "none"),
+                        ram_bytes=guest.get("ram_size"), workload=guest.get("workload"), source=figures,
+                        dest=figures.get("dest", {}), final_hash=None, reference_hash=None)
 
 
 def format_summary(report: dict) -> str:
@@ -101,7 +115,7 @@ def format_summary(report: dict) -> str:
         "fault latency histogram:",
         format_histogram(report.get("fault_latency_histogram", [])),
         f"final hash {report['final_hash']}  reference {report['reference_hash']}"
-        f"  -> {'VERIFIED' if report['verified'] else 'MISMATCH'}",
+        f"  -> {_VERDICT[report['verified']]}",
     ]
     return "\n".join(lines)
 

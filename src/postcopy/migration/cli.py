@@ -14,7 +14,7 @@ from postcopy.kernel.dirtylog import KINDS as DIRTY_LOGS
 from postcopy.protocol import wire
 from postcopy.migration.destination import DestConfig, DestinationAgent, DestinationError
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, INSTALL_PATHS
-from postcopy.report import write_json
+from postcopy.report import source_report, write_json
 from postcopy.migration.precopy import ConvergencePolicy
 from postcopy.migration.progress import terminal_or_none
 from postcopy.units import rate_arg
@@ -42,7 +42,11 @@ def register(subparsers) -> None:
     src.add_argument("--guest", required=True, metavar="PATH", help="the guest's control socket")
     src.add_argument("--connect", required=True, type=_endpoint, metavar="HOST:PORT")
     src.add_argument("--key-file", required=True, metavar="FILE", help="shared key (both agents)")
-    src.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    src.add_argument("--json", metavar="FILE",
+                     help="write the report as JSON: the demo's shape (DESIGN.md's figures), the source's own "
+                          "figures under 'source'")
+    src.add_argument("--raw-json", dest="report", action="store_false",
+                     help="with --json: write only the source's own figures (what the demo reads)")
     src.add_argument("--events", metavar="FILE",
                      help="write one JSON line per status change (setup, precopy round, switchover, postcopy, "
                           "recovery, done, failed) with the live figures")
@@ -153,7 +157,7 @@ def run_source(args) -> int:
         if events is not None:
             events.close()
     if args.json:
-        write_json(args.json, figures)
+        write_json(args.json, source_report(figures) if args.report else figures)
     dest = figures.get("dest", {})
     print(f"migrated: total {figures['total_ms']:.1f} ms, downtime {dest.get('downtime_ms') or float('nan'):.2f} ms, "
           f"sent {figures['bytes_sent'] / 2**20:.1f} MiB")

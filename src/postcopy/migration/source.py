@@ -317,6 +317,8 @@ class SourceAgent:
         marks, pause_started = m.marks, m.marks["pause_started"]
         return {
             "mode": self.config.mode,
+            "guest": {k: m.status.get(k) for k in ("pid", "threads", "workload", "steps_target", "backing",
+                                                   "ram_size")},
             "dirty_log": m.dirty_log.name if m.dirty_log is not None else "none",
             "total_ms": (time.monotonic() - started) * 1e3,
             "precopy_ms": (pause_started - started) * 1e3,

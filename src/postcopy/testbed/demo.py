@@ -117,7 +117,7 @@ def run_demo(options: DemoOptions) -> dict:
                                           "--vm", params.vm, "--workdir", dest_work,
                                           "--json", f"{work}/dest.json", *unsafe), **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
-                                              "--key-file", key_file, "--json", f"{work}/source.json",
+                                              "--key-file", key_file, "--json", f"{work}/source.json", "--raw-json",
                                               "--push-delay", str(options.push_delay), "--mode", options.mode,
                                               "--dirty-log", options.dirty_log,
                                               "--downtime-limit", str(options.downtime_limit_ms),
