@@ -257,6 +257,7 @@ def test_relay_flipping_one_pushed_byte_fails_loudly_and_the_source_keeps_its_gu
     guest, control = launch(params)
     key_file = tmp_path / "key"
     key_file.write_bytes(wire.new_key())
+    key_file.chmod(0o600)
     dest_port = _free_port()
     dest = subprocess.Popen(_postcopy("dest", "--listen", f"127.0.0.1:{dest_port}", "--key-file", str(key_file),
                                       "--workdir", str(tmp_path)),

@@ -193,6 +193,12 @@ class FaultServer(threading.Thread):
             except PageExistsError:
                 done += PAGE
 
+    def complete(self, size: int) -> None:
+        """What a destination does last: every page in (the rest from the source), then
+        unregister. An incoming guest hashes and exits only after that."""
+        self.install(0, size)
+        self.uffd.unregister(self.base, size)
+
     def run(self) -> None:
         from postcopy.kernel.uffd import EventKind
 
@@ -242,6 +248,7 @@ def test_migration_skipping_free_pages_verifies(launch, backing):
                 for off, length in runs(free):  # "stale" content where the hint said free
                     server.install(off, length, src=address_of(garbage) + off)
                 target.resume()
+                server.complete(RAM)
                 result = final_hash_of(dst)
             finally:
                 server.close()
@@ -306,6 +313,7 @@ def test_precopy_with_dirty_log_and_free_hint_verifies(launch):
                 reused = free - free_pages(source)  # hinted free, taken back since
                 reported = {p for r in rounds for first, count in r for p in range(first, first + count)}
                 target.resume()
+                server.complete(RAM)
                 result = final_hash_of(dst)
             finally:
                 server.close()

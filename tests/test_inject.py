@@ -45,13 +45,13 @@ def test_a_phase_the_mode_lacks_is_refused():
         inject.check_mode([inject.parse_injection("kill-dest@postcopy")], "precopy")
 
 
-def _injected(*events: str) -> dict:
+def _injected(*events: str, source_options: tuple[str, ...] = ()) -> dict:
     require_netns()
     require_uffd()
     # The guest parks at step 1000 until migrated; the pusher waits 3 s, so postcopy
     # (demand faults only) lasts long enough to be seen and hit.
     options = DemoOptions(params=PARAMS, hold_at=1000, push_delay=3.0 * SLOWDOWN, timeout=240 * SLOWDOWN,
-                          inject=[inject.parse_injection(e) for e in events])
+                          inject=[inject.parse_injection(e) for e in events], source_options=source_options)
     section = run_demo(options)["injection"]
     print(inject.format_injection(section))
     return section
@@ -73,7 +73,9 @@ def test_flap_in_postcopy_is_recovered_and_verified():
 
 @pytest.mark.loaded
 def test_source_killed_in_postcopy_fails_cleanly_and_the_source_guest_finishes_verified():
-    section = _injected("kill-source@postcopy")
+    # A short recovery timeout: the source guest is fenced until the destination surely
+    # gave up (that timeout plus a margin), and only then may the demo resume it.
+    section = _injected("kill-source@postcopy", source_options=("--recovery-timeout", "3"))
     assert section["agents"]["dest"]["exit"] == 1
     assert any("incoming guest was stopped" in line for line in section["agents"]["dest"]["said"]), section
     assert section["source_guest"] == "paused"

@@ -167,6 +167,9 @@ class SourceAgent:
         guest = None
         try:
             guest = GuestClient(cfg.guest_control)
+            if guest.status().get("state") == "incoming":  # before the lease: its end would stop that guest
+                raise GuestError(f"{cfg.guest_control} is an incoming guest (it waits for its source); "
+                                 "a source migrates a running guest")
             self._lease = guest.lease()
             info, fds = guest.take_fds()
             status = guest.status()

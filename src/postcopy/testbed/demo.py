@@ -221,8 +221,14 @@ def _finish_on_source(options: DemoOptions, control: str, guest: subprocess.Pope
     (resuming it only if no incoming guest runs) and check its hash."""
     try:
         with GuestClient(control) as client:
-            state = client.status()["state"]
+            status = client.status()
+            state = status["state"]
             if state == "paused" and incoming_state != "running":
+                # After a switchover the guest is fenced until its destination surely
+                # stopped (its recovery timeout plus a margin): wait that out, then resume.
+                while (status.get("fence_remaining_s") or 0) > 0 and time.monotonic() < deadline:
+                    time.sleep(min(0.5, status["fence_remaining_s"]))
+                    status = client.status()
                 client.resume()
     except GuestError:
         return None, None
