@@ -13,6 +13,9 @@ pause        parks every vCPU at a step boundary, replies once all are parked; `
 resume       lets the vCPUs run (an incoming guest then faults in its state page);
              optional ``{"stop_at": N}``: park again at step N
 run_until    ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
+run          ``{"steps": N, "harvest": bool}``: one epoch: every vCPU does exactly N more
+             steps and parks; with harvest the guest's dirty log is harvested at the park
+             (``dirty_runs``, see :func:`postcopy.guest.dirtytrack.decode_runs`)
 hash         64-bit RAM hash (heartbeats excluded, free pages as zero), paused or
              finished guests only
 fds          memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid, backing,
@@ -136,6 +139,11 @@ class ControlServer:
                 if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
                     raise GuestStateError("run_until wants a non-negative integer 'steps'")
                 reply = g.run_until(steps)
+            elif cmd == "run":
+                steps, harvest = req.get("steps"), req.get("harvest", False)
+                if not _is_count(steps) or not isinstance(harvest, bool):
+                    raise GuestStateError("run wants a non-negative integer 'steps' and a boolean 'harvest'")
+                reply = g.run(steps, harvest=harvest)
             elif cmd == "hash":
                 reply = {"hash": g.ram_hash()}
             elif cmd == "fds":
@@ -289,6 +297,11 @@ class GuestClient:
     def run_until(self, steps: int) -> dict:
         """Resume a paused guest and wait until every vCPU has done exactly ``steps``."""
         return self.request("run_until", steps=steps)
+
+    def run(self, steps: int, harvest: bool = False) -> dict:
+        """One epoch: every vCPU does exactly ``steps`` more steps, then parks; with
+        ``harvest`` the reply's ``dirty_runs`` holds the guest's dirty log."""
+        return self.request("run", steps=steps, harvest=harvest)
 
     def hash(self) -> str:
         return self.request("hash")["hash"]

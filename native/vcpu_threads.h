@@ -1,0 +1,46 @@
+/* vcpu_threads: the guest's persistent vCPU threads.
+ *
+ * A pc_vm owns one pthread per vCPU, created once when the guest's state page is
+ * known and alive as long as the process. A vCPU thread waits on a futex (the run
+ * generation) while parked; pc_vm_resume hands every vCPU its step limit and wakes
+ * them all with one FUTEX_WAKE; each runs pc_vcpu_run until its limit or the pause
+ * flag, records when it parked and decrements the running count, the last one waking
+ * whoever waits in pc_vm_wait_parked. A pause raises the flag and wakes paced vCPUs
+ * sleeping on it (their sleeps are futex waits on the flag), so a pause answers within
+ * one step (or one fault) instead of a sleep slice. No thread is created per resume.
+ *
+ * The vCPU threads block every signal: signals go to the process's other threads.
+ */
+#ifndef PC_VCPU_THREADS_H
+#define PC_VCPU_THREADS_H
+
+#include <stdint.h>
+
+#include "guest_vm.h"
+
+struct pc_vm;
+
+/* Start `threads` vCPU threads on this RAM, parked; returns once all are parked. locals
+ * (threads records) must outlive the vm. NULL with *err = -errno on failure. */
+struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals, int *err);
+/* Release every parked vCPU t to run until its steps_done reaches limits[t]. 0, or
+ * -EBUSY while some vCPU has not parked yet. */
+int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits);
+/* Raise the pause flag and wake paced sleepers; the vCPUs park at their next step
+ * boundary. Does not wait (see pc_vm_wait_parked). */
+void pc_vm_request_pause(struct pc_vm *vm);
+/* Wait until every vCPU is parked: 1 when parked, 0 after timeout_ns (< 0: no limit). */
+int pc_vm_wait_parked(struct pc_vm *vm, int64_t timeout_ns);
+/* vCPUs that have not parked since the latest resume. */
+int pc_vm_running(struct pc_vm *vm);
+/* The latest run's result of vCPU t (PC_VCPU_LIMIT, PC_VCPU_PAUSED or PC_GUEST_E*). */
+int pc_vm_result(struct pc_vm *vm, int t);
+/* OS thread id (gettid) of vCPU t. */
+int pc_vm_thread_id(struct pc_vm *vm, int t);
+/* CLOCK_MONOTONIC ns: the latest resume, the latest pause request, and when the last
+ * vCPU parked after them (0 = never). */
+uint64_t pc_vm_resumed_ns(struct pc_vm *vm);
+uint64_t pc_vm_pause_requested_ns(struct pc_vm *vm);
+uint64_t pc_vm_parked_ns(struct pc_vm *vm);
+
+#endif /* PC_VCPU_THREADS_H */
