@@ -22,6 +22,8 @@ struct pc_vm {
     int pause_flag;   /* futex: raised by a pause; paced vCPUs sleep on it */
     uint32_t gen;     /* futex: bumped by every resume; parked vCPUs wait for a change */
     uint32_t running; /* futex: vCPUs not parked yet; pc_vm_wait_parked waits for 0 */
+    uint32_t events;  /* futex: bumped when a run released with notify ends, or by pc_vm_notify */
+    int notify;       /* the current run bumps events when its last vCPU parks */
     uint64_t resumed_ns, pause_requested_ns;
     uint64_t *limits;   /* per vCPU, written by resume before the generation moves */
     uint64_t *park_ns;  /* per vCPU: when it last parked */
@@ -42,8 +44,11 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
 static void parked(struct pc_vm *vm, int t)
 {
     __atomic_store_n(&vm->park_ns[t], pc_monotonic_ns(), __ATOMIC_RELAXED);
-    if (__atomic_sub_fetch(&vm->running, 1, __ATOMIC_ACQ_REL) == 0)
+    if (__atomic_sub_fetch(&vm->running, 1, __ATOMIC_ACQ_REL) == 0) {
         futex(&vm->running, FUTEX_WAKE, INT_MAX, NULL);
+        if (__atomic_load_n(&vm->notify, __ATOMIC_RELAXED))
+            pc_vm_notify(vm);
+    }
 }
 
 static void *vcpu_main(void *arg)
@@ -141,10 +146,11 @@ struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcp
     return vm;
 }
 
-int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits)
+int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits, int notify)
 {
     if (__atomic_load_n(&vm->running, __ATOMIC_ACQUIRE))
         return -EBUSY;
+    __atomic_store_n(&vm->notify, notify, __ATOMIC_RELAXED);
     memcpy(vm->limits, limits, (size_t)vm->threads * sizeof(uint64_t));
     __atomic_store_n(&vm->pause_flag, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&vm->resumed_ns, pc_monotonic_ns(), __ATOMIC_RELAXED);
@@ -208,4 +214,20 @@ uint64_t pc_vm_parked_ns(struct pc_vm *vm)
             latest = p;
     }
     return latest;
+}
+
+void pc_vm_notify(struct pc_vm *vm)
+{
+    __atomic_add_fetch(&vm->events, 1, __ATOMIC_RELEASE);
+    futex(&vm->events, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+uint32_t pc_vm_events(struct pc_vm *vm) { return __atomic_load_n(&vm->events, __ATOMIC_ACQUIRE); }
+
+int pc_vm_wait_event(struct pc_vm *vm, uint32_t seen, int64_t timeout_ns)
+{
+    struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000LL), .tv_nsec = (long)(timeout_ns % 1000000000LL)};
+    if (__atomic_load_n(&vm->events, __ATOMIC_ACQUIRE) == seen)
+        futex(&vm->events, FUTEX_WAIT, seen, &ts);
+    return __atomic_load_n(&vm->events, __ATOMIC_ACQUIRE) != seen;
 }

@@ -23,9 +23,10 @@ struct pc_vm;
 /* Start `threads` vCPU threads on this RAM, parked; returns once all are parked. locals
  * (threads records) must outlive the vm. NULL with *err = -errno on failure. */
 struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals, int *err);
-/* Release every parked vCPU t to run until its steps_done reaches limits[t]. 0, or
- * -EBUSY while some vCPU has not parked yet. */
-int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits);
+/* Release every parked vCPU t to run until its steps_done reaches limits[t]; with
+ * notify, the end of this run is an event (pc_vm_wait_event). 0, or -EBUSY while some
+ * vCPU has not parked yet. */
+int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits, int notify);
 /* Raise the pause flag and wake paced sleepers; the vCPUs park at their next step
  * boundary. Does not wait (see pc_vm_wait_parked). */
 void pc_vm_request_pause(struct pc_vm *vm);
@@ -42,5 +43,12 @@ int pc_vm_thread_id(struct pc_vm *vm, int t);
 uint64_t pc_vm_resumed_ns(struct pc_vm *vm);
 uint64_t pc_vm_pause_requested_ns(struct pc_vm *vm);
 uint64_t pc_vm_parked_ns(struct pc_vm *vm);
+
+/* Events for a thread that waits for "something happened" (a free run ended, quit)
+ * without waking at every epoch: bump, read the count, wait for it to move (1) or
+ * for timeout_ns (0). */
+void pc_vm_notify(struct pc_vm *vm);
+uint32_t pc_vm_events(struct pc_vm *vm);
+int pc_vm_wait_event(struct pc_vm *vm, uint32_t seen, int64_t timeout_ns);
 
 #endif /* PC_VCPU_THREADS_H */

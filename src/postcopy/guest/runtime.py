@@ -281,6 +281,7 @@ class Guest:
     def _spawn(self, limits: list[int] | None = None) -> None:
         """Release the parked vCPUs (cond held): each to its limit in ``limits``, else
         all to the stop point (or the step target)."""
+        notify = limits is None  # a free run: its end wakes the main thread (wait)
         if limits is None:
             target = self.steps_target or _UNLIMITED
             limit = min(target, self._stop_at) if self._stop_at is not None else target
@@ -288,7 +289,7 @@ class Guest:
         for p in self._local_ptrs:
             p.first_step_ns = 0
         self._running = True
-        self._vcpus.release(limits)
+        self._vcpus.release(limits, notify=notify)
 
     def _settle(self) -> None:
         """Take note of the vCPUs having parked (cond held); idempotent."""
@@ -304,6 +305,8 @@ class Guest:
             self._state = "finished"
         else:  # paused by request, or stopped at run_until / --pause-at
             self._state = "paused"
+        if self._fatal or self._state == "finished":
+            self._vcpus.notify()  # the main thread waits for these (wait)
         self._cond.notify_all()
 
     def _wait_parked(self) -> None:
@@ -664,6 +667,7 @@ class Guest:
             self._quit = True
             if self._vcpus is not None:
                 self._vcpus.request_pause()  # stop stepping; exit does not wait for it
+                self._vcpus.notify()
             self._cond.notify_all()
 
     def wait(self, *, finished_ok: bool = True) -> str:
@@ -671,6 +675,8 @@ class Guest:
         error; returns "finished", "quit" or "fatal"."""
         while True:
             with self._cond:
+                vcpus = self._vcpus
+                seen = vcpus.events() if vcpus is not None else 0  # before settling: no event lost
                 self._settle()
                 if self._fatal:
                     return "fatal"
@@ -678,10 +684,12 @@ class Guest:
                     return "quit"
                 if finished_ok and self._state == "finished":
                     return "finished"
-                if not self._running:
+                if vcpus is None:
                     self._cond.wait(0.5)  # short waits keep SIGTERM (KeyboardInterrupt) prompt
                     continue
-            self._vcpus.wait_parked(0.1)  # in C, GIL released; short for the same reason
+            # In C, GIL released; woken by a free run's end, quit or a fatal error, not
+            # by every epoch of run / run_until. Short for the same SIGTERM reason.
+            vcpus.wait_event(seen, 0.5)
 
     @property
     def fatal(self) -> str | None:

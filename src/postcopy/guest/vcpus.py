@@ -28,11 +28,12 @@ class Vcpus:
         self.threads = threads
         self._limits = ffi.new("uint64_t[]", threads)
 
-    def release(self, limits: list[int]) -> None:
-        """Let every vCPU t run until it has done ``limits[t]`` steps (or a pause)."""
+    def release(self, limits: list[int], *, notify: bool = False) -> None:
+        """Let every vCPU t run until it has done ``limits[t]`` steps (or a pause);
+        with ``notify`` the end of this run is an event (:meth:`wait_event`)."""
         for t, limit in enumerate(limits):
             self._limits[t] = limit
-        rc = lib.pc_vm_resume(self._vm, self._limits)
+        rc = lib.pc_vm_resume(self._vm, self._limits, notify)
         if rc:
             raise RuntimeError("vCPUs released while some had not parked yet")
 
@@ -43,6 +44,18 @@ class Vcpus:
     def wait_parked(self, timeout: float | None = None) -> bool:
         """Block (GIL released) until every vCPU is parked; False after ``timeout`` s."""
         return bool(lib.pc_vm_wait_parked(self._vm, -1 if timeout is None else int(timeout * 1e9)))
+
+    def notify(self) -> None:
+        """Wake the :meth:`wait_event` waiters."""
+        lib.pc_vm_notify(self._vm)
+
+    def events(self) -> int:
+        return int(lib.pc_vm_events(self._vm))
+
+    def wait_event(self, seen: int, timeout: float) -> bool:
+        """Block (GIL released) until the event count moves from ``seen``: a run
+        released with notify ended, or :meth:`notify`. False after ``timeout`` s."""
+        return bool(lib.pc_vm_wait_event(self._vm, seen, int(timeout * 1e9)))
 
     @property
     def parked(self) -> bool:
