@@ -39,6 +39,7 @@ import array
 import dataclasses
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -370,19 +371,37 @@ def wait_for_control(path: str, timeout: float = 10.0, proc: subprocess.Popen | 
 # ---- launching ------------------------------------------------------------------------
 
 
+# One set of defaults for every way of starting a guest (``postcopy guest``, ``postcopy
+# demo``, GuestParams): the same flags give the same guest, and the same reference hash.
+GUEST_DEFAULTS: dict = {"threads": 2, "workload": "random-write", "seed": 1, "rate": 0.0, "working_set": 1.0,
+                        "free_fraction": 0.0, "backing": "memfd"}
+
+
 @dataclass(frozen=True)
 class GuestParams:
     """Everything that determines a guest's final RAM (plus its backing)."""
 
     ram: int
-    threads: int
-    workload: str
-    seed: int
-    steps: int | None
-    rate: float = 0
-    working_set: float = 1.0
-    backing: str = "memfd"
-    free_fraction: float = 0.0
+    threads: int = GUEST_DEFAULTS["threads"]
+    workload: str = GUEST_DEFAULTS["workload"]
+    seed: int = GUEST_DEFAULTS["seed"]
+    steps: int | None = None
+    rate: float = GUEST_DEFAULTS["rate"]
+    working_set: float = GUEST_DEFAULTS["working_set"]
+    backing: str = GUEST_DEFAULTS["backing"]
+    free_fraction: float = GUEST_DEFAULTS["free_fraction"]
+
+    def reference_command(self) -> str:
+        """The ``postcopy guest`` command line that runs this guest without migration
+        to its reference hash (printed as ``final_hash``); every parameter is spelled
+        out, so it does not depend on any default."""
+        argv = dataclasses.replace(self, rate=0).argv()[4:]
+        if not self.free_fraction:
+            argv += ["--free-fraction", "0.0"]
+        return shlex.join(["postcopy", "guest", *argv])
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     def argv(self, *, control: str | None = None, incoming: bool = False, linger: bool = False,
              start_paused: bool = False, pause_at: int | None = None) -> list[str]:

@@ -21,12 +21,15 @@ from postcopy.protocol import wire
 from postcopy.migration.cli import add_install_option, add_precopy_options
 from postcopy.migration.install import install_path_error
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
-from postcopy.guest.runtime import WORKLOADS
+from postcopy.guest.cli import add_guest_options, params_from_args
+from postcopy.guest.runtime import layout_error
 from postcopy.guest import GuestParams, reference_hash
 from postcopy.testbed.netns import Testbed
 from postcopy.units import rate_arg, size_arg
 
 DEFAULT_PORT = 7010
+DEMO_STEPS = 4_000_000  # per vCPU: ~8 s at DEMO_RATE, so the guest is mid-run when it moves
+DEMO_RATE = 500_000.0  # steps/s per vCPU
 # The reference hash depends only on the guest parameters: compute it once per process.
 _REFERENCE_HASHES: dict[GuestParams, str] = {}
 
@@ -113,10 +116,13 @@ def run_demo(options: DemoOptions) -> dict:
     if reference is None:
         _progress(options, "computing the reference hash (same workload, no migration) ...")
         reference = _REFERENCE_HASHES[params] = reference_hash(params)
+    dest = source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")}
+    if dest.get("max_step_gap_ms") is None:  # the guest finished before all pages were in
+        dest["max_step_gap_ms"] = dest_figures.get("max_step_gap_ms")
     result = report.build_report(
         mode=options.mode, dirty_log=source_figures.get("dirty_log", "none"), ram_bytes=params.ram, workload=params.workload,
-        source=source_figures, dest=source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")},
-        final_hash=dest_figures.get("final_hash"), reference_hash=reference,
+        source=source_figures, dest=dest, final_hash=dest_figures.get("final_hash"), reference_hash=reference,
+        guest={"params": params.as_dict(), "reference_command": params.reference_command()},
     )
     result["install"] = dest_figures.get("install", options.install)
     return result
@@ -147,26 +153,25 @@ def register(subparsers) -> None:
     add_precopy_options(p)
     add_install_option(p)
     p.add_argument("--ram", type=size_arg, default=256 << 20, help="guest RAM (default 256M)")
-    p.add_argument("--threads", type=int, default=2, help="vCPU threads (default 2)")
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="random-write")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4_000_000, help="steps per vCPU thread (default 4,000,000)")
-    p.add_argument("--rate", type=float, default=500_000, metavar="STEPS_PER_S",
-                   help="steps per second per vCPU (default 500,000; 0: as fast as it goes); the final "
-                        "hash does not depend on it, the guest's run time does")
-    p.add_argument("--working-set", type=float, default=0.5, help="fraction of each vCPU slice it writes")
-    p.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
-    p.add_argument("--rate-limit", type=rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit")
-    p.add_argument("--migrate-after", type=float, default=0.5, metavar="SECONDS")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    # The guest's own options and defaults (postcopy guest): the same flags, the same
+    # guest. Only the run's length and pace are the demo's: it needs a bounded guest
+    # that is mid-run when it moves (the rate is timing, not state).
+    add_guest_options(p, steps=DEMO_STEPS, rate=DEMO_RATE)
+    p.add_argument("--rate-limit", type=rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit (default none)")
+    p.add_argument("--migrate-after", type=float, default=0.5, metavar="SECONDS",
+                   help="how long the guest runs on the source first (default 0.5)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"destination port (default {DEFAULT_PORT})")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--svg", metavar="FILE", help="write a timeline picture of the migration (SVG)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed, rate=args.rate,
-                         steps=args.steps, working_set=args.working_set, backing=args.backing)
+    params = params_from_args(args, args.ram)
+    error = layout_error(params.ram, params.threads, params.workload, params.working_set, params.free_fraction)
+    if error:
+        print(f"postcopy demo: {error}", file=sys.stderr)
+        return 2
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
