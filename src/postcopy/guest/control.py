@@ -7,9 +7,10 @@ SCM_RIGHTS ancillary data on the reply line. Commands:
 
 ============ =============================================================================
 status       state, pid, RAM geometry, threads, workload, steps, timing fields, uffd,
-             dirty_tracking, free_fraction, free_pages
+             dirty_tracking, free_fraction, free_pages, vcpu_thread_ids
 pause        parks every vCPU at a step boundary, replies once all are parked; ``was``
-             (the state before) and ``stop_at`` let a brief pauser resume what it stopped
+             (the state before) and ``stop_at`` let a brief pauser resume what it stopped;
+             ``pause_to_parked_ns`` and ``resume_to_first_step_ns`` time the guest's side
 resume       lets the vCPUs run (an incoming guest then faults in its state page);
              optional ``{"stop_at": N}``: park again at step N
 run_until    ``{"steps": N}``: resume, park when every vCPU has done exactly N steps

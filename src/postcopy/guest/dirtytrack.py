@@ -53,8 +53,9 @@ class DirtyTracker:
 
     def harvest_encoded(self) -> str:
         """PAGEMAP_SCAN of /proc/self/pagemap: the pages written since the previous
-        harvest (or protect_all), re-protected; base64 of little-endian u64 pairs
-        ``(first page, count)``, sorted and merged (see :func:`decode_runs`)."""
+        harvest (or protect_all), re-protected; base64 of native-endian u64 pairs
+        ``(first page, count)`` (the agent runs on the same host), sorted and merged
+        (see :func:`decode_runs`)."""
         if self._scanner is None:
             from postcopy.kernel.dirtylog.pagemapscan import WrittenScanner
 

@@ -415,7 +415,7 @@ class Guest:
         """One epoch in one command: every vCPU does exactly ``steps`` more steps (fewer
         if it reaches its target first, or a ``pause`` comes in between) and parks. With
         ``harvest``, the dirty log (``dirty_track``) is harvested right after the park,
-        before the reply: ``dirty_runs`` (base64 of little-endian u64 pairs ``first
+        before the reply: ``dirty_runs`` (base64 of native u64 pairs ``first
         page, count``) are the pages written since the previous harvest."""
         if harvest and self._dirty is None:
             raise GuestStateError("run with harvest needs dirty tracking on (dirty_track)")
