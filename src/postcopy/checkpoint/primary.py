@@ -15,8 +15,9 @@ epoch synchronous, as Remus does before releasing output).
 computed from the bound: every step of every workload writes at most one page of its
 vCPU's slice (plus, with free pages, up to 3 pages every ``PC_GUEST_FREE_PERIOD`` steps),
 and the state page is written by every step. The guest parks itself at that exact step
-count (the ``run`` control command: N more steps, then park), so the bound holds without harvesting while
-the guest runs, and "pause early when the bound is reached" costs nothing. The report
+count (the ``run`` control command: N more steps, then park; with pagemap-scan it also
+harvests its dirty log there, into the reply), so the bound holds without harvesting
+while the guest runs, and "pause early when the bound is reached" costs nothing. The report
 gives the dirty pages actually measured per epoch (and how many epochs exceeded the
 bound, which only an unforeseen workload could do). Optionally an epoch also ends after
 ``interval_ms`` (a ``pause`` from a second control connection), whichever comes first.
