@@ -2,9 +2,11 @@
 #define _GNU_SOURCE
 #include "uffd_bench.h"
 #include "uffd_ops.h"
+#include "bench_util.h"
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,7 +29,6 @@ static void *serve(void *arg)
 {
 	struct server *s = arg;
 	struct pc_uffd_event ev[16];
-
 	for (;;) {
 		if (s->spin) {
 			/* Nonblocking read in a loop: no wakeup of an idle CPU per fault. */
@@ -66,11 +67,28 @@ read:;
 	}
 }
 
-static inline uint64_t now_ns(void)
+/* Start the server thread, placed on cpu from its first instruction (cpu < 0: free),
+ * so that a CPU it may not use fails here rather than leave the faults unserved. */
+static int start_server(pthread_t *thread, struct server *s, int cpu)
 {
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	pthread_attr_t attr;
+	int r = pthread_attr_init(&attr);
+	if (r)
+		return -r;
+	if (cpu >= 0) {
+		cpu_set_t one;
+		CPU_ZERO(&one);
+		if (cpu >= CPU_SETSIZE) {
+			pthread_attr_destroy(&attr);
+			return -EINVAL;
+		}
+		CPU_SET(cpu, &one);
+		r = pthread_attr_setaffinity_np(&attr, sizeof(one), &one);
+	}
+	if (!r)
+		r = pthread_create(thread, &attr, serve, s);
+	pthread_attr_destroy(&attr);
+	return -r;
 }
 
 int pc_bench_uffd_roundtrip(size_t npages, uint64_t *lat_ns)
@@ -80,13 +98,24 @@ int pc_bench_uffd_roundtrip(size_t npages, uint64_t *lat_ns)
 
 int pc_bench_uffd_roundtrip_ex(size_t npages, uint64_t *lat_ns, int flags)
 {
+	return pc_bench_uffd_roundtrip_at(npages, lat_ns, flags, -1, -1, 0);
+}
+
+int pc_bench_uffd_roundtrip_at(size_t npages, uint64_t *lat_ns, int flags, int fault_cpu, int handler_cpu,
+			       int rt_priority)
+{
 	struct server s = { .uffd = -1, .stop_fd = -1, .spin = !!(flags & PC_BENCH_SPIN) };
 	uint8_t *dst = MAP_FAILED, *src = MAP_FAILED;
+	struct pc_affinity saved = { .saved = 0 };
+	struct pc_sched sched = { .saved = 0 };
 	pthread_t thread;
 	int started = 0, ret = 0;
 
 	if (npages == 0)
 		return -EINVAL;
+	if ((ret = pc_pin_thread(fault_cpu, &saved)) < 0)
+		return ret;
+	pc_sched_fifo(rt_priority, &sched); /* the server thread inherits it */
 	s.page_size = (uint64_t)sysconf(_SC_PAGESIZE);
 	size_t len = npages * s.page_size;
 
@@ -116,15 +145,15 @@ int pc_bench_uffd_roundtrip_ex(size_t npages, uint64_t *lat_ns, int flags)
 		ret = -errno;
 		goto out;
 	}
-	if ((ret = -pthread_create(&thread, NULL, serve, &s)) < 0)
+	if ((ret = start_server(&thread, &s, handler_cpu)) < 0)
 		goto out;
 	started = 1;
 
 	for (size_t i = 0; i < npages; i++) {
 		const volatile uint8_t *p = dst + i * s.page_size;
-		uint64_t t0 = now_ns();
+		uint64_t t0 = pc_now_ns();
 		uint8_t v = *p; /* read fault on a missing page */
-		lat_ns[i] = now_ns() - t0;
+		lat_ns[i] = pc_now_ns() - t0;
 		if (v != 0xA5 && !ret)
 			ret = -EIO;
 	}
@@ -147,5 +176,7 @@ out:
 		munmap(dst, len);
 	if (src != MAP_FAILED)
 		munmap(src, s.page_size);
+	pc_sched_restore(&sched);
+	pc_unpin_thread(&saved);
 	return ret;
 }

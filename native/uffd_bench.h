@@ -22,4 +22,13 @@ int pc_bench_uffd_roundtrip(size_t npages, uint64_t *lat_ns);
 #define PC_BENCH_SPIN 1
 int pc_bench_uffd_roundtrip_ex(size_t npages, uint64_t *lat_ns, int flags);
 
+/* Same, placed: the faulting (calling) thread pinned to fault_cpu for the run, the
+ * server thread to handler_cpu (-1: unpinned).  Same CPU shows the cost of the two
+ * context switches; across CPUs adds waking the other CPU (an IPI, and its way out of
+ * idle unless the server spins).  -EINVAL for a CPU the caller may not use.
+ * rt_priority > 0: both threads run SCHED_FIFO at it for the run, as the agents'
+ * demand path does (best effort: unprivileged, they run as they are). */
+int pc_bench_uffd_roundtrip_at(size_t npages, uint64_t *lat_ns, int flags, int fault_cpu, int handler_cpu,
+			       int rt_priority);
+
 #endif /* PC_UFFD_BENCH_H */

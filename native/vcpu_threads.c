@@ -19,7 +19,11 @@ struct pc_vm {
     uint64_t ram_size;
     int threads;
     struct pc_vcpu_local *locals;
-    int pause_flag;   /* futex: raised by a pause; paced vCPUs sleep on it */
+    int own_pause;    /* the pause word unless a runner brings its own */
+    int *pause_flag;  /* futex: raised by a pause; paced vCPUs sleep on it */
+    pc_vcpu_runner runner; /* NULL: pc_vcpu_run on ram */
+    void *runner_ctx;
+    struct pc_vcpu_pace pacing; /* run-time throttle and rate cap, read every step */
     uint32_t gen;     /* futex: bumped by every resume; parked vCPUs wait for a change */
     uint32_t running; /* futex: vCPUs not parked yet; pc_vm_wait_parked waits for 0 */
     uint32_t events;  /* futex: bumped when a run released with notify ends, or by pc_vm_notify */
@@ -65,7 +69,9 @@ static void *vcpu_main(void *arg)
         while ((g = __atomic_load_n(&vm->gen, __ATOMIC_ACQUIRE)) == seen)
             futex(&vm->gen, FUTEX_WAIT, seen, NULL);
         seen = g;
-        int rc = pc_vcpu_run(vm->ram, vm->ram_size, t, &vm->pause_flag, vm->limits[t], &vm->locals[t]);
+        int rc = vm->runner ? vm->runner(vm->runner_ctx, t, vm->limits[t], &vm->locals[t])
+                            : pc_vcpu_run(vm->ram, vm->ram_size, t, vm->pause_flag, vm->limits[t], &vm->locals[t],
+                                          &vm->pacing);
         __atomic_store_n(&vm->results[t], rc, __ATOMIC_RELAXED);
         parked(vm, t);
     }
@@ -97,6 +103,7 @@ struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcp
     vm->ram_size = ram_size;
     vm->threads = threads;
     vm->locals = locals;
+    vm->pause_flag = &vm->own_pause;
     vm->limits = calloc((size_t)threads, sizeof(uint64_t));
     vm->park_ns = calloc((size_t)threads, sizeof(uint64_t));
     vm->results = calloc((size_t)threads, sizeof(int));
@@ -152,7 +159,7 @@ int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits, int notify)
         return -EBUSY;
     __atomic_store_n(&vm->notify, notify, __ATOMIC_RELAXED);
     memcpy(vm->limits, limits, (size_t)vm->threads * sizeof(uint64_t));
-    __atomic_store_n(&vm->pause_flag, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(vm->pause_flag, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&vm->resumed_ns, pc_monotonic_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&vm->running, (uint32_t)vm->threads, __ATOMIC_RELAXED);
     __atomic_add_fetch(&vm->gen, 1, __ATOMIC_RELEASE);
@@ -163,9 +170,41 @@ int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits, int notify)
 void pc_vm_request_pause(struct pc_vm *vm)
 {
     __atomic_store_n(&vm->pause_requested_ns, pc_monotonic_ns(), __ATOMIC_RELAXED);
-    __atomic_store_n(&vm->pause_flag, 1, __ATOMIC_RELEASE);
-    futex((uint32_t *)&vm->pause_flag, FUTEX_WAKE, INT_MAX, NULL);
+    __atomic_store_n(vm->pause_flag, 1, __ATOMIC_RELEASE);
+    futex((uint32_t *)vm->pause_flag, FUTEX_WAKE, INT_MAX, NULL);
 }
+
+int pc_vm_set_runner(struct pc_vm *vm, pc_vcpu_runner runner, void *ctx, int *pause_flag)
+{
+    if (__atomic_load_n(&vm->running, __ATOMIC_ACQUIRE))
+        return -EBUSY;
+    int *flag = pause_flag ? pause_flag : &vm->own_pause;
+    __atomic_store_n(flag, __atomic_load_n(vm->pause_flag, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
+    /* The vCPUs read these after the next resume's generation bump (release/acquire). */
+    vm->pause_flag = flag;
+    vm->runner = runner;
+    vm->runner_ctx = ctx;
+    return 0;
+}
+
+int pc_vm_set_throttle(struct pc_vm *vm, int percent)
+{
+    if (percent < 0 || percent > 99)
+        return -EINVAL;
+    __atomic_store_n(&vm->pacing.throttle_pct, (uint32_t)percent, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int pc_vm_set_rate_cap(struct pc_vm *vm, double steps_per_s)
+{
+    if (!(steps_per_s >= 0.0) || (steps_per_s > 0.0 && steps_per_s < 1e-3))
+        return -EINVAL;
+    __atomic_store_n(&vm->pacing.cap_interval_ns, steps_per_s > 0.0 ? (uint64_t)(1e9 / steps_per_s) : 0,
+                     __ATOMIC_RELAXED);
+    return 0;
+}
+
+int pc_vm_throttle(struct pc_vm *vm) { return (int)__atomic_load_n(&vm->pacing.throttle_pct, __ATOMIC_RELAXED); }
 
 int pc_vm_wait_parked(struct pc_vm *vm, int64_t timeout_ns)
 {

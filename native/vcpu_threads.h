@@ -20,6 +20,10 @@
 
 struct pc_vm;
 
+/* What a vCPU thread runs instead of pc_vcpu_run (a KVM vCPU): run vCPU tid until its
+ * steps reach limit or its own pause word is raised; PC_VCPU_LIMIT, PC_VCPU_PAUSED or < 0. */
+typedef int (*pc_vcpu_runner)(void *ctx, int tid, uint64_t limit, struct pc_vcpu_local *local);
+
 /* Start `threads` vCPU threads on this RAM, parked; returns once all are parked. locals
  * (threads records) must outlive the vm. NULL with *err = -errno on failure. */
 struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals, int *err);
@@ -30,6 +34,15 @@ int pc_vm_resume(struct pc_vm *vm, const uint64_t *limits, int notify);
 /* Raise the pause flag and wake paced sleepers; the vCPUs park at their next step
  * boundary. Does not wait (see pc_vm_wait_parked). */
 void pc_vm_request_pause(struct pc_vm *vm);
+/* While every vCPU is parked: run `runner` (NULL: pc_vcpu_run) and use pause_flag (NULL:
+ * the vm's own) as the pause word from the next resume; the flag's value carries over.
+ * 0, or -EBUSY while some vCPU runs. */
+int pc_vm_set_runner(struct pc_vm *vm, pc_vcpu_runner runner, void *ctx, int *pause_flag);
+/* Run-time pacing of pc_vcpu_run (not guest state): park percent (0..99) of the time;
+ * cap each vCPU at steps_per_s (0 lifts it). 0, or -EINVAL. Seen at the next step. */
+int pc_vm_set_throttle(struct pc_vm *vm, int percent);
+int pc_vm_set_rate_cap(struct pc_vm *vm, double steps_per_s);
+int pc_vm_throttle(struct pc_vm *vm);
 /* Wait until every vCPU is parked: 1 when parked, 0 after timeout_ns (< 0: no limit). */
 int pc_vm_wait_parked(struct pc_vm *vm, int64_t timeout_ns);
 /* vCPUs that have not parked since the latest resume. */

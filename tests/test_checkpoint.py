@@ -70,21 +70,31 @@ class _ScriptedPrimary:
     def __init__(self, port: int, key: bytes, npages: int):
         self.layout_regions = ((0, npages * PS),)
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.channel = Channel(sock, "main", wire.Layout(PS, self.layout_regions))
-        handshake(self.channel, "client", key, wire.make_hello("source", "main", PS, self.layout_regions))
+        self.channel = Channel(sock, "main", wire.Layout(PS, self.layout_regions),
+                               wire.Session(wire.CHECKPOINT, "primary"))
+        handshake(self.channel, "client", key, wire.make_hello("primary", "main", PS, self.layout_regions))
+        self.channel.session.established()
+        self.epoch = 0  # the epoch being sent
+        self.open = False
 
     def pages(self, first: int, fill: int, n: int = 1, cause=wire.Cause.RESENT) -> None:
+        if cause == wire.Cause.RESENT and not self.open:
+            self.channel.send(wire.EpochBegin(epoch=self.epoch))
+            self.open = True
         self.channel.send(wire.PageRun(first, n, cause, bytes([fill]) * (n * PS)))
 
     def marker(self, epoch: int, pages: int, steps=(0,)) -> None:
         info = {"epoch": epoch, "pages": pages, "steps": list(steps)}
         if epoch == 0:
             info.update(initial=True, guest={"backing": "memfd"})
-        self.channel.send(wire.Switchover(info=info))
+        elif not self.open:
+            self.channel.send(wire.EpochBegin(epoch=epoch))
+        self.channel.send(wire.EpochCommit(info=info))
+        self.epoch, self.open = epoch + 1, False
 
     def ack(self) -> int:
         message = self.channel.recv()
-        assert isinstance(message, wire.Complete), message
+        assert isinstance(message, wire.EpochAck), message
         return message.info["epoch"]
 
 
@@ -126,10 +136,8 @@ def test_a_half_received_epoch_is_never_applied(standby):
 
 
 def test_an_epoch_larger_than_the_receive_buffer_is_applied_whole(standby):
-    from postcopy.checkpoint.standby import RECV_BUFFER
-
     sb, port, key, thread, result = standby
-    npages = 2 * RECV_BUFFER // PS
+    npages = 4200  # 16 MiB: several times the largest frame the receive buffer is sized for
     primary = _ScriptedPrimary(port, key, npages=npages)
     primary.marker(0, 0)
     pages = 0
@@ -289,6 +297,7 @@ def bed():
         yield testbed
 
 
+@pytest.mark.loaded
 def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     """The primary guest is killed mid-run; the standby starts it from the last
     complete epoch in the other namespace and it ends with the reference hash."""
@@ -296,6 +305,7 @@ def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     control = str(tmp_path / "g.sock")
     key_file = tmp_path / "key"
     key_file.write_bytes(wire.new_key())
+    key_file.chmod(0o600)  # agents refuse a key others can read
     endpoint = f"{bed.dest.address}:7031"
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Started paused, the guest runs only in the epochs: it is surely mid-run when killed.
@@ -337,6 +347,7 @@ def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
 def test_user_errors_are_one_clear_line(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_bytes(wire.new_key())
+    key_file.chmod(0o600)  # agents refuse a key others can read
     run = lambda *a: subprocess.run(_postcopy(*a), capture_output=True, text=True, timeout=60)  # noqa: E731
     r = run("checkpoint", "--guest", str(tmp_path / "nope.sock"), "--connect", "127.0.0.1:9", "--key-file",
             str(key_file))
@@ -356,8 +367,9 @@ def test_a_wrong_key_is_refused_and_leaves_the_guest_alone(tmp_path):
     control = str(tmp_path / "g.sock")
     guest = _start_guest(params, control, start_paused=True)
     try:
-        (tmp_path / "a").write_bytes(wire.new_key())
-        (tmp_path / "b").write_bytes(wire.new_key())
+        for name in "ab":
+            (tmp_path / name).write_bytes(wire.new_key())
+            (tmp_path / name).chmod(0o600)  # agents refuse a key others can read
         with socket.socket() as probe:  # a free port on loopback
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

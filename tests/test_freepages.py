@@ -228,7 +228,7 @@ def test_migration_skipping_free_pages_verifies(launch, backing):
         wait_state(source, "paused")
         free = free_pages(source)
         _, src_fds = source.take_fds()
-        info, dst_fds = target.take_fds()
+        info, dst_fds = target.take_fds(incoming=True)
         with mmap.mmap(src_fds["memfd"], RAM, mmap.MAP_SHARED, mmap.PROT_READ) as src_ram:
             server = FaultServer(dst_fds["uffd"], info["uffd_features"], info["ram_address"], src_ram)
             server.start()
@@ -275,7 +275,7 @@ def test_precopy_with_dirty_log_and_free_hint_verifies(launch):
             pytest.skip(str(exc))
         source.run_until(params.steps // 5)
         _, src_fds = source.take_fds()
-        info, dst_fds = target.take_fds()
+        info, dst_fds = target.take_fds(incoming=True)
         with mmap.mmap(src_fds["memfd"], RAM, mmap.MAP_SHARED, mmap.PROT_READ) as src_ram, \
                 mmap.mmap(dst_fds["memfd"], RAM, mmap.MAP_SHARED) as dst_ram, log:
             server = FaultServer(dst_fds["uffd"], info["uffd_features"], info["ram_address"], src_ram)

@@ -332,6 +332,13 @@ class FaultServer(threading.Thread):
         except PageExistsError:  # two vCPUs faulted on one page: both are woken
             pass
 
+    def complete(self, size: int) -> None:
+        """What a destination does last: every page in (the rest copied from the
+        source), then unregister. An incoming guest hashes and exits only after it."""
+        for offset in range(0, size, PAGE):
+            self.install(offset)
+        self.uffd.unregister(self.base, size)
+
     def run(self) -> None:
         from postcopy.kernel.uffd import EventKind
 
@@ -375,7 +382,7 @@ def test_incoming_guest_finishes_with_reference_hash(launch, backing):
     with GuestClient(src_sock) as source, GuestClient(dst_sock) as target:
         wait_state(source, "paused")
         _, src_fds = source.take_fds()
-        info, dst_fds = target.take_fds()
+        info, dst_fds = target.take_fds(incoming=True)
         status = target.status()
         assert status["state"] == "incoming" and status["uffd"] is True and status["steps"] == []
         assert info["fds"] == (["memfd", "uffd"] if backing == "memfd" else ["uffd"])
@@ -388,6 +395,8 @@ def test_incoming_guest_finishes_with_reference_hash(launch, backing):
                 time.sleep(0.05)
                 assert server.faults == []  # nothing touches incoming RAM before resume
                 target.resume()
+                wait_state(target, "finished")  # on the pages it faulted in
+                server.complete(RAM)
                 result = final_hash_of(dst)
             finally:
                 server.close()
@@ -412,7 +421,7 @@ def test_incoming_precopy_discard_postcopy(launch, backing):
     with GuestClient(src_sock) as source, GuestClient(dst_sock) as target:
         source.run_until(params.steps // 4)
         _, src_fds = source.take_fds()
-        info, dst_fds = target.take_fds()
+        info, dst_fds = target.take_fds(incoming=True)
         with mmap.mmap(src_fds["memfd"], RAM, mmap.MAP_SHARED, mmap.PROT_READ) as src_ram:
             server = FaultServer(dst_fds["uffd"], info["uffd_features"], info["ram_address"], src_ram)
             server.start()
@@ -432,6 +441,9 @@ def test_incoming_precopy_discard_postcopy(launch, backing):
                     for page in range(offset, offset + length, PAGE):
                         server.install(page)
                 wait_state(target, "finished")
+                with pytest.raises(GuestError, match="every page in"):
+                    target.hash()  # pages it never touched are still on the source
+                server.complete(RAM)
                 result = target.hash()
             finally:
                 server.close()

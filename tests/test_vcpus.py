@@ -209,3 +209,54 @@ def test_a_migration_reports_the_stall_the_guest_felt():
     assert view["max_step_gap_ms"] is not None and view["max_step_gap_ms"] > 0
     assert view["first_step_ms"] is not None and view["first_step_ms"] > 0
     assert result["guest"]["reference_command"] == params.reference_command()
+
+
+def test_throttle_parks_the_vcpus_without_touching_guest_state(launch):
+    """``throttle``: accepted, reported, bad values refused, lifted by 0; it changes
+    only timing, so the final hash is the unthrottled reference."""
+    params = dataclasses.replace(BASE, rate=20_000)  # 1,000 steps = 50 ms: several 10 ms slices
+    proc, sock = launch(params, start_paused=True)
+    with GuestClient(sock) as guest:
+        assert guest.status()["throttle_pct"] == 0
+        for bad in (100, -1, "90", True, 2.5, None):
+            with pytest.raises(GuestError, match="throttle wants an integer 'percent' 0..99"):
+                guest.request("throttle", percent=bad)
+        assert guest.request("throttle", percent=90)["throttle_pct"] == 90
+        assert guest.status()["throttle_pct"] == 90
+        guest.max_step_gap_ns()  # start the measure here
+        assert guest.run(1000)["steps"] == [1000, 1000]
+        # A lower bound only (a nap is a sleep to an absolute deadline): after 10 ms of
+        # running, a vCPU throttled 90% parks 90 ms.
+        assert guest.max_step_gap_ns() >= 90_000_000
+        for _ in range(3):
+            guest.run(1000)
+        assert guest.request("throttle", percent=0)["throttle_pct"] == 0
+        assert guest.status()["throttle_pct"] == 0
+        guest.resume()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert parse_final_hash(out) == reference_hash(params)
+
+
+def test_rate_cap_holds_at_run_time_and_is_not_a_guest_parameter(launch):
+    """``rate_cap``: accepted, reported, bad values refused, lifted by 0; it paces the
+    steps (the slower of it and --rate holds) and leaves the final hash as it was."""
+    params = dataclasses.replace(BASE, rate=0)
+    proc, sock = launch(params, start_paused=True)
+    with GuestClient(sock) as guest:
+        for bad in (-1, "100", True, None, -0.5, 0.0001):
+            with pytest.raises(GuestError, match="rate_cap wants a number 'steps_per_s'"):
+                guest.request("rate_cap", steps_per_s=bad)
+        assert guest.request("rate_cap", steps_per_s=200)["rate_cap"] == 200
+        status = guest.status()
+        assert status["rate_cap"] == 200 and status["rate"] == 0  # not the guest's --rate
+        guest.max_step_gap_ns()
+        assert guest.run(20)["steps"] == [20, 20]
+        # 20 steps paced at 200/s span at least 19 intervals of 5 ms: some gap is >= 5 ms.
+        assert guest.max_step_gap_ns() >= 5_000_000
+        assert guest.request("rate_cap", steps_per_s=0)["rate_cap"] == 0
+        assert guest.status()["rate_cap"] == 0
+        guest.resume()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert parse_final_hash(out) == reference_hash(params)

@@ -47,6 +47,15 @@ def sample_messages() -> list:
         Error(code=ErrorCode.AUTH, reason="nope: clé refusée"),
         Ping(token=0),
         Pong(token=2**64 - 1),
+        wire.ReadyCheck(),
+        wire.Ready(),
+        wire.RecoveryEnd(),
+        wire.RecoveryAck(),
+        wire.EpochBegin(epoch=7),
+        wire.EpochCommit(info={"epoch": 7, "pages": 3, "steps": [1, 2]}),
+        wire.EpochAck(info={"epoch": 7, "steps": [1, 2]}),
+        wire.CheckpointEnd(epoch=7),
+        hello("primary", unauthenticated=True),
     ]
 
 
@@ -111,6 +120,32 @@ def test_several_frames_in_one_feed():
     decoder.feed(messages[0].encode()[7:])
     assert decoder.next_message() == messages[0]
     assert decoder.next_message() is None
+
+
+def test_receiving_into_the_decoder_like_a_channel():
+    """The channel's path: recv_into(decoder.space()), commit, next_message, with
+    zero-copy page runs; a large frame's rest is read exactly, so none of its bytes is
+    ever moved (its data view stays where it was received)."""
+    rng = random.Random(5)
+    big = [PageRun(i * 16, 16, Cause.PUSHED, bytes([i]) * 16 * PS) for i in range(4)]
+    messages = sample_messages() + big + sample_messages()
+    stream = memoryview(b"".join(m.encode() for m in messages))
+    decoder, pos, got = Decoder(LAYOUT, capacity=4096, zero_copy=True), 0, []
+    while len(got) < len(messages):
+        message = decoder.next_message()
+        if message is None:
+            room = decoder.space()
+            assert len(room) <= max(Decoder.GREEDY_READ, 16 * PS + HEADER.size)
+            n = min(len(room), len(stream) - pos, rng.randrange(1, 3 * PS))
+            room[:n] = stream[pos:pos + n]
+            decoder.commit(n)
+            pos += n
+            continue
+        if isinstance(message, PageRun):
+            assert isinstance(message.data, memoryview)
+            message = PageRun(message.first_page, message.npages, message.cause, bytes(message.data))
+        got.append(message)
+    assert got == messages and decoder.buffered == 0
 
 
 def test_zero_copy_page_run():
@@ -380,7 +415,7 @@ def test_recorded_proof_cannot_be_replayed():
         server.receive(wire.decode(client_proof))
 
 
-@pytest.mark.parametrize("offset, bit", [(HEADER.size + 4, 0x10), (HEADER.size + 30, 0x80), (HEADER.size + 73, 0x01)],
+@pytest.mark.parametrize("offset, bit", [(HEADER.size + 5, 0x10), (HEADER.size + 31, 0x80), (HEADER.size + 74, 0x01)],
                          ids=["session", "nonce", "region"])
 def test_altered_hello_is_detected(offset, bit):
     # A man in the middle flips a bit of the client's Hello (session, nonce, region
@@ -426,7 +461,9 @@ def test_page_size_mismatch_refused():
 
 @pytest.mark.parametrize("server_hello, match", [
     (hello("dest", "urgent"), "channel mismatch"),
-    (hello("source", regions=()), "both ends are a source"),
+    (hello("source", regions=()), "a source cannot talk to a source"),
+    (hello("standby"), "a standby cannot talk to a source"),
+    (hello("dest", unauthenticated=True), "frame authentication mismatch"),
     (hello("dest", regions=((0, 64 * PS),)), "RAM layout mismatch"),
 ])
 def test_incompatible_peers_refused(server_hello, match):
@@ -497,7 +534,7 @@ def mutate(rng: random.Random, data: bytes, corpus: list[bytes]) -> bytes:
                 i = rng.randrange(min(len(buf), 96) if rng.random() < 0.8 else len(buf))
                 buf[i] ^= 1 << rng.randrange(8)
         elif kind == 2 and len(buf) >= HEADER.size:  # huge or random length
-            length = rng.choice([2**32 - 1, 2**31, wire.DEFAULT_MAX_PAYLOAD + 1, rng.randrange(2**32),
+            length = rng.choice([2**32 - 1, 2**31, wire.MAX_PAYLOAD + 1, rng.randrange(2**32),
                                  rng.randrange(64), max(0, len(buf) - HEADER.size + rng.randint(-9, 9))])
             buf[4:8] = struct.pack("!I", length)
         elif kind == 3 and len(buf) >= HEADER.size:  # random page index / argument

@@ -28,6 +28,8 @@ ffibuilder.set_source(
     include_dirs=[str(NATIVE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread"],
+    # frame_auth's AES-GMAC: libcrypto by its runtime name, so no -dev package is needed.
+    extra_link_args=["-l:libcrypto.so.3"],
 )
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ SUBCOMMAND_MODULES = [
     "postcopy.guest.cli",
     "postcopy.kernel.doctor",
     "postcopy.migration.cli",
+    "postcopy.migration.status",
+    "postcopy.migration.dirtyrate",
     "postcopy.testbed.demo",
     "postcopy.bench.run",
     "postcopy.checkpoint.cli",

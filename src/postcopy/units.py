@@ -72,3 +72,40 @@ def positive_float_arg(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be positive")
     return value
+
+
+def nonneg_float_arg(text: str) -> float:
+    """argparse type: a number of at least 0 (not nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def port_arg(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: an RNG seed, 0 .. 2**64-1 (0x prefixes allowed)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError("seed must fit in 64 bits (0 .. 2**64-1)")
+    return value
+
+
+def positive_rate_arg(text: str) -> int:
+    """argparse type for a link rate that must be above 0 bits per second."""
+    value = rate_arg(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"rate {text!r} must be above 0 (leave the option out for no limit)")
+    return value

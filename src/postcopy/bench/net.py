@@ -1,105 +1,166 @@
-"""Network baselines for ``postcopy bench``: raw TCP bulk throughput and 4 KiB
-request/response round trips, run as separate processes on the two testbed hosts, the
-way the agents run. ``python -m postcopy.bench.net server PORT`` on one host,
-``python -m postcopy.bench.net bulk|rtt HOST PORT N`` on the other; the client prints
-one JSON line."""
+"""C floor of the network data plane for ``postcopy bench``: TCP bulk throughput and
+4 KiB request/response round trips (native/net_bench.c, run without the GIL), one
+process on each testbed host, the way the agents run, with both ends placed on CPUs.
+
+    python -m postcopy.bench.net server PORT [SESSIONS]
+    python -m postcopy.bench.net bulk|rtt HOST PORT N [--client-cpu C] [--server-cpu C]
+                                               [--rt-priority P] [--runs K (bulk)]
+
+The server answers SESSIONS sessions (default 2) and exits; each client session
+prints one JSON line. :func:`measure` runs them all inside a :class:`Testbed`."""
 from __future__ import annotations
 
+import argparse
 import json
-import socket
-import struct
+import os
+import subprocess
 import sys
-import time
 
-from postcopy.protocol.channel import tune
+from postcopy.bench.baselines import STRETCHES, floor_summary
 
-CHUNK = 1 << 20
-REPLY = 4096
-_REQ = struct.Struct("!cQ")  # kind (b"B" bulk, b"R" rtt), count
+GIB = 1 << 30
+_NS = 1e-9
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("peer closed")
-        got += n
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
 
 
-def serve(port: int, connections: int = 2) -> None:
-    """Serve a fixed number of client sessions, then exit."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", port))
-    listener.listen(4)
-    print("ready", flush=True)
-    buf = bytearray(CHUNK)
-    reply = bytes(REPLY)
-    for _ in range(connections):
-        sock, _ = listener.accept()
-        tune(sock, urgent=False)
-        head = bytearray(_REQ.size)
-        _recv_exact(sock, memoryview(head))
-        kind, count = _REQ.unpack(head)
-        if kind == b"B":
-            left = count
-            while left:
-                n = sock.recv_into(buf, min(len(buf), left))
-                if n == 0:
-                    raise ConnectionError("bulk client closed early")
-                left -= n
-            sock.sendall(b"k")
-        else:
-            req = memoryview(bytearray(16))
-            for _ in range(count):
-                _recv_exact(sock, req)
-                sock.sendall(reply)
-        sock.close()
+def _cpu_figures(res, moved_bytes: int | None) -> dict:
+    """Each side's user and system CPU seconds (and per GiB moved, for bulk)."""
+    sides = {"client": (res.client_user_ns, res.client_sys_ns), "server": (res.server_user_ns, res.server_sys_ns)}
+    out = {}
+    for side, (user, system) in sides.items():
+        figures = {"user_s": user * _NS, "sys_s": system * _NS}
+        if moved_bytes:
+            figures["cpu_s_per_gib"] = (user + system) * _NS / (moved_bytes / GIB)
+        out[side] = figures
+    return out
 
 
-def bulk(host: str, port: int, nbytes: int) -> dict:
-    """Send nbytes as fast as TCP goes; the server acknowledges the last byte."""
-    sock = socket.create_connection((host, port))
-    tune(sock, urgent=False)
-    data = bytes(CHUNK)
-    sock.sendall(_REQ.pack(b"B", nbytes))
-    started = time.perf_counter()
-    left = nbytes
-    while left:
-        n = min(CHUNK, left)
-        sock.sendall(memoryview(data)[:n])
-        left -= n
-    sock.recv(1)
-    elapsed = time.perf_counter() - started
-    sock.close()
-    return {"bytes": nbytes, "seconds": elapsed, "bytes_per_s": nbytes / elapsed}
+def serve(port: int, sessions: int = 2) -> None:
+    """Listen on every address of this host, say "ready", serve, return."""
+    from postcopy._native import lib
+
+    fd = _check(lib.pc_net_listen(b"0.0.0.0", port), f"listen on port {port}")
+    try:
+        print("ready", flush=True)
+        _check(lib.pc_net_serve(fd, sessions), "serve")
+    finally:
+        os.close(fd)
 
 
-def rtt(host: str, port: int, count: int) -> dict:
-    """count round trips of a 16-byte request and a 4 KiB reply (a demand fault's shape)."""
-    sock = socket.create_connection((host, port))
-    tune(sock, urgent=True)
-    sock.sendall(_REQ.pack(b"R", count))
-    request = bytes(16)
-    reply = memoryview(bytearray(REPLY))
-    samples = []
-    for _ in range(count):
-        t0 = time.perf_counter_ns()
-        sock.sendall(request)
-        _recv_exact(sock, reply)
-        samples.append((time.perf_counter_ns() - t0) / 1e3)
-    sock.close()
-    return {"count": count, "latencies_us": samples}
+def _placed(res) -> dict:
+    return {"cpus": {"client": res.client_cpu, "server": res.server_cpu},
+            "fifo": {"client": bool(res.client_fifo), "server": bool(res.server_fifo)}}
+
+
+def bulk(host: str, port: int, nbytes: int, client_cpu: int = -1, server_cpu: int = -1, *, runs: int = 1,
+         rt_priority: int = 0) -> dict:
+    """Send nbytes in 1 MiB send(2) calls (the client is the sender), ``runs`` times
+    over as many sessions; the figures are those of the fastest run. rt_priority > 0:
+    both ends run SCHED_FIFO at it (if allowed), as the agents' bulk threads do."""
+    from postcopy._native import ffi, lib
+
+    best = None
+    rates = []
+    for _ in range(runs):
+        res = ffi.new("struct pc_net_result *")
+        _check(lib.pc_net_bulk(host.encode(), port, nbytes, client_cpu, server_cpu, rt_priority, res),
+               f"TCP bulk to {host}:{port}")
+        rates.append(nbytes / (res.elapsed_ns * _NS))
+        if best is None or res.elapsed_ns < best.elapsed_ns:
+            best = res
+    return {"bytes": nbytes, "seconds": best.elapsed_ns * _NS, "bytes_per_s": max(rates), "runs_bytes_per_s": rates,
+            **_placed(best), "cpu": _cpu_figures(best, nbytes)}
+
+
+def rtt(host: str, port: int, count: int, client_cpu: int = -1, server_cpu: int = -1, *,
+        rt_priority: int = 0) -> dict:
+    """count round trips of a 16-byte request and a 4 KiB reply (a demand fault's
+    shape); rt_priority as for :func:`bulk` (the agents' demand threads)."""
+    from postcopy._native import ffi, lib
+
+    res = ffi.new("struct pc_net_result *")
+    lat = ffi.new("uint64_t[]", count)
+    _check(lib.pc_net_rtt(host.encode(), port, count, client_cpu, server_cpu, rt_priority, lat, res),
+           f"TCP RTT to {host}:{port}")
+    return {"latency_us": floor_summary([lat[i] / 1e3 for i in range(count)]), **_placed(res),
+            "cpu": _cpu_figures(res, None)}
+
+
+def measure(bed, placements: dict[str, tuple[int, int]], *, bulk_bytes: int, rtt_count: int,
+            port: int, bulk_runs: int = STRETCHES) -> dict:
+    """Bulk (best of bulk_runs) and round trips from the source host to the dest host,
+    per placement (name -> (client CPU, server CPU)): {"bulk": {name: ...}, "rtt": {name: ...}}.
+    Both ends run at the real-time priority of the agents' threads of that kind."""
+    from postcopy.kernel.priority import BULK_RT_PRIORITY, URGENT_RT_PRIORITY
+
+    argv = [sys.executable, "-m", "postcopy.bench.net"]
+    server = bed.popen(bed.dest, [*argv, "server", str(port), str((bulk_runs + 1) * len(placements))],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"benchmark server did not start: {server.communicate(timeout=10)[1].strip()}")
+        results: dict[str, dict] = {"bulk": {}, "rtt": {}}
+        for name, (client_cpu, server_cpu) in placements.items():
+            for kind, n in (("bulk", bulk_bytes), ("rtt", rtt_count)):
+                extra = ["--runs", str(bulk_runs), "--rt-priority", str(BULK_RT_PRIORITY)] if kind == "bulk" \
+                    else ["--rt-priority", str(URGENT_RT_PRIORITY)]
+                out = bed.run(bed.source, [*argv, kind, bed.dest.address, str(port), str(n), "--client-cpu",
+                                           str(client_cpu), "--server-cpu", str(server_cpu), *extra],
+                              timeout=120, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"TCP {kind} ({name}) failed: {out.stderr.strip()[-500:]}")
+                results[kind][name] = json.loads(out.stdout)
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m postcopy.bench.net", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("server", help="answer SESSIONS client sessions, then exit")
+    s.add_argument("port", type=int)
+    s.add_argument("sessions", type=int, nargs="?", default=2)
+    for kind in ("bulk", "rtt"):
+        c = sub.add_parser(kind, help="TCP bulk of N bytes" if kind == "bulk" else "N round trips of 4 KiB")
+        c.add_argument("host")
+        c.add_argument("port", type=int)
+        c.add_argument("n", type=int)
+        c.add_argument("--client-cpu", type=int, default=-1, help="pin the client here (default: unpinned)")
+        c.add_argument("--server-cpu", type=int, default=-1, help="ask the server to pin itself here")
+        c.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority of both ends (0: none)")
+        if kind == "bulk":
+            c.add_argument("--runs", type=int, default=1, help="transfers, one session each; report the fastest")
+    return p
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["server"]:
-        serve(int(argv[1]), int(argv[2]) if len(argv) > 2 else 2)
-        return 0
-    kind, host, port, n = argv[0], argv[1], int(argv[2]), int(argv[3])
-    result = bulk(host, port, n) if kind == "bulk" else rtt(host, port, n)
-    print(json.dumps(result))
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "server":
+            serve(args.port, args.sessions)
+            return 0
+        if args.n <= 0:
+            raise ValueError(f"N must be positive, not {args.n}")
+        if args.command == "bulk":
+            if args.runs <= 0:
+                raise ValueError(f"--runs must be positive, not {args.runs}")
+            result = bulk(args.host, args.port, args.n, args.client_cpu, args.server_cpu, runs=args.runs,
+                          rt_priority=args.rt_priority)
+        else:
+            result = rtt(args.host, args.port, args.n, args.client_cpu, args.server_cpu, rt_priority=args.rt_priority)
+        print(json.dumps(result))
+    except (OSError, ValueError) as exc:
+        print(f"postcopy.bench.net {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,12 +1,14 @@
-"""``postcopy bench``: postcopy figures as ratios to baselines measured in the same run
-on the same machine (raw TCP over the same veth, the in-process uffd round trip with a
-C handler)."""
+"""``postcopy bench``: postcopy figures as ratios to baselines measured in C in the same
+run on the same machine (TCP bulk and 4 KiB round trips over the same veth, the uffd
+round trip with a C handler; each with both ends on one CPU and across two CPUs), and
+the agents' CPU seconds per GiB pushed beside the C sender's and receiver's."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import time
 from postcopy import report
 
 from postcopy import svg
+from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib
 from postcopy.testbed.demo import DemoOptions, run_demo
 from postcopy.guest import GuestParams
 from postcopy.testbed.netns import Testbed
@@ -21,39 +24,25 @@ from postcopy.testbed.netns import Testbed
 BENCH_PORT = 7020
 
 
-def network_baselines(bulk_bytes: int, rtt_count: int) -> dict:
-    """Raw TCP bulk throughput and 4 KiB request/response RTT between the two hosts,
-    each side its own process, as the agents are."""
-    with Testbed() as bed:
-        server = bed.popen(bed.dest, [sys.executable, "-m", "postcopy.bench.net", "server", str(BENCH_PORT), "2"],
-                           stdout=subprocess.PIPE, text=True)
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError("benchmark server did not start")
-        results = {}
-        for kind, n in (("bulk", bulk_bytes), ("rtt", rtt_count)):
-            out = bed.run(bed.source, [sys.executable, "-m", "postcopy.bench.net", kind, bed.dest.address,
-                                       str(BENCH_PORT), str(n)], timeout=120, capture_output=True, text=True, check=True)
-            results[kind] = json.loads(out.stdout)
-        server.wait(timeout=30)
-    rtt = report.latency_summary(results["rtt"]["latencies_us"])
-    return {"tcp_bulk_bytes_per_s": results["bulk"]["bytes_per_s"], "tcp_rtt_4k_us": rtt}
+def c_baselines(quick: bool) -> dict:
+    """The C floors of this run (bench/baselines.py), on a testbed of their own."""
+    from postcopy.bench import baselines
+
+    return baselines.measure(bulk_bytes=(256 << 20) if quick else (2 << 30), rtt_count=3000 if quick else 20000,
+                             uffd_faults=2000 if quick else 20000, port=BENCH_PORT)
 
 
-def uffd_roundtrip(npages: int) -> dict:
-    """In-process fault round trip: fault, C handler thread reads the event, UFFDIO_COPY, wake."""
-    from postcopy._native import ffi, lib
-
-    lat = ffi.new("uint64_t[]", npages)
-    rc = lib.pc_bench_uffd_roundtrip(npages, lat)
-    if rc != 0:
-        raise OSError(-rc if rc < 0 else rc, "uffd round-trip benchmark failed")
-    return report.latency_summary(lat[i] / 1e3 for i in range(npages))
+def _park_at(params: GuestParams) -> int:
+    """Where a bench guest parks if a busy host has not migrated it yet (see
+    DemoOptions.park_at): late enough that an idle host always migrates it mid-run."""
+    return params.steps - max(1, params.steps // 20)
 
 
 def migration(ram: int, *, workload: str, steps: int, rate: float = 0, migrate_after: float = 0.5,
               push_delay: float = 0.0, threads: int = 2) -> dict:
     params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, rate=rate, working_set=1.0)
-    return run_demo(DemoOptions(params=params, migrate_after=migrate_after, port=BENCH_PORT + 1,
+    return run_demo(DemoOptions(params=params, park_at=_park_at(params), migrate_after=migrate_after,
+                                port=BENCH_PORT + 1,
                                 push_delay=push_delay))
 
 
@@ -77,7 +66,8 @@ def precopy_rows(quick: bool) -> list[dict]:
         for mode in ("precopy", "hybrid"):
             params = GuestParams(ram=ram, threads=2, workload="random-write", seed=13, steps=int(rate * 4),
                                  rate=rate, working_set=0.5)
-            result = run_demo(DemoOptions(params=params, mode=mode, migrate_after=0.5, port=BENCH_PORT + 2,
+            result = run_demo(DemoOptions(params=params, park_at=_park_at(params), mode=mode, migrate_after=0.5,
+                                          port=BENCH_PORT + 2,
                                           downtime_limit_ms=20, max_rounds=10))
             rows.append({"mode": mode, "dirty_log": result["dirty_log"], "steps_per_s": rate,
                          "rounds": len(result["precopy_rounds"]),
@@ -106,7 +96,8 @@ def _install_migration(install: str, backing: str, ram: int, *, workload: str, s
                        migrate_after: float, push_delay: float) -> dict:
     params = GuestParams(ram=ram, threads=2, workload=workload, seed=17, steps=steps, rate=rate, working_set=1.0,
                          backing=backing)
-    return run_demo(DemoOptions(params=params, migrate_after=migrate_after, port=BENCH_PORT + 4,
+    return run_demo(DemoOptions(params=params, park_at=_park_at(params), migrate_after=migrate_after,
+                                port=BENCH_PORT + 4,
                                 push_delay=push_delay, install=install))
 
 
@@ -143,6 +134,44 @@ def install_paths(quick: bool) -> list[dict]:
     return rows
 
 
+def mac_speeds(size: int = 1 << 20, seconds: float = 0.3) -> dict:
+    """Bytes per CPU second of the frame MAC alone (CPU time: other load on the machine
+    does not count): AES-256-GMAC in C (libcrypto, what the wire uses) against
+    HMAC-SHA256 from hashlib, over the same 1 MiB buffer."""
+    import hashlib
+    import hmac
+
+    from postcopy.protocol.auth import FrameAuth
+
+    buf = os.urandom(size)
+    gmac = FrameAuth(os.urandom(32))
+    rounds = max(1, int(4e9 * seconds / size))  # ~4 GB/s worth: the CPU time taken sets the rate
+    gmac_rate = rounds * size / gmac.bench(buf, rounds)
+    key, t0, n = os.urandom(32), time.thread_time(), 0
+    while time.thread_time() - t0 < seconds:
+        hmac.new(key, buf, hashlib.sha256).digest()
+        n += 1
+    hmac_rate = n * size / (time.thread_time() - t0)
+    return {"gmac_c_bytes_per_s": gmac_rate, "hmac_sha256_hashlib_bytes_per_s": hmac_rate,
+            "gmac_vs_hmac": _ratio(gmac_rate, hmac_rate)}
+
+
+def frame_auth_figures(quick: bool) -> dict:
+    """What frame authentication costs: the MAC alone, and push throughput of the same
+    migration with tags and without (the UNSAFE --unsafe-no-frame-auth, only here)."""
+    ram = (64 << 20) if quick else (256 << 20)
+    runs = {}
+    for label, auth in (("authenticated", True), ("unauthenticated_unsafe", False)):
+        # As the headline push figure: RAM populated before the move, the guest still running.
+        params = GuestParams(ram=ram, threads=2, workload="sequential", seed=19, steps=800_000, rate=200_000,
+                             working_set=1.0)
+        result = run_demo(DemoOptions(params=params, migrate_after=0.6, port=BENCH_PORT + 5, frame_auth=auth))
+        runs[label] = {"push_bytes_per_s": result["dest"]["push_bytes_per_s"], "verified": result["verified"]}
+    with_auth = runs["authenticated"]["push_bytes_per_s"]
+    return {"mac": mac_speeds(), "push": runs,
+            "push_with_vs_without_auth": _ratio(with_auth, runs["unauthenticated_unsafe"]["push_bytes_per_s"])}
+
+
 _ERRORS: dict[str, str] = {}
 
 
@@ -156,28 +185,51 @@ def _experiment(name: str, run, quick: bool, empty):
         return empty
 
 
+def _kvm_figures(quick: bool) -> dict:
+    from postcopy.bench.kvm import kvm_figures
+
+    return kvm_figures(quick)
+
+
 def _ratio(value, base):
     return None if value is None or not base else value / base
 
 
+def baseline_ratios(base: dict, figures: dict) -> dict:
+    """Every postcopy figure against its C floor of the same run: push against the
+    faster C TCP bulk placement, demand faults against C RTT + C uffd round trip of
+    each placement, the agents' CPU per GiB pushed against the C sender's (source)
+    and receiver's (dest) on that bulk placement."""
+    no_push, with_push = figures["fault_us_without_pusher"], figures["fault_us_with_pusher"]
+    ratios = {"push_vs_tcp_bulk": _ratio(figures["push_bytes_per_s"], base["tcp_bulk_bytes_per_s"])}
+    for placement, floor in base["fault_floor_us"].items():
+        for p in ("p50", "p99"):
+            ratios[f"fault_{p}_vs_floor_{placement}"] = _ratio(no_push[p], floor[p])
+    ratios["fault_p99_with_vs_without_pusher"] = _ratio(with_push["p99"], no_push["p99"])
+    c_cpu = base["tcp_bulk"][base["tcp_bulk_placement"]]["cpu"]
+    for role, side in (("source", "client"), ("dest", "server")):
+        agent = (figures.get("push_cpu") or {}).get(role) or {}
+        ratios[f"{role}_cpu_per_gib_vs_c"] = _ratio(agent.get("cpu_s_per_gib"), c_cpu[side]["cpu_s_per_gib"])
+    return ratios
+
+
 def run_bench(quick: bool) -> dict:
     started = time.monotonic()
-    base = network_baselines(bulk_bytes=(512 << 20) if quick else (4 << 30), rtt_count=3000 if quick else 20000)
-    base["uffd_roundtrip_us"] = uffd_roundtrip(2000 if quick else 20000)
-    # Demand faults alone first (the pusher waits), then with the pusher running.
+    base = c_baselines(quick)
     # Demand faults alone first (the pusher waits a second), then with the pusher.
     demand = migration(256 << 20, workload="random-write", steps=900_000, rate=300_000, push_delay=1.0)
     # Sequential at a fixed rate: all RAM is populated before the move, and the guest
     # is still running (lightly) while the pusher streams it.
-    small = migration(256 << 20, workload="sequential", steps=400_000, rate=200_000, migrate_after=0.6)
+    with AgentCpu() as agent_cpu:
+        small = migration(256 << 20, workload="sequential", steps=400_000, rate=200_000, migrate_after=0.6)
     large = migration(2 << 30, workload="sequential", steps=700_000, rate=200_000, migrate_after=1.8)
-    fault_base = (base["tcp_rtt_4k_us"]["p50"] or 0) + (base["uffd_roundtrip_us"]["p50"] or 0)
-    fault_base_p99 = (base["tcp_rtt_4k_us"]["p99"] or 0) + (base["uffd_roundtrip_us"]["p99"] or 0)
     no_push = demand["dest"]["fault_latency_us_before_push"]
     with_push = demand["dest"]["fault_latency_us_during_push"]
     push_rate = small["dest"]["push_bytes_per_s"]
+    push_cpu = push_cpu_per_gib(agent_cpu, small, resource.getpagesize())
     figures = {
         "push_bytes_per_s": push_rate,
+        "push_cpu": push_cpu,
         "fault_us_without_pusher": no_push,
         "fault_us_with_pusher": with_push,
         "downtime_ms_256M": small["downtime_ms"],
@@ -186,12 +238,7 @@ def run_bench(quick: bool) -> dict:
                                  "dest": large["source"]["dest"]["max_rss_kib"] / 1024},
         "verified": all(r["verified"] for r in (demand, small, large)),
     }
-    ratios = {
-        "push_vs_tcp_bulk": _ratio(push_rate, base["tcp_bulk_bytes_per_s"]),
-        "fault_p50_vs_rtt_plus_uffd": _ratio(no_push["p50"], fault_base),
-        "fault_p99_vs_rtt_plus_uffd": _ratio(no_push["p99"], fault_base_p99),
-        "fault_p99_with_vs_without_pusher": _ratio(with_push["p99"], no_push["p99"]),
-    }
+    ratios = baseline_ratios(base, figures)
     return {
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
@@ -204,32 +251,59 @@ def run_bench(quick: bool) -> dict:
         "checkpoint": _experiment("checkpoint", checkpoint_figures, quick, {}),
         "pause_resume": _experiment("pause-resume", pause_resume, quick, {}),
         "install_paths": _experiment("install paths", install_paths, quick, []),
+        "frame_auth": _experiment("frame auth", frame_auth_figures, quick, {}),
+        "kvm": _experiment("kvm", _kvm_figures, quick, {}),
         "errors": _ERRORS,
         "seconds": time.monotonic() - started,
     }
+
+
+def _num(v, fmt="{:.2f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _times(v) -> str:
+    return _num(v, "{:.2f}x")
+
+
+def _headline_rows(result: dict) -> list[str]:
+    """The postcopy figures beside their C floors, then the floors, as Markdown tables."""
+    from postcopy.bench import baselines
+
+    b, f, r = result["baselines"], result["postcopy"], result["ratios"]
+    us = "{:.1f}"
+    floor, bulk = b["fault_floor_us"], b["tcp_bulk"][b["tcp_bulk_placement"]]
+    push_cpu = f.get("push_cpu") or {}
+    placements = list(floor)
+    rows = ["| figure | value | C floor (same run) | ratio |", "|---|---|---|---|",
+            f"| push throughput | {_num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s | "
+            f"TCP bulk {b['tcp_bulk_bytes_per_s'] / 1e9:.2f} GB/s ({b['tcp_bulk_placement']}) | "
+            f"{_times(r['push_vs_tcp_bulk'])} |"]
+    for role, side, name in (("source", "client", "sender"), ("dest", "server", "receiver")):
+        agent = push_cpu.get(role) or {}
+        rows.append(f"| {role} agent CPU s per GiB pushed | {_num(agent.get('cpu_s_per_gib'))} | "
+                    f"TCP {name} {bulk['cpu'][side]['cpu_s_per_gib']:.2f} | {_times(r[f'{role}_cpu_per_gib_vs_c'])} |")
+    for p in ("p50", "p99"):
+        rows.append(f"| demand fault {p}, no pusher | {_num(f['fault_us_without_pusher'][p], us)} µs | RTT+uffd "
+                    + " / ".join(f"{_num(floor[n][p], us)} µs ({n})" for n in placements) + " | "
+                    + " / ".join(_times(r[f"fault_{p}_vs_floor_{n}"]) for n in placements) + " |")
+    rows += [f"| demand fault p99, pusher on | {_num(f['fault_us_with_pusher']['p99'], us)} µs | "
+             f"p99 without pusher | {_times(r['fault_p99_with_vs_without_pusher'])} |",
+             f"| downtime 256 MiB / 2 GiB | {_num(f['downtime_ms_256M'])} / {_num(f['downtime_ms_2G'])} ms | | |",
+             "", *baselines.markdown_rows(b)]
+    return rows
 
 
 def markdown(result: dict) -> str:
     """The headline figures as Markdown tables."""
     from postcopy.bench.harvest import format_table
 
-    b, f, r = result["baselines"], result["postcopy"], result["ratios"]
-
     def num(v, fmt="{:.2f}"):
         return "n/a" if v is None else fmt.format(v)
 
     lines = [f"# postcopy bench ({'quick' if result['quick'] else 'full'}), kernel {result['kernel']}, "
              f"{result['cpus']} CPUs", "",
-             "| figure | value | baseline | ratio |", "|---|---|---|---|",
-             f"| push throughput | {num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s | "
-             f"TCP bulk {b['tcp_bulk_bytes_per_s'] / 1e9:.2f} GB/s | {num(r['push_vs_tcp_bulk'])}x |",
-             f"| demand fault p50, no pusher | {num(f['fault_us_without_pusher']['p50'], '{:.1f}')} µs | "
-             f"RTT+uffd p50 | {num(r['fault_p50_vs_rtt_plus_uffd'])}x |",
-             f"| demand fault p99, no pusher | {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs | "
-             f"RTT+uffd p99 | {num(r['fault_p99_vs_rtt_plus_uffd'])}x |",
-             f"| demand fault p99, pusher on | {num(f['fault_us_with_pusher']['p99'], '{:.1f}')} µs | "
-             f"p99 without pusher | {num(r['fault_p99_with_vs_without_pusher'])}x |",
-             f"| downtime 256 MiB / 2 GiB | {num(f['downtime_ms_256M'])} / {num(f['downtime_ms_2G'])} ms | | |",
+             *_headline_rows(result),
              "", "## Harvest cost (ms per harvest)", "", "```", format_table(result["harvest"]), "```", "",
              "## Precopy and hybrid (random-write)", "",
              "| mode | dirty log | steps/s per vCPU | rounds | sent / RAM | downtime ms | verified |",
@@ -260,10 +334,25 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['install']} | {row['backing']} | {num(push and push / 1e9)} | {num(row['push_vs_copy'])}x | "
                      f"{num(lat['p50'], '{:.1f}')} | {num(lat['p99'], '{:.1f}')} | "
                      f"{num(row['fault_p50_vs_copy'])}x / {num(row['fault_p99_vs_copy'])}x | {row['verified']} |")
+    auth = result.get("frame_auth") or {}
+    if auth:
+        mac, push = auth["mac"], auth["push"]
+        lines += ["", "## Frame authentication", "", "| figure | value | baseline | ratio |", "|---|---|---|---|",
+                  f"| MAC alone: AES-GMAC (C) | {mac['gmac_c_bytes_per_s'] / 1e9:.2f} GB/s | HMAC-SHA256 (hashlib) "
+                  f"{mac['hmac_sha256_hashlib_bytes_per_s'] / 1e9:.2f} GB/s | {num(mac['gmac_vs_hmac'])}x |",
+                  f"| push, authenticated | {num(push['authenticated']['push_bytes_per_s'] / 1e9)} GB/s | "
+                  f"unauthenticated (unsafe) {num(push['unauthenticated_unsafe']['push_bytes_per_s'] / 1e9)} GB/s | "
+                  f"{num(auth['push_with_vs_without_auth'])}x |"]
+    if result.get("kvm"):
+        from postcopy.bench.kvm import format_kvm
+
+        lines += ["", "## KVM guest: KVM's dirty logs beside PAGEMAP_SCAN", "", "```", format_kvm(result["kvm"]), "```"]
     return "\n".join(lines) + "\n"
 
 
 def format_bench(result: dict) -> str:
+    from postcopy.bench import baselines
+
     b, f, r = result["baselines"], result["postcopy"], result["ratios"]
 
     def num(v, fmt="{:.2f}"):
@@ -271,16 +360,18 @@ def format_bench(result: dict) -> str:
 
     lines = [
         f"kernel {result['kernel']}, {result['cpus']} CPUs, {'quick' if result['quick'] else 'full'} run",
-        "baselines:",
-        f"  TCP bulk over veth          {b['tcp_bulk_bytes_per_s'] / 1e9:.2f} GB/s",
-        f"  TCP 4 KiB RTT over veth     p50 {num(b['tcp_rtt_4k_us']['p50'], '{:.1f}')} µs  p99 {num(b['tcp_rtt_4k_us']['p99'], '{:.1f}')} µs",
-        f"  uffd round trip (C handler) p50 {num(b['uffd_roundtrip_us']['p50'], '{:.1f}')} µs  p99 {num(b['uffd_roundtrip_us']['p99'], '{:.1f}')} µs",
+        "C baselines (same run; placements: " + ", ".join(f"{n} {c}" for n, c in b["placements"].items()) + "):",
+        *baselines.format_lines(b),
         "postcopy:",
         f"  push throughput             {num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s"
-        f"   ({num(r['push_vs_tcp_bulk'])}x TCP bulk)",
+        f"   ({_times(r['push_vs_tcp_bulk'])} C TCP bulk)",
+        *(f"  {role} CPU per GiB pushed   {num((f['push_cpu'].get(role) or {}).get('cpu_s_per_gib'))} s"
+          f"   ({_times(r[f'{role}_cpu_per_gib_vs_c'])} C {side})"
+          for role, side in (("source", "sender"), ("dest", "receiver"))),
         f"  demand fault, no pusher     p50 {num(f['fault_us_without_pusher']['p50'], '{:.1f}')} µs"
-        f" ({num(r['fault_p50_vs_rtt_plus_uffd'])}x RTT+uffd)  p99 {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs"
-        f" ({num(r['fault_p99_vs_rtt_plus_uffd'])}x)",
+        f"  p99 {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs",
+        *(f"    vs C floor {n:<13}   p50 {_times(r[f'fault_p50_vs_floor_{n}'])}  p99 {_times(r[f'fault_p99_vs_floor_{n}'])}"
+          for n in b["fault_floor_us"]),
         f"  demand fault, pusher on     p50 {num(f['fault_us_with_pusher']['p50'], '{:.1f}')} µs"
         f"  p99 {num(f['fault_us_with_pusher']['p99'], '{:.1f}')} µs ({num(r['fault_p99_with_vs_without_pusher'])}x without)",
         f"  downtime                    256 MiB {num(f['downtime_ms_256M'])} ms, 2 GiB {num(f['downtime_ms_2G'])} ms",
@@ -298,12 +389,22 @@ def register(subparsers) -> None:
     p.add_argument("--markdown", metavar="FILE", help="write the Markdown tables to FILE")
     p.add_argument("--harvest", action="store_true",
                    help="only the dirty-log harvest-cost table (what scripts/kernel-matrix runs in other kernels)")
+    p.add_argument("--kvm", action="store_true",
+                   help="only the KVM guest's tables: KVM dirty logs beside PAGEMAP_SCAN, step and harvest rates")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--svg", metavar="DIR", help="write the benchmark figures (SVG) into DIR")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.kvm:
+        from postcopy.bench.kvm import format_kvm, kvm_figures
+
+        result = kvm_figures(args.quick, progress=lambda msg: print(msg, file=sys.stderr))
+        print(f"kernel {platform.release()}: KVM guest\n{format_kvm(result)}")
+        if args.json:
+            report.write_json(args.json, {"kernel": platform.release(), "kvm": result})
+        return 0
     if args.harvest:
         from postcopy.bench.harvest import format_table
 

@@ -18,9 +18,13 @@ import time
 from postcopy.protocol import wire
 from postcopy.units import positive_float_arg, positive_int_arg, size_arg
 from postcopy.report import write_json
-from postcopy.protocol.channel import parse_endpoint
+from postcopy.protocol.endpoint import format_endpoint, parse_endpoint
+from postcopy.protocol.keyfile import load_key
 
 DEFAULT_PORT = 7030
+# Starting a Python process takes seconds on a busy host: wait for observable readiness
+# this long before calling it a failure.
+STARTUP_TIMEOUT = 120.0
 DEMO_BOUNDS = (64, 256, 1024)
 
 
@@ -43,7 +47,7 @@ def _bounds(text: str) -> tuple[int, ...]:
 
 def _load_key(path: str, who: str) -> bytes | None:
     try:
-        return wire.load_key(path)
+        return load_key(path)
     except (OSError, ValueError) as exc:
         print(f"postcopy {who}: cannot use key file {path}: {exc}", file=sys.stderr)
         return None
@@ -194,7 +198,7 @@ def run_standby(args) -> int:
                                     timeout=args.timeout, wait_guest=not args.no_wait))
     try:
         standby.bind()
-        print(f"listening on {args.listen[0]}:{args.listen[1]}", flush=True)
+        print(f"listening on {format_endpoint(args.listen)}", flush=True)
         figures = standby.run()
     except StandbyError as exc:
         print(f"postcopy standby: {exc}", file=sys.stderr)
@@ -291,15 +295,17 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
         for n, bound in enumerate(dirty_bounds):
             control = os.path.join(work, f"guest{n}.sock")
             pjson, sjson = os.path.join(work, f"primary{n}.json"), os.path.join(work, f"standby{n}.json")
-            guest = bed.popen(bed.source, params.argv(control=control), **pipes)
-            wait_for_control(control, timeout=30, proc=guest)
+            # Started paused: the primary runs it epoch by epoch from its first step, so
+            # it cannot finish (or run unprotected) while a slow host starts the agents.
+            guest = bed.popen(bed.source, params.argv(control=control, start_paused=True), **pipes)
+            wait_for_control(control, timeout=STARTUP_TIMEOUT, proc=guest)
             standby = bed.popen(bed.dest, _agent("standby", "--listen", endpoint, "--key-file", key_file,
                                                  "--failover", "--workdir", work, "--json", sjson), **pipes)
-            _read_line(standby, "listening", "postcopy standby", 30)
+            _read_line(standby, "listening", "postcopy standby", STARTUP_TIMEOUT)
             primary = bed.popen(bed.source, _agent("checkpoint", "--guest", control, "--connect", endpoint,
                                                    "--key-file", key_file, "--max-dirty", str(bound),
                                                    "--json", pjson), **pipes)
-            _read_line(primary, "protected", "postcopy checkpoint", 60)
+            _read_line(primary, "protected", "postcopy checkpoint", STARTUP_TIMEOUT)
             guest_cpu = _cpu_seconds(guest.pid)
             time.sleep(seconds)
             guest_cpu = _cpu_seconds(guest.pid) - guest_cpu

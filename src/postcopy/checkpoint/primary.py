@@ -59,7 +59,8 @@ from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.guest.dirtytrack import decode_runs
 from postcopy.migration.guestmem import GuestMemory
-from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.wire import MAX_RUN_BYTES
 
 try:  # the guest's free-page swap period (pages written besides the step's own)
     from postcopy._native import lib as _lib
@@ -68,7 +69,6 @@ try:  # the guest's free-page swap period (pages written besides the step's own)
 except (ImportError, AttributeError):  # pragma: no cover - the native helper is built at install
     FREE_PERIOD = 256
 
-IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per sendmsg
 FREE_SWAP_PAGES = 3  # a free/reuse swap writes two page-table entries and zero-fills a page
 
 
@@ -298,13 +298,14 @@ class Checkpointer:
                 time.sleep(0.05)
         s.settimeout(None)
         tune(s, urgent=False)
-        channel = Channel(s, "main", mem.layout)
-        hello = wire.make_hello("source", "main", mem.page_size, mem.layout.regions)
+        channel = Channel(s, "main", mem.layout, wire.Session(wire.CHECKPOINT, "primary"))
+        hello = wire.make_hello("primary", "main", mem.page_size, mem.layout.regions)
         try:
             handshake(channel, "client", cfg.key, hello)
         except (wire.ProtocolError, ChannelClosed) as exc:
             channel.close()
             raise CheckpointError(f"handshake with the standby failed: {exc}") from None
+        channel.session.established()
         self._sock = s
         self._poll = select.poll()
         self._poll.register(s, select.POLLIN)
@@ -396,11 +397,11 @@ class Checkpointer:
             dirty.start()
             t0 = time.perf_counter()
             sync_pages = self._initial_sync(mem)
-            self._send_parts([wire.Switchover(info={
+            self._send([wire.EpochCommit(info={
                 "epoch": 0, "initial": True, "pages": sync_pages,
                 "guest": {k: status.get(k) for k in ("threads", "workload", "steps_target", "backing",
                                                      "ram_size", "free_fraction", "seed")},
-                "max_dirty": cfg.max_dirty, "steps_per_epoch": budget}).encode()])
+                "max_dirty": cfg.max_dirty, "steps_per_epoch": budget})])
             sync = {"pages": sync_pages, "ms": round((time.perf_counter() - t0) * 1e3, 3)}
             try:
                 parked = guest.pause()
@@ -460,12 +461,12 @@ class Checkpointer:
     def _heartbeat(self) -> None:
         """A Ping during a long epoch (the standby answers with a Pong, read with the
         acknowledgements)."""
-        self._send_parts([wire.Ping(token=self.epoch).encode()])
+        self._send([wire.Ping(token=self.epoch)])
 
     def _tell_standby(self, message) -> None:
         try:
-            self._send_parts([message.encode()])
-        except (ChannelClosed, OSError):
+            self._send([message])
+        except (ChannelClosed, OSError, wire.ProtocolError):
             pass
 
     # -- epoch 0 ------------------------------------------------------------------------
@@ -475,11 +476,13 @@ class Checkpointer:
         pages = 0
         run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
         channel = self._channel
-        for first, count in ranges.split(mem.populated_extents(), run_pages):
-            mem.send_run(channel, first, count, wire.Cause.PRECOPY, self._scratch)
-            pages += count
-        self.bytes_sent += channel.bytes_sent
-        channel.bytes_sent = 0
+        before = channel.bytes_sent
+        try:
+            for first, count in ranges.split(mem.populated_extents(), run_pages):
+                mem.send_run(channel, first, count, wire.Cause.PRECOPY, self._scratch)
+                pages += count
+        finally:
+            self.bytes_sent += channel.bytes_sent - before
         return pages
 
     # -- the epoch loop ---------------------------------------------------------------
@@ -517,7 +520,7 @@ class Checkpointer:
             parts, npages, nruns = self._collect(mem, runs, steps, paused_ns, overlap)
             t3 = perf()
             if not overlap:
-                self._send_parts(parts)
+                self._send(parts)
             t4 = perf()
             if not stopping:  # a standby lagging by more than max_unacked epochs holds the guest
                 self._take_acks(block_over=cfg.max_unacked)
@@ -541,7 +544,7 @@ class Checkpointer:
                 raise _GuestLost(exc) from None
             if overlap:  # send while the guest runs
                 t6 = perf()
-                self._send_parts(parts)
+                self._send(parts)
                 t7 = perf()
                 self._take_acks(block_over=cfg.max_unacked)
                 log.send_us[-1] += (t7 - t6) * 1e6
@@ -557,8 +560,9 @@ class Checkpointer:
 
     def _collect(self, mem: GuestMemory, runs: list[tuple[int, int]], steps: list[int], paused_ns: int,
                  copy: bool) -> tuple[list, int, int]:
-        """The epoch's frames (page runs, the state page always among them, then the
-        marker) as buffers for one sendmsg, plus the page and run counts. memfd RAM is
+        """The epoch's frames (EpochBegin, page runs with the state page always among
+        them, EpochCommit) as (header, payload) pairs for one sendmsg, plus the page and
+        run counts. memfd RAM is
         referenced in place when the frames are sent before the guest resumes (sendmsg
         copies it), and copied into the epoch buffer first when they are sent while the
         guest runs (``copy``); anonymous RAM is always read into the buffer."""
@@ -574,13 +578,12 @@ class Checkpointer:
         # Frame headers packed directly: the runs come from the harvest, in range by
         # construction and split below the frame limit (what encode_page_run_header checks).
         pack, magic, ftype, cause = wire.HEADER.pack, wire.MAGIC, int(wire.FrameType.PAGE_RUN), int(wire.Cause.RESENT)
-        parts: list = []
+        parts: list = [wire.EpochBegin(epoch=self.epoch)]
         append = parts.append
         view = self._view
         if view is not None and not copy:
             for first, n in runs:
-                append(pack(magic, ftype, cause, n * ps, first))
-                append(view[first * ps:(first + n) * ps])
+                append((pack(magic, ftype, cause, n * ps, first), view[first * ps:(first + n) * ps]))
         else:
             need = npages * ps
             if len(self._buffer) < need:
@@ -593,8 +596,7 @@ class Checkpointer:
                 for first, n in runs:
                     end = pos + n * ps
                     buf[pos:end] = view[first * ps:(first + n) * ps]
-                    append(pack(magic, ftype, cause, n * ps, first))
-                    append(buf[pos:end])
+                    append((pack(magic, ftype, cause, n * ps, first), buf[pos:end]))
                     pos = end
             else:  # anonymous RAM: read through /proc/PID/mem
                 fd, base = mem._mem_fd, mem.base
@@ -602,44 +604,28 @@ class Checkpointer:
                     end = pos + n * ps
                     if os.preadv(fd, [buf[pos:end]], base + first * ps) != end - pos:
                         raise _GuestLost(OSError(errno.EIO, f"short read of guest RAM at page {first}"))
-                    append(pack(magic, ftype, cause, n * ps, first))
-                    append(buf[pos:end])
+                    append((pack(magic, ftype, cause, n * ps, first), buf[pos:end]))
                     pos = end
         cut = self.config.cut_mid_epoch
         if cut is not None and self.epoch > cut:
-            self._send_parts(parts[:max(2, len(parts) // 4 * 2)])
+            self._send(parts[:max(2, len(parts) // 4)])
             self._channel.close()
             raise ChannelClosed(f"fault injection: connection cut in the middle of epoch {self.epoch}")
-        parts.append(wire.Switchover(info={"epoch": self.epoch, "pages": npages, "runs": len(runs),
-                                           "steps": steps, "paused_ns": paused_ns}).encode())
+        parts.append(wire.EpochCommit(info={"epoch": self.epoch, "pages": npages, "runs": len(runs),
+                                            "steps": steps, "paused_ns": paused_ns}))
         self._marker_sent_ns[self.epoch] = time.monotonic_ns()
         return parts, npages, len(runs)
 
-    def _send_parts(self, parts: list) -> None:
-        """sendmsg in chunks of IOV_MAX buffers, resuming after partial sends."""
-        sock = self._sock
+    def _send(self, parts: list) -> None:
+        """Send messages and (header, payload) frames in one go (each checked against
+        the checkpoint table and tagged by the channel)."""
+        channel = self._channel
+        before = channel.bytes_sent
+        frames = [p if isinstance(p, tuple) else _split(p.encode()) for p in parts]
         try:
-            for i in range(0, len(parts), IOV_MAX):
-                chunk = parts[i:i + IOV_MAX]
-                total = sum(map(len, chunk))
-                sent = sock.sendmsg(chunk)
-                self.bytes_sent += sent
-                if sent < total:
-                    self._send_rest(chunk, sent)
-        except OSError as exc:
-            raise ChannelClosed(f"send to the standby failed: {exc}") from exc
-
-    def _send_rest(self, chunk: list, sent: int) -> None:
-        views = [memoryview(p).cast("B") for p in chunk]
-        while views:
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if not views:
-                return
-            views[0] = views[0][sent:]
-            sent = self._sock.sendmsg(views)
-            self.bytes_sent += sent
+            channel.send_frames(frames)
+        finally:
+            self.bytes_sent += channel.bytes_sent - before
 
     # -- acknowledgements ---------------------------------------------------------------
     def _take_acks(self, block_over: int) -> None:
@@ -647,13 +633,13 @@ class Checkpointer:
         ``block_over`` epochs are unacknowledged."""
         poll = self._poll
         while True:
-            if self.epoch - self.acked <= block_over and not poll.poll(0):
+            if self.epoch - self.acked <= block_over and not (self._channel.buffered or poll.poll(0)):
                 return
             self._read_ack()
 
     def _read_ack(self) -> None:
         message = self._channel.recv()
-        if isinstance(message, wire.Complete):
+        if isinstance(message, wire.EpochAck):
             epoch = message.info.get("epoch")
             if epoch != self.acked + 1:
                 raise wire.ProtocolError(f"the standby acknowledged epoch {epoch!r}, expected {self.acked + 1}")
@@ -672,7 +658,7 @@ class Checkpointer:
 
     def _finish(self) -> str | None:
         """Clean end: tell the standby, wait for the outstanding acknowledgements."""
-        self._send_parts([wire.PushDone(pages=self.epoch).encode()])
+        self._send([wire.CheckpointEnd(epoch=self.epoch)])
         self._sock.settimeout(self.config.ack_timeout)
         try:
             while self.acked < self.epoch:
@@ -749,3 +735,9 @@ class _GuestLost(Exception):
 
 class _StandbyError(Exception):
     pass
+
+
+def _split(frame: bytes) -> tuple[memoryview, memoryview]:
+    """(header, payload) of an encoded frame."""
+    view = memoryview(frame)
+    return view[:wire.HEADER.size], view[wire.HEADER.size:]

@@ -3,7 +3,7 @@
 The standby holds a copy of the primary guest's RAM in a memfd of its own and applies
 the primary's epochs to it (:mod:`postcopy.checkpoint.primary` sends them). An epoch is applied
 only once all of it has arrived: its pages are staged in a buffer as they come and
-copied into the image when the epoch's marker arrives, then acknowledged. So the image
+copied into the image when the epoch's commit arrives, then acknowledged. So the image
 is always exactly the last complete epoch: a connection cut in the middle of an epoch
 leaves the staged half unapplied (it is counted and dropped).
 
@@ -17,21 +17,25 @@ host from a cut link: failing over after a mere network split leaves two guests
 running (fencing is outside this tool).
 
 Epoch protocol, on one authenticated :mod:`postcopy.protocol.wire` connection (the primary is
-the client with role "source", the standby the server with role "dest", channel
-"main"; page numbers are page indexes in RAM)::
+the client with role "primary", the standby the server with role "standby", channel
+"main"; page numbers are page indexes in RAM; the checkpoint table of
+:mod:`postcopy.protocol.state` refuses anything else)::
 
     primary -> standby
       PageRun(cause PRECOPY)*   initial sync: every populated page (epoch 0)
-      Switchover {"epoch": 0, "initial": true, "pages": N, "guest": {...},
-                  "max_dirty": B, "steps_per_epoch": S}
+      EpochCommit {"epoch": 0, "initial": true, "pages": N, "guest": {...},
+                   "max_dirty": B, "steps_per_epoch": S}
       for n = 1, 2, ...:
+        EpochBegin(n)
         PageRun(cause RESENT)*  the pages dirtied in epoch n, the state page included
-        Switchover {"epoch": n, "pages": N, "runs": R, "steps": [...], "paused_ns": T}
-      PushDone(pages=n)         clean end: the primary stopped (its guest runs on there)
+        EpochCommit {"epoch": n, "pages": N, "runs": R, "steps": [...], "paused_ns": T}
+      Ping(token)               heartbeat during a long epoch
+      CheckpointEnd(n)          clean end: the primary stopped (its guest runs on there)
       Error(code, reason)       the primary lost its guest
     standby -> primary
-      Complete {"epoch": n, "steps": [...]}   epoch n is applied: it is committed
-      Error(code, reason)                     the standby gives up
+      EpochAck {"epoch": n, "steps": [...]}   epoch n is applied: it is committed
+      Pong(token)                              heartbeat answer
+      Error(code, reason)                      the standby gives up
 
 Epoch 0 is written straight into the image (there is no complete epoch to protect
 yet); epoch 1 is the first consistent image, because the primary's dirty log was
@@ -57,10 +61,8 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.guest.control import GuestClient, GuestError, GuestParams, parse_final_hash, wait_for_control
-from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
-
-# Frames are at most one page run of MAX_RUN_BYTES; the receive buffer holds two.
-RECV_BUFFER = 2 * MAX_RUN_BYTES + (64 << 10)
+from postcopy.protocol.endpoint import listen_socket
+from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
 
 # Why the stream ended -> whether that means the primary is lost (failover).
 PRIMARY_LOST = {"connection-lost": True, "primary-silent": True, "primary-guest-lost": True,
@@ -96,69 +98,6 @@ class CommittedEpoch:
     pages: int
 
 
-_CAUSES = frozenset(int(c) for c in wire.Cause)
-_PAGE_RUN = int(wire.FrameType.PAGE_RUN)
-
-
-class _FrameReader:
-    """Frames from a socket with few syscalls: one recv_into fills a large buffer with
-    whatever has arrived, and frames are cut out of it in place.
-
-    :meth:`frame` returns the header fields and the payload's offset in :attr:`buf`. A
-    page run's header is checked here directly (the hot path: magic, type, cause,
-    length); every other header goes through :func:`wire.decode_header`. Payload bytes
-    stay valid until a later frame needs their room, except while :attr:`pinned`: then
-    ``on_spill`` is called first, to copy out what it still needs and unpin."""
-
-    def __init__(self, sock: socket.socket, size: int = RECV_BUFFER, max_payload: int = MAX_RUN_BYTES):
-        self.sock = sock
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
-        self.size = size
-        self.max_payload = max_payload
-        self.r = self.w = 0
-        self.pinned = False
-        self.on_spill = None
-
-    def frame(self) -> tuple[int, int, int, int, int, wire.FrameHeader | None]:
-        """(type, flags, length, arg, payload offset, header): ``header`` is the
-        decoded :class:`wire.FrameHeader` for frames other than page runs."""
-        if self.w - self.r < wire.HEADER.size:
-            self._fill(wire.HEADER.size)
-        r = self.r
-        magic, ftype, flags, length, arg = wire.HEADER.unpack_from(self.buf, r)
-        header = None
-        if not (ftype == _PAGE_RUN and magic == wire.MAGIC and flags in _CAUSES and 0 < length <= self.max_payload):
-            header = wire.decode_header(self.view[r:r + wire.HEADER.size], self.max_payload)  # or raises why
-        end = wire.HEADER.size + length
-        if self.w - r < end:
-            self._fill(end)
-            r = self.r
-        self.r = r + end
-        return ftype, flags, length, arg, r + wire.HEADER.size, header
-
-    def _fill(self, n: int) -> None:
-        """Make ``n`` bytes from :attr:`r` available, receiving as much as has arrived."""
-        if self.r == self.w and not self.pinned:
-            self.r = self.w = 0
-        elif self.r + n > self.size:  # no room for this frame: move its start to the front
-            if self.pinned:
-                self.on_spill()
-            rest = self.w - self.r
-            self.buf[:rest] = self.buf[self.r:self.w]
-            self.r, self.w = 0, rest
-        while self.w - self.r < n:
-            try:
-                got = self.sock.recv_into(self.view[self.w:])
-            except TimeoutError:
-                raise
-            except OSError as exc:
-                raise ChannelClosed(f"receive failed: {exc}") from exc
-            if not got:
-                raise ChannelClosed("the primary closed the connection")
-            self.w += got
-
-
 class Standby:
     """Receives one primary's epochs and keeps the last complete one. Use :meth:`run`
     (or :meth:`bind` first to learn the port), then :meth:`failover` if you want the
@@ -190,15 +129,11 @@ class Standby:
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint."""
         if self.listener is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(self.config.listen)
+                sock = listen_socket(self.config.listen)  # IPv4 or IPv6
             except OSError as exc:
-                sock.close()
                 raise StandbyError(f"cannot listen on {self.config.listen[0]}:{self.config.listen[1]}: "
                                    f"{exc.strerror or exc}") from None
-            sock.listen(1)
             self.listener = sock
         return self.listener
 
@@ -211,8 +146,8 @@ class Standby:
             raise StandbyError(f"no primary connected within {self.config.accept_timeout:g} s") from None
         sock.settimeout(self.config.timeout)
         tune(sock, urgent=False)
-        channel = Channel(sock, "main")
-        hello = wire.make_hello("dest", "main", os.sysconf("SC_PAGE_SIZE"))
+        channel = Channel(sock, "main", session=wire.Session(wire.CHECKPOINT, "standby"))
+        hello = wire.make_hello("standby", "main", os.sysconf("SC_PAGE_SIZE"))
         try:
             peer = handshake(channel, "server", self.config.key, hello)
         except (wire.ProtocolError, ChannelClosed, TimeoutError) as exc:
@@ -222,6 +157,7 @@ class Standby:
         if len(layout.regions) != 1 or layout.regions[0][0] != 0:
             channel.close()
             raise StandbyError(f"unsupported RAM layout {layout.regions}: one region from offset 0")
+        channel.session.established()
         return channel, layout
 
     # -- the image ---------------------------------------------------------------------
@@ -290,100 +226,46 @@ class Standby:
         return figures
 
     def _receive(self, channel: Channel) -> None:
-        """The receive loop: stage, commit, acknowledge.
-
-        A staged page run stays where it arrived, in the receive buffer (pinned), and
-        is copied into the image at the epoch's marker: one copy per page. Only when
-        the buffer needs the room before the marker (an epoch larger than the buffer)
-        are the staged runs moved to the staging arena first."""
-        sock = channel.sock
-        reader = _FrameReader(sock)
-        rview = reader.view
+        """The receive loop: stage, commit, acknowledge. Runs of epoch 0 go straight
+        into the image; a later epoch's runs are copied into a staging arena as they
+        arrive and into the image at the epoch's commit."""
         image = memoryview(self._image)
-        layout = self._layout
-        ps = layout.page_size
-        total_pages = layout.total_pages
+        ps = self._layout.page_size
         arena = bytearray(0)
-        # (first page, npages, offset, in arena): in the receive buffer or the arena
-        staged: list[tuple[int, int, int, bool]] = []
-        counts = [0, 0]  # pages staged, arena bytes used
-
-        def spill() -> None:
-            need = counts[1] + sum(n for _, n, _, in_arena in staged if not in_arena) * ps
-            if len(arena) < need:
-                arena.extend(bytes(need - len(arena)))
-            pos = counts[1]
-            for i, (first, npages, off, in_arena) in enumerate(staged):
-                if not in_arena:
-                    length = npages * ps
-                    arena[pos:pos + length] = rview[off:off + length]
-                    staged[i] = (first, npages, pos, True)
-                    pos += length
-            counts[1] = pos
-            reader.pinned = False
-
-        reader.on_spill = spill
-        staging = False  # False during the initial sync: pages go straight into the image
-        expect = 0  # next epoch marker
+        staged: list[tuple[int, int, int]] = []  # (first page, npages, offset in the arena)
+        used = 0  # arena bytes staged
+        expect = 0  # next epoch
         try:
             while True:
-                kind, flags, length, first, off, header = reader.frame()
-                if kind == _PAGE_RUN:
-                    npages, rest = divmod(length, ps)
-                    if rest or first + npages > total_pages:
-                        raise wire.RangeError(f"PAGE_RUN of {length} bytes at page {first} is not whole pages "
-                                              f"inside RAM ({total_pages} pages of {ps} bytes)")
-                    if staging:
-                        staged.append((first, npages, off, False))
-                        reader.pinned = True
-                        counts[0] += npages
-                    else:
-                        image[first * ps:(first + npages) * ps] = rview[off:off + length]
+                message = channel.recv()
+                if isinstance(message, wire.PageRun):
+                    first, npages = message.first_page, message.npages
+                    if expect == 0:
+                        image[first * ps:(first + npages) * ps] = message.data
                         self._initial_pages += npages
-                    continue
-                payload = rview[off:off + length]
-                if kind == wire.FrameType.SWITCHOVER:
-                    info = wire.decode_payload(header, payload).info
-                    epoch = info.get("epoch")
-                    if epoch != expect:
-                        raise wire.ProtocolError(f"epoch marker {epoch!r} where epoch {expect} was expected")
-                    if epoch == 0:
-                        self.guest_info = dict(info.get("guest") or {}, max_dirty=info.get("max_dirty"),
-                                               steps_per_epoch=info.get("steps_per_epoch"))
-                        staging = True
-                        if self.config.failover:
-                            self._prestart()
-                    else:
-                        if info.get("pages") != counts[0]:
-                            raise wire.ProtocolError(f"epoch {epoch} announces {info.get('pages')} pages, "
-                                                     f"{counts[0]} arrived")
-                        t0 = time.perf_counter()
-                        aview = memoryview(arena)
-                        for first, npages, off, in_arena in staged:
-                            src = aview if in_arena else rview
-                            image[first * ps:(first + npages) * ps] = src[off:off + npages * ps]
-                        aview.release()
-                        steps = tuple(info.get("steps") or ())
-                        self.committed = CommittedEpoch(epoch, steps, info.get("paused_ns"), counts[0])
-                        self._apply_us.append((time.perf_counter() - t0) * 1e6)
-                        self._epoch_pages.append(counts[0])
-                        self._epochs_applied += 1
-                        staged.clear()
-                        counts[0] = counts[1] = 0
-                        reader.pinned = False
-                        sock.sendall(wire.Complete(info={"epoch": epoch, "steps": list(steps)}).encode())
-                        self.committed_event.set()
+                        continue
+                    length = npages * ps
+                    if len(arena) < used + length:
+                        arena.extend(bytes(max(used + length, 2 * len(arena)) - len(arena)))
+                    arena[used:used + length] = message.data
+                    staged.append((first, npages, used))
+                    used += length
+                elif isinstance(message, wire.EpochBegin):
+                    if message.epoch != expect:
+                        raise wire.ProtocolError(f"epoch {message.epoch} begins where epoch {expect} was expected")
+                elif isinstance(message, wire.EpochCommit):
+                    self._commit(channel, message.info, expect, staged, arena)
+                    staged.clear()
+                    used = 0
                     expect += 1
-                elif kind == wire.FrameType.PUSH_DONE:
-                    self._end("primary-stopped", f"the primary stopped after epoch {first}")
+                elif isinstance(message, wire.CheckpointEnd):
+                    self._end("primary-stopped", f"the primary stopped after epoch {message.epoch}")
                     break
-                elif kind == wire.FrameType.ERROR:
-                    self._end("primary-guest-lost", wire.decode_payload(header, payload).reason)
+                elif isinstance(message, wire.Error):
+                    self._end("primary-guest-lost", message.reason)
                     break
-                elif kind == wire.FrameType.PING:
-                    sock.sendall(wire.Pong(token=first).encode())
-                else:
-                    raise wire.ProtocolError(f"unexpected {header.type.name} frame in the checkpoint stream")
+                elif isinstance(message, wire.Ping):
+                    channel.send(wire.Pong(token=message.token))
         except ChannelClosed as exc:
             self._end("connection-lost", str(exc))
         except TimeoutError:
@@ -391,15 +273,41 @@ class Standby:
         except wire.ProtocolError as exc:
             self._end("protocol-error", str(exc))
             try:
-                sock.sendall(wire.Error(wire.ErrorCode.PROTOCOL, str(exc)).encode())
-            except OSError:
+                channel.send(wire.Error(wire.ErrorCode.PROTOCOL, str(exc)))
+            except (ChannelClosed, wire.ProtocolError):
                 pass
-        except OSError as exc:  # sending an acknowledgement failed
-            self._end("connection-lost", str(exc))
         finally:
             image.release()
         if staged:
-            self.discarded = {"epoch": expect, "pages": counts[0]}
+            self.discarded = {"epoch": expect, "pages": sum(n for _, n, _ in staged)}
+
+    def _commit(self, channel: Channel, info: dict, expect: int, staged: list, arena: bytearray) -> None:
+        """Epoch ``expect`` is whole: apply what was staged and acknowledge it (epoch 0,
+        the initial sync, is already in the image)."""
+        epoch = info.get("epoch")
+        if epoch != expect:
+            raise wire.ProtocolError(f"epoch {epoch!r} committed where epoch {expect} was expected")
+        if epoch == 0:
+            self.guest_info = dict(info.get("guest") or {}, max_dirty=info.get("max_dirty"),
+                                   steps_per_epoch=info.get("steps_per_epoch"))
+            if self.config.failover:
+                self._prestart()
+            return
+        pages = sum(n for _, n, _ in staged)
+        if info.get("pages") != pages:
+            raise wire.ProtocolError(f"epoch {epoch} announces {info.get('pages')} pages, {pages} arrived")
+        t0 = time.perf_counter()
+        ps = self._layout.page_size
+        with memoryview(self._image) as image, memoryview(arena) as source:
+            for first, npages, offset in staged:
+                image[first * ps:(first + npages) * ps] = source[offset:offset + npages * ps]
+        steps = tuple(info.get("steps") or ())
+        self.committed = CommittedEpoch(epoch, steps, info.get("paused_ns"), pages)
+        self._apply_us.append((time.perf_counter() - t0) * 1e6)
+        self._epoch_pages.append(pages)
+        self._epochs_applied += 1
+        channel.send(wire.EpochAck(info={"epoch": epoch, "steps": list(steps)}))
+        self.committed_event.set()
 
     def _end(self, reason: str, detail: str) -> None:
         self.end_reason, self.end_detail = reason, detail
@@ -464,9 +372,9 @@ class Standby:
         self._prestart()
         proc = self.failover_proc
         try:
-            wait_for_control(self._control, timeout=30, proc=proc)
+            wait_for_control(self._control, timeout=120, proc=proc)  # a busy host starts Python slowly
             with GuestClient(self._control) as client:
-                info, fds = client.take_fds()
+                info, fds = client.take_fds(incoming=True)
                 if "memfd" in fds:
                     os.close(fds["memfd"])
                 uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
@@ -558,7 +466,7 @@ def reference_hash_at(params: GuestParams, steps: int, workdir: str, timeout: fl
                             params.argv(control=control, start_paused=True),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_control(control, timeout=30, proc=proc)
+        wait_for_control(control, timeout=120, proc=proc)
         with GuestClient(control, timeout=timeout) as client:
             deadline = time.monotonic() + timeout
             while (status := client.status())["state"] != "paused" or min(status["steps"]) < steps:

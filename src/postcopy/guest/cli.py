@@ -58,6 +58,9 @@ def add_guest_options(p: argparse.ArgumentParser, *, steps: int | None, rate: fl
                         "moves (a page taken back is zero-filled first), the hash counts free pages as "
                         f"zero, and the control command free_ranges lists them (default {d['free_fraction']:g})")
     p.add_argument("--backing", choices=BACKINGS, default=d["backing"], help=f"RAM backing (default {d['backing']})")
+    p.add_argument("--vm", choices=("process", "kvm"), default=d["vm"],
+                   help="who runs the workload: threads of this process, or the vCPUs of a KVM micro-VM over "
+                        f"the same RAM (needs /dev/kvm; same RAM and hash after K steps; default {d['vm']})")
 
 
 def params_from_args(args, ram: int):
@@ -70,7 +73,7 @@ def params_from_args(args, ram: int):
 
     return GuestParams(ram=ram, threads=pick("threads"), workload=pick("workload"), seed=pick("seed"),
                        steps=args.steps, rate=float(pick("rate")), working_set=float(pick("working_set")),
-                       backing=args.backing, free_fraction=float(pick("free_fraction")))
+                       backing=args.backing, free_fraction=float(pick("free_fraction")), vm=args.vm)
 
 
 def register(subparsers) -> None:
@@ -115,6 +118,14 @@ def _validate(args) -> str | None:
             return f"--incoming takes {', '.join(given)} from the migrated state page: leave them out"
         if args.start_paused:
             return "--incoming already waits for resume: leave out --start-paused"
+    if args.vm == "kvm":
+        from postcopy.guest.kvm import kvm_reason
+
+        if args.free_fraction:
+            return "--vm kvm: the KVM guest has no free pages: leave out --free-fraction"
+        reason = kvm_reason()
+        if reason:
+            return f"--vm kvm: {reason}"
     if (args.incoming or args.start_paused or args.linger) and not args.control:
         return "--incoming, --start-paused and --linger need --control (nothing else could resume or quit)"
     if args.start_paused and args.pause_at is not None:
@@ -133,6 +144,8 @@ def handler(args) -> int:
     if error:
         args._parser.error(error)  # exit 2
     try:
+        if args.vm == "kvm":
+            from postcopy.guest.kvm import KvmGuest as Guest
         guest = Guest(args.ram, args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
                       staging_pages=args.staging_pages or 0)
     except ImportError as exc:
@@ -151,9 +164,13 @@ def handler(args) -> int:
                 return 1
         if not args.incoming:
             params = params_from_args(args, args.ram)
-            guest.boot(BootParams(threads=params.threads, workload=params.workload, seed=params.seed,
-                                  steps=params.steps, rate=params.rate, working_set=params.working_set,
-                                  free_fraction=params.free_fraction))
+            try:
+                guest.boot(BootParams(threads=params.threads, workload=params.workload, seed=params.seed,
+                                      steps=params.steps, rate=params.rate, working_set=params.working_set,
+                                      free_fraction=params.free_fraction))
+            except (ValueError, RuntimeError) as exc:  # the KVM guest: its VM could not be made
+                print(f"guest: {exc}", file=sys.stderr)
+                return 1
         if server:
             server.start()
         if not args.incoming and not args.start_paused:

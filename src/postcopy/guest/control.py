@@ -29,6 +29,25 @@ free_ranges  ``{"ranges": [[offset, length], ...], "free_pages": N}``: pages fre
 touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "seed"}}``:
              write to pages without changing them (dirty-log tests and benchmarks)
 max_step_gap longest gap between two steps of any vCPU since the previous call (ns)
+throttle     ``{"percent": P}``, 0..99: each vCPU parks P% of its time (after every 10 ms
+             of running it sleeps 10*P/(100-P) ms; auto-converge); 0 lifts it. Timing
+             only: not in the state page, not hashed, not migrated (status: throttle_pct)
+rate_cap     ``{"steps_per_s": R}``: each vCPU does at most R steps/s (with --rate the
+             slower holds); 0 lifts it. Not a guest parameter (status: rate_cap)
+kvm_dirty    KVM guests only: ``{"op": "start", "log": "kvm-bitmap|kvm-clear|kvm-ring"}``,
+             ``{"op": "harvest"}`` (runs, pages, harvest_ms), ``{"op": "stop"}``
+lease        exclusive lease for one migration agent: ``{"token": T}``; refused while
+             another connection holds it or while a fence holds; it ends when its
+             connection closes (or ``release``). When it ends, dirty tracking ends, and
+             an incoming guest whose RAM has not all arrived stops (exit 1)
+release      ``{"token": T}``: end the lease now
+fence        ``{"token": T, "seconds": S}``: a destination may run this guest for S more
+             seconds (only ever extended); ``{"token": T, "lift": true}``: it confirmed
+             completion. While a fence holds, ``lease``, ``resume``, ``run_until`` and ``run`` are
+             refused: the guest must not run, or move again, in two places
+watchdog     ``{"token": T, "seconds": S}``: an incoming guest whose pages are still
+             arriving stops itself (exit 1) unless this comes again within S seconds
+             (its destination agent may be stopped or cut off: it must not run on)
 quit         reply, then the guest exits 0 without printing its hash
 ============ =============================================================================
 
@@ -48,6 +67,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from postcopy.guest.lease import Lease
 
 MAX_LINE = 1 << 20  # requests
 MAX_REPLY = 64 << 20  # replies: free_ranges of a fragmented free set can be long
@@ -77,6 +98,9 @@ class ControlServer:
             os.umask(old)
         self._sock.listen(8)
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._lease = Lease()
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -98,6 +122,39 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        finally:
+            if self._lease.drop(conn):
+                self._lease_ended()
+
+    def _start_watchdog(self) -> None:
+        with self._watchdog_lock:
+            if self._watchdog is not None:
+                return
+            self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Stop an incoming guest whose agent stopped renewing the watchdog while its
+        pages were still arriving."""
+        while not self._lease.watchdog_expired():
+            time.sleep(0.05)
+        if self.guest.ram_arriving():
+            self.guest.abandon("its destination agent did not renew the watchdog in time (stopped, or cut off "
+                               "from the source): it must not run on")
+
+    def _lease_ended(self) -> None:
+        """The migration agent that held the lease is gone (or released it): what it
+        started on the guest must not outlive it."""
+        try:
+            self.guest.dirty_track(False)
+        except Exception as exc:
+            print(f"guest: ending dirty tracking: {exc!r}", file=sys.stderr)
+        if self.guest.ram_arriving():
+            self.guest.abandon("its destination agent went away before every page arrived")
+
+    def _serve_lines(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as rfile:
             while True:
                 line = rfile.readline(MAX_LINE + 1)
@@ -106,7 +163,7 @@ class ControlServer:
                 if len(line) > MAX_LINE:
                     _send(conn, {"ok": False, "error": "request line too long"})
                     return
-                reply, fds, quitting = self._dispatch(line)
+                reply, fds, quitting = self._dispatch(line, conn)
                 try:
                     _send(conn, reply, fds)
                 except OSError:
@@ -115,7 +172,7 @@ class ControlServer:
                     self.on_quit()
                     return
 
-    def _dispatch(self, line: bytes) -> tuple[dict, list[int], bool]:
+    def _dispatch(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict, list[int], bool]:
         from postcopy.guest.runtime import GuestStateError
 
         try:
@@ -128,24 +185,37 @@ class ControlServer:
         try:
             fds: list[int] = []
             if cmd == "status":
-                reply = g.status()
+                reply = {**g.status(), **self._lease.status()}
             elif cmd == "pause":
                 reply = g.pause()
             elif cmd == "resume":
                 stop_at = req.get("stop_at")
                 if stop_at is not None and (not _is_count(stop_at)):
                     raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
+                self._lease.check_unfenced("resume")
                 reply = g.resume(stop_at=stop_at)
             elif cmd == "run_until":
                 steps = req.get("steps")
                 if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
                     raise GuestStateError("run_until wants a non-negative integer 'steps'")
+                self._lease.check_unfenced("run_until")
                 reply = g.run_until(steps)
             elif cmd == "run":
                 steps, harvest = req.get("steps"), req.get("harvest", False)
                 if not _is_count(steps) or not isinstance(harvest, bool):
                     raise GuestStateError("run wants a non-negative integer 'steps' and a boolean 'harvest'")
+                self._lease.check_unfenced("run")
                 reply = g.run(steps, harvest=harvest)
+            elif cmd in ("lease", "release", "fence", "watchdog"):
+                reply = self._lease.command(cmd, req, conn)
+                if cmd == "watchdog":
+                    self._start_watchdog()
+                if cmd == "release":
+                    self._lease_ended()
+            elif cmd == "throttle":
+                reply = g.set_throttle(req.get("percent"))
+            elif cmd == "rate_cap":
+                reply = g.set_rate_cap(req.get("steps_per_s"))
             elif cmd == "hash":
                 reply = {"hash": g.ram_hash()}
             elif cmd == "fds":
@@ -165,6 +235,8 @@ class ControlServer:
                 reply = g.take_max_step_gap()
             elif cmd == "quit":
                 return {"ok": True}, [], True
+            elif cmd in getattr(g, "commands", {}):  # a guest kind's own (KvmGuest: kvm_dirty)
+                reply = g.commands[cmd](req)
             else:
                 raise GuestStateError(f"unknown command {cmd!r}")
         except GuestStateError as exc:
@@ -248,7 +320,14 @@ class GuestClient:
             self.close()  # a late reply would desynchronise the stream
             what = "no reply within the timeout" if isinstance(exc, TimeoutError) else exc
             raise GuestError(f"guest {self.path}: {cmd}: {what}") from None
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            self.close()
+            raise GuestError(f"{self.path} answered {cmd!r} with something other than a JSON object: "
+                             f"not a postcopy guest's control socket")
         if not reply.get("ok"):
             for fd in fds:
                 os.close(fd)
@@ -308,9 +387,13 @@ class GuestClient:
     def hash(self) -> str:
         return self.request("hash")["hash"]
 
-    def take_fds(self) -> tuple[dict, dict[str, int]]:
+    def take_fds(self, incoming: bool = False) -> tuple[dict, dict[str, int]]:
         """The ``fds`` reply and the received descriptors by name ("memfd", "uffd");
-        the caller owns (and must close) them."""
+        the caller owns (and must close) them. Only a destination (``incoming=True``)
+        may take those of an incoming guest: its userfaultfd is its destination's."""
+        if not incoming and self.status().get("state") == "incoming":
+            raise GuestError(f"{self.path} belongs to an incoming guest waiting for its RAM (a destination's): "
+                             f"it cannot be migrated from here")
         reply, fds = self._roundtrip("fds", {})
         if len(fds) != len(reply["fds"]):
             for fd in fds:
@@ -340,6 +423,22 @@ class GuestClient:
     def max_step_gap_ns(self) -> int:
         """Longest gap between two steps of any vCPU since the previous call."""
         return self.request("max_step_gap")["max_gap_ns"]
+
+    def lease(self) -> str:
+        """Take the guest's exclusive migration lease (held while this connection
+        stays open); returns its token. Raises GuestError if another agent holds it or
+        a fence holds."""
+        return self.request("lease")["token"]
+
+    def fence(self, token: str, seconds: float | None = None, *, lift: bool = False) -> float:
+        """Extend the fence (a destination may run the guest ``seconds`` more), or
+        lift it; returns the seconds left."""
+        fields = {"token": token, "lift": True} if lift else {"token": token, "seconds": float(seconds)}
+        return self.request("fence", **fields)["fence_remaining_s"]
+
+    def watchdog(self, token: str, seconds: float) -> None:
+        """Incoming guest: stop by itself unless renewed within ``seconds``."""
+        self.request("watchdog", token=token, seconds=float(seconds))
 
     def quit(self) -> None:
         """Ask the guest to exit (0, no hash printed)."""
@@ -375,7 +474,7 @@ def wait_for_control(path: str, timeout: float = 10.0, proc: subprocess.Popen | 
 # One set of defaults for every way of starting a guest (``postcopy guest``, ``postcopy
 # demo``, GuestParams): the same flags give the same guest, and the same reference hash.
 GUEST_DEFAULTS: dict = {"threads": 2, "workload": "random-write", "seed": 1, "rate": 0.0, "working_set": 1.0,
-                        "free_fraction": 0.0, "backing": "memfd"}
+                        "free_fraction": 0.0, "backing": "memfd", "vm": "process"}
 
 
 @dataclass(frozen=True)
@@ -391,6 +490,7 @@ class GuestParams:
     working_set: float = GUEST_DEFAULTS["working_set"]
     backing: str = GUEST_DEFAULTS["backing"]
     free_fraction: float = GUEST_DEFAULTS["free_fraction"]
+    vm: str = GUEST_DEFAULTS["vm"]  # or "kvm": the same RAM and workload run by KVM vCPUs
 
     def reference_command(self) -> str:
         """The ``postcopy guest`` command line that runs this guest without migration
@@ -409,6 +509,8 @@ class GuestParams:
         """Command line that starts this guest. An incoming guest gets only RAM size and
         backing: the rest comes with its state page."""
         argv = [sys.executable, "-m", "postcopy", "guest", "--ram", str(self.ram), "--backing", self.backing]
+        if self.vm != "process":
+            argv += ["--vm", self.vm]
         if incoming:
             argv.append("--incoming")
         else:

@@ -148,6 +148,10 @@ class Guest:
         self._fatal: str | None = None
         self._quit = False
         self._fds_taken = False
+        self._ram_settled = False  # an incoming guest's RAM was seen unregistered (all in)
+        # Run-time pacing (throttle, rate_cap): timing only, never in RAM, never migrated.
+        self._throttle = 0
+        self._rate_cap = 0.0
         self.uffd = None  # missing mode, incoming guests only; handed out by fds
         self._dirty: DirtyTracker | None = None  # async write-protect tracking; never leaves the guest
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
@@ -246,6 +250,7 @@ class Guest:
             vcpus = Vcpus(self._ram, self.ram_size, int(info.threads), locals_)
         except OSError as exc:
             raise GuestStateError(str(exc)) from None
+        vcpus.set_pacing(throttle=self._throttle, rate_cap=self._rate_cap)
         with self._cond:
             self._info = info
             self._locals = locals_
@@ -298,7 +303,7 @@ class Guest:
         self._running = False
         for tid, rc in enumerate(self._vcpus.results()):
             if rc < 0:
-                self._fatal = f"vCPU {tid} refused to run: {_CHECK_ERRORS.get(rc, rc)}"
+                self._fatal = self._vcpu_error(tid, rc)
         self._paused_ns = self._vcpus.parked_ns
         target = self.steps_target
         if not self._pause_requested and target and all(s >= target for s in self.steps()):
@@ -308,6 +313,10 @@ class Guest:
         if self._fatal or self._state == "finished":
             self._vcpus.notify()  # the main thread waits for these (wait)
         self._cond.notify_all()
+
+    def _vcpu_error(self, tid: int, rc: int) -> str:
+        """The fatal error for vCPU ``tid``'s negative run result."""
+        return f"vCPU {tid} refused to run: {_CHECK_ERRORS.get(rc, rc)}"
 
     def _wait_parked(self) -> None:
         """Wait (no lock held) until an incoming guest has started and every vCPU is
@@ -434,6 +443,28 @@ class Guest:
         with self._cond:
             return {**self._pause_reply(), **reply}
 
+    def set_throttle(self, percent: int) -> dict:
+        """Park each vCPU ``percent`` (0..99) of its time from its next step on (QEMU's
+        auto-converge throttle); 0 lifts it. Timing only: not guest state, not migrated."""
+        if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 99:
+            raise GuestStateError("throttle wants an integer 'percent' 0..99 (0 lifts it)")
+        return self._set_pacing(percent, self._rate_cap)
+
+    def set_rate_cap(self, steps_per_s: float) -> dict:
+        """Cap each vCPU at ``steps_per_s`` steps/s from its next step on (as ``--rate``,
+        the slower of the two holds); 0 lifts it. Not one of the guest's parameters."""
+        if (not isinstance(steps_per_s, (int, float)) or isinstance(steps_per_s, bool)
+                or not 0 <= steps_per_s < float("inf") or 0 < steps_per_s < 1e-3):
+            raise GuestStateError("rate_cap wants a number 'steps_per_s' >= 0.001 (0 lifts the cap)")
+        return self._set_pacing(self._throttle, float(steps_per_s))
+
+    def _set_pacing(self, throttle: int, rate_cap: float) -> dict:
+        with self._cond:
+            if self._vcpus is not None:
+                self._vcpus.set_pacing(throttle=throttle, rate_cap=rate_cap)
+            self._throttle, self._rate_cap = throttle, rate_cap
+            return {"throttle_pct": throttle, "rate_cap": rate_cap}
+
     def _check_paused(self, what: str) -> None:
         self._settle()
         if self._state != "paused":
@@ -465,6 +496,8 @@ class Guest:
                 "seed": int(info.seed) if info else None,
                 "working_set": float(info.working_set) if info else None,
                 "rate": float(info.rate) if info else None,
+                "throttle_pct": self._throttle,
+                "rate_cap": self._rate_cap,
                 "steps": self.steps(),
                 "steps_target": self.steps_target,
                 "stop_at": self._stop_at,
@@ -482,15 +515,30 @@ class Guest:
                 "free_pages": int(info.free_pages) * int(info.threads) if info else None,
             }
 
+    def ram_arriving(self) -> bool:
+        """Whether pages may still arrive: an incoming guest's RAM stays registered with
+        its userfaultfd until the destination has every page in (it unregisters then).
+        Until that, a read that bypasses the mapping (the hash's SEEK_DATA on the memfd,
+        or skipping non-present pages) would see missing pages as zeros."""
+        if self.uffd is None or self._ram_settled:
+            return False
+        if _uffd_registered(self.address, self.ram_size):
+            return True
+        self._ram_settled = True  # nothing registers it again
+        return False
+
     def ram_hash(self) -> str:
         """Hash of the whole RAM without heartbeats (paused or finished guests only).
-        Pages that read as zero without being present are not touched, so on an
-        incoming guest the hash is only meaningful once every page has arrived."""
+        Pages that read as zero without being present are not touched, so an incoming
+        guest refuses until every page has arrived (see :meth:`ram_arriving`)."""
         with self._op:
             with self._cond:
                 self._settle()
                 if self._state not in ("paused", "finished") or self._starting or self._running:
                     raise GuestStateError(f"hash needs a paused or finished guest (state {self._state})")
+            if self.ram_arriving():
+                raise GuestStateError("hash needs every page in: the RAM is still registered with the incoming "
+                                      "userfaultfd (the destination has not received every page yet)")
             value = lib.pc_guest_hash(self._ram, self.ram_size, self.page_size,
                                       -1 if self.memfd is None else self.memfd)
             return f"{value:016x}"
@@ -661,6 +709,14 @@ class Guest:
             out.append((off, length))
         return out
 
+    def abandon(self, reason: str) -> None:
+        """Stop for good (the main thread exits 1 with ``reason``): an incoming guest
+        whose destination agent is gone would otherwise wait forever on its faults."""
+        with self._cond:
+            self._fatal = self._fatal or reason
+            self._pause_flag[0] = 1
+            self._cond.notify_all()
+
     def request_quit(self) -> None:
         """Ask the main thread to exit (after the reply went out)."""
         with self._cond:
@@ -683,7 +739,13 @@ class Guest:
                 if self._quit:
                     return "quit"
                 if finished_ok and self._state == "finished":
-                    return "finished"
+                    # An incoming guest that ran to its end before every page arrived
+                    # stays parked: its hash and exit wait for the rest of its RAM
+                    # (nothing signals the unregistration: poll it, briefly).
+                    if not self.ram_arriving():
+                        return "finished"
+                    self._cond.wait(0.02)
+                    continue
                 if vcpus is None:
                     self._cond.wait(0.5)  # short waits keep SIGTERM (KeyboardInterrupt) prompt
                     continue
@@ -694,6 +756,24 @@ class Guest:
     @property
     def fatal(self) -> str | None:
         return self._fatal
+
+
+def _uffd_registered(address: int, size: int) -> bool:
+    """Whether any mapping in [address, address + size) is registered with a
+    userfaultfd in missing or minor mode (VmFlags ``um`` / ``ui`` in /proc/self/smaps)."""
+    end = address + size
+    overlaps = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0] if line.strip() else ""
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                overlaps = lo < end and address < hi
+            elif overlaps and head == "VmFlags:":
+                flags = line.split()[1:]
+                if "um" in flags or "ui" in flags:
+                    return True
+    return False
 
 
 def _is_int(x) -> bool:

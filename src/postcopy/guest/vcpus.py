@@ -37,6 +37,21 @@ class Vcpus:
         if rc:
             raise RuntimeError("vCPUs released while some had not parked yet")
 
+    def set_runner(self, runner=None, ctx=None, pause_flag=None) -> None:
+        """While parked: run ``runner(ctx, tid, limit, local)`` (a ``pc_vcpu_runner``
+        function pointer; None: the process guest's own step loop) with ``pause_flag``
+        (an ``int *``; None: the vm's own) as the pause word from the next release."""
+        rc = lib.pc_vm_set_runner(self._vm, ffi.NULL if runner is None else runner,
+                                  ffi.NULL if ctx is None else ctx, ffi.NULL if pause_flag is None else pause_flag)
+        if rc:
+            raise RuntimeError("vCPU runner changed while some vCPU had not parked yet")
+
+    def set_pacing(self, *, throttle: int, rate_cap: float) -> None:
+        """Run-time pacing, seen at each vCPU's next step: park ``throttle`` percent
+        (0..99) of the time; at most ``rate_cap`` steps/s per vCPU (0: no cap)."""
+        if lib.pc_vm_set_throttle(self._vm, throttle) or lib.pc_vm_set_rate_cap(self._vm, rate_cap):
+            raise ValueError(f"bad pacing: throttle {throttle}%, rate cap {rate_cap} steps/s")
+
     def request_pause(self) -> None:
         """Raise the pause flag (returns at once; see :meth:`wait_parked`)."""
         lib.pc_vm_request_pause(self._vm)

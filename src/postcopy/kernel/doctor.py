@@ -28,6 +28,8 @@ def _summary(probes: dict[str, Probe]) -> list[str]:
     return [
         "userfaultfd: " + ("usable (postcopy works)" if ok("uffd_api") else "UNUSABLE (no postcopy)"),
         "precopy dirty log: " + (", ".join(logs) if logs else "none (only pure postcopy works)"),
+        "KVM guest dirty log: " + (", ".join(f"kvm-{n}" for n in ("ring", "clear", "bitmap") if ok(f"kvm_dirty_{n}"))
+                                   or "none"),
         "network testbed: " + ("usable" if ok("netns") else "unavailable"),
     ]
 

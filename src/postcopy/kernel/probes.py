@@ -319,6 +319,20 @@ def probe_kvm() -> Probe:
                  disables)
 
 
+def probe_kvm_dirty_logs() -> list[Probe]:
+    """KVM's three dirty logs, each tried for real on a scratch VM whose guest writes
+    known pages (native pc_kvm_probe): KVM_GET_DIRTY_LOG, manual protect with
+    KVM_CLEAR_DIRTY_LOG, the dirty ring."""
+    from postcopy.kernel.dirtylog.kvm import kvm_backend_reasons
+
+    done = {"kvm-bitmap": "KVM_GET_DIRTY_LOG", "kvm-clear": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + KVM_CLEAR_DIRTY_LOG",
+            "kvm-ring": "KVM_CAP_DIRTY_LOG_RING (KVM_DIRTY_LOG_PAGE_OFFSET rings, KVM_RESET_DIRTY_RINGS)"}
+    return [Probe(f"kvm_dirty_{name[4:]}", reason is None,
+                  reason or f"{done[name]}: a KVM guest's writes reported exactly, then cleared",
+                  f"the {name} dirty log of KVM guests")
+            for name, reason in kvm_backend_reasons(refresh=True).items()]
+
+
 _CLONE_NEWNET = 0x40000000
 
 
@@ -367,6 +381,7 @@ def all_probes() -> list[Probe]:
         ("uffdio_move", probe_uffdio_move),
         ("minor_shmem", probe_minor_shmem),
         ("kvm", probe_kvm),
+        ("kvm_dirty_logs", probe_kvm_dirty_logs),
         ("netns", probe_netns),
     ]
     probes: list[Probe] = []

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from postcopy import report
 
 from postcopy.protocol import wire
+from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
 from postcopy._native import lib as native
+from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
-from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
+from postcopy.migration.listener import AcceptTimeout, Listener
+from postcopy.protocol.endpoint import listen_socket
 from postcopy.kernel.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
                            Userfaultfd)
 
@@ -50,6 +54,8 @@ class DestConfig:
     recovery_timeout: float = 30.0  # postcopy: how long to wait for the source to reconnect (0: never)
     install: str = "copy"  # install path: copy, continue (memfd) or move (anon); see postcopy.migration.install
     staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
+    frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
+    guest_vm: str = "process"  # the guest this agent starts: process, or kvm (postcopy guest --vm)
 
 
 class DestinationAgent:
@@ -83,6 +89,13 @@ class DestinationAgent:
         self._link_broken = threading.Event()
         self._recoveries: list[float] = []  # ms from noticing the break to resuming
         self._path: CopyPath | None = None  # the install strategy, chosen in _setup
+        self.protocol = wire.Session(wire.MIGRATION, "dest")  # checks every frame of every channel
+        self._source_recovery_timeout: float | None = None  # from the Switchover
+        self._guest_client: GuestClient | None = None  # holds the incoming guest's lease
+        self._lease: str | None = None
+        self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
+        self._killed_guest = False
+        self._listener: Listener | None = None
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -92,50 +105,62 @@ class DestinationAgent:
             if error:
                 raise DestinationError(error)
         if self.listener is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.config.listen)
-            sock.listen(4)
-            self.listener = sock
+            self.listener = listen_socket(self.config.listen)
+        if self._listener is None:  # accepts and authenticates in the background from now on
+            self._listener = Listener(self.listener, self.config.key, protocol=self.protocol,
+                                      frame_auth=self.config.frame_auth)
         return self.listener
 
     def _accept(self, name: str, session: bytes | None) -> tuple[Channel, PeerInfo]:
-        self.listener.settimeout(self.config.accept_timeout)
+        """The next authenticated channel of this migration (strangers and other
+        sources are dealt with by the listener; see :mod:`postcopy.migration.listener`)."""
         try:
-            sock, _ = self.listener.accept()
-        except socket.timeout as exc:
-            raise DestinationError(f"no source connected within {self.config.accept_timeout:.0f} s") from exc
-        sock.settimeout(None)
-        tune(sock, urgent=(name == "urgent"))
-        channel = Channel(sock, name)
-        hello = wire.make_hello("dest", name, os.sysconf("SC_PAGE_SIZE"), (), session)
-        try:
-            peer = handshake(channel, "server", self.config.key, hello)
-        except BaseException:
-            channel.close()
-            raise
-        if peer.hello.channel != name or (session is not None and peer.hello.session != session):
-            channel.close()
-            raise DestinationError(f"expected the {name} channel of this session, got {peer.hello.channel!r}")
-        return channel, peer
+            return self._listener.accept(name, session, self.config.accept_timeout)
+        except AcceptTimeout as exc:
+            if session is None:  # no migration began: nothing else will close it
+                self._listener.close()
+            raise DestinationError(str(exc)) from None
 
     # -- guest -----------------------------------------------------------------------
     def _start_guest(self, ram_size: int) -> str:
+        error = ram_fit_error(ram_size)  # refused now, not at the very end (UFFDIO_UNREGISTER: ENOMEM)
+        if error:
+            raise DestinationError(f"the source's guest cannot run here: {error}")
         control = os.path.join(self.config.workdir, "incoming.sock")
         argv = [sys.executable, "-m", "postcopy", "guest", "--incoming", "--ram", str(ram_size),
                 "--backing", self.config.backing, "--control", control,
-                *guest_options(self.config.install, self.config.staging_pages)]
-        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+                *guest_options(self.config.install, self.config.staging_pages),
+                *(["--vm", self.config.guest_vm] if self.config.guest_vm != "process" else [])]
+        self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                                           preexec_fn=_die_with(os.getpid()))
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)
         return control
 
     def stop_guest(self) -> None:
-        """Kill the incoming guest this agent started (a failed migration must not leave
-        it running on partial RAM)."""
+        """Stop the incoming guest before it has every page (a failed migration must not
+        leave it running): kill the one this agent started; an attached one stops when
+        its lease (our control connection) ends."""
+        if self._guest_client is not None:
+            self._guest_client.close()
         if self.guest_proc is not None and self.guest_proc.poll() is None:
+            self._killed_guest = True
             self.guest_proc.kill()
             self.guest_proc.wait()
+
+    def _stopped_note(self) -> str:
+        """What became of the incoming guest after a failure (said only if true)."""
+        if self.guest_proc is None:
+            if self.config.guest_control is None:
+                return "No incoming guest was started."
+            if self._lease is None:
+                return "The incoming guest this agent was to attach to was not touched."
+            return ("The incoming guest this agent attached to stops now: its lease ended before every "
+                    "page arrived.")
+        if self._killed_guest:
+            return f"The incoming guest was stopped (pid {self.guest_proc.pid}) before it had every page."
+        return (f"The incoming guest (pid {self.guest_proc.pid}) had already exited with status "
+                f"{self.guest_proc.returncode}.")
 
     def _read_guest_output(self) -> None:
         for line in self.guest_proc.stdout:
@@ -155,12 +180,15 @@ class DestinationAgent:
         try:
             self._session = peer.hello.session
             urgent, _ = self._accept("urgent", self._session)
+            self.protocol.established()
             layout = peer.layout
             if len(layout.regions) != 1 or layout.regions[0][0] != 0:
                 raise DestinationError(f"unsupported RAM layout {layout.regions}")
             control = self.config.guest_control or self._start_guest(layout.regions[0][1])
-            guest = GuestClient(control)
-            info, fds = guest.take_fds()
+            guest = self._guest_client = GuestClient(control)
+            # Held until every page is in: if this agent goes away first, the guest stops.
+            self._lease = guest.lease()
+            info, fds = guest.take_fds(incoming=True)
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
             try:
@@ -173,23 +201,24 @@ class DestinationAgent:
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"incoming migration failed: {exc}. The incoming guest was stopped: it "
-                                   f"never runs on incomplete data.") from exc
+            raise DestinationError(f"incoming migration failed: {exc}. {self._stopped_note()}") from exc
         except DestinationError as exc:
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"{exc}. The incoming guest was stopped: it never runs on incomplete "
-                                   f"data.") from exc
+            raise DestinationError(f"{exc}. {self._stopped_note()}") from exc
         except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
             self._stop.set()
             self.stop_guest()
             raise
         finally:
             self._stop.set()
+            if self._watchdog is not None:
+                self._watchdog.close()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
                 channel.close()
             if self._path is not None:
                 self._path.close()
+            self._listener.close()
         if self.guest_proc is not None:
             reader = threading.Thread(target=self._read_guest_output, daemon=True)
             reader.start()
@@ -240,11 +269,16 @@ class DestinationAgent:
                 self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
+                self._source_recovery_timeout = switchover.get("recovery_timeout_s")
+                # Stopped or cut off, this agent stops renewing, and the guest stops itself.
+                self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
+                                                 in_contact=lambda: not self._link_broken.is_set())
+                self._watchdog.arm()
                 resumed = guest.resume()
                 self._switched = True
                 self._timeline.switchover_ns = time.monotonic_ns()
-            elif isinstance(message, wire.Ping):
-                self._main.send(wire.Pong(token=message.token))  # guest up, fault server running
+            elif isinstance(message, wire.ReadyCheck):
+                self._main.send(wire.Ready())  # guest up, fault server running
             elif isinstance(message, wire.PushDone):
                 push_done = True
             elif isinstance(message, wire.Error):
@@ -333,6 +367,14 @@ class DestinationAgent:
                                                name="urgent-receiver", daemon=True)
         self._urgent_thread.start()
 
+    def _recovery_timeout(self) -> float:
+        """How long to wait for the source after a break: ours, or the source's if
+        shorter (its guest's fence counts on that: see postcopy.migration.fence)."""
+        theirs = self._source_recovery_timeout
+        if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and theirs >= 0:
+            return min(self.config.recovery_timeout, float(theirs))
+        return self.config.recovery_timeout
+
     def _link_lost(self) -> None:
         """A channel broke: wake the main thread (blocked in recv) so it recovers."""
         self._link_broken.set()
@@ -344,7 +386,8 @@ class DestinationAgent:
         source reconnects with the same key and session; then everything outstanding is
         asked for again. Before the switchover there is nothing to recover: the source
         goes on running the guest, and this side gives up."""
-        if not self._switched or self.config.recovery_timeout <= 0 or self._stop.is_set():
+        timeout = self._recovery_timeout()
+        if not self._switched or timeout <= 0 or self._stop.is_set():
             raise ChannelClosed("the link to the source broke")
         noticed = time.monotonic()
         self._link_broken.set()
@@ -353,16 +396,18 @@ class DestinationAgent:
                 channel.close()
         self._urgent = None
         self._urgent_thread.join(timeout=5)
-        print(f"link to the source lost; waiting up to {self.config.recovery_timeout:g} s for it to reconnect",
+        self.protocol.link_lost()
+        print(f"link to the source lost; waiting up to {timeout:g} s for it to reconnect",
               file=sys.stderr, flush=True)
         saved = self.config.accept_timeout
-        self.config.accept_timeout = self.config.recovery_timeout
         try:
+            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
             main, _ = self._accept("main", self._session)
+            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
             urgent, _ = self._accept("urgent", self._session)
         except DestinationError as exc:
             raise DestinationError(f"the link to the source stayed down longer than the recovery timeout "
-                                   f"({self.config.recovery_timeout:g} s)") from exc
+                                   f"({timeout:g} s)") from exc
         finally:
             self.config.accept_timeout = saved
         # Everything not in yet: the pusher sends it again; what threads wait on goes
@@ -372,12 +417,14 @@ class DestinationAgent:
             waiting = sorted(self._fault_started)
         for first, count in outstanding:
             main.send(wire.PageRequest(first_page=first, npages=count))
-        main.send(wire.Ping(token=wire.RECOVERY_TOKEN))
-        reply = main.recv()
-        if not isinstance(reply, wire.Pong) or reply.token != wire.RECOVERY_TOKEN:
-            raise wire.ProtocolError(f"expected the recovery Pong, got {type(reply).__name__}")
+        main.send(wire.RecoveryEnd())
+        reply = main.recv()  # RecoveryAck or Error: the table refuses anything else here
+        if isinstance(reply, wire.Error):
+            raise DestinationError(f"the source refused to resume: {reply.reason}")
         self._main, self._urgent = main, urgent
         self._link_broken.clear()
+        if self._watchdog is not None:
+            self._watchdog.refresh()  # in contact again: the guest may run on
         self._start_urgent_receiver()
         for page in waiting:
             if self.state[page] == REQUESTED:
@@ -608,6 +655,23 @@ class DestinationAgent:
                 self._mark_zero(message.first_page, message.npages)
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
+
+
+def _die_with(parent: int):
+    """A preexec_fn: the child gets SIGKILL when its parent dies (PR_SET_PDEATHSIG),
+    and exits at once if the parent died before that was set. (The agent forks from
+    its main thread, which lives as long as the agent: the signal follows the thread.)"""
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        if prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return child
 
 
 _CAUSE_NAMES = {

@@ -1,15 +1,23 @@
 """The source agent's view of a guest's RAM: which pages are populated, and sending
-page runs from it without mapping the guest's RAM into the agent (so the agent's RSS
-does not grow with the guest)."""
+page runs from it without keeping the guest's RAM mapped into the agent (so the agent's
+RSS does not grow with the guest)."""
 from __future__ import annotations
 
 import bisect
 import errno
+import mmap
 import os
+import threading
 
 from postcopy.protocol import wire
 from postcopy.kernel.pagemap import PM_PRESENT, PM_SWAP, Pagemap
-from postcopy.protocol.channel import MAX_RUN_BYTES, Channel
+from postcopy.protocol.channel import Channel
+from postcopy.protocol.wire import MAX_RUN_BYTES
+
+# Runs sent after the switchover: the source guest is paused, so their bytes cannot
+# change between the frame's tag and sendfile's copy.
+_STABLE_CAUSES = frozenset({wire.Cause.DEMAND, wire.Cause.PUSHED, wire.Cause.STATE})
+_FAULT_AROUND = 64 << 10  # the kernel's default fault_around_bytes
 
 
 class GuestMemory:
@@ -31,6 +39,9 @@ class GuestMemory:
         self.memfd: int | None = fds.get("memfd")
         self._mem_fd: int | None = None
         self._pagemap: Pagemap | None = None
+        self._map: mmap.mmap | None = None  # memfd, read-only: what tags are computed over
+        self._map_lock = threading.Lock()
+        self._copy: bytearray | None = None  # precopy runs of memfd RAM, read before tagging
         if self.memfd is None:
             self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
             self._pagemap = Pagemap(self.pid)
@@ -77,18 +88,45 @@ class GuestMemory:
 
     def send_run(self, channel: Channel, first_page: int, npages: int, cause: wire.Cause,
                  scratch: bytearray | None = None) -> None:
-        """Send pages [first_page, first_page+npages) as one frame (≤ MAX_RUN_BYTES)."""
+        """Send pages [first_page, first_page+npages) as one frame (≤ MAX_RUN_BYTES).
+
+        memfd RAM goes out with sendfile when its bytes are stable (after the
+        switchover, or frames without tags); a precopy run of a running guest is read
+        into a buffer first, so that its tag covers exactly the bytes sent."""
         length = npages * self.page_size
         offset = first_page * self.page_size
-        if self.memfd is not None:
-            channel.sendfile_page_run(first_page, npages, cause, self.memfd, offset)
+        if self.memfd is not None and (cause in _STABLE_CAUSES or not channel.authenticated):
+            view = self._mapped(offset, length) if channel.authenticated else None
+            try:
+                channel.sendfile_page_run(first_page, npages, cause, self.memfd, offset, view)
+            finally:
+                if view is not None:
+                    view.release()
+                    self._unmap_pages(offset, length)
             return
-        assert scratch is not None and len(scratch) >= length, "anon backing needs a scratch buffer"
+        if scratch is None:
+            assert self.memfd is not None, "anon backing needs a scratch buffer"
+            scratch = self._copy = self._copy or bytearray(MAX_RUN_BYTES)  # the precopy thread's
         view = memoryview(scratch)[:length]
-        got = os.preadv(self._mem_fd, [view], self.base + offset)
+        fd, base = (self.memfd, 0) if self.memfd is not None else (self._mem_fd, self.base)
+        got = os.preadv(fd, [view], base + offset)
         if got != length:
             raise OSError(errno.EIO, f"short read of guest RAM at page {first_page}: {got} of {length} bytes")
         channel.send_page_run(first_page, npages, cause, view)
+
+    def _unmap_pages(self, offset: int, length: int) -> None:
+        """Drop the pages of [offset, offset+length) from this mapping (from RSS, not
+        from the guest's RAM), widened to the kernel's fault-around window, which
+        maps neighbours of every page read."""
+        start = offset // _FAULT_AROUND * _FAULT_AROUND
+        end = min(-(-(offset + length) // _FAULT_AROUND) * _FAULT_AROUND, self.size)
+        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _mapped(self, offset: int, length: int) -> memoryview:
+        with self._map_lock:
+            if self._map is None:
+                self._map = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return memoryview(self._map)[offset:offset + length]
 
     @staticmethod
     def scratch() -> bytearray:
@@ -96,6 +134,12 @@ class GuestMemory:
         return bytearray(MAX_RUN_BYTES)
 
     def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view still held by a traceback: the GC unmaps it
+                pass
+            self._map = None
         for fd in (self.memfd, self._mem_fd):
             if fd is not None:
                 os.close(fd)

@@ -12,15 +12,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from postcopy import ranges
+from typing import IO
 
-from postcopy.protocol import wire
-from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
+from postcopy import ranges
 from postcopy.guest.control import GuestClient, GuestError
-from postcopy.kernel.priority import make_current_thread_urgent
-from postcopy.migration.precopy import ConvergencePolicy, RoundStats, run_rounds
-from postcopy.migration.guestmem import GuestMemory, PageExtents
-from postcopy.protocol.channel import MAX_RUN_BYTES, Channel, ChannelClosed, handshake, tune
+from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, open_dirty_log
+from postcopy.migration.dirtyrate import predict
+from postcopy.migration.fence import LeaseKeeper, fence_keeper, fence_note
+from postcopy.migration.guestmem import GuestMemory
+from postcopy.migration.precopy import ConvergencePolicy, GuestControls, RoundStats, run_rounds
+from postcopy.migration.progress import Progress
+from postcopy.migration.ratelimit import RateLimiter
+from postcopy.migration.sender import PageSender, SourceStats, UrgentChannelFailed
+from postcopy.migration.status import StatusServer
+from postcopy.protocol import wire
+from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
 
 
 class MigrationError(RuntimeError):
@@ -40,21 +46,16 @@ class SourceConfig:
     connect_timeout: float = 15.0
     recovery_timeout: float = 30.0  # postcopy: how long to try to reconnect after a broken link (0: never)
     push_delay: float = 0.0  # benchmark knob: serve demand faults alone this long first
+    frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
+    max_bandwidth: float = 0.0  # bytes/s for precopy rounds (0: no limit)
+    max_postcopy_bandwidth: float = 0.0  # bytes/s for the pusher; demand pages are never held back
+    events: IO[str] | None = None  # JSON lines, one per status change
+    terminal: IO[str] | None = None  # where the live progress line goes (None: nowhere)
+    status_socket: str | None = None  # `postcopy status --source PATH` answers from here
 
 
 MODES = ("postcopy", "precopy", "hybrid")
-DISCARD_BATCH = 4096
-PREPAGE_PAGES = 16  # pages pushed right behind each demand fault  # runs per Discard frame (well inside the frame size limit)
-
-
-@dataclass
-class SourceStats:
-    pages_precopy: int = 0
-    pages_resent: int = 0
-    pages_pushed: int = 0
-    pages_demand: int = 0
-    pages_zero: int = 0
-    requests: int = 0
+DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -69,6 +70,30 @@ def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
             time.sleep(0.05)
 
 
+@dataclass
+class _Migration:
+    """What one run of the agent holds; its phases fill it in."""
+
+    guest: GuestClient
+    info: dict
+    mem: GuestMemory
+    status: dict
+    sender: PageSender
+    session: bytes = b""
+    dirty_log: DirtyLog | None = None
+    main: Channel | None = None
+    urgent: Channel | None = None
+    server: threading.Thread | None = None
+    controls: GuestControls = field(default_factory=GuestControls)
+    rounds: list[RoundStats] = field(default_factory=list)
+    stop_reason: str | None = None
+    prediction: dict | None = None
+    stale: list[tuple[int, int]] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
+    switchover_sent: bool = False
+    complete: dict = field(default_factory=dict)
+
+
 class SourceAgent:
     """Runs one migration from the source side. Use :meth:`run`."""
 
@@ -76,15 +101,16 @@ class SourceAgent:
         if config.mode not in MODES:
             raise ValueError(f"mode {config.mode!r} is not one of {', '.join(MODES)}")
         self.config = config
-        self.stats = SourceStats()
-        self._hint: int | None = None  # next page for the pusher after a demand fault
-        self._sent: bytearray | None = None
-        self._urgent_error: BaseException | None = None
-        self._extents: PageExtents | None = None
-        self._scratch: bytearray | None = None  # main channel's read buffer (anon backing)
+        self.stats = SourceStats()  # the sender's, once attached
         self._guest_pid: int | None = None
-        self._link_lost = threading.Event()
+        self._lease: str | None = None
+        self._fence: LeaseKeeper | None = None
+        self._sender: PageSender | None = None
         self.recoveries: list[float] = []
+        self.protocol = wire.Session(wire.MIGRATION, "source")  # checks every frame of both channels
+        self.progress = Progress(ram_bytes=0)
+        self._rate = {"t0": time.monotonic(), "bytes0": 0, "bytes": 0}  # throughput of the current phase
+        self._rate_lock = threading.Lock()
 
     # -- connection --------------------------------------------------------------------
     def _open_channel(self, mem: GuestMemory, session: bytes, name: str, deadline: float | None = None) -> Channel:
@@ -93,11 +119,15 @@ class SourceAgent:
         # Bounded while reconnecting: the destination may still be noticing the break.
         sock.settimeout(None if deadline is None else timeout)
         tune(sock, urgent=(name == "urgent"))
-        channel = Channel(sock, name, mem.layout)
-        hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session)
+        channel = Channel(sock, name, mem.layout, self.protocol)
+        hello = wire.make_hello("source", name, mem.page_size, mem.layout.regions, session,
+                                unauthenticated=not self.config.frame_auth)
         handshake(channel, "client", self.config.key, hello)
         sock.settimeout(None)
         return channel
+
+    def _in_contact(self) -> bool:
+        return self._sender is not None and not self._sender.link_lost.is_set()
 
     # -- the migration -----------------------------------------------------------------
     def run(self) -> dict:
@@ -107,141 +137,244 @@ class SourceAgent:
         with all its RAM until the destination confirms."""
         cfg = self.config
         started = time.monotonic()
+        m = self._attach()
+        self.progress = Progress(ram_bytes=m.mem.size, events=cfg.events, terminal=cfg.terminal)
+        status_server = None
+        try:
+            status_server = StatusServer(cfg.status_socket, self.progress.status) if cfg.status_socket else None
+            self.progress.event("setup", mode=cfg.mode)
+            self._connect(m)
+            self._precopy(m)
+            self._switchover(m)
+            self._postcopy(m)
+            self.progress.event("done", bytes_sent=m.main.bytes_sent + m.urgent.bytes_sent)
+        except (ChannelClosed, wire.ProtocolError, OSError, MigrationError, GuestError, UrgentChannelFailed) as exc:
+            message = self._failure(exc, m)
+            self.progress.event("failed", error=message)
+            raise MigrationError(message) from exc
+        except BaseException as exc:  # Ctrl-C, SIGTERM: same rule, then stop
+            message = self._failure(exc, m)
+            self.progress.event("failed", error=message)
+            print(f"postcopy source: {message}", file=sys.stderr)
+            raise
+        finally:
+            self._close(m, status_server)
+        return self._report(m, started)
+
+    def _attach(self) -> _Migration:
+        """Take the guest's lease (one migration of a guest at a time) and its RAM."""
+        cfg = self.config
+        guest = None
         try:
             guest = GuestClient(cfg.guest_control)
+            self._lease = guest.lease()
             info, fds = guest.take_fds()
+            status = guest.status()
         except GuestError as exc:
+            if guest is not None:
+                guest.close()
             raise MigrationError(f"cannot attach to the guest: {exc}") from None
         self._guest_pid = info.get("pid")
         mem = GuestMemory(info, fds)
-        status = guest.status()
-        dirty_log = None
-        main = urgent = None
-        switchover_sent = False
-        rounds: list[RoundStats] = []
-        stop_reason = None
-        try:
-            if cfg.mode != "postcopy":
-                try:  # refuses a backend this kernel lacks before the guest is touched
-                    dirty_log = open_dirty_log(cfg.dirty_log, guest, info)
-                except DirtyLogUnavailable as exc:
-                    raise MigrationError(str(exc)) from None
-            session = secrets.token_bytes(wire.SESSION_BYTES)
-            main = self._open_channel(mem, session, "main")
-            urgent = self._open_channel(mem, session, "urgent")
-            self._await_ready(main)
-            self._scratch = GuestMemory.scratch() if mem.memfd is None else None
-            self._sent = bytearray(mem.npages)
-            if dirty_log is not None:
-                dirty_log.start()
-                rounds, stop_reason = run_rounds(
-                    populated=mem.populated_extents(), dirty_log=dirty_log,
-                    send=lambda runs, resend: self._send_precopy(mem, main, runs, resend),
-                    free_hint=lambda: self._free_hint(guest, mem), policy=cfg.policy, page_size=mem.page_size)
-            if dirty_log is not None:
-                # Let the destination install the last round before the pause, so its
-                # backlog is not downtime.
-                self._await_ready(main)
-            # Downtime starts here: the guest parks at a step boundary.
-            pause_started = time.monotonic()
-            paused = guest.pause()
-            marks = {"pause": time.monotonic()}
-            stale: list[tuple[int, int]] = []
-            if dirty_log is not None:
-                stale = dirty_log.harvest()  # stopped after the switchover: not downtime
-                marks["final_harvest"] = time.monotonic()
-                if cfg.mode == "precopy":
-                    self._send_precopy(mem, main, stale, True)
-                    stale = []
-                else:
-                    for i in range(0, len(stale), DISCARD_BATCH):
-                        main.send(wire.Discard(ranges=tuple(stale[i:i + DISCARD_BATCH])))
-                marks["final_send"] = time.monotonic()
-            mem.send_run(main, 0, 1, wire.Cause.STATE, self._scratch)
-            main.send(wire.Switchover(info={
-                "mode": cfg.mode,
-                "paused_ns": paused["paused_ns"],
-                "last_heartbeat_ns": paused["last_heartbeat_ns"],
-                "steps": paused["steps"],
-                "guest": {k: status.get(k) for k in ("threads", "workload", "steps_target", "backing", "ram_size")},
-            }))
-            switchover_sent = True
-            switched = marks["switchover"] = time.monotonic()
-            if dirty_log is not None:
-                dirty_log.stop()  # the guest stays paused here; write-protection is moot
-            self._prepare_postcopy(mem, stale, precopied=dirty_log is not None)
-            push_delay = cfg.push_delay
-            while True:
-                server = threading.Thread(target=self._serve_urgent, args=(mem, urgent), name="urgent-server",
-                                          daemon=True)
-                server.start()
-                try:
-                    if push_delay and self._link_lost.wait(push_delay):
-                        raise ChannelClosed("urgent channel broke")
-                    push_delay = 0.0
-                    self._push(mem, main)
-                    main.send(wire.PushDone(pages=self.stats.pages_pushed))
-                    complete = self._await_complete(main)
-                    break
-                except ChannelClosed as exc:
-                    if cfg.recovery_timeout <= 0:
-                        raise
-                    main, urgent = self._recover(mem, session, main, urgent, server, exc)
-            push_done = time.monotonic()
-            guest.quit()  # the destination holds every page now
-            urgent.close()
-            server.join(timeout=5)
-        except (ChannelClosed, wire.ProtocolError, OSError, MigrationError, GuestError) as exc:
-            raise MigrationError(self._failure(exc, guest, switchover_sent)) from exc
-        except BaseException as exc:  # Ctrl-C, SIGTERM: same rule, then stop
-            print(f"postcopy source: {self._failure(exc, guest, switchover_sent)}", file=sys.stderr)
-            raise
-        finally:
-            if dirty_log is not None:
-                dirty_log.stop()
-            for channel in (main, urgent):
-                if channel is not None:
-                    channel.close()
-            mem.close()
-            guest.close()
-        return {
+        self._sender = PageSender(mem, cfg.run_pages, precopy_limit=RateLimiter(cfg.max_bandwidth),
+                                  push_limit=RateLimiter(cfg.max_postcopy_bandwidth), on_progress=self._moved)
+        self.stats = self._sender.stats
+        return _Migration(guest=guest, info=info, mem=mem, status=status, sender=self._sender)
+
+    def _connect(self, m: _Migration) -> None:
+        cfg = self.config
+        if cfg.mode != "postcopy":
+            try:  # refuses a backend this kernel lacks before the guest is touched
+                m.dirty_log = open_dirty_log(cfg.dirty_log, m.guest, m.info)
+            except DirtyLogUnavailable as exc:
+                raise MigrationError(str(exc)) from None
+        m.session = secrets.token_bytes(wire.SESSION_BYTES)
+        m.main = self._open_channel(m.mem, m.session, "main")
+        m.urgent = self._open_channel(m.mem, m.session, "urgent")
+        self.protocol.established()
+        self._await_ready(m.main)
+
+    def _precopy(self, m: _Migration) -> None:
+        """Rounds while the guest runs (precopy and hybrid), throttled as the policy says."""
+        cfg = self.config
+        if m.dirty_log is None:
+            return
+        m.dirty_log.start()
+        m.controls = self._guest_controls(m)
+        self._new_phase()
+        m.rounds, m.stop_reason = run_rounds(
+            populated=m.mem.populated_extents(), dirty_log=m.dirty_log,
+            send=lambda runs, resend: m.sender.send_precopy(m.main, runs, resend),
+            free_hint=lambda: self._free_hint(m.guest, m.mem), policy=cfg.policy, page_size=m.mem.page_size,
+            guest=m.controls)
+        # Let the destination install the last round before the pause: its backlog is not downtime.
+        self._await_ready(m.main)
+
+    def _guest_controls(self, m: _Migration) -> GuestControls:
+        """The policy's hands on the guest: its step count, vCPU throttle and rate cap."""
+        policy, page_size, guest = self.config.policy, m.mem.page_size, m.guest
+
+        def steps() -> int:
+            value = guest.status().get("steps", 0)
+            return sum(value) if isinstance(value, list) else int(value)
+
+        def on_round(r: RoundStats) -> None:
+            if r.round >= 1 and r.bytes_per_s > 0:
+                m.prediction = predict(r.dirty_rate * page_size, r.bytes_per_s, policy.downtime_limit_ms)
+            self.progress.event("precopy", round=r.round, dirty_rate_pages_s=r.dirty_rate,
+                                throughput_bytes_s=r.bytes_per_s, throttle_pct=r.throttle_pct,
+                                expected_downtime_ms=policy.expected_downtime_ms(r, page_size))
+
+        throttles = policy.auto_converge or policy.dirty_limit > 0
+        return GuestControls(steps=steps if throttles else (lambda: 0), on_round=on_round,
+                             throttle=lambda percent: guest.request("throttle", percent=percent),
+                             rate_cap=lambda rate: guest.request("rate_cap", steps_per_s=rate))
+
+    def _switchover(self, m: _Migration) -> None:
+        """Pause, send what precopy left (or list it stale), the state page and the
+        Switchover; from then on the destination may run the guest."""
+        cfg = self.config
+        marks = m.marks
+        marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
+        paused = m.guest.pause()
+        marks["pause"] = time.monotonic()
+        if m.dirty_log is not None:
+            m.stale = m.dirty_log.harvest()  # stopped after the switchover: not downtime
+            marks["final_harvest"] = time.monotonic()
+            if cfg.mode == "precopy":
+                m.sender.send_precopy(m.main, m.stale, True)
+                m.stale = []
+            else:
+                for i in range(0, len(m.stale), DISCARD_BATCH):
+                    m.main.send(wire.Discard(ranges=tuple(m.stale[i:i + DISCARD_BATCH])))
+            marks["final_send"] = time.monotonic()
+        m.sender.send_state(m.main)
+        # From the Switchover on, the destination may run the guest: fence it here first.
+        self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
+        self._fence.arm()
+        m.main.send(wire.Switchover(info={
+            "recovery_timeout_s": cfg.recovery_timeout,
             "mode": cfg.mode,
-            "dirty_log": dirty_log.name if dirty_log is not None else "none",
+            "paused_ns": paused["paused_ns"],
+            "last_heartbeat_ns": paused["last_heartbeat_ns"],
+            "steps": paused["steps"],
+            "guest": {k: m.status.get(k) for k in ("threads", "workload", "steps_target", "backing", "ram_size")},
+        }))
+        m.switchover_sent = True
+        marks["switchover"] = time.monotonic()
+        self.progress.event("switchover", stale_pages=ranges.total(m.stale))
+        m.controls.lift()  # the paused guest here keeps no throttle (the destination's never had one)
+        if m.dirty_log is not None:
+            m.dirty_log.stop()  # the guest stays paused here; write-protection is moot
+        m.sender.prepare_postcopy(m.stale, precopied=m.dirty_log is not None)
+
+    def _postcopy(self, m: _Migration) -> None:
+        """Serve demand requests and push the rest until the destination confirms;
+        recover the link if it breaks."""
+        cfg = self.config
+        if cfg.mode != "precopy":
+            self._new_phase()
+            self.progress.event("postcopy")
+        push_delay = cfg.push_delay
+        while True:
+            m.server = threading.Thread(target=m.sender.serve_urgent, args=(m.urgent,), name="urgent-server",
+                                        daemon=True)
+            m.server.start()
+            try:
+                if push_delay and m.sender.link_lost.wait(push_delay):
+                    raise ChannelClosed("urgent channel broke")
+                push_delay = 0.0
+                m.sender.push(m.main)
+                m.main.send(wire.PushDone(pages=self.stats.pages_pushed))
+                m.complete = self._await_complete(m.main)
+                break
+            except ChannelClosed as exc:
+                if cfg.recovery_timeout <= 0:
+                    raise
+                self.progress.event("recovery", error=str(exc))
+                self._recover(m, exc)
+                self.progress.event("postcopy")
+        m.marks["push_done"] = time.monotonic()
+        m.guest.quit()  # the destination holds every page now
+        m.urgent.close()
+        m.server.join(timeout=5)
+
+    def _close(self, m: _Migration, status_server: StatusServer | None) -> None:
+        if self._fence is not None:
+            self._fence.close()
+        if m.dirty_log is not None:
+            m.dirty_log.stop()
+        for channel in (m.main, m.urgent):
+            if channel is not None:
+                channel.close()
+        m.mem.close()
+        m.guest.close()
+        if status_server is not None:
+            status_server.close()
+        self.progress.close()
+
+    def _report(self, m: _Migration, started: float) -> dict:
+        marks, pause_started = m.marks, m.marks["pause_started"]
+        return {
+            "mode": self.config.mode,
+            "dirty_log": m.dirty_log.name if m.dirty_log is not None else "none",
             "total_ms": (time.monotonic() - started) * 1e3,
             "precopy_ms": (pause_started - started) * 1e3,
-            "switchover_ms": (switched - pause_started) * 1e3,
+            "switchover_ms": (marks["switchover"] - pause_started) * 1e3,
             # Where the source's part of the downtime went, ms after the pause request.
-            "switchover_breakdown_ms": {k: (t - pause_started) * 1e3 for k, t in marks.items()},
-            "final_stale_pages": ranges.total(stale) if cfg.mode == "hybrid" else 0,
-            "push_ms": (push_done - switched) * 1e3,
-            "rounds": [r.as_dict() for r in rounds],
-            "stop_reason": stop_reason,
-            "bytes_sent": main.bytes_sent + urgent.bytes_sent,
-            "bytes_sent_urgent": urgent.bytes_sent,
-            "pages_skipped_free": sum(r.skipped_free for r in rounds),
-            **{k: v for k, v in vars(self.stats).items() if k.startswith("pages_")},
+            "switchover_breakdown_ms": {k: (t - pause_started) * 1e3 for k, t in marks.items()
+                                        if k in ("pause", "final_harvest", "final_send", "switchover")},
+            "final_stale_pages": ranges.total(m.stale) if self.config.mode == "hybrid" else 0,
+            "push_ms": (marks["push_done"] - marks["switchover"]) * 1e3,
+            "rounds": [r.as_dict() for r in m.rounds],
+            "stop_reason": m.stop_reason,
+            "convergence_prediction": m.prediction,
+            "bandwidth_limits": {"precopy_bytes_s": self.config.max_bandwidth,
+                                 "postcopy_bytes_s": self.config.max_postcopy_bandwidth,
+                                 "precopy_held_back_s": m.sender.precopy_limit.waited_s,
+                                 "postcopy_held_back_s": m.sender.push_limit.waited_s},
+            "bytes_sent": m.main.bytes_sent + m.urgent.bytes_sent,
+            "bytes_sent_urgent": m.urgent.bytes_sent,
+            "pages_skipped_free": sum(r.skipped_free for r in m.rounds),
+            **self.stats.pages(),
             "requests": self.stats.requests,
             "recoveries_ms": self.recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            "dest": complete,
+            "dest": m.complete,
         }
 
-    def _recover(self, mem: GuestMemory, session: bytes, main: Channel, urgent: Channel,
-                 server: threading.Thread, cause: BaseException) -> tuple[Channel, Channel]:
+    # -- live figures ------------------------------------------------------------------
+    def _new_phase(self) -> None:
+        with self._rate_lock:
+            self._rate.update(t0=time.monotonic(), bytes0=self._rate["bytes"])
+
+    def _moved(self, nbytes: int) -> None:
+        """Called by the sender after each run: refresh the live figures."""
+        with self._rate_lock:
+            self._rate["bytes"] += nbytes
+            sent, elapsed = self._rate["bytes"], time.monotonic() - self._rate["t0"]
+            rate = (sent - self._rate["bytes0"]) / elapsed if elapsed > 0 else 0.0
+        self.progress.update(bytes_sent=sent, throughput_bytes_s=rate)
+
+    # -- recovery ----------------------------------------------------------------------
+    def _recover(self, m: _Migration, cause: BaseException) -> None:
         """Postcopy recovery: reconnect with the same key and session, learn from the
         destination which pages it still lacks, and push those again. The guest stays
         paused here with all its RAM whatever happens."""
         started = time.monotonic()
         deadline = started + self.config.recovery_timeout
-        main.close()
-        urgent.close()
-        server.join(timeout=5)
+        m.sender.link_lost.set()  # no fence refresh while out of contact
+        m.main.close()
+        m.urgent.close()
+        m.server.join(timeout=5)
+        self.protocol.link_lost()
         print(f"postcopy source: link lost ({cause}); reconnecting for up to "
               f"{self.config.recovery_timeout:g} s", file=sys.stderr, flush=True)
         while True:
             try:
-                main = self._open_channel(mem, session, "main", deadline)
-                urgent = self._open_channel(mem, session, "urgent", deadline)
+                self._fence.refresh()  # before the destination can hear from us again
+                main = self._open_channel(m.mem, m.session, "main", deadline)
+                urgent = self._open_channel(m.mem, m.session, "urgent", deadline)
                 missing = self._outstanding(main)
                 break
             except (ChannelClosed, OSError, MigrationError, wire.ProtocolError) as exc:
@@ -249,48 +382,45 @@ class SourceAgent:
                     raise MigrationError(f"the link to the destination stayed down longer than the recovery "
                                          f"timeout ({self.config.recovery_timeout:g} s): {exc}") from None
                 time.sleep(0.1)
-        self._sent = bytearray(b"\x01" * mem.npages)
-        for first, count in missing:
-            self._sent[first:first + count] = bytes(count)
-        self._link_lost.clear()
-        self._urgent_error = None
-        main.send(wire.Pong(token=wire.RECOVERY_TOKEN))
+        m.sender.outstanding_after_recovery(missing)
+        main.send(wire.RecoveryAck())
+        m.main, m.urgent = main, urgent
         self.recoveries.append((time.monotonic() - started) * 1e3)
         print(f"postcopy source: link recovered after {self.recoveries[-1]:.0f} ms; "
               f"{ranges.total(missing)} pages outstanding", file=sys.stderr, flush=True)
-        return main, urgent
 
     @staticmethod
     def _outstanding(main: Channel) -> list[tuple[int, int]]:
-        """After a reconnect the destination lists the runs it still lacks, then Pings."""
+        """After a reconnect the destination lists the runs it still lacks, then RecoveryEnd."""
         missing = []
         while True:
             message = main.recv()
             if isinstance(message, wire.PageRequest):
                 missing.append((message.first_page, message.npages))
-            elif isinstance(message, wire.Ping) and message.token == wire.RECOVERY_TOKEN:
+            elif isinstance(message, wire.RecoveryEnd):
                 return missing
             elif isinstance(message, wire.Error):
                 raise MigrationError(f"the destination refused to resume: {message.reason}")
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} while resuming")
 
-    def _failure(self, exc: BaseException, guest: GuestClient, switchover_sent: bool) -> str:
+    def _failure(self, exc: BaseException, m: _Migration) -> str:
         """Say what failed and where the guest is; before the switchover the guest
-        goes on running here."""
-        if not switchover_sent:
+        goes on running here (unthrottled)."""
+        if not m.switchover_sent:
             try:
-                if guest.status().get("state") == "paused":
-                    guest.resume()
+                m.controls.lift()
+                if m.guest.status().get("state") == "paused":
+                    m.guest.resume()
                 return f"migration failed: {exc}. The guest goes on running on the source."
             except Exception as resume_exc:  # the guest itself is gone
                 if self._guest_pid is not None and not _alive(self._guest_pid):
                     return (f"migration failed: the guest (pid {self._guest_pid}) exited before the switchover "
                             f"(did it finish its steps?): {exc}")
                 return f"migration failed: {exc}; the source guest could not be resumed: {resume_exc}"
+        remaining = self._fence.remaining() if self._fence is not None else None
         return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
-                f"all its RAM (control socket {self.config.guest_control}); it can be migrated again to a "
-                f"new destination.")
+                f"all its RAM (control socket {self.config.guest_control}). {fence_note(remaining)}")
 
     def _free_hint(self, guest: GuestClient, mem: GuestMemory) -> list[tuple[int, int]]:
         """Pages the guest reports free right now (skipped: their content is undefined)."""
@@ -304,15 +434,13 @@ class SourceAgent:
         return ranges.normalize((offset // ps, length // ps) for offset, length in reply.get("ranges", []))
 
     def _await_ready(self, main: Channel) -> None:
-        """The destination answers a Ping once it has handled everything sent before it:
+        """The destination answers Ready once it has handled everything sent before it:
         the first one once its incoming guest is up and its fault server runs (starting
         a guest there is never downtime here), later ones once the precopy pages are in."""
-        main.send(wire.Ping(token=1))
+        main.send(wire.ReadyCheck())
         message = main.recv()
         if isinstance(message, wire.Error):
             raise MigrationError(f"the destination is not ready: {message.reason}")
-        if not isinstance(message, wire.Pong) or message.token != 1:
-            raise wire.ProtocolError(f"expected Pong, got {type(message).__name__}")
 
     def _await_complete(self, main: Channel) -> dict:
         message = main.recv()
@@ -321,119 +449,6 @@ class SourceAgent:
         if isinstance(message, wire.Error):
             raise MigrationError(f"the destination failed: {message.reason}")
         raise wire.ProtocolError(f"expected Complete, got {type(message).__name__}")
-
-    # -- precopy -----------------------------------------------------------------------
-    def _send_precopy(self, mem: GuestMemory, main: Channel, runs: list[tuple[int, int]], resend: bool) -> int:
-        """Round 0 covers all of RAM (the gaps go as zero ranges); later rounds send
-        just the dirty runs. Returns the bytes this sent."""
-        before = main.bytes_sent
-        if resend:
-            for first, count in ranges.split(runs, self.config.run_pages):
-                mem.send_run(main, first, count, wire.Cause.RESENT, self._scratch)
-                self.stats.pages_resent += count
-        else:
-            self._send_range(mem, main, 0, mem.npages, runs, wire.Cause.PRECOPY, self._scratch)
-        return main.bytes_sent - before
-
-    def _prepare_postcopy(self, mem: GuestMemory, stale: list[tuple[int, int]], precopied: bool) -> None:
-        """What is left to push: everything (pure postcopy) or the stale pages (hybrid)."""
-        self._sent = bytearray(b"\x01" * mem.npages) if precopied else bytearray(mem.npages)
-        for first, count in stale:
-            self._sent[first:first + count] = bytes(count)
-        self._sent[0] = 1  # the state page went with the switchover
-
-    # -- pusher ------------------------------------------------------------------------
-    def _push(self, mem: GuestMemory, main: Channel) -> None:
-        """Send every page not yet sent: a sequential sweep in large runs (zero ranges
-        for untouched pages), and after each demand fault a short window right behind
-        the faulting page first (pre-paging: the guest is likely to touch it next)."""
-        sent = self._sent
-        if sent.find(0) < 0:
-            return  # precopy sent it all
-        extents = self._extents = PageExtents(mem.populated_extents())
-        run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
-        pos = 0
-        while True:
-            if self._link_lost.is_set():
-                raise ChannelClosed("the urgent channel broke")
-            if self._urgent_error is not None:
-                raise MigrationError(f"urgent channel failed: {self._urgent_error}")
-            hint, self._hint = self._hint, None
-            if hint is not None and hint < mem.npages:
-                self._push_unsent(mem, main, extents, hint, min(hint + PREPAGE_PAGES, mem.npages))
-            first = sent.find(0, pos)
-            if first < 0:
-                first = sent.find(0)
-                if first < 0:
-                    return
-            end = min(first + run_pages, mem.npages)
-            self._push_unsent(mem, main, extents, first, end)
-            pos = end
-
-    def _push_unsent(self, mem: GuestMemory, main: Channel, extents: PageExtents, first: int, end: int) -> None:
-        """Push the pages of [first, end) not sent yet."""
-        sent = self._sent
-        while first < end:
-            first = sent.find(0, first, end)
-            if first < 0:
-                return
-            stop = sent.find(1, first, end)
-            stop = end if stop < 0 else stop
-            sent[first:stop] = b"\x01" * (stop - first)
-            self._send_range(mem, main, first, stop, extents.runs_in(first, stop), wire.Cause.PUSHED, self._scratch)
-            first = stop
-
-    def _send_range(self, mem: GuestMemory, channel: Channel, first: int, end: int,
-                    runs: list[tuple[int, int]], cause: wire.Cause, scratch: bytearray | None) -> None:
-        """Send [first, end): the populated runs as pages (frames of at most run_pages),
-        the gaps as zero ranges."""
-        cursor = first
-        stats = self.stats
-        counter = _CAUSE_COUNTERS[cause]
-        for start, count in ranges.split(runs, self.config.run_pages):
-            if start > cursor:
-                channel.send(wire.ZeroRange(first_page=cursor, npages=start - cursor))
-                stats.pages_zero += start - cursor
-            mem.send_run(channel, start, count, cause, scratch)
-            setattr(stats, counter, getattr(stats, counter) + count)
-            cursor = start + count
-        if cursor < end:
-            channel.send(wire.ZeroRange(first_page=cursor, npages=end - cursor))
-            stats.pages_zero += end - cursor
-
-    # -- urgent channel ----------------------------------------------------------------
-    def _serve_urgent(self, mem: GuestMemory, urgent: Channel) -> None:
-        """Answer page requests at once; they never queue behind pushed data."""
-        make_current_thread_urgent()
-        scratch = GuestMemory.scratch() if mem.memfd is None else None
-        try:
-            while True:
-                message = urgent.recv()
-                if not isinstance(message, wire.PageRequest):
-                    raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
-                self.stats.requests += 1
-                first, end = message.first_page, message.first_page + message.npages
-                if self._extents is not None:
-                    runs = self._extents.runs_in(first, end)
-                else:  # the pusher is still sweeping the extents: ask page by page
-                    runs = [(page, 1) for page in range(first, end) if mem.is_populated(page)]
-                self._send_range(mem, urgent, first, end, runs, wire.Cause.DEMAND, scratch)
-                self._sent[first:end] = b"\x01" * (end - first)
-                self._hint = end
-        except ChannelClosed:
-            # Either every page is in (the destination closes the channel), or the link
-            # broke: the pusher notices and recovers.
-            self._link_lost.set()
-        except BaseException as exc:  # surfaced by the pusher
-            self._urgent_error = exc
-
-
-_CAUSE_COUNTERS = {
-    wire.Cause.PRECOPY: "pages_precopy",
-    wire.Cause.RESENT: "pages_resent",
-    wire.Cause.PUSHED: "pages_pushed",
-    wire.Cause.DEMAND: "pages_demand",
-}
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,8 @@
-"""Socket I/O for the sans-IO wire protocol: framed channels and the authenticated
-handshake over TCP. All protocol logic lives in :mod:`postcopy.protocol.wire`; this module only
-moves its bytes."""
+"""Socket I/O for the sans-IO wire protocol: framed, authenticated channels and the
+handshake over TCP. All protocol logic lives in :mod:`postcopy.protocol.wire`; this module
+only moves its bytes: frames are received through the wire layer's :class:`wire.Decoder`
+(one receive buffer), checked against the session's table, and sealed with their tag
+when sent."""
 from __future__ import annotations
 
 import os
@@ -9,10 +11,13 @@ import threading
 from dataclasses import dataclass
 
 from postcopy.protocol import wire
+from postcopy.protocol.state import header_kind, kind
+from postcopy.protocol.endpoint import parse_endpoint  # noqa: F401  (its old home)
 
-# Bulk frames carry up to this many bytes of pages; receive buffers are sized for it.
-MAX_RUN_BYTES = 4 << 20
 SOCKET_BUFFER = 8 << 20
+IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+# The receive buffer starts this small and grows to twice the largest frame seen.
+INITIAL_RECEIVE_BUFFER = 256 << 10
 
 
 class ChannelClosed(ConnectionError):
@@ -32,44 +37,84 @@ class Channel:
 
     Sending is serialised by a lock, so any thread may send; receiving belongs to one
     thread. A received :class:`wire.PageRun` points into this channel's receive buffer
-    and is valid only until the next :meth:`recv`.
+    and is valid only until the next :meth:`recv`. With a ``session``, every frame sent
+    or received is checked against its table (:mod:`postcopy.protocol.state`); after
+    :meth:`secure`, every frame carries a tag (:mod:`postcopy.protocol.auth`).
     """
 
-    def __init__(self, sock: socket.socket, name: str, layout: wire.Layout | None = None):
+    def __init__(self, sock: socket.socket, name: str, layout: wire.Layout | None = None,
+                 session: wire.Session | None = None):
         self.sock = sock
         self.name = name
-        self.layout = layout
+        self.session = session
+        self._decoder = wire.Decoder(layout, wire.MAX_PAYLOAD, capacity=INITIAL_RECEIVE_BUFFER, zero_copy=True)
+        self._sealer: wire.FrameAuth | None = None
         self._send_lock = threading.Lock()
-        self._header = bytearray(wire.HEADER.size)
-        self._buffer = bytearray(MAX_RUN_BYTES + wire.HEADER.size)
+        self._closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    @property
+    def layout(self) -> wire.Layout | None:
+        return self._decoder.layout
+
+    @layout.setter
+    def layout(self, layout: wire.Layout | None) -> None:
+        self._decoder.set_layout(layout)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned by :meth:`recv` (a poll would miss them)."""
+        return self._decoder.buffered
+
+    @property
+    def authenticated(self) -> bool:
+        return self._sealer is not None
+
+    def secure(self, send_key: bytes, recv_key: bytes) -> None:
+        """Tag every frame from now on, and require a valid tag on every frame received."""
+        sealer, verifier = wire.FrameAuth(send_key, f"{self.name} channel, sent"), \
+            wire.FrameAuth(recv_key, f"{self.name} channel, received")
+        with self._send_lock:
+            self._sealer = sealer
+        self._decoder.set_auth(verifier)
 
     # -- sending -------------------------------------------------------------------
     def send(self, message) -> None:
         """Send one message."""
         self.send_bytes(message.encode())
 
-    def send_bytes(self, *parts: bytes | memoryview) -> None:
-        """Send encoded frame bytes, all parts back to back under one lock."""
+    def send_bytes(self, frame: bytes) -> None:
+        """Send one encoded frame."""
+        view = memoryview(frame)
+        self.send_frames([(view[:wire.HEADER.size], view[wire.HEADER.size:])])
+
+    def send_frames(self, frames) -> None:
+        """Send (header, payload) frames back to back under one lock, each checked
+        against the session and sealed; payloads go out without a copy."""
         with self._send_lock:
+            parts = []
+            for header, payload in frames:
+                parts += self._prepare(header, payload)
             self._sendmsg_all(parts)
 
     def send_page_run(self, first_page: int, npages: int, cause: wire.Cause, data) -> None:
         """Send a page run from a buffer without copying it into a frame."""
         header = wire.encode_page_run_header(first_page, npages, cause, self.layout.page_size)
-        with self._send_lock:
-            self._sendmsg_all((header, data))
+        self.send_frames([(header, data)])
 
-    def sendfile_page_run(self, first_page: int, npages: int, cause: wire.Cause, fd: int, offset: int) -> None:
+    def sendfile_page_run(self, first_page: int, npages: int, cause: wire.Cause, fd: int, offset: int,
+                          stable_view) -> None:
         """Send a page run straight from a file (a memfd) with sendfile(2): no copy in
-        user space and nothing of the file mapped here, so RSS stays flat."""
+        user space. ``stable_view`` maps the same bytes, for the tag: they must not
+        change until sent (the guest is paused)."""
         page_size = self.layout.page_size
         header = wire.encode_page_run_header(first_page, npages, cause, page_size)
         count = npages * page_size
         with self._send_lock:
+            parts = self._prepare(header, stable_view)
             # MSG_MORE: the header leaves in the same segment as the first page bytes.
-            self._sendmsg_all((header,), socket.MSG_MORE)
+            self._sendmsg_all(parts[:1], socket.MSG_MORE)
             done = 0
             while done < count:
                 try:
@@ -80,13 +125,22 @@ class Channel:
                     raise ChannelClosed(f"{self.name}: sendfile reached the end of the guest RAM file")
                 done += sent
             self.bytes_sent += count
+            self._sendmsg_all(parts[2:])
+
+    def _prepare(self, header, payload) -> list:
+        """[header, payload(, tag)] of one frame, checked against the session."""
+        if self.session is not None:
+            self.session.sent(header_kind(header), self.name)
+        if self._sealer is None:
+            return [header, payload]
+        return [header, payload, self._sealer.seal(header, payload)]
 
     def _sendmsg_all(self, parts, flags: int = 0) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         total = sum(len(v) for v in views)
         try:
             while views:
-                sent = self.sock.sendmsg(views, (), flags)
+                sent = self.sock.sendmsg(views[:IOV_MAX], (), flags)
                 while views and sent >= len(views[0]):
                     sent -= len(views[0])
                     views.pop(0)
@@ -97,31 +151,32 @@ class Channel:
         self.bytes_sent += total
 
     # -- receiving -----------------------------------------------------------------
-    def _recv_exact(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
+    def recv(self):
+        """Receive, authenticate, decode and check the next message (raises
+        wire.ProtocolError on bad, forged or unexpected frames)."""
+        decoder = self._decoder
+        while (message := decoder.next_message()) is None:
+            if self._closed:
+                raise ChannelClosed(f"{self.name}: the channel was closed")
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self.sock.recv_into(decoder.space())
             except OSError as exc:
+                if isinstance(exc, TimeoutError) and exc.errno is None:
+                    raise  # the socket's own timeout (silence), not a broken link (ETIMEDOUT)
                 raise ChannelClosed(f"{self.name}: receive failed: {exc}") from exc
             if n == 0:
                 raise ChannelClosed(f"{self.name}: the peer closed the connection")
-            got += n
-        self.bytes_received += got
-
-    def recv(self):
-        """Receive and decode the next message (raises wire.ProtocolError on bad bytes)."""
-        header_view = memoryview(self._header)
-        self._recv_exact(header_view)
-        header = wire.decode_header(header_view)
-        if header.length > len(self._buffer):
-            raise wire.ProtocolError(f"{self.name}: frame of {header.length} bytes exceeds the receive buffer")
-        payload = memoryview(self._buffer)[: header.length]
-        self._recv_exact(payload)
-        return wire.decode_payload(header, payload, self.layout)
+            decoder.commit(n)
+            self.bytes_received += n
+        if self._closed:
+            raise ChannelClosed(f"{self.name}: the channel was closed")
+        if self.session is not None:
+            self.session.received(kind(message), self.name)
+        return message
 
     def close(self) -> None:
         """Shut the connection down (wakes a thread blocked in recv) and close it."""
+        self._closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -153,7 +208,8 @@ def tune(sock: socket.socket, *, urgent: bool) -> None:
 
 
 def handshake(channel: Channel, role: str, key: bytes, hello: wire.Hello) -> PeerInfo:
-    """Run the authenticated handshake on a fresh channel; set its layout.
+    """Run the authenticated handshake on a fresh channel; set its layout and, unless
+    the Hellos turned it off, its frame keys (every later frame is authenticated).
 
     Raises wire.AuthError / wire.VersionError / wire.PeerError with a clear reason; on
     the server side the refusal reason is sent to the peer before raising.
@@ -169,18 +225,12 @@ def handshake(channel: Channel, role: str, key: bytes, hello: wire.Hello) -> Pee
             for frame in getattr(exc, "reply", None) or ():
                 try:
                     channel.send_bytes(frame)
-                except ChannelClosed:
+                except (ChannelClosed, wire.ProtocolError):
                     pass
             raise
         for frame in replies:
             channel.send_bytes(frame)
     channel.layout = shake.layout
+    if not hello.unauthenticated:
+        channel.secure(*shake.frame_keys())
     return PeerInfo(hello=shake.peer, layout=shake.layout)
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` → (host, port), with a clear error."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)

@@ -21,7 +21,7 @@ import time
 
 from postcopy.ranges import normalize
 
-KINDS = ("auto", "soft-dirty", "pagemap-scan")
+KINDS = ("auto", "soft-dirty", "pagemap-scan", "kvm-ring", "kvm-clear", "kvm-bitmap")
 BACKENDS = ("soft-dirty", "pagemap-scan")  # auto tries them in this order
 
 Runs = list[tuple[int, int]]
@@ -117,11 +117,12 @@ def available_backends(*, refresh: bool = False) -> dict[str, str | None]:
 
 
 def open_dirty_log(kind: str, guest, info: dict) -> DirtyLog:
-    """A dirty log of ``kind`` ("auto", "soft-dirty" or "pagemap-scan") for the guest
+    """A dirty log of ``kind`` (one of :data:`KINDS`) for the guest
     behind ``guest`` (a :class:`postcopy.guest.GuestClient`); ``info`` is its ``fds``
     or ``status`` reply (pid, ram_address, ram_size, page_size, backing).
 
-    auto takes soft-dirty where it works, else pagemap-scan (``.name`` says which).
+    auto takes soft-dirty where it works, else pagemap-scan (``.name`` says which); on a
+    KVM guest (``--vm kvm``) the first KVM log that works (:mod:`.kvm`).
     Raises :class:`DirtyLogUnavailable` if the backend cannot work here, before the
     guest is touched (only its status is read). The log is not started yet.
     """
@@ -130,6 +131,10 @@ def open_dirty_log(kind: str, guest, info: dict) -> DirtyLog:
     if kind not in KINDS:
         raise ValueError(f"unknown dirty log {kind!r} (choose from {', '.join(KINDS)})")
     status = guest.status()
+    if kind.startswith("kvm-") or (kind == "auto" and status.get("vm") == "kvm"):  # KVM's own logs: .kvm
+        from postcopy.kernel.dirtylog.kvm import open_kvm_log
+
+        return open_kvm_log(kind, guest.path, status, info)
     candidates = BACKENDS if kind == "auto" else (kind,)
     reasons = {name: detect.guest_reason(name, status, info) for name in candidates}
     for name in candidates:

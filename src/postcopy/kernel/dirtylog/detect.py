@@ -39,16 +39,12 @@ def backend_reasons(*, refresh: bool = False) -> dict[str, str | None]:
     global _cached
     with _lock:
         if _cached is None or refresh:
-            _cached = {"soft-dirty": _guarded(_soft_dirty_reason, "soft-dirty"),
-                       "pagemap-scan": _guarded(_pagemap_scan_reason, "pagemap-scan")}
+            # Only a probe's verdict (the kernel refused the feature) means unavailable;
+            # anything a probe raises (a broken build, an ImportError, a bug) propagates,
+            # so it fails loudly instead of reading as a missing kernel feature.
+            _cached = {"soft-dirty": _soft_dirty_reason(),
+                       "pagemap-scan": _pagemap_scan_reason()}
         return dict(_cached)
-
-
-def _guarded(fn, name: str) -> str | None:
-    try:
-        return fn()
-    except Exception as exc:  # a probe that cannot even run means: not usable
-        return f"{name} dirty log unavailable: probe failed: {exc}"
 
 
 def guest_reason(name: str, status: dict, info: dict) -> str | None:

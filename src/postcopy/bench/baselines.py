@@ -1,0 +1,153 @@
+"""The C floors every ``postcopy bench`` ratio is taken against, measured in the same
+run on the same machine: TCP bulk and 4 KiB round trips over the testbed's veth
+(bench/net.py), and the userfaultfd fault round trip with a C handler thread, each with
+both ends on one CPU and on two CPUs, plus the busy-polling handler across CPUs (what
+a spinning fault loop could reach). Python plays no part in any of these figures. They
+run at the real-time priorities the agents give their own threads (kernel/priority.py),
+so a busy host slows the floors no more than it slows the agents.
+
+    python -m postcopy.bench.baselines [--quick]     prints them as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from postcopy import report
+
+SAME_CPU = "same_cpu"
+ACROSS_CPUS = "across_cpus"
+# A floor is what the machine can do, so each latency floor is taken over the calmest
+# of this many consecutive stretches of its samples, and the bulk floor is the best of
+# this many transfers: on a host shared with other work, a burst of someone else's load
+# must not raise the floor and so flatter the ratios taken against it.
+STRETCHES = 5
+
+
+def cpu_placements() -> dict[str, tuple[int, int]]:
+    """Placement name -> (first CPU, second CPU): both on the lowest CPU this process
+    may use, and on the two lowest (left out on a one-CPU machine)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = {SAME_CPU: (cpus[0], cpus[0])}
+    if len(cpus) > 1:
+        placements[ACROSS_CPUS] = (cpus[0], cpus[1])
+    return placements
+
+
+def uffd_roundtrip(npages: int, fault_cpu: int = -1, handler_cpu: int = -1, *, spin: bool = False,
+                   rt_priority: int = 0) -> dict:
+    """Fault round trip in one process, no Python: the faulting thread on fault_cpu
+    reads each missing page once; a C thread on handler_cpu reads the event, installs
+    the page with UFFDIO_COPY and so wakes it. spin: the handler busy-polls the
+    userfaultfd with non-blocking reads instead of sleeping in poll(2). rt_priority:
+    both run SCHED_FIFO at it (if allowed)."""
+    from postcopy._native import ffi, lib
+
+    lat = ffi.new("uint64_t[]", npages)
+    rc = lib.pc_bench_uffd_roundtrip_at(npages, lat, lib.PC_BENCH_SPIN if spin else 0, fault_cpu, handler_cpu,
+                                        rt_priority)
+    if rc != 0:
+        raise OSError(-rc, f"uffd round-trip benchmark failed: {os.strerror(-rc)}")
+    return floor_summary([lat[i] / 1e3 for i in range(npages)])
+
+
+def floor_summary(samples_us: list[float], stretches: int = STRETCHES) -> dict:
+    """Latency summary of a floor: count, and p50/p99/max each the lowest over
+    ``stretches`` consecutive stretches of the samples; "all" summarises them all."""
+    size = max(1, len(samples_us) // stretches)
+    parts = [report.latency_summary(samples_us[i:i + size]) for i in range(0, len(samples_us) - size + 1, size)]
+    best = {p: min(part[p] for part in parts) for p in ("p50", "p99", "max")}
+    return {"count": len(samples_us), **best, "stretches": len(parts), "all": report.latency_summary(samples_us)}
+
+
+def _sum_latency(a: dict, b: dict) -> dict:
+    return {p: None if a.get(p) is None or b.get(p) is None else a[p] + b[p] for p in ("p50", "p99")}
+
+
+def measure(*, bulk_bytes: int, rtt_count: int, uffd_faults: int, port: int) -> dict:
+    """Every floor, by placement; plus the flat figures the report and its pictures
+    read: tcp_bulk_bytes_per_s (the faster placement: a ratio to it flatters nothing),
+    tcp_rtt_4k_us and uffd_roundtrip_us (same CPU, the lower)."""
+    from postcopy.bench import net
+    from postcopy.kernel.priority import URGENT_RT_PRIORITY as RT
+    from postcopy.testbed.netns import Testbed
+
+    placements = cpu_placements()
+    with Testbed() as bed:
+        tcp = net.measure(bed, placements, bulk_bytes=bulk_bytes, rtt_count=rtt_count, port=port)
+    # At the priority of the agents' fault threads, as the TCP round trips.
+    uffd = {name: uffd_roundtrip(uffd_faults, a, b, rt_priority=RT) for name, (a, b) in placements.items()}
+    if ACROSS_CPUS in placements:
+        uffd[ACROSS_CPUS + "_spin"] = uffd_roundtrip(uffd_faults, *placements[ACROSS_CPUS], spin=True, rt_priority=RT)
+    best_bulk = max(tcp["bulk"], key=lambda name: tcp["bulk"][name]["bytes_per_s"])
+    return {
+        "placements": {name: list(cpus) for name, cpus in placements.items()},
+        "tcp_bulk": tcp["bulk"],
+        "tcp_rtt_4k": tcp["rtt"],
+        "uffd_roundtrip_us": uffd[SAME_CPU],
+        "uffd_roundtrip_by_placement_us": uffd,
+        # What one demand fault cannot beat: a request/reply over the link plus a fault.
+        "fault_floor_us": {name: _sum_latency(tcp["rtt"][name]["latency_us"], uffd[name]) for name in placements},
+        "tcp_bulk_placement": best_bulk,
+        "tcp_bulk_bytes_per_s": tcp["bulk"][best_bulk]["bytes_per_s"],
+        "tcp_rtt_4k_us": tcp["rtt"][SAME_CPU]["latency_us"],
+    }
+
+
+def format_lines(base: dict) -> list[str]:
+    """The floors as aligned text lines, one per figure and placement (bulk: the best
+    of its runs; latencies: the calmest of their stretches)."""
+    def us(v):
+        return "n/a" if v is None else f"{v:.1f}"
+
+    lines = []
+    for name, row in base["tcp_bulk"].items():
+        cpu = row["cpu"]
+        lines.append(f"  C TCP bulk, {name:<12}     {row['bytes_per_s'] / 1e9:.2f} GB/s   CPU s/GiB sender "
+                     f"{cpu['client']['cpu_s_per_gib']:.2f}, receiver {cpu['server']['cpu_s_per_gib']:.2f}")
+    for name, row in base["tcp_rtt_4k"].items():
+        lat = row["latency_us"]
+        lines.append(f"  C TCP 4 KiB RTT, {name:<12} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs  max {us(lat['max'])} µs")
+    for name, lat in base["uffd_roundtrip_by_placement_us"].items():
+        lines.append(f"  C uffd round trip, {name:<17} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs")
+    for name, lat in base["fault_floor_us"].items():
+        lines.append(f"  fault floor (RTT+uffd), {name:<12} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs")
+    return lines
+
+
+def markdown_rows(base: dict) -> list[str]:
+    """The floors as a Markdown table, one row per figure and placement."""
+    def us(lat: dict) -> str:
+        return f"p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs"
+
+    rows = ["| C floor | placement | figure | CPU s/GiB sender / receiver |", "|---|---|---|---|"]
+    for name, row in base["tcp_bulk"].items():
+        cpu = row["cpu"]
+        rows.append(f"| TCP bulk | {name} | {row['bytes_per_s'] / 1e9:.2f} GB/s | "
+                    f"{cpu['client']['cpu_s_per_gib']:.2f} / {cpu['server']['cpu_s_per_gib']:.2f} |")
+    rows += [f"| TCP 4 KiB RTT | {name} | {us(row['latency_us'])} | |" for name, row in base["tcp_rtt_4k"].items()]
+    rows += [f"| uffd round trip | {name} | {us(lat)} | |"
+             for name, lat in base["uffd_roundtrip_by_placement_us"].items()]
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m postcopy.bench.baselines", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller samples")
+    p.add_argument("--port", type=int, default=7030)
+    args = p.parse_args(argv)
+    try:
+        base = measure(bulk_bytes=(256 << 20) if args.quick else (2 << 30), rtt_count=3000 if args.quick else 20000,
+                       uffd_faults=2000 if args.quick else 20000, port=args.port)
+    except (OSError, RuntimeError) as exc:
+        print(f"postcopy.bench.baselines: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(format_lines(base)), file=sys.stderr)
+    print(json.dumps(base, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

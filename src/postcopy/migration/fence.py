@@ -1,0 +1,108 @@
+"""The source's half of "a guest runs in exactly one place" after the switchover.
+
+Once the guest's state went to a destination, that destination may run it until it
+gives up on the source (its recovery timeout). The source guest keeps a fence (see
+the ``fence`` command in :mod:`postcopy.guest.control`): while it holds, the guest
+refuses ``resume``, ``run_until`` and a new ``lease``, so nobody can run it here or
+migrate it again. :func:`fence_keeper` keeps the fence ahead of the destination:
+
+* the Switchover tells the destination the source's recovery timeout R; it gives up
+  (and stops its guest) at most R after it noticed the link break, R being the smaller
+  of its own timeout and ours;
+* a link break is noticed within ``LINK_TIMEOUT_S + 1`` s on either side (TCP user
+  timeout, keepalive after 1 s idle: :func:`postcopy.protocol.channel.tune`);
+* the keeper extends the fence to ``now + R + FENCE_MARGIN_S + FENCE_PERIOD_S`` every
+  FENCE_PERIOD_S while the source is in contact, and once more before every reconnect
+  attempt; it stops when the source notices the break or dies.
+
+So the fence ends at least ``R + FENCE_MARGIN_S`` after the source last knew the link
+was up (t), and the destination gives up at most ``R + LINK_TIMEOUT_S + 1`` s after t.
+An agent can also be stopped (SIGSTOP) or starved rather than dead: so the incoming
+guest has a watchdog (:func:`watchdog_keeper`) that its agent renews the same way, for
+``R + WATCHDOG_SLACK_S``, only while in contact; the guest stops itself when it lapses.
+The agent stops renewing at most ``LINK_TIMEOUT_S + 1`` s after t, so its guest stops
+by ``t + LINK_TIMEOUT_S + 1 + R + WATCHDOG_SLACK_S``, which FENCE_MARGIN_S exceeds.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from postcopy.guest.control import GuestClient, GuestError
+from postcopy.protocol.channel import LINK_TIMEOUT_S
+
+FENCE_PERIOD_S = 1.0
+WATCHDOG_SLACK_S = 2 * FENCE_PERIOD_S  # the incoming guest outlives its agent's own give-up
+# Detection, the watchdog's slack, and time for the guest to stop.
+FENCE_MARGIN_S = LINK_TIMEOUT_S + 1 + WATCHDOG_SLACK_S + 2.0
+
+
+class LeaseKeeper:
+    """Renews a promise on a guest (``fence`` or ``watchdog``) every FENCE_PERIOD_S
+    while its agent is in contact with the other agent. Has its own control connection
+    (the agent's main one is not thread safe); the lease token authorises it."""
+
+    def __init__(self, control: str, token: str, command: str, seconds: float, in_contact):
+        self._client = GuestClient(control)
+        self._token = token
+        self._command = command
+        self._seconds = seconds
+        self._in_contact = in_contact  # () -> bool: the agent believes the link is up
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fence", daemon=True)
+
+    def arm(self) -> None:
+        """Set the promise now and keep it fresh."""
+        self.refresh()
+        self._thread.start()
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._client.request(self._command, token=self._token, seconds=self._seconds)
+
+    def remaining(self) -> float | None:
+        """Seconds the fence still holds (None if the guest cannot be asked)."""
+        try:
+            with self._lock:
+                return self._client.status()["fence_remaining_s"]
+        except GuestError:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(FENCE_PERIOD_S):
+            if not self._in_contact():
+                continue
+            try:
+                self.refresh()
+            except GuestError:
+                return  # the guest is gone: nothing left to fence
+
+
+def fence_keeper(control: str, token: str, recovery_timeout: float, in_contact) -> LeaseKeeper:
+    """Source: the paused guest must not run or move while the destination may run it."""
+    seconds = max(0.0, recovery_timeout) + FENCE_MARGIN_S + FENCE_PERIOD_S
+    return LeaseKeeper(control, token, "fence", seconds, in_contact)
+
+
+def watchdog_keeper(control: str, token: str, recovery_timeout: float, in_contact) -> LeaseKeeper:
+    """Destination: the incoming guest stops by itself if this agent stops renewing."""
+    return LeaseKeeper(control, token, "watchdog", max(0.0, recovery_timeout) + WATCHDOG_SLACK_S, in_contact)
+
+
+def fence_note(remaining: float | None) -> str:
+    """Plain words on when the paused source guest may run or move again."""
+    if remaining is None:
+        return "Whether a destination may still run it is unknown: do not resume or migrate it."
+    if remaining <= 0:
+        return "No destination can run it any more: `postcopy source` can migrate it to a new destination."
+    until = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + remaining))
+    return (f"The destination may still be running it for up to {remaining:.0f} s more (until {until}: its "
+            f"recovery timeout plus a margin); until then the guest refuses to be resumed or migrated again. "
+            f"After that, `postcopy source` can migrate it to a new destination.")

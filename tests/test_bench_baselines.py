@@ -1,0 +1,184 @@
+"""The C baselines of ``postcopy bench`` (native/net_bench.c, native/uffd_bench.c) and
+the agents' CPU accounting: each runs end to end with tiny counts and returns figures
+of the right shape, placed where it was asked to run. No timed assertions: speed is
+the bench's business."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from postcopy._native import ffi, lib
+from postcopy.bench import baselines, net
+from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib, push_window_ns
+from postcopy.bench.run import baseline_ratios, format_bench
+from postcopy.guest import GuestParams
+from conftest import require_netns, require_uffd
+
+PORT = 7040
+
+
+def _forbidden_cpu() -> int:
+    """A CPU number this process may not run on."""
+    return max(os.sched_getaffinity(0)) + 1
+
+
+def _fifo_allowed() -> bool:
+    """Whether a thread of this process may make itself SCHED_FIFO (tried in a thread
+    that dies afterwards)."""
+    box = []
+
+    def attempt():
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            box.append(True)
+        except OSError:
+            box.append(False)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return box[0]
+
+
+def _sane_latency(summary: dict, count: int) -> None:
+    assert summary["count"] == count
+    assert 0 < summary["p50"] <= summary["p99"] <= summary["max"]
+
+
+def test_tcp_bulk_and_rtt_run_between_the_hosts_on_the_cpus_asked(bed):
+    placements = baselines.cpu_placements()
+    fifo = _fifo_allowed()
+    result = net.measure(bed, placements, bulk_bytes=3 << 20, rtt_count=50, port=PORT,
+                         bulk_runs=2)
+    assert set(result["bulk"]) == set(result["rtt"]) == set(placements)
+    for name, (client_cpu, server_cpu) in placements.items():
+        bulk, rtt = result["bulk"][name], result["rtt"][name]
+        assert bulk["bytes"] == 3 << 20 and len(bulk["runs_bytes_per_s"]) == 2
+        assert bulk["bytes_per_s"] == max(bulk["runs_bytes_per_s"]) > 0
+        assert bulk["cpus"] == rtt["cpus"] == {"client": client_cpu, "server": server_cpu}
+        assert bulk["fifo"] == rtt["fifo"] == {"client": fifo, "server": fifo}
+        for side in ("client", "server"):
+            cpu = bulk["cpu"][side]
+            assert cpu["user_s"] >= 0 and cpu["sys_s"] >= 0
+            assert cpu["cpu_s_per_gib"] == pytest.approx((cpu["user_s"] + cpu["sys_s"]) * 1024 / 3)
+            assert "cpu_s_per_gib" not in rtt["cpu"][side]  # round trips move no bulk
+        _sane_latency(rtt["latency_us"], 50)
+        assert rtt["latency_us"]["stretches"] == baselines.STRETCHES
+
+
+def test_tcp_client_refuses_a_cpu_the_server_may_not_use(bed):
+    argv = [sys.executable, "-m", "postcopy.bench.net"]
+    server = bed.popen(bed.dest, [*argv, "server", str(PORT), "2"], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    bad = bed.run(bed.source, [*argv, "rtt", bed.dest.address, str(PORT), "10", "--server-cpu",
+                               str(_forbidden_cpu())], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [f"postcopy.bench.net rtt: [Errno {errno.EINVAL}] TCP RTT to "
+                                               f"{bed.dest.address}:{PORT}: {os.strerror(errno.EINVAL)}"]
+    # The server goes on serving after a refused placement.
+    good = bed.run(bed.source, [*argv, "rtt", bed.dest.address, str(PORT), "10"], capture_output=True, text=True,
+                   timeout=60, check=True)
+    assert '"count": 10' in good.stdout
+    assert server.wait(timeout=30) == 0
+
+
+def test_uffd_roundtrip_placed_sleeping_and_spinning():
+    require_uffd()
+    for name, (fault_cpu, handler_cpu) in baselines.cpu_placements().items():
+        _sane_latency(baselines.uffd_roundtrip(200, fault_cpu, handler_cpu), 200)
+        if fault_cpu != handler_cpu:
+            _sane_latency(baselines.uffd_roundtrip(200, fault_cpu, handler_cpu, spin=True), 200)
+    # The calling thread gets its own placement and scheduling policy back.
+    before = os.sched_getaffinity(0)
+    baselines.uffd_roundtrip(10, min(before), min(before), rt_priority=10)
+    assert os.sched_getaffinity(0) == before
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_uffd_roundtrip_refuses_a_forbidden_cpu():
+    require_uffd()
+    lat = ffi.new("uint64_t[]", 10)
+    assert lib.pc_bench_uffd_roundtrip_at(10, lat, 0, _forbidden_cpu(), -1, 0) == -errno.EINVAL
+    assert lib.pc_bench_uffd_roundtrip_at(10, lat, 0, -1, _forbidden_cpu(), 0) == -errno.EINVAL
+    with pytest.raises(OSError, match="uffd round-trip benchmark failed"):
+        baselines.uffd_roundtrip(10, handler_cpu=_forbidden_cpu())
+
+
+def test_agent_cpu_is_read_over_the_push_window_of_a_real_migration():
+    require_netns()
+    require_uffd()
+    from postcopy.testbed.demo import DemoOptions, run_demo
+
+    params = GuestParams(ram=32 << 20, threads=2, workload="sequential", seed=3, steps=500_000, rate=100_000)
+    with AgentCpu() as monitor:
+        result = run_demo(DemoOptions(params=params, migrate_after=0.3, port=PORT + 1))
+    assert result["verified"]
+    window = push_window_ns(result)
+    assert window is not None and window[0] < window[1]
+    cpu = push_cpu_per_gib(monitor, result, 4096)
+    assert cpu["pushed_bytes"] == result["pages"]["pushed"] * 4096 > 0
+    for role in ("source", "dest"):
+        total = cpu[f"{role}_total"]
+        assert total is not None and total["user_s"] + total["sys_s"] > 0  # Python start-up alone costs CPU
+        during = cpu[role]
+        assert during is not None and 0 <= during["user_s"] <= total["user_s"]
+        assert during["cpu_s_per_gib"] >= 0
+
+
+def test_floor_summary_takes_each_percentile_from_the_calmest_stretch():
+    calm, busy = [10.0] * 99 + [20.0], [100.0] * 99 + [900.0]
+    summary = baselines.floor_summary(busy + calm + busy, stretches=3)
+    assert summary == {"count": 300, "p50": 10.0, "p99": 20.0, "max": 20.0, "stretches": 3,
+                       "all": summary["all"]}
+    assert summary["all"]["max"] == 900.0 and summary["all"]["count"] == 300
+
+
+def test_agent_cpu_between_takes_the_samples_at_the_window_ends():
+    monitor = AgentCpu()
+    monitor.samples["source"] = [(100, 1.0, 0.5), (200, 1.5, 0.75), (300, 3.0, 1.0)]
+    assert monitor.between("source", 150, 310) == {"user_s": 2.0, "sys_s": 0.5}
+    assert monitor.between("source", 50, 310) is None  # no sample before the window
+    assert monitor.between("dest", 0, 10) is None
+    assert monitor.total("source") == {"user_s": 3.0, "sys_s": 1.0}
+
+
+def _synthetic_bench() -> dict:
+    lat = {"p50": 20.0, "p99": 80.0, "max": 100.0, "count": 10}
+    side = {"user_s": 0.1, "sys_s": 0.2, "cpu_s_per_gib": 0.5}
+    bulk = {"bytes_per_s": 2e9, "cpu": {"client": side, "server": {**side, "cpu_s_per_gib": 0.25}}}
+    base = {"placements": {"same_cpu": [0, 0], "across_cpus": [0, 1]},
+            "tcp_bulk": {"same_cpu": {**bulk, "bytes_per_s": 1e9}, "across_cpus": bulk},
+            "tcp_rtt_4k": {"same_cpu": {"latency_us": lat}, "across_cpus": {"latency_us": lat}},
+            "uffd_roundtrip_by_placement_us": {"same_cpu": lat}, "uffd_roundtrip_us": lat,
+            "fault_floor_us": {"same_cpu": {"p50": 40.0, "p99": 100.0}, "across_cpus": {"p50": 100.0, "p99": 400.0}},
+            "tcp_bulk_placement": "across_cpus", "tcp_bulk_bytes_per_s": 2e9, "tcp_rtt_4k_us": lat}
+    figures = {"push_bytes_per_s": 5e8, "fault_us_without_pusher": {"p50": 200.0, "p99": 800.0},
+               "fault_us_with_pusher": {"p50": 300.0, "p99": 1600.0},
+               "push_cpu": {"source": {"cpu_s_per_gib": 1.0}, "dest": None},
+               "downtime_ms_256M": 7.0, "downtime_ms_2G": 9.0, "agent_max_rss_mib_2G": {"source": 50, "dest": 60},
+               "verified": True}
+    return {"kernel": "k", "cpus": 2, "quick": True, "baselines": base, "postcopy": figures, "harvest": [],
+            "precopy": [], "checkpoint": {}, "install_paths": [], "errors": {}, "seconds": 1.0}
+
+
+def test_ratios_are_taken_against_the_c_floor_of_each_placement():
+    result = _synthetic_bench()
+    ratios = baseline_ratios(result["baselines"], result["postcopy"])
+    assert ratios == {
+        "push_vs_tcp_bulk": 0.25,
+        "fault_p50_vs_floor_same_cpu": 5.0, "fault_p99_vs_floor_same_cpu": 8.0,
+        "fault_p50_vs_floor_across_cpus": 2.0, "fault_p99_vs_floor_across_cpus": 2.0,
+        "fault_p99_with_vs_without_pusher": 2.0,
+        "source_cpu_per_gib_vs_c": 2.0, "dest_cpu_per_gib_vs_c": None,  # no figure, no ratio
+    }
+    result["ratios"] = ratios
+    text = format_bench(result)
+    assert "| demand fault p50, no pusher | 200.0 µs | RTT+uffd 40.0 µs (same_cpu) / 100.0 µs (across_cpus) | " \
+           "5.00x / 2.00x |" in text
+    assert "| dest agent CPU s per GiB pushed | n/a | TCP receiver 0.25 | n/a |" in text
+    assert "| TCP bulk | across_cpus | 2.00 GB/s | 0.50 / 0.25 |" in text
