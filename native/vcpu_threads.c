@@ -197,10 +197,12 @@ int pc_vm_set_throttle(struct pc_vm *vm, int percent)
 
 int pc_vm_set_rate_cap(struct pc_vm *vm, double steps_per_s)
 {
-    if (!(steps_per_s >= 0.0) || (steps_per_s > 0.0 && steps_per_s < 1e-3))
+    if (!(steps_per_s >= 0.0) || steps_per_s > 1e18)
         return -EINVAL;
-    __atomic_store_n(&vm->pacing.cap_interval_ns, steps_per_s > 0.0 ? (uint64_t)(1e9 / steps_per_s) : 0,
-                     __ATOMIC_RELAXED);
+    /* Below 1 step per 1000 s the cap is 1 step per 1000 s (and 1e9 / x cannot overflow). */
+    const uint64_t interval = steps_per_s <= 0.0 ? 0 : steps_per_s < 1e-3 ? 1000000000000ULL
+                                                                            : (uint64_t)(1e9 / steps_per_s);
+    __atomic_store_n(&vm->pacing.cap_interval_ns, interval, __ATOMIC_RELAXED);
     return 0;
 }
 

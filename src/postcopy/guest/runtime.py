@@ -454,8 +454,8 @@ class Guest:
         """Cap each vCPU at ``steps_per_s`` steps/s from its next step on (as ``--rate``,
         the slower of the two holds); 0 lifts it. Not one of the guest's parameters."""
         if (not isinstance(steps_per_s, (int, float)) or isinstance(steps_per_s, bool)
-                or not 0 <= steps_per_s < float("inf") or 0 < steps_per_s < 1e-3):
-            raise GuestStateError("rate_cap wants a number 'steps_per_s' >= 0.001 (0 lifts the cap)")
+                or not 0 <= steps_per_s <= 1e18):
+            raise GuestStateError("rate_cap wants a number 'steps_per_s' >= 0 (0 lifts the cap)")
         return self._set_pacing(self._throttle, float(steps_per_s))
 
     def _set_pacing(self, throttle: int, rate_cap: float) -> dict:
