@@ -6,10 +6,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -213,8 +215,9 @@ void pc_guest_load_locals(const void *ram, struct pc_vcpu_local *local, int thre
         __atomic_store_n(&local[t].steps_done, vcpu_state((void *)ram, t)->steps_done, __ATOMIC_RELAXED);
 }
 
-/* Sleep until deadline (CLOCK_MONOTONIC ns) in short slices so a pause is seen soon.
- * Returns 1 if the pause flag was raised meanwhile. */
+/* Sleep until deadline (CLOCK_MONOTONIC ns) on a futex on the pause flag, so that a
+ * pause that wakes the flag (pc_vm_request_pause) is seen at once; a pause that does
+ * not wake it is seen within a 10 ms slice. Returns 1 if the pause flag was raised. */
 #define PC_PACE_CATCH_UP_NS 2000000ULL
 
 static int pace(uint64_t deadline, volatile int *pause_flag)
@@ -228,7 +231,9 @@ static int pace(uint64_t deadline, volatile int *pause_flag)
         uint64_t until = deadline - now > 10000000ULL ? now + 10000000ULL : deadline;
         struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ULL),
                               .tv_nsec = (long)(until % 1000000000ULL)};
-        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+        /* Absolute CLOCK_MONOTONIC timeout; returns early when the flag is not 0 any more. */
+        syscall(SYS_futex, (uint32_t *)pause_flag, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, 0, &ts, NULL,
+                FUTEX_BITSET_MATCH_ANY);
     }
 }
 
@@ -252,7 +257,7 @@ static void free_swap(uint64_t *slice, uint32_t *perm, uint64_t used, uint64_t n
 }
 
 int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
-                uint64_t limit, struct pc_vcpu_local *local)
+                uint64_t limit, struct pc_vcpu_local *local, const struct pc_vcpu_pace *pacing)
 {
     struct pc_guest_info info;
     /* Re-check: the state page may have been replaced (migration) or discarded since. */
@@ -277,7 +282,9 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
     double rate = info.rate;
     if (rate <= 0.0 && wl == PC_WL_IDLE)
         rate = 1000.0; /* idle sleeps per step by default */
-    const uint64_t interval = rate > 0.0 ? (uint64_t)(1e9 / rate) : 0;
+    const uint64_t base_interval = rate > 0.0 ? (uint64_t)(1e9 / rate) : 0;
+    uint64_t interval = base_interval; /* the slower of --rate and the run-time cap */
+    uint64_t slice_start = 0;          /* throttle: when the current running slice began */
 
     struct pc_vcpu_state *v = vcpu_state(ram, tid);
     uint64_t s0 = v->rng[0], s1 = v->rng[1], s2 = v->rng[2], s3 = v->rng[3];
@@ -291,6 +298,14 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
     while (steps < limit) {
         if (__atomic_load_n(pause_flag, __ATOMIC_ACQUIRE))
             return PC_VCPU_PAUSED;
+        if (pacing) { /* run-time knobs: one relaxed load each per step */
+            const uint64_t cap = __atomic_load_n(&pacing->cap_interval_ns, __ATOMIC_RELAXED);
+            const uint64_t want = cap > base_interval ? cap : base_interval;
+            if (want != interval) { /* changed: pace from now, no catch-up burst */
+                interval = want;
+                next = pc_monotonic_ns();
+            }
+        }
         if (interval) {
             if (pace(next, pause_flag))
                 return PC_VCPU_PAUSED;
@@ -356,6 +371,20 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
          * rate holds, but after a long stall (a fault, a pause) no burst beyond 2 ms. */
         if (interval && now > next + PC_PACE_CATCH_UP_NS)
             next = now;
+        const uint32_t pct = pacing ? __atomic_load_n(&pacing->throttle_pct, __ATOMIC_RELAXED) : 0;
+        if (!pct || pct > 99) {
+            slice_start = 0;
+        } else if (!slice_start) {
+            slice_start = now;
+        } else if (now - slice_start >= PC_THROTTLE_SLICE_NS) {
+            /* Parked pct% of the time: after each slice of running, a nap of
+             * slice * pct / (100 - pct); a pause cuts it short (pace wakes on the flag). */
+            if (pace(now + PC_THROTTLE_SLICE_NS * pct / (100 - pct), pause_flag))
+                return PC_VCPU_PAUSED;
+            slice_start = pc_monotonic_ns();
+            if (interval)
+                next = slice_start; /* the nap is not owed steps */
+        }
     }
     return PC_VCPU_LIMIT;
 }

@@ -90,6 +90,17 @@ struct pc_vcpu_local {
     uint64_t pad[4];
 };
 
+/* Process-local pacing a vCPU reads every step (NOT guest state: not in RAM, not hashed,
+ * not migrated). throttle_pct 1..99: after every PC_THROTTLE_SLICE_NS of running the
+ * vCPU parks 10 ms * pct / (100 - pct) (QEMU's auto-converge); cap_interval_ns: at
+ * least this long between two steps (a run-time rate cap; 0 = none). */
+#define PC_THROTTLE_SLICE_NS 10000000ULL
+struct pc_vcpu_pace {
+    uint32_t throttle_pct;
+    uint32_t pad;
+    uint64_t cap_interval_ns;
+};
+
 /* Plain copy of the header plus nothing else; filled by pc_guest_check. */
 struct pc_guest_info {
     uint64_t ram_size, page_size, seed, steps_target;
@@ -117,7 +128,7 @@ int pc_guest_check(const void *ram, uint64_t ram_size, uint64_t page_size,
 /* Run vCPU tid until its steps_done reaches limit (PC_VCPU_LIMIT) or *pause_flag is
  * set (PC_VCPU_PAUSED). Call with a checked RAM. */
 int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
-                uint64_t limit, struct pc_vcpu_local *local);
+                uint64_t limit, struct pc_vcpu_local *local, const struct pc_vcpu_pace *pacing);
 /* Copy the per-vCPU step counters out of guest RAM into local[] (reads guest RAM). */
 void pc_guest_load_locals(const void *ram, struct pc_vcpu_local *local, int threads);
 

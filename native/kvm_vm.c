@@ -441,3 +441,8 @@ int pc_kvm_touch(struct pc_kvm *vm, const uint64_t *pages, uint64_t n)
     pthread_mutex_unlock(&vm->service_lock);
     return rc;
 }
+
+int pc_kvm_vcpu_runner(void *ctx, int tid, uint64_t limit, struct pc_vcpu_local *local)
+{
+    return pc_kvm_vcpu_run(ctx, tid, limit, local);
+}

@@ -57,6 +57,8 @@ const char *pc_kvm_error(struct pc_kvm *vm);
 /* Like pc_vcpu_run: run vCPU tid until its counter reaches limit (PC_VCPU_LIMIT) or
  * the pause word is set (PC_VCPU_PAUSED); negative PC_GUEST_E* / PC_KVM_E* on error. */
 int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_local *local);
+/* pc_kvm_vcpu_run as a pc_vcpu_runner (ctx: the struct pc_kvm) for the persistent vCPU threads. */
+int pc_kvm_vcpu_runner(void *ctx, int tid, uint64_t limit, struct pc_vcpu_local *local);
 /* The service vCPU writes (atomic OR 0) the first word of each page: 0 or negative. */
 int pc_kvm_touch(struct pc_kvm *vm, const uint64_t *pages, uint64_t n);
 

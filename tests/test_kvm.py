@@ -215,6 +215,38 @@ def test_unknown_kvm_dirty_request_is_refused(launch):
         guest.quit()
 
 
+def test_kvm_vcpus_are_the_persistent_threads_even_across_a_ring_rebuild(launch):
+    """The KVM vCPUs run on the guest's parked vCPU threads: the same threads after
+    resumes and after the dirty-ring rebuild (the VM is remade under them), and the
+    guest steps on to the process guest's RAM; throttle and rate_cap are refused."""
+    require_kvm()
+    params = dataclasses.replace(KVM, steps=3000)
+    proc, sock = launch(params, start_paused=True, linger=True)
+    with GuestClient(sock) as guest:
+        tids = guest.status()["vcpu_thread_ids"]
+        guest.run(500)
+        guest.resume()
+        try:
+            guest.request("kvm_dirty", op="start", log="kvm-ring")  # mid-run, or after the end
+        except GuestError as exc:
+            assert "ring" in str(exc).lower() or "KVM" in str(exc)  # no dirty ring on this host
+        if guest.pause()["state"] == "paused":
+            assert guest.run_until(3000)["state"] == "finished"
+        assert guest.status()["vcpu_thread_ids"] == tids
+        with pytest.raises(GuestError, match="KVM guest has no run-time throttle"):
+            guest.request("throttle", percent=50)
+        with pytest.raises(GuestError, match="KVM guest has no run-time throttle"):
+            guest.request("rate_cap", steps_per_s=100)
+        assert guest.request("throttle", percent=0)["throttle_pct"] == 0
+        guest.quit()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    process = dataclasses.replace(params, vm="process")
+    from postcopy.guest import reference_hash
+
+    assert parse_final_hash(out) == reference_hash(process)
+
+
 # ---- migrations of a KVM guest --------------------------------------------------------
 
 

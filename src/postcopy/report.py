@@ -56,8 +56,13 @@ def format_histogram(buckets: list[dict], width: int = 40) -> str:
 
 
 def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, source: dict,
-                 dest: dict, final_hash: str | None, reference_hash: str | None) -> dict:
-    """Merge the two agents' figures into the report of DESIGN.md."""
+                 dest: dict, final_hash: str | None, reference_hash: str | None,
+                 guest: dict | None = None) -> dict:
+    """Merge the two agents' figures into the report of DESIGN.md. ``guest_view`` is the
+    guest's own view of the move (from the destination): its first step after the
+    resume there and the longest gap between two steps of any vCPU after the
+    switchover (the worst stall it felt). ``guest`` (when known): the guest's full
+    parameter set and the ``postcopy guest`` command line that reproduces the reference."""
     pages = {cause: dest.get("pages", {}).get(cause, 0) for cause in PAGE_CAUSES}
     return {
         "mode": mode,
@@ -72,6 +77,8 @@ def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, so
         "fault_latency_us": dest.get("fault_latency_us"),
         "fault_latency_histogram": dest.get("fault_latency_histogram", []),
         "blocktime_ms": dest.get("blocktime_ms"),
+        "guest_view": {"first_step_ms": dest.get("first_step_ms"), "max_step_gap_ms": dest.get("max_step_gap_ms")},
+        "guest": guest,
         "pages_skipped_free": source.get("pages_skipped_free", 0),
         "timeline": dest.get("timeline"),
         "final_hash": final_hash,
@@ -99,6 +106,7 @@ def source_report(figures: dict) -> dict:
 def format_summary(report: dict) -> str:
     """Human summary of a report."""
     lat = report.get("fault_latency_us") or {}
+    view = report.get("guest_view") or {}
     pages = report["pages"]
 
     def fmt(value, unit="", digits=1):
@@ -110,6 +118,8 @@ def format_summary(report: dict) -> str:
         f"downtime {fmt(report['downtime_ms'], ' ms', 2)}  total {fmt(report['total_ms'], ' ms')}"
         f"  sent {(report['bytes_sent'] or 0) / 2**20:.1f} MiB",
         "pages: " + "  ".join(f"{cause} {pages[cause]}" for cause in PAGE_CAUSES),
+        f"guest view: first step {fmt(view.get('first_step_ms'), ' ms', 2)} after resume, longest step gap "
+        f"after the switchover {fmt(view.get('max_step_gap_ms'), ' ms', 2)}",
         f"faults {lat.get('count', 0)}: p50 {fmt(lat.get('p50'), ' µs')}  p99 {fmt(lat.get('p99'), ' µs')}"
         f"  max {fmt(lat.get('max'), ' µs')}  blocktime {fmt(report['blocktime_ms'], ' ms', 2)}",
         "fault latency histogram:",
@@ -117,6 +127,8 @@ def format_summary(report: dict) -> str:
         f"final hash {report['final_hash']}  reference {report['reference_hash']}"
         f"  -> {_VERDICT[report['verified']]}",
     ]
+    if (report.get("guest") or {}).get("reference_command"):
+        lines.append(f"reference: {report['guest']['reference_command']}")
     return "\n".join(lines)
 
 

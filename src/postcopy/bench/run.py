@@ -84,6 +84,14 @@ def checkpoint_figures(quick: bool) -> dict:
                                port=BENCH_PORT + 3)
 
 
+def pause_resume(quick: bool) -> dict:
+    """How fast the guest answers pause and resume (persistent vCPU threads): p50/p99 of
+    pause -> parked, resume -> first step and one ``run`` epoch, in µs."""
+    from postcopy.bench.pauseresume import pause_resume_figures
+
+    return pause_resume_figures(rounds=200 if quick else 2000)
+
+
 def _install_migration(install: str, backing: str, ram: int, *, workload: str, steps: int, rate: float,
                        migrate_after: float, push_delay: float) -> dict:
     params = GuestParams(ram=ram, threads=2, workload=workload, seed=17, steps=steps, rate=rate, working_set=1.0,
@@ -241,6 +249,7 @@ def run_bench(quick: bool) -> dict:
         "harvest": _experiment("harvest", harvest_rows, quick, []),
         "precopy": _experiment("precopy", precopy_rows, quick, []),
         "checkpoint": _experiment("checkpoint", checkpoint_figures, quick, {}),
+        "pause_resume": _experiment("pause-resume", pause_resume, quick, {}),
         "install_paths": _experiment("install paths", install_paths, quick, []),
         "frame_auth": _experiment("frame auth", frame_auth_figures, quick, {}),
         "kvm": _experiment("kvm", _kvm_figures, quick, {}),
@@ -308,6 +317,15 @@ def markdown(result: dict) -> str:
         pause = row.get("pause_ms") or {}
         lines.append(f"| {bound} | {num(row.get('checkpoints_per_s'), '{:.0f}')} | {num(pause.get('p50'), '{:.3f}')} | "
                      f"{num(pause.get('p99'), '{:.3f}')} |")
+    pr = result.get("pause_resume") or {}
+    if pr:
+        lines += ["", f"## Guest pause and resume ({pr['rounds']} rounds, {pr['threads_created']} threads created)", "",
+                  "| figure | p50 µs | p99 µs | max µs |", "|---|---|---|---|"]
+        for label, key in (("pause -> parked", "pause_to_parked_us"), ("resume -> first step", "resume_to_first_step_us"),
+                           (f"one epoch ({pr['epoch_command']} 1 step)", "epoch_rpc_us")):
+            row = pr[key]
+            lines.append(f"| {label} | {num(row['p50'], '{:.1f}')} | {num(row['p99'], '{:.1f}')} | "
+                         f"{num(row['max'], '{:.1f}')} |")
     lines += ["", "## Install paths (UFFDIO_COPY vs CONTINUE vs MOVE)", "",
               "| install | backing | push GB/s | vs copy | demand fault p50 µs | p99 µs | p50 / p99 vs copy | verified |",
               "|---|---|---|---|---|---|---|---|"]

@@ -15,8 +15,9 @@ epoch synchronous, as Remus does before releasing output).
 computed from the bound: every step of every workload writes at most one page of its
 vCPU's slice (plus, with free pages, up to 3 pages every ``PC_GUEST_FREE_PERIOD`` steps),
 and the state page is written by every step. The guest parks itself at that exact step
-count (the ``run_until`` control command), so the bound holds without harvesting while
-the guest runs, and "pause early when the bound is reached" costs nothing. The report
+count (the ``run`` control command: N more steps, then park; with pagemap-scan it also
+harvests its dirty log there, into the reply), so the bound holds without harvesting
+while the guest runs, and "pause early when the bound is reached" costs nothing. The report
 gives the dirty pages actually measured per epoch (and how many epochs exceeded the
 bound, which only an unforeseen workload could do). Optionally an epoch also ends after
 ``interval_ms`` (a ``pause`` from a second control connection), whichever comes first.
@@ -25,7 +26,7 @@ bound, which only an unforeseen workload could do). Optionally an epoch also end
 copied while the guest is parked, either into the socket (``sendmsg`` copies; unlike
 ``sendfile``, whose pages could change under the guest after it resumes) or, with
 ``overlap``, into an epoch buffer that is sent while the guest runs the next epoch.
-The run_until request and its reply are split for that (:class:`_ControlLine`), so the
+The run request and its reply are split for that (:class:`_ControlLine`), so the
 agent works while the guest runs. The first epoch is preceded by
 an initial sync of every populated page (epoch 0, sent while the guest runs, never a
 commit point on its own): the dirty log is started before it, so epoch 1 resends
@@ -56,6 +57,7 @@ from postcopy import report
 from postcopy.protocol import wire
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.guest.control import GuestClient, GuestError
+from postcopy.guest.dirtytrack import decode_runs
 from postcopy.migration.guestmem import GuestMemory
 from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
 from postcopy.protocol.wire import MAX_RUN_BYTES
@@ -163,28 +165,30 @@ class _ControlLine:
 
 
 class _EpochRunner:
-    """Lets the parked guest run one epoch: :meth:`start` sends ``run_until`` and returns
+    """Lets the parked guest run one epoch: :meth:`start` sends ``run`` and returns
     at once, :meth:`wait` returns its reply, which comes only once every vCPU is parked
     again, so nothing is harvested while the guest runs.
 
     With an interval, :meth:`wait` pauses the guest (from the main control connection)
-    when the interval is over before the step budget; the run_until reply follows."""
+    when the interval is over before the step budget; the run reply follows."""
 
     def __init__(self, control: str, client: GuestClient, interval_ms: float | None):
         self.client = client
         self.interval = None if interval_ms is None else interval_ms / 1e3
         self.interval_pauses = 0
         self.line = _ControlLine(control)
-        self.pending = False  # a run_until awaits its reply
+        self.pending = False  # a run awaits its reply
         self._started = 0.0
 
-    def start(self, target: int) -> None:
+    def start(self, steps: int, harvest: bool) -> None:
+        """Every vCPU does exactly ``steps`` more steps and parks; with ``harvest`` the
+        guest harvests its dirty log at the park, into the reply."""
         self._started = time.monotonic()
-        self.line.send("run_until", steps=target)
+        self.line.send("run", steps=steps, harvest=harvest)
         self.pending = True
 
     def wait(self, heartbeat: Callable[[], None], every: float) -> dict:
-        """The run_until reply; ``heartbeat`` is called every ``every`` seconds while the
+        """The run reply; ``heartbeat`` is called every ``every`` seconds while the
         guest runs (a long epoch must not look like a dead primary to the standby)."""
         sock = self.line.sock
         interval_end = None if self.interval is None else self._started + self.interval
@@ -198,13 +202,13 @@ class _EpochRunner:
                 break
             now = time.monotonic()
             if interval_end is not None and now >= interval_end:
-                self.client.pause()  # the interval ended first: the run_until reply follows
+                self.client.pause()  # the interval ended first: the run reply follows
                 self.interval_pauses += 1
                 interval_end = None
             if now >= beat:
                 heartbeat()
                 beat = now + every
-        reply = self.line.reply("run_until")
+        reply = self.line.reply("run")
         self.pending = False
         return reply
 
@@ -214,7 +218,7 @@ class _EpochRunner:
             self.pending = False
             try:
                 self.client.pause()
-                self.line.reply("run_until")
+                self.line.reply("run")
             except (GuestError, ValueError):
                 pass
 
@@ -493,14 +497,18 @@ class Checkpointer:
         perf, mono_ns = time.perf_counter, time.monotonic_ns
         deadline = None if cfg.seconds is None else loop_started + cfg.seconds
         synchronous = cfg.max_unacked == 0
+        # pagemap-scan: the guest harvests at the park, into the run reply (one control
+        # round trip per epoch); other logs are harvested here while it is parked.
+        in_guest = dirty.name == "pagemap-scan"
         finished = False
         while True:
             # The guest is parked at a step boundary: take epoch n.
             paused_ns = parked.get("paused_ns") or mono_ns()  # none for a guest that never ran
             steps = parked["steps"]
             t1 = perf()
+            encoded = parked.get("dirty_runs")
             try:
-                runs = dirty.harvest()
+                runs = dirty.harvest() if encoded is None else decode_runs(encoded)
             except OSError as exc:  # the guest's pagemap went with it
                 raise _GuestLost(exc) from None
             t2 = perf()
@@ -520,7 +528,7 @@ class Checkpointer:
             log.dirty_pages.append(npages)
             log.runs.append(nruns)
             log.steps.append(steps[0])
-            log.harvest_us.append((t2 - t1) * 1e6)
+            log.harvest_us.append((t2 - t1) * 1e6 + parked.get("harvest_ns", 0) / 1e3)
             log.collect_us.append((t3 - t2) * 1e6)
             log.send_us.append((t4 - t3) * 1e6)
             log.ack_us.append((t5 - t4) * 1e6)
@@ -531,9 +539,7 @@ class Checkpointer:
             resume_ns = mono_ns()
             log.pause_us.append((resume_ns - paused_ns) / 1e3)
             try:
-                # Each vCPU may do `budget` steps; run_until cannot go back, so vCPUs left
-                # apart by an interval pause are only levelled up to the leader.
-                runner.start(max(min(steps) + budget, max(steps)))
+                runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
             except GuestError as exc:
                 raise _GuestLost(exc) from None
             if overlap:  # send while the guest runs

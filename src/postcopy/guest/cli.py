@@ -27,9 +27,56 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
-def register(subparsers) -> None:
+def add_guest_options(p: argparse.ArgumentParser, *, steps: int | None, rate: float,
+                      explicit_only: bool = False) -> None:
+    """The options that make a guest, with the one set of defaults of
+    :data:`postcopy.guest.control.GUEST_DEFAULTS` (``steps`` and ``rate``, which do
+    not change the guest's final RAM for a given step count, are the caller's).
+    ``explicit_only``: leave unset options None (so a caller can tell what was given)
+    and resolve them with :func:`params_from_args`; help shows the defaults either way."""
+    from postcopy.guest.control import GUEST_DEFAULTS as d
     from postcopy.guest.runtime import BACKINGS, MAX_THREADS, WORKLOADS
 
+    def default(value):
+        return None if explicit_only else value
+
+    p.add_argument("--threads", type=positive_int_arg, default=default(d["threads"]), metavar="N",
+                   help=f"vCPU threads, 1..{MAX_THREADS} (default {d['threads']})")
+    p.add_argument("--workload", choices=list(WORKLOADS), default=default(d["workload"]),
+                   help=f"what each step writes (default {d['workload']})")
+    p.add_argument("--seed", type=_seed, default=default(d["seed"]), metavar="S", help=f"RNG seed (default {d['seed']})")
+    p.add_argument("--steps", type=positive_int_arg, default=default(steps), metavar="K",
+                   help=f"steps per vCPU (default {steps})" if steps is not None else
+                   "steps per vCPU (default none: the guest runs until quit or SIGTERM)")
+    p.add_argument("--rate", type=_nonneg_float, default=default(rate), metavar="STEPS_PER_S",
+                   help=f"step rate limit per vCPU, 0 = unlimited (idle: 0 means 1000/s); timing only, the "
+                        f"final hash does not depend on it (default {rate:g})")
+    p.add_argument("--working-set", type=float, default=default(d["working_set"]), metavar="FRACTION",
+                   help=f"fraction (0, 1] of each vCPU's slice that is written (default {d['working_set']:g})")
+    p.add_argument("--free-fraction", type=float, default=default(d["free_fraction"]), metavar="FRACTION",
+                   help="fraction [0, 1) of each working set that is free at any time; the free set "
+                        "moves (a page taken back is zero-filled first), the hash counts free pages as "
+                        f"zero, and the control command free_ranges lists them (default {d['free_fraction']:g})")
+    p.add_argument("--backing", choices=BACKINGS, default=d["backing"], help=f"RAM backing (default {d['backing']})")
+    p.add_argument("--vm", choices=("process", "kvm"), default=d["vm"],
+                   help="who runs the workload: threads of this process, or the vCPUs of a KVM micro-VM over "
+                        f"the same RAM (needs /dev/kvm; same RAM and hash after K steps; default {d['vm']})")
+
+
+def params_from_args(args, ram: int):
+    """The :class:`GuestParams` of parsed guest options (unset ones take the defaults)."""
+    from postcopy.guest.control import GUEST_DEFAULTS, GuestParams
+
+    def pick(name):
+        value = getattr(args, name)
+        return GUEST_DEFAULTS[name] if value is None else value
+
+    return GuestParams(ram=ram, threads=pick("threads"), workload=pick("workload"), seed=pick("seed"),
+                       steps=args.steps, rate=float(pick("rate")), working_set=float(pick("working_set")),
+                       backing=args.backing, free_fraction=float(pick("free_fraction")), vm=args.vm)
+
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "guest", help="run a guest process whose whole state lives in its RAM",
         description="Run a guest: vCPU threads step a deterministic workload in guest RAM. "
@@ -38,24 +85,8 @@ def register(subparsers) -> None:
                     "'resume' on the control socket; threads, workload and steps come with the RAM.")
     p.add_argument("--ram", type=size_arg, required=True, metavar="SIZE",
                    help="guest RAM size, a page multiple (e.g. 64M)")
-    p.add_argument("--threads", type=positive_int_arg, metavar="N", help=f"vCPU threads, 1..{MAX_THREADS} (default 1)")
-    p.add_argument("--workload", choices=list(WORKLOADS), help="what each step writes (default random-write)")
-    p.add_argument("--seed", type=_seed, metavar="S", help="RNG seed (default 1)")
-    p.add_argument("--steps", type=positive_int_arg, metavar="K",
-                   help="steps per vCPU; without it the guest runs until quit or SIGTERM")
-    p.add_argument("--rate", type=_nonneg_float, metavar="STEPS_PER_S",
-                   help="step rate limit per vCPU, 0 = unlimited (idle: 0 means 1000/s)")
-    p.add_argument("--working-set", type=float, metavar="FRACTION",
-                   help="fraction (0, 1] of each vCPU's slice that is written (default 1)")
-    p.add_argument("--free-fraction", type=float, metavar="FRACTION",
-                   help="fraction [0, 1) of each working set that is free at any time; the free set "
-                        "moves (a page taken back is zero-filled first), the hash counts free pages as "
-                        "zero, and the control command free_ranges lists them (default 0)")
-    p.add_argument("--backing", choices=BACKINGS, default="memfd", help="RAM backing (default memfd)")
-    p.add_argument("--vm", choices=("process", "kvm"), default="process",
-                   help="who runs the workload: threads of this process (default), or the vCPUs of a KVM "
-                        "micro-VM over the same RAM (needs /dev/kvm; same RAM and hash after K steps)")
-    p.add_argument("--control", metavar="PATH", help="Unix socket for control commands (mode 0600)")
+    add_guest_options(p, steps=None, rate=0.0, explicit_only=True)
+    p.add_argument("--control", metavar="PATH", help="Unix socket for control commands (mode 0600; default none)")
     p.add_argument("--incoming", action="store_true",
                    help="map empty RAM under userfaultfd and wait for the migrated state")
     p.add_argument("--uffd-minor", action="store_true",
@@ -63,11 +94,12 @@ def register(subparsers) -> None:
                         "install pages by writing the memfd and UFFDIO_CONTINUE (needs UFFD_FEATURE_MINOR_SHMEM)")
     p.add_argument("--staging-pages", type=positive_int_arg, metavar="N",
                    help="incoming, anon backing: also map N pages of unregistered private anonymous staging "
-                        "memory the agent fills and moves pages out of with UFFDIO_MOVE (needs UFFD_FEATURE_MOVE)")
+                        "memory the agent fills and moves pages out of with UFFDIO_MOVE (needs UFFD_FEATURE_MOVE; "
+                        "default none)")
     p.add_argument("--linger", action="store_true", help="when finished, keep serving the control socket until quit")
     p.add_argument("--start-paused", action="store_true", help="boot, then wait for resume")
     p.add_argument("--pause-at", type=positive_int_arg, metavar="K",
-                   help="park every vCPU when it has done exactly K steps (resume continues)")
+                   help="park every vCPU when it has done exactly K steps (resume continues; default none)")
     p.set_defaults(func=handler, _parser=p)
 
 
@@ -100,11 +132,8 @@ def _validate(args) -> str | None:
         return "--start-paused and --pause-at do not mix: use the run_until control command"
     if args.steps is not None and args.pause_at is not None and args.pause_at >= args.steps:
         return f"--pause-at {args.pause_at} must be below --steps {args.steps}"
-    threads = args.threads or 1
-    workload = args.workload or "random-write"
-    ws = 1.0 if args.working_set is None else args.working_set
-    free = 0.0 if args.free_fraction is None else args.free_fraction
-    return layout_error(args.ram, threads, workload, ws, free)
+    params = params_from_args(args, args.ram)
+    return layout_error(args.ram, params.threads, params.workload, params.working_set, params.free_fraction)
 
 
 def handler(args) -> int:
@@ -134,12 +163,11 @@ def handler(args) -> int:
                 print(f"guest: control socket {args.control}: {exc}", file=sys.stderr)
                 return 1
         if not args.incoming:
+            params = params_from_args(args, args.ram)
             try:
-                guest.boot(BootParams(threads=args.threads or 1, workload=args.workload or "random-write",
-                                      seed=1 if args.seed is None else args.seed, steps=args.steps,
-                                      rate=args.rate or 0.0,
-                                      working_set=1.0 if args.working_set is None else args.working_set,
-                                      free_fraction=args.free_fraction or 0.0))
+                guest.boot(BootParams(threads=params.threads, workload=params.workload, seed=params.seed,
+                                      steps=params.steps, rate=params.rate, working_set=params.working_set,
+                                      free_fraction=params.free_fraction))
             except (ValueError, RuntimeError) as exc:  # the KVM guest: its VM could not be made
                 print(f"guest: {exc}", file=sys.stderr)
                 return 1
@@ -150,6 +178,8 @@ def handler(args) -> int:
         outcome = guest.wait()
         if outcome == "finished":
             print(f"final_hash {guest.ram_hash()}", flush=True)
+            if args.incoming:  # the migrated guest's own view, for an agent that reads it late
+                print(f"max_step_gap_ns {guest.take_max_step_gap()['max_gap_ns']}", flush=True)
             if args.linger:
                 outcome = guest.wait(finished_ok=False)
         if outcome == "fatal":

@@ -7,12 +7,16 @@ SCM_RIGHTS ancillary data on the reply line. Commands:
 
 ============ =============================================================================
 status       state, pid, RAM geometry, threads, workload, steps, timing fields, uffd,
-             dirty_tracking, free_fraction, free_pages
+             dirty_tracking, free_fraction, free_pages, vcpu_thread_ids
 pause        parks every vCPU at a step boundary, replies once all are parked; ``was``
-             (the state before) and ``stop_at`` let a brief pauser resume what it stopped
+             (the state before) and ``stop_at`` let a brief pauser resume what it stopped;
+             ``pause_to_parked_ns`` and ``resume_to_first_step_ns`` time the guest's side
 resume       lets the vCPUs run (an incoming guest then faults in its state page);
              optional ``{"stop_at": N}``: park again at step N
 run_until    ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
+run          ``{"steps": N, "harvest": bool}``: one epoch: every vCPU does exactly N more
+             steps and parks; with harvest the guest's dirty log is harvested at the park
+             (``dirty_runs``, see :func:`postcopy.guest.dirtytrack.decode_runs`)
 hash         64-bit RAM hash (heartbeats excluded, free pages as zero), paused or
              finished guests only
 fds          memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid, backing,
@@ -25,6 +29,11 @@ free_ranges  ``{"ranges": [[offset, length], ...], "free_pages": N}``: pages fre
 touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "seed"}}``:
              write to pages without changing them (dirty-log tests and benchmarks)
 max_step_gap longest gap between two steps of any vCPU since the previous call (ns)
+throttle     ``{"percent": P}``, 0..99: each vCPU parks P% of its time (after every 10 ms
+             of running it sleeps 10*P/(100-P) ms; auto-converge); 0 lifts it. Timing
+             only: not in the state page, not hashed, not migrated (status: throttle_pct)
+rate_cap     ``{"steps_per_s": R}``: each vCPU does at most R steps/s (with --rate the
+             slower holds); 0 lifts it. Not a guest parameter (status: rate_cap)
 kvm_dirty    KVM guests only: ``{"op": "start", "log": "kvm-bitmap|kvm-clear|kvm-ring"}``,
              ``{"op": "harvest"}`` (runs, pages, harvest_ms), ``{"op": "stop"}``
 lease        exclusive lease for one migration agent: ``{"token": T}``; refused while
@@ -34,7 +43,7 @@ lease        exclusive lease for one migration agent: ``{"token": T}``; refused 
 release      ``{"token": T}``: end the lease now
 fence        ``{"token": T, "seconds": S}``: a destination may run this guest for S more
              seconds (only ever extended); ``{"token": T, "lift": true}``: it confirmed
-             completion. While a fence holds, ``lease``, ``resume`` and ``run_until`` are
+             completion. While a fence holds, ``lease``, ``resume``, ``run_until`` and ``run`` are
              refused: the guest must not run, or move again, in two places
 watchdog     ``{"token": T, "seconds": S}``: an incoming guest whose pages are still
              arriving stops itself (exit 1) unless this comes again within S seconds
@@ -50,6 +59,7 @@ import array
 import dataclasses
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -190,12 +200,22 @@ class ControlServer:
                     raise GuestStateError("run_until wants a non-negative integer 'steps'")
                 self._lease.check_unfenced("run_until")
                 reply = g.run_until(steps)
+            elif cmd == "run":
+                steps, harvest = req.get("steps"), req.get("harvest", False)
+                if not _is_count(steps) or not isinstance(harvest, bool):
+                    raise GuestStateError("run wants a non-negative integer 'steps' and a boolean 'harvest'")
+                self._lease.check_unfenced("run")
+                reply = g.run(steps, harvest=harvest)
             elif cmd in ("lease", "release", "fence", "watchdog"):
                 reply = self._lease.command(cmd, req, conn)
                 if cmd == "watchdog":
                     self._start_watchdog()
                 if cmd == "release":
                     self._lease_ended()
+            elif cmd == "throttle":
+                reply = g.set_throttle(req.get("percent"))
+            elif cmd == "rate_cap":
+                reply = g.set_rate_cap(req.get("steps_per_s"))
             elif cmd == "hash":
                 reply = {"hash": g.ram_hash()}
             elif cmd == "fds":
@@ -359,6 +379,11 @@ class GuestClient:
         """Resume a paused guest and wait until every vCPU has done exactly ``steps``."""
         return self.request("run_until", steps=steps)
 
+    def run(self, steps: int, harvest: bool = False) -> dict:
+        """One epoch: every vCPU does exactly ``steps`` more steps, then parks; with
+        ``harvest`` the reply's ``dirty_runs`` holds the guest's dirty log."""
+        return self.request("run", steps=steps, harvest=harvest)
+
     def hash(self) -> str:
         return self.request("hash")["hash"]
 
@@ -446,20 +471,38 @@ def wait_for_control(path: str, timeout: float = 10.0, proc: subprocess.Popen | 
 # ---- launching ------------------------------------------------------------------------
 
 
+# One set of defaults for every way of starting a guest (``postcopy guest``, ``postcopy
+# demo``, GuestParams): the same flags give the same guest, and the same reference hash.
+GUEST_DEFAULTS: dict = {"threads": 2, "workload": "random-write", "seed": 1, "rate": 0.0, "working_set": 1.0,
+                        "free_fraction": 0.0, "backing": "memfd", "vm": "process"}
+
+
 @dataclass(frozen=True)
 class GuestParams:
     """Everything that determines a guest's final RAM (plus its backing)."""
 
     ram: int
-    threads: int
-    workload: str
-    seed: int
-    steps: int | None
-    rate: float = 0
-    working_set: float = 1.0
-    backing: str = "memfd"
-    free_fraction: float = 0.0
-    vm: str = "process"  # or "kvm": the same RAM and workload run by KVM vCPUs
+    threads: int = GUEST_DEFAULTS["threads"]
+    workload: str = GUEST_DEFAULTS["workload"]
+    seed: int = GUEST_DEFAULTS["seed"]
+    steps: int | None = None
+    rate: float = GUEST_DEFAULTS["rate"]
+    working_set: float = GUEST_DEFAULTS["working_set"]
+    backing: str = GUEST_DEFAULTS["backing"]
+    free_fraction: float = GUEST_DEFAULTS["free_fraction"]
+    vm: str = GUEST_DEFAULTS["vm"]  # or "kvm": the same RAM and workload run by KVM vCPUs
+
+    def reference_command(self) -> str:
+        """The ``postcopy guest`` command line that runs this guest without migration
+        to its reference hash (printed as ``final_hash``); every parameter is spelled
+        out, so it does not depend on any default."""
+        argv = dataclasses.replace(self, rate=0).argv()[4:]
+        if not self.free_fraction:
+            argv += ["--free-fraction", "0.0"]
+        return shlex.join(["postcopy", "guest", *argv])
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     def argv(self, *, control: str | None = None, incoming: bool = False, linger: bool = False,
              start_paused: bool = False, pause_at: int | None = None) -> list[str]:

@@ -150,23 +150,24 @@ class KvmGuest(Guest):
             self._make_vm(ring=False)
 
     def _make_vm(self, *, ring: bool) -> None:
-        """(Re)build the VM over RAM; vCPUs parked. The pause word moves into it."""
+        """(Re)build the VM over RAM (vCPUs parked): the persistent vCPU threads run its
+        vCPUs from the next release on, and the pause word moves into its firmware
+        memory (the guest code reads it every step)."""
         try:
             vm = KvmVm(self._ram, self.ram_size, int(self._info.threads), RING_ENTRIES if ring else 0)
         except KvmUnavailable as exc:
             raise GuestStateError(f"KVM guest: {exc}") from None
-        vm.pause_flag[0] = self._pause_flag[0]
-        self.vm, self._pause_flag = vm, vm.pause_flag
+        self._vcpus.set_runner(ffi.addressof(lib, "pc_kvm_vcpu_runner"), vm._vm, vm.pause_flag)
+        self.vm = vm  # the old VM (if any) is freed only now, no vCPU runs on it
 
-    def _vcpu(self, tid: int, limit: int) -> None:
-        rc = self.vm.run(tid, limit, self._local_ptrs[tid])
-        with self._cond:
-            if rc < 0:
-                self._fatal = f"vCPU {tid} stopped: {vcpu_error(rc, self.vm)}"
-            self._running -= 1
-            if self._running == 0:
-                self._all_parked()
-            self._cond.notify_all()
+    def _vcpu_error(self, tid: int, rc: int) -> str:
+        return f"vCPU {tid} stopped: {vcpu_error(rc, self.vm)}"
+
+    def _set_pacing(self, throttle: int, rate_cap: float) -> dict:
+        if throttle or rate_cap:
+            raise GuestStateError("the KVM guest has no run-time throttle or rate cap: its steps and their "
+                                  "pacing run inside the VM (use --rate, or a process guest)")
+        return super()._set_pacing(throttle, rate_cap)
 
     def status(self) -> dict:
         return {**super().status(), "vm": "kvm", "kvm_dirty_log": self.dirty_log}
@@ -227,23 +228,28 @@ class KvmGuest(Guest):
             return {"log": log, "paused_ms": paused_ms}
 
     def _rebuild(self, *, ring: bool) -> float:
-        """Park the vCPUs, remake the VM, let them run on as before (_op held)."""
+        """Park the vCPU threads, remake the VM under them, let them run on as before
+        (_op held). The threads stay: only what they run changes."""
+        t0 = time.perf_counter()
         with self._cond:
-            t0 = time.perf_counter()
+            self._settle()
             was_running = self._state == "running"
             if was_running:
                 self._pause_requested = True
-                self._pause_flag[0] = 1
-                self._wait_parked()
+                if self._running:
+                    self._vcpus.request_pause()
+        if was_running:
+            self._wait_parked()
+        with self._cond:
             self.dirty_log = None
             self._make_vm(ring=ring)
             if was_running and self._state == "paused":
                 self._pause_requested = False
-                self._pause_flag[0] = 0
                 self._state = "running"
                 self._spawn()
+                self._resumed_ns = self._vcpus.resumed_ns
                 self._cond.notify_all()
-            return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3
 
     def kvm_dirty_harvest(self) -> dict:
         """Pages written by the guest since the previous harvest (or start), re-protected

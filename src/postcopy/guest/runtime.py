@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 
 from postcopy._native import ffi, lib
+from postcopy.guest.dirtytrack import DirtyTracker, TrackingError
+from postcopy.guest.vcpus import Vcpus
 
 WORKLOADS: dict[str, int] = {"idle": 0, "random-write": 1, "sequential": 2, "hotspot": 3}
 WORKLOAD_NAMES = {v: k for k, v in WORKLOADS.items()}
@@ -132,11 +134,11 @@ class Guest:
         self.address = int(ffi.cast("uintptr_t", ptr))
         self._cond = threading.Condition()
         self._op = threading.Lock()  # one control command at a time
-        self._pause_flag = ffi.new("int *")
+        self._vcpus: Vcpus | None = None  # created once, with the state page
         self._locals = None
         self._local_ptrs: list = []
         self._info = None
-        self._running = 0
+        self._running = False  # vCPUs released and not yet seen parked
         self._starting = False
         self._pause_requested = False
         self._stop_at: int | None = None
@@ -147,8 +149,11 @@ class Guest:
         self._quit = False
         self._fds_taken = False
         self._ram_settled = False  # an incoming guest's RAM was seen unregistered (all in)
+        # Run-time pacing (throttle, rate_cap): timing only, never in RAM, never migrated.
+        self._throttle = 0
+        self._rate_cap = 0.0
         self.uffd = None  # missing mode, incoming guests only; handed out by fds
-        self._wp_uffd = None  # async write-protect for dirty tracking; never leaves the guest
+        self._dirty: DirtyTracker | None = None  # async write-protect tracking; never leaves the guest
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
         self.uffd_minor = uffd_minor
         # Staging area for the destination's UFFDIO_MOVE install path: private anonymous
@@ -237,12 +242,20 @@ class Guest:
         rc = lib.pc_guest_check(self._ram, self.ram_size, self.page_size, info)
         if rc:
             raise GuestStateError(_CHECK_ERRORS.get(rc, f"state page check failed ({rc})"))
+        if self._vcpus is not None:
+            raise GuestStateError("the state page was loaded already")
         locals_ = ffi.gc(lib.pc_vcpu_locals_new(info.threads), lib.pc_vcpu_locals_free)
         lib.pc_guest_load_locals(self._ram, locals_, info.threads)
+        try:
+            vcpus = Vcpus(self._ram, self.ram_size, int(info.threads), locals_)
+        except OSError as exc:
+            raise GuestStateError(str(exc)) from None
+        vcpus.set_pacing(throttle=self._throttle, rate_cap=self._rate_cap)
         with self._cond:
             self._info = info
             self._locals = locals_
             self._local_ptrs = [locals_ + t for t in range(info.threads)]
+            self._vcpus = vcpus
 
     # ---- bookkeeping ----------------------------------------------------------------
 
@@ -270,38 +283,52 @@ class Guest:
         firsts = [int(p.first_step_ns) for p in self._local_ptrs if p.first_step_ns]
         return min(firsts) if firsts else None
 
-    def _spawn(self) -> None:
-        """Start one Python thread per vCPU (cond held)."""
-        target = self.steps_target or _UNLIMITED
-        limit = min(target, self._stop_at) if self._stop_at is not None else target
+    def _spawn(self, limits: list[int] | None = None) -> None:
+        """Release the parked vCPUs (cond held): each to its limit in ``limits``, else
+        all to the stop point (or the step target)."""
+        notify = limits is None  # a free run: its end wakes the main thread (wait)
+        if limits is None:
+            target = self.steps_target or _UNLIMITED
+            limit = min(target, self._stop_at) if self._stop_at is not None else target
+            limits = [limit] * len(self._local_ptrs)
         for p in self._local_ptrs:
             p.first_step_ns = 0
-        self._pause_flag[0] = 0
-        self._running = len(self._local_ptrs)
-        for tid in range(self._running):
-            threading.Thread(target=self._vcpu, args=(tid, limit), name=f"vcpu{tid}", daemon=True).start()
+        self._running = True
+        self._vcpus.release(limits, notify=notify)
 
-    def _vcpu(self, tid: int, limit: int) -> None:
-        rc = lib.pc_vcpu_run(self._ram, self.ram_size, tid, self._pause_flag, limit, self._local_ptrs[tid])
-        with self._cond:
+    def _settle(self) -> None:
+        """Take note of the vCPUs having parked (cond held); idempotent."""
+        if not self._running or not self._vcpus.parked:
+            return
+        self._running = False
+        for tid, rc in enumerate(self._vcpus.results()):
             if rc < 0:
-                self._fatal = f"vCPU {tid} refused to run: {_CHECK_ERRORS.get(rc, rc)}"
-            self._running -= 1
-            if self._running == 0:
-                self._all_parked()
-            self._cond.notify_all()
-
-    def _all_parked(self) -> None:
-        self._paused_ns = time.monotonic_ns()
+                self._fatal = self._vcpu_error(tid, rc)
+        self._paused_ns = self._vcpus.parked_ns
         target = self.steps_target
         if not self._pause_requested and target and all(s >= target for s in self.steps()):
             self._state = "finished"
         else:  # paused by request, or stopped at run_until / --pause-at
             self._state = "paused"
+        if self._fatal or self._state == "finished":
+            self._vcpus.notify()  # the main thread waits for these (wait)
+        self._cond.notify_all()
+
+    def _vcpu_error(self, tid: int, rc: int) -> str:
+        """The fatal error for vCPU ``tid``'s negative run result."""
+        return f"vCPU {tid} refused to run: {_CHECK_ERRORS.get(rc, rc)}"
 
     def _wait_parked(self) -> None:
-        while self._starting or self._running:
-            self._cond.wait()
+        """Wait (no lock held) until an incoming guest has started and every vCPU is
+        parked; the vCPUs are waited for in C, GIL released."""
+        with self._cond:
+            while self._starting:
+                self._cond.wait()
+            running = self._running
+        if running:
+            self._vcpus.wait_parked()
+        with self._cond:
+            self._settle()
 
     def _start_incoming(self) -> None:
         try:
@@ -319,38 +346,44 @@ class Guest:
                 self._state = "paused"
             else:
                 self._spawn()
+                self._resumed_ns = self._vcpus.resumed_ns
             self._cond.notify_all()
 
     # ---- commands ---------------------------------------------------------------------
 
     def _pause_reply(self) -> dict:
         return {"state": self._state, "paused_ns": self._paused_ns,
-                "last_heartbeat_ns": self.last_heartbeat_ns(), "steps": self.steps()}
+                "last_heartbeat_ns": self.last_heartbeat_ns(), "steps": self.steps(),
+                "resume_to_first_step_ns": self._resume_to_first_step_ns()}
 
     def resume(self, *, stop_at: int | None = None) -> dict:
         """Let the vCPUs run (from ``paused`` or ``incoming``). An incoming guest reads
         its state page in the background, so the reply does not wait for the page."""
         with self._op, self._cond:
-            if self._state == "running":
-                raise GuestStateError("guest is already running")
-            if self._state == "finished":
-                raise GuestStateError("guest has finished its steps")
-            self._stop_at = stop_at
-            self._pause_requested = False
-            self._pause_flag[0] = 0
+            return self._resume_locked(stop_at=stop_at)
+
+    def _resume_locked(self, *, stop_at: int | None = None, limits: list[int] | None = None) -> dict:
+        self._settle()
+        if self._state == "running":
+            raise GuestStateError("guest is already running")
+        if self._state == "finished":
+            raise GuestStateError("guest has finished its steps")
+        if self._state == "incoming" and not self._fds_taken:
+            raise GuestStateError("resume of an incoming guest before its userfaultfd was handed "
+                                  "out (fds): the first page would never arrive")
+        self._stop_at = stop_at
+        self._pause_requested = False
+        if self._state == "incoming":
             self._resumed_ns = time.monotonic_ns()
-            if self._state == "incoming":
-                if not self._fds_taken:
-                    raise GuestStateError("resume of an incoming guest before its userfaultfd was handed "
-                                          "out (fds): the first page would never arrive")
-                self._state = "running"
-                self._starting = True
-                threading.Thread(target=self._start_incoming, name="incoming", daemon=True).start()
-            else:
-                self._state = "running"
-                self._spawn()
-            self._cond.notify_all()
-            return {"resumed_ns": self._resumed_ns}
+            self._state = "running"
+            self._starting = True
+            threading.Thread(target=self._start_incoming, name="incoming", daemon=True).start()
+        else:
+            self._state = "running"
+            self._spawn(limits)
+            self._resumed_ns = self._vcpus.resumed_ns
+        self._cond.notify_all()
+        return {"resumed_ns": self._resumed_ns}
 
     def pause(self) -> dict:
         """Park every vCPU at a step boundary; returns once all are parked (so it waits
@@ -358,32 +391,98 @@ class Guest:
         ``was`` is the state before (only "running" means this pause stopped it) and
         ``stop_at`` the step limit it ran to, so a caller that pauses only briefly (a
         soft-dirty harvest) can resume exactly what it interrupted."""
-        with self._op, self._cond:
-            if self._state == "incoming":
-                raise GuestStateError("guest is incoming: nothing runs yet")
-            was, stop_at = self._state, self._stop_at
-            if self._state == "running":
-                self._pause_requested = True
-                self._pause_flag[0] = 1
+        with self._op:
+            with self._cond:
+                self._settle()
+                if self._state == "incoming":
+                    raise GuestStateError("guest is incoming: nothing runs yet")
+                was, stop_at = self._state, self._stop_at
+                if was == "running":
+                    self._pause_requested = True
+                    if self._running:  # else an incoming guest still loading sees the request
+                        self._vcpus.request_pause()
+            if was == "running":
                 self._wait_parked()
-            return {**self._pause_reply(), "was": was, "stop_at": stop_at}
+            with self._cond:
+                return {**self._pause_reply(), "was": was, "stop_at": stop_at,
+                        "pause_to_parked_ns": self._pause_to_parked_ns() if was == "running" else None}
 
     def run_until(self, steps: int) -> dict:
         """Resume and park again when every vCPU has done exactly ``steps`` steps (or
         reached its target first, or a ``pause`` came in between)."""
-        with self._op:
-            if self._state != "paused":
-                raise GuestStateError(f"run_until needs a paused guest (state {self._state})")
+        with self._op, self._cond:
+            self._check_paused("run_until")
             done = self.steps()
             if steps < max(done):
                 raise GuestStateError(f"vCPUs are already past step {steps}: {done}")
-        self.resume(stop_at=steps)
+            self._resume_locked(stop_at=steps)
+        self._wait_parked()
         with self._cond:
-            self._wait_parked()
             return self._pause_reply()
+
+    def run(self, steps: int, *, harvest: bool = False) -> dict:
+        """One epoch in one command: every vCPU does exactly ``steps`` more steps (fewer
+        if it reaches its target first, or a ``pause`` comes in between) and parks. With
+        ``harvest``, the dirty log (``dirty_track``) is harvested right after the park,
+        before the reply: ``dirty_runs`` (base64 of native u64 pairs ``first
+        page, count``) are the pages written since the previous harvest."""
+        if harvest and self._dirty is None:
+            raise GuestStateError("run with harvest needs dirty tracking on (dirty_track)")
+        with self._op, self._cond:
+            self._check_paused("run")
+            target = self.steps_target or _UNLIMITED
+            limits = [min(done + steps, target) for done in self.steps()]
+            self._resume_locked(stop_at=max(limits), limits=limits)
+        self._wait_parked()
+        reply: dict = {}
+        if harvest:
+            with self._op:
+                t0 = time.monotonic_ns()
+                reply["dirty_runs"] = self._harvest_encoded()
+                reply["harvest_ns"] = time.monotonic_ns() - t0
+        with self._cond:
+            return {**self._pause_reply(), **reply}
+
+    def set_throttle(self, percent: int) -> dict:
+        """Park each vCPU ``percent`` (0..99) of its time from its next step on (QEMU's
+        auto-converge throttle); 0 lifts it. Timing only: not guest state, not migrated."""
+        if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 99:
+            raise GuestStateError("throttle wants an integer 'percent' 0..99 (0 lifts it)")
+        return self._set_pacing(percent, self._rate_cap)
+
+    def set_rate_cap(self, steps_per_s: float) -> dict:
+        """Cap each vCPU at ``steps_per_s`` steps/s from its next step on (as ``--rate``,
+        the slower of the two holds); 0 lifts it. Not one of the guest's parameters."""
+        if (not isinstance(steps_per_s, (int, float)) or isinstance(steps_per_s, bool)
+                or not 0 <= steps_per_s <= 1e18):
+            raise GuestStateError("rate_cap wants a number 'steps_per_s' >= 0 (0 lifts the cap)")
+        return self._set_pacing(self._throttle, float(steps_per_s))
+
+    def _set_pacing(self, throttle: int, rate_cap: float) -> dict:
+        with self._cond:
+            if self._vcpus is not None:
+                self._vcpus.set_pacing(throttle=throttle, rate_cap=rate_cap)
+            self._throttle, self._rate_cap = throttle, rate_cap
+            return {"throttle_pct": throttle, "rate_cap": rate_cap}
+
+    def _check_paused(self, what: str) -> None:
+        self._settle()
+        if self._state != "paused":
+            raise GuestStateError(f"{what} needs a paused guest (state {self._state})")
+
+    def _pause_to_parked_ns(self) -> int | None:
+        """From the latest pause request to the last vCPU parked (ns)."""
+        asked, parked = self._vcpus.pause_requested_ns, self._vcpus.parked_ns
+        return parked - asked if asked and parked >= asked else None
+
+    def _resume_to_first_step_ns(self) -> int | None:
+        """From the latest resume to the first step any vCPU completed after it (ns)."""
+        first = self.first_step_after_resume_ns()
+        return first - self._resumed_ns if first and self._resumed_ns and first >= self._resumed_ns else None
 
     def status(self) -> dict:
         with self._cond:
+            self._settle()
             info = self._info
             return {
                 "state": self._state,
@@ -397,6 +496,8 @@ class Guest:
                 "seed": int(info.seed) if info else None,
                 "working_set": float(info.working_set) if info else None,
                 "rate": float(info.rate) if info else None,
+                "throttle_pct": self._throttle,
+                "rate_cap": self._rate_cap,
                 "steps": self.steps(),
                 "steps_target": self.steps_target,
                 "stop_at": self._stop_at,
@@ -408,7 +509,8 @@ class Guest:
                 "uffd_minor": self.uffd_minor,
                 "staging_address": self.staging_address,
                 "staging_pages": self.staging_pages,
-                "dirty_tracking": self._wp_uffd is not None,
+                "dirty_tracking": self._dirty is not None,
+                "vcpu_thread_ids": self._vcpus.thread_ids() if self._vcpus is not None else [],
                 "free_fraction": float(info.free_fraction) if info else None,
                 "free_pages": int(info.free_pages) * int(info.threads) if info else None,
             }
@@ -431,6 +533,7 @@ class Guest:
         guest refuses until every page has arrived (see :meth:`ram_arriving`)."""
         with self._op:
             with self._cond:
+                self._settle()
                 if self._state not in ("paused", "finished") or self._starting or self._running:
                     raise GuestStateError(f"hash needs a paused or finished guest (state {self._state})")
             if self.ram_arriving():
@@ -473,9 +576,10 @@ class Guest:
         checked = self._check_ranges(ranges)
         with self._op:
             with self._cond:
+                self._settle()
                 if self._state == "running" or self._starting or self._running:
                     raise GuestStateError("discard needs parked vCPUs (pause first)")
-            if self._wp_uffd is not None:
+            if self._dirty is not None:
                 raise GuestStateError("discard while dirty tracking is on would go unreported (a punched "
                                       "hole keeps its write-protect marker): turn dirty_track off first")
             if (self.uffd is not None and not self._fds_taken
@@ -493,55 +597,41 @@ class Guest:
     # ---- dirty tracking, free pages, touch, step gaps ----------------------------------
 
     def dirty_track(self, on: bool) -> dict:
-        """Turn async write-protect dirty tracking of the RAM on or off.
-
-        On: a userfaultfd created here (it is bound to this process's mm) with
-        UFFD_FEATURE_WP_ASYNC | WP_UNPOPULATED (+ WP_HUGETLBFS_SHMEM for memfd RAM),
-        the RAM registered in write-protect mode and write-protected whole. Writes are
-        then resolved by the kernel without any reader and leave the page "written" for
-        a PAGEMAP_SCAN of /proc/PID/pagemap, which reports and re-protects them. On when
-        already on protects everything again (a fresh epoch). Refused on a guest whose
-        RAM is registered with a missing-mode userfaultfd (incoming): one VMA takes one
-        userfaultfd context, and that one lacks WP_ASYNC.
-        Off: unregister and close (idempotent); the guest runs as before.
-        """
-        from postcopy.kernel.uffd import Feature, Mode, UffdError, Userfaultfd
-
+        """Turn async write-protect dirty tracking of the RAM on or off (see
+        :mod:`postcopy.guest.dirtytrack`). On when already on protects everything again
+        (a fresh epoch). Refused on a guest whose RAM is registered with a missing-mode
+        userfaultfd (incoming): one VMA takes one userfaultfd context, and that one
+        lacks WP_ASYNC. Off: unregister and close (idempotent)."""
         with self._op:
             if not on:
-                u, self._wp_uffd = self._wp_uffd, None
-                if u is not None:
-                    try:
-                        u.unregister(self.address, self.ram_size)
-                    finally:
-                        u.close()
-                return {"tracking": False, "was": u is not None}
+                tracker, self._dirty = self._dirty, None
+                if tracker is not None:
+                    tracker.close()
+                return {"tracking": False, "was": tracker is not None}
             if self.uffd is not None:
                 raise GuestStateError("dirty tracking needs a guest without a userfaultfd: this one's RAM is "
                                       "registered (missing mode) with the incoming userfaultfd, and a VMA takes "
                                       "only one userfaultfd context")
-            restarted = self._wp_uffd is not None
-            if not restarted:
-                need = Feature.WP_ASYNC | Feature.WP_UNPOPULATED
-                if self.memfd is not None:
-                    need |= Feature.WP_HUGETLBFS_SHMEM
-                try:
-                    u = Userfaultfd(need)
-                except (UffdError, OSError) as exc:
-                    raise GuestStateError(f"dirty tracking unavailable: {exc}") from None
-                try:
-                    u.register(self.address, self.ram_size, Mode.WP)
-                except UffdError as exc:
-                    u.close()
-                    raise GuestStateError(f"dirty tracking unavailable: {exc}") from None
-                self._wp_uffd = u
+            restarted = self._dirty is not None
             try:
-                self._wp_uffd.writeprotect(self.address, self.ram_size, protect=True)
-            except UffdError as exc:
-                u, self._wp_uffd = self._wp_uffd, None
-                u.close()
-                raise GuestStateError(f"dirty tracking: {exc}") from None
+                if not restarted:
+                    self._dirty = DirtyTracker(self.address, self.ram_size, shmem=self.memfd is not None)
+                self._dirty.protect_all()
+            except TrackingError as exc:
+                tracker, self._dirty = self._dirty, None
+                if tracker is not None:
+                    tracker.close()
+                raise GuestStateError(str(exc)) from None
             return {"tracking": True, "restarted": restarted}
+
+    def _harvest_encoded(self) -> str:
+        """The dirty log's pages written since the previous harvest (``_op`` held)."""
+        if self._dirty is None:
+            raise GuestStateError("dirty tracking was turned off during the run")
+        try:
+            return self._dirty.harvest_encoded()
+        except OSError as exc:
+            raise GuestStateError(f"harvest: {exc}") from None
 
     def free_ranges(self) -> dict:
         """Pages free right now: sorted, merged ``[offset, length]`` byte ranges. A
@@ -631,26 +721,37 @@ class Guest:
         """Ask the main thread to exit (after the reply went out)."""
         with self._cond:
             self._quit = True
-            self._pause_flag[0] = 1  # stop stepping; exit does not wait for it
+            if self._vcpus is not None:
+                self._vcpus.request_pause()  # stop stepping; exit does not wait for it
+                self._vcpus.notify()
             self._cond.notify_all()
 
     def wait(self, *, finished_ok: bool = True) -> str:
         """Block the main thread until ``finished`` (if finished_ok), quit or a fatal
         error; returns "finished", "quit" or "fatal"."""
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
+                vcpus = self._vcpus
+                seen = vcpus.events() if vcpus is not None else 0  # before settling: no event lost
+                self._settle()
                 if self._fatal:
                     return "fatal"
                 if self._quit:
                     return "quit"
                 if finished_ok and self._state == "finished":
                     # An incoming guest that ran to its end before every page arrived
-                    # stays parked: its hash and exit wait for the rest of its RAM.
+                    # stays parked: its hash and exit wait for the rest of its RAM
+                    # (nothing signals the unregistration: poll it, briefly).
                     if not self.ram_arriving():
                         return "finished"
                     self._cond.wait(0.02)
                     continue
-                self._cond.wait(0.5)  # short waits keep SIGTERM (KeyboardInterrupt) prompt
+                if vcpus is None:
+                    self._cond.wait(0.5)  # short waits keep SIGTERM (KeyboardInterrupt) prompt
+                    continue
+            # In C, GIL released; woken by a free run's end, quit or a fatal error, not
+            # by every epoch of run / run_until. Short for the same SIGTERM reason.
+            vcpus.wait_event(seen, 0.5)
 
     @property
     def fatal(self) -> str | None:

@@ -98,13 +98,13 @@ def add_precopy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="postcopy",
                         help="postcopy (default), precopy (stop-and-copy after rounds), hybrid (rounds, then postcopy)")
     parser.add_argument("--dirty-log", choices=DIRTY_LOGS, default="auto",
-                        help="dirty log for precopy rounds (auto: soft-dirty where it works, else pagemap-scan; "
-                             "a KVM guest: kvm-ring, else kvm-clear, else kvm-bitmap)")
+                        help="dirty log for precopy rounds (default auto: soft-dirty where it works, else "
+                             "pagemap-scan; a KVM guest: kvm-ring, else kvm-clear, else kvm-bitmap)")
     parser.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                         help="precopy stops when the rest fits this at the measured bandwidth (default 300)")
     parser.add_argument("--max-rounds", type=int, default=30, help="precopy round limit (default 30)")
     parser.add_argument("--stall-rounds", type=int, default=3, metavar="N",
-                        help="switch over when the dirty set has not shrunk for N rounds (0: never)")
+                        help="switch over when the dirty set has not shrunk for N rounds (default 3; 0: never)")
     parser.add_argument("--no-free-hints", action="store_true", help="send pages the guest reports free")
     parser.add_argument("--auto-converge", action="store_true",
                         help="throttle the guest's vCPUs while rounds do not converge (QEMU's auto-converge: "

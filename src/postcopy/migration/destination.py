@@ -66,6 +66,7 @@ class DestinationAgent:
         self.listener = listener
         self.guest_proc: subprocess.Popen | None = None
         self.final_hash: str | None = None
+        self.final_max_step_gap_ns: int | None = None  # from the guest's last output line
         self._lock = threading.Lock()  # page states and counters
         # Installs and the reading of uffd events exclude each other: once the fault
         # server has read a REMOVE event and marked the range, no copy that checked the
@@ -165,6 +166,8 @@ class DestinationAgent:
         for line in self.guest_proc.stdout:
             if line.startswith("final_hash "):
                 self.final_hash = line.split()[1]
+            elif line.startswith("max_step_gap_ns "):
+                self.final_max_step_gap_ns = int(line.split()[1])
 
     # -- the migration -----------------------------------------------------------------
     def run(self) -> dict:
@@ -223,6 +226,8 @@ class DestinationAgent:
             reader.join(timeout=5)
             figures["guest_exit_code"] = self.guest_proc.returncode
         figures["final_hash"] = self.final_hash
+        if figures.get("max_step_gap_ms") is None and self.final_max_step_gap_ns is not None:
+            figures["max_step_gap_ms"] = self.final_max_step_gap_ns / 1e6
         return figures
 
     def _setup(self, info: dict, uffd: Userfaultfd, layout: wire.Layout, memfd: int | None) -> None:
@@ -293,6 +298,7 @@ class DestinationAgent:
         uffd.unregister(self.base, self.npages * self.page_size)
         os.close(self._ram_fd)
         first_step = self._first_step(guest)
+        max_gap_ns = self._max_step_gap(guest)
         guest.close()
         latencies = [us for _, us in self._faults]
         push_from = self._first_push_ns or time.monotonic_ns()
@@ -314,12 +320,25 @@ class DestinationAgent:
             "downtime_ms": downtime_ms,
             "resumed_ns": resumed and resumed.get("resumed_ns"),
             "first_step_ns": first_step,
+            # The guest's own view: resume -> its first step, and the longest gap between
+            # two steps of any vCPU here (fault stalls; None if it finished and left
+            # first: then its last output line gives it, see run()).
+            "first_step_ms": (first_step - resumed["resumed_ns"]) / 1e6
+            if first_step and resumed and resumed.get("resumed_ns") else None,
+            "max_step_gap_ms": max_gap_ns / 1e6 if max_gap_ns is not None else None,
             "receive_ms": (all_in - started) * 1e3,
             "timeline": self._timeline.as_dict(),
             "pages_removed_by_guest": self._removed_pages,
             "recoveries_ms": self._recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
+
+    @staticmethod
+    def _max_step_gap(guest: GuestClient) -> int | None:
+        try:
+            return guest.max_step_gap_ns()
+        except Exception:
+            return None  # the guest already finished and left
 
     def _first_step(self, guest: GuestClient) -> int | None:
         """When the guest completed its first step after resume (polls briefly)."""

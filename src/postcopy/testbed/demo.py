@@ -21,14 +21,17 @@ from postcopy.protocol import wire
 from postcopy.migration.cli import add_install_option, add_precopy_options, convergence_argv
 from postcopy.migration.install import install_path_error
 from postcopy.guest.control import GuestClient, GuestError, parse_final_hash, wait_for_control
-from postcopy.guest.runtime import WORKLOADS, layout_error
+from postcopy.guest.cli import add_guest_options, params_from_args
+from postcopy.guest.runtime import layout_error
 from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.guest import GuestParams, reference_hash
 from postcopy.testbed import inject
 from postcopy.testbed.netns import Testbed
-from postcopy.units import nonneg_float_arg, port_arg, positive_int_arg, positive_rate_arg, seed_arg, size_arg
+from postcopy.units import nonneg_float_arg, port_arg, positive_rate_arg, size_arg
 
 DEFAULT_PORT = 7010
+DEMO_STEPS = 4_000_000  # per vCPU: ~8 s at DEMO_RATE, so the guest is mid-run when it moves
+DEMO_RATE = 500_000.0  # steps/s per vCPU
 # The reference hash depends only on the guest parameters: compute it once per process.
 _REFERENCE_HASHES: dict[GuestParams, str] = {}
 
@@ -147,10 +150,13 @@ def _report(options: DemoOptions, work: str) -> dict:
         source_figures = json.load(f)
     with open(f"{work}/dest.json") as f:
         dest_figures = json.load(f)
+    dest = source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")}
+    if dest.get("max_step_gap_ms") is None:  # the guest finished before all pages were in
+        dest["max_step_gap_ms"] = dest_figures.get("max_step_gap_ms")
     result = report.build_report(
         mode=options.mode, dirty_log=source_figures.get("dirty_log", "none"), ram_bytes=params.ram, workload=params.workload,
-        source=source_figures, dest=source_figures.get("dest", {}) | {"final_hash": dest_figures.get("final_hash")},
-        final_hash=dest_figures.get("final_hash"), reference_hash=_reference(options),
+        source=source_figures, dest=dest, final_hash=dest_figures.get("final_hash"), reference_hash=_reference(options),
+        guest={"params": params.as_dict(), "reference_command": params.reference_command()},
     )
     result["install"] = dest_figures.get("install", options.install)
     return result
@@ -282,26 +288,20 @@ def register(subparsers) -> None:
     add_precopy_options(p)
     add_install_option(p)
     p.add_argument("--ram", type=size_arg, default=256 << 20, help="guest RAM (default 256M)")
-    p.add_argument("--threads", type=positive_int_arg, default=2, help="vCPU threads (default 2)")
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="random-write")
-    p.add_argument("--seed", type=seed_arg, default=1)
-    p.add_argument("--steps", type=positive_int_arg, default=4_000_000, help="steps per vCPU thread (default 4,000,000)")
-    p.add_argument("--rate", type=nonneg_float_arg, default=500_000, metavar="STEPS_PER_S",
-                   help="steps per second per vCPU (default 500,000; 0: as fast as it goes); the final "
-                        "hash does not depend on it, the guest's run time does")
-    p.add_argument("--working-set", type=float, default=0.5, help="fraction of each vCPU slice it writes")
-    p.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
-    p.add_argument("--vm", choices=("process", "kvm"), default="process",
-                   help="run the guest in a KVM micro-VM on both sides (needs /dev/kvm)")
-    p.add_argument("--rate-limit", type=positive_rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit")
-    p.add_argument("--migrate-after", type=nonneg_float_arg, default=0.5, metavar="SECONDS")
-    p.add_argument("--port", type=port_arg, default=DEFAULT_PORT)
+    # The guest's own options and defaults (postcopy guest): the same flags, the same
+    # guest. Only the run's length and pace are the demo's: it needs a bounded guest
+    # that is mid-run when it moves (the rate is timing, not state).
+    add_guest_options(p, steps=DEMO_STEPS, rate=DEMO_RATE)
+    p.add_argument("--rate-limit", type=positive_rate_arg, metavar="RATE", help="shape the link, e.g. 1gbit (default none)")
+    p.add_argument("--migrate-after", type=nonneg_float_arg, default=0.5, metavar="SECONDS",
+                   help="how long the guest runs on the source first (default 0.5)")
+    p.add_argument("--port", type=port_arg, default=DEFAULT_PORT, help=f"destination port (default {DEFAULT_PORT})")
     p.add_argument("--inject", type=_injection, action="append", default=[], metavar="EVENT",
                    help="fault injection at an observed phase (repeatable): link-down=DURATION@PHASE, "
                         "flap=DOWN/UP:TOTAL@PHASE, kill-source@PHASE, kill-dest@PHASE, stop-dest=DURATION@PHASE; "
                         "PHASE is precopy, switchover or postcopy. The report says whether the outcome is the "
-                        "documented one; exit 0 if it is")
-    p.add_argument("--events", metavar="FILE", help="the source's status-change events, as JSON lines")
+                        "documented one; exit 0 if it is (default none)")
+    p.add_argument("--events", metavar="FILE", help="the source's status-change events, as JSON lines (default none)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--svg", metavar="FILE", help="write a timeline picture of the migration (SVG)")
     p.set_defaults(func=main, _parser=p)
@@ -316,7 +316,7 @@ def _injection(text: str) -> inject.Injection:
 
 def _usage_error(args: argparse.Namespace) -> str | None:
     """What argparse cannot check alone, before any namespace or process is made."""
-    error = layout_error(args.ram, args.threads, args.workload, args.working_set)
+    error = layout_error(args.ram, args.threads, args.workload, args.working_set, args.free_fraction)
     error = error or install_path_error(args.install, args.backing)
     too_big = ram_fit_error(args.ram, copies=2)
     error = error or (too_big and f"--ram {args.ram >> 20}M: {too_big}")
@@ -331,9 +331,7 @@ def main(args: argparse.Namespace) -> int:
     error = _usage_error(args)
     if error:
         args._parser.error(error)  # exit 2 with the demo's own usage line
-    params = GuestParams(ram=args.ram, threads=args.threads, workload=args.workload, seed=args.seed, rate=args.rate,
-                         steps=args.steps, working_set=args.working_set, backing=args.backing,
-                         vm=args.vm)
+    params = params_from_args(args, args.ram)
     options = DemoOptions(params=params, mode=args.mode, rate=args.rate_limit, migrate_after=args.migrate_after,
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,

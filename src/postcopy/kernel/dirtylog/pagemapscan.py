@@ -37,28 +37,63 @@ from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.pagemap import PagemapError
 
 
+class WrittenScanner:
+    """PAGEMAP_SCAN of the written pages of ``[base, base + size)`` on an open pagemap
+    fd, re-protecting them; its buffers are allocated once. Used by the agent's log
+    below and by the guest itself (on /proc/self/pagemap, right where its vCPUs park)."""
+
+    def __init__(self, pagemap_fd: int, base: int, size: int, pid: int, scan_buffer: int = 16384) -> None:
+        #: regions per PAGEMAP_SCAN call (24 bytes each) and runs per native call; more
+        #: means fewer ioctls for scattered dirty pages, the loop continues either way
+        self.scan_buffer = scan_buffer
+        self.fd, self.base, self.size, self.pid = pagemap_fd, base, size, pid
+        self._vec = ffi.new("struct pc_page_region[]", self.scan_buffer)
+        self._runs = ffi.new("uint64_t[]", 2 * self.scan_buffer)
+        self._next = ffi.new("uint64_t *")
+
+    def flat(self) -> list[int]:
+        """The written runs as one flat list ``[first, count, first, count, ...]`` of
+        page indexes relative to ``base``, sorted and merged."""
+        out: list[int] = []
+        pos, end = self.base, self.base + self.size
+        while pos < end:
+            n = lib.pc_wp_harvest(self.fd, pos, end, self.base, self._vec, self.scan_buffer,
+                                  self._runs, self.scan_buffer, self._next)
+            if n < 0:
+                raise _scan_error(-n, self.pid)
+            flat = ffi.unpack(self._runs, 2 * n)
+            if out and flat and out[-2] + out[-1] == flat[0]:  # a run cut by a call boundary
+                out[-1] += flat[1]
+                flat = flat[2:]
+            out.extend(flat)
+            pos = self._next[0]
+        return out
+
+    def runs(self) -> Runs:
+        flat = self.flat()
+        return list(zip(flat[0::2], flat[1::2]))
+
+
 class PagemapScanLog(DirtyLog):
     """The guest keeps running through every harvest (``last_pause_ms`` is 0)."""
 
     name = "pagemap-scan"
 
-    #: regions per PAGEMAP_SCAN call (24 bytes each) and runs per native call; more
-    #: means fewer ioctls for scattered dirty pages, the loop continues either way
+    #: regions per PAGEMAP_SCAN call and runs per native call (see WrittenScanner)
     scan_buffer = 16384
 
     def __init__(self, guest_path: str, info: dict) -> None:
         super().__init__(guest_path, info)
         self._client: GuestClient | None = None
         self._pagemap_fd = -1
-        self._vec = ffi.new("struct pc_page_region[]", self.scan_buffer)
-        self._runs = ffi.new("uint64_t[]", 2 * self.scan_buffer)
-        self._next = ffi.new("uint64_t *")
+        self._scanner: WrittenScanner | None = None
         self.stop_error: str | None = None
 
     def _start(self) -> None:
         self._client = GuestClient(self.guest_path)
         try:
             self._pagemap_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._scanner = WrittenScanner(self._pagemap_fd, self.base, self.size, self.pid, self.scan_buffer)
             self._client.dirty_track(True)
         except GuestError as exc:
             self._release()
@@ -68,21 +103,7 @@ class PagemapScanLog(DirtyLog):
             raise
 
     def _harvest(self) -> Runs:
-        out: Runs = []
-        pos, end = self.base, self.base + self.size
-        while pos < end:
-            n = lib.pc_wp_harvest(self._pagemap_fd, pos, end, self.base, self._vec, self.scan_buffer,
-                                  self._runs, self.scan_buffer, self._next)
-            if n < 0:
-                raise _scan_error(-n, self.pid)
-            flat = ffi.unpack(self._runs, 2 * n)
-            runs = list(zip(flat[0::2], flat[1::2]))
-            if out and runs and out[-1][0] + out[-1][1] == runs[0][0]:  # cut by a call boundary
-                out[-1] = (out[-1][0], out[-1][1] + runs[0][1])
-                runs = runs[1:]
-            out.extend(runs)
-            pos = self._next[0]
-        return out
+        return self._scanner.runs()
 
     def _stop(self) -> None:
         try:
