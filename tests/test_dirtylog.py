@@ -261,7 +261,7 @@ def test_soft_dirty_pauses_only_a_running_guest(launch):
 
     _, sock = launch(dataclasses.replace(BASE, rate=5000), start_paused=True)
     with GuestClient(sock) as guest:
-        log = SoftDirtyLog(sock, guest.status())
+        log = SoftDirtyLog(guest, guest.status())
         with log:
             log.start()
             log.harvest()
@@ -284,7 +284,7 @@ def test_soft_dirty_reports_memfd_data_without_a_pte(launch):
 
     _, sock = launch(dataclasses.replace(BASE, working_set=0.5), start_paused=True)
     with GuestClient(sock) as guest:
-        log = SoftDirtyLog(sock, guest.status())
+        log = SoftDirtyLog(guest, guest.status())
         _, fds = guest.take_fds()
         with log, mmap.mmap(fds["memfd"], RAM, mmap.MAP_SHARED) as ram:
             log.start()

@@ -69,13 +69,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from postcopy.guest.lease import Lease
+from postcopy.kernel.dirtylog import GuestLinkError
 
 MAX_LINE = 1 << 20  # requests
 MAX_REPLY = 64 << 20  # replies: free_ranges of a fragmented free set can be long
 MAX_FDS = 8
 
 
-class GuestError(RuntimeError):
+class GuestError(GuestLinkError):
     """The guest refused a request (``ok`` false) or is gone."""
 
 
@@ -356,6 +357,10 @@ class GuestClient:
         line, self._buf = b"".join(chunks).split(b"\n", 1)
         fds, self._fds = self._fds, []
         return line, fds
+
+    def another(self) -> "GuestClient":
+        """A new connection to the same guest (a client is not shared between threads)."""
+        return GuestClient(self.path)
 
     def request(self, cmd: str, **fields) -> dict:
         """Send one command; returns the reply. Raises GuestError if ok is false or the

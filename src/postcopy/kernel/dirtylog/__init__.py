@@ -17,6 +17,8 @@ indexes relative to the start of guest RAM, and never misses a write made after
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import time
 
 from postcopy.ranges import normalize
@@ -25,6 +27,24 @@ KINDS = ("auto", "soft-dirty", "pagemap-scan", "kvm-ring", "kvm-clear", "kvm-bit
 BACKENDS = ("soft-dirty", "pagemap-scan")  # auto tries them in this order
 
 Runs = list[tuple[int, int]]
+
+
+class GuestLinkError(RuntimeError):
+    """The guest's control connection refused a request or broke (the guest's client,
+    :class:`postcopy.guest.control.GuestClient`, raises a subclass)."""
+
+
+class GuestLink(Protocol):
+    """What a dirty log needs of the guest's control client (the guest package provides
+    it; this package stays below it): a request, and a connection of its own."""
+
+    path: str
+
+    def request(self, cmd: str, **fields) -> dict: ...
+
+    def another(self) -> "GuestLink": ...
+
+    def close(self) -> None: ...
 
 
 class DirtyLogUnavailable(RuntimeError):
@@ -44,8 +64,9 @@ class DirtyLog:
 
     name: str = ""
 
-    def __init__(self, guest_path: str, info: dict) -> None:
-        self.guest_path = guest_path
+    def __init__(self, guest: GuestLink, info: dict) -> None:
+        self.guest = guest  # the caller's client: each backend opens a connection of its own
+        self.guest_path = guest.path
         self.pid = int(info["pid"])
         self.base = int(info["ram_address"])
         self.size = int(info["ram_size"])
@@ -118,7 +139,7 @@ def available_backends(*, refresh: bool = False) -> dict[str, str | None]:
 
 def open_dirty_log(kind: str, guest, info: dict) -> DirtyLog:
     """A dirty log of ``kind`` (one of :data:`KINDS`) for the guest
-    behind ``guest`` (a :class:`postcopy.guest.GuestClient`); ``info`` is its ``fds``
+    behind ``guest`` (a :class:`GuestLink`: the guest's control client); ``info`` is its ``fds``
     or ``status`` reply (pid, ram_address, ram_size, page_size, backing).
 
     auto takes soft-dirty where it works, else pagemap-scan (``.name`` says which); on a
@@ -134,25 +155,25 @@ def open_dirty_log(kind: str, guest, info: dict) -> DirtyLog:
     if kind.startswith("kvm-") or (kind == "auto" and status.get("vm") == "kvm"):  # KVM's own logs: .kvm
         from postcopy.kernel.dirtylog.kvm import open_kvm_log
 
-        return open_kvm_log(kind, guest.path, status, info)
+        return open_kvm_log(kind, guest, status, info)
     candidates = BACKENDS if kind == "auto" else (kind,)
     reasons = {name: detect.guest_reason(name, status, info) for name in candidates}
     for name in candidates:
         if reasons[name] is None:
-            return _make(name, guest.path, info)
+            return _make(name, guest, info)
     if kind != "auto":
         raise DirtyLogUnavailable(reasons[kind])
     raise DirtyLogUnavailable("no dirty log works here: " + "; ".join(reasons[n] for n in candidates))
 
 
-def _make(name: str, guest_path: str, info: dict) -> DirtyLog:
+def _make(name: str, guest: GuestLink, info: dict) -> DirtyLog:
     if name == "soft-dirty":
         from postcopy.kernel.dirtylog.softdirty import SoftDirtyLog
 
-        return SoftDirtyLog(guest_path, info)
+        return SoftDirtyLog(guest, info)
     from postcopy.kernel.dirtylog.pagemapscan import PagemapScanLog
 
-    return PagemapScanLog(guest_path, info)
+    return PagemapScanLog(guest, info)
 
 
 def merge_runs(*sources: Runs) -> Runs:

@@ -28,8 +28,7 @@ import base64
 import sys
 import threading
 
-from postcopy.guest.control import GuestClient, GuestError
-from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, Runs
+from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, Runs, GuestLink, GuestLinkError
 
 KVM_BACKENDS = ("kvm-ring", "kvm-clear", "kvm-bitmap")  # auto on a KVM guest tries them in this order
 _MODES = {"kvm-bitmap": "PC_KVM_LOG_BITMAP", "kvm-clear": "PC_KVM_LOG_CLEAR", "kvm-ring": "PC_KVM_LOG_RING"}
@@ -78,18 +77,18 @@ class KvmDirtyLog(DirtyLog):
     is the control-socket round trip), ``last_pause_ms`` how long the start parked the
     vCPUs to rebuild the VM (ring only; harvests never pause)."""
 
-    def __init__(self, name: str, guest_path: str, info: dict) -> None:
-        super().__init__(guest_path, info)
+    def __init__(self, name: str, guest: GuestLink, info: dict) -> None:
+        super().__init__(guest, info)
         self.name = name
-        self._client: GuestClient | None = None
+        self._client: GuestLink | None = None
         self.last_kernel_ms = 0.0
         self.stop_error: str | None = None
 
     def _start(self) -> None:
-        self._client = GuestClient(self.guest_path)
+        self._client = self.guest.another()
         try:
             reply = self._client.request("kvm_dirty", op="start", log=self.name)
-        except GuestError as exc:
+        except GuestLinkError as exc:
             self._client.close()
             self._client = None
             raise DirtyLogUnavailable(f"{self.name} dirty log: the guest could not arm it: {exc}") from None
@@ -105,7 +104,7 @@ class KvmDirtyLog(DirtyLog):
         try:
             if self._client is not None:
                 self._client.request("kvm_dirty", op="stop")
-        except GuestError as exc:  # the guest is gone, and its VM with it
+        except GuestLinkError as exc:  # the guest is gone, and its VM with it
             self.stop_error = str(exc)
         finally:
             if self._client is not None:
@@ -122,14 +121,14 @@ def _unpack(text: str) -> Runs:
     return list(zip(it, it))
 
 
-def open_kvm_log(kind: str, guest_path: str, status: dict, info: dict) -> KvmDirtyLog:
+def open_kvm_log(kind: str, guest: GuestLink, status: dict, info: dict) -> KvmDirtyLog:
     """A KVM dirty log of ``kind`` (a KVM backend, or "auto": the first of
     :data:`KVM_BACKENDS` that works) for a KVM guest; not started yet."""
     candidates = KVM_BACKENDS if kind == "auto" else (kind,)
     reasons = {name: guest_reason(name, status) for name in candidates}
     for name in candidates:
         if reasons[name] is None:
-            return KvmDirtyLog(name, guest_path, info)
+            return KvmDirtyLog(name, guest, info)
     if kind != "auto":
         raise DirtyLogUnavailable(reasons[kind])
     raise DirtyLogUnavailable("no KVM dirty log works here: " + "; ".join(reasons[n] for n in candidates))

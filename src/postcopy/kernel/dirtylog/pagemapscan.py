@@ -32,8 +32,7 @@ import errno
 import os
 
 from postcopy._native import ffi, lib
-from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, Runs
-from postcopy.guest.control import GuestClient, GuestError
+from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, Runs, GuestLink, GuestLinkError
 from postcopy.kernel.pagemap import PagemapError
 
 
@@ -84,18 +83,18 @@ class PagemapScanLog(DirtyLog):
 
     def __init__(self, guest_path: str, info: dict) -> None:
         super().__init__(guest_path, info)
-        self._client: GuestClient | None = None
+        self._client: GuestLink | None = None
         self._pagemap_fd = -1
         self._scanner: WrittenScanner | None = None
         self.stop_error: str | None = None
 
     def _start(self) -> None:
-        self._client = GuestClient(self.guest_path)
+        self._client = self.guest.another()
         try:
             self._pagemap_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             self._scanner = WrittenScanner(self._pagemap_fd, self.base, self.size, self.pid, self.scan_buffer)
             self._client.dirty_track(True)
-        except GuestError as exc:
+        except GuestLinkError as exc:
             self._release()
             raise DirtyLogUnavailable(f"pagemap-scan dirty log: the guest could not arm tracking: {exc}") from None
         except BaseException:
@@ -109,7 +108,7 @@ class PagemapScanLog(DirtyLog):
         try:
             if self._client is not None:
                 self._client.dirty_track(False)
-        except GuestError as exc:  # the guest is gone: its userfaultfd went with it
+        except GuestLinkError as exc:  # the guest is gone: its userfaultfd went with it
             self.stop_error = str(exc)
         finally:
             self._release()

@@ -38,8 +38,7 @@ import os
 import time
 
 from postcopy._native import ffi, lib
-from postcopy.kernel.dirtylog import DirtyLog, Runs, merge_runs
-from postcopy.guest.control import GuestClient
+from postcopy.kernel.dirtylog import DirtyLog, Runs, merge_runs, GuestLink
 from postcopy.kernel.pagemap import PagemapError, clear_refs
 
 
@@ -53,7 +52,7 @@ class SoftDirtyLog(DirtyLog):
 
     def __init__(self, guest_path: str, info: dict) -> None:
         super().__init__(guest_path, info)
-        self._client: GuestClient | None = None
+        self._client: GuestLink | None = None
         self._pagemap_fd = -1
         self._memfd: int | None = None
         self._dirty = ffi.new("uint64_t[]", 2 * self.run_buffer)
@@ -63,7 +62,7 @@ class SoftDirtyLog(DirtyLog):
         self.stop_error: str | None = None
 
     def _start(self) -> None:
-        self._client = GuestClient(self.guest_path)
+        self._client = self.guest.another()
         try:
             if self.backing == "memfd":
                 _, fds = self._client.take_fds()
