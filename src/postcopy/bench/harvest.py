@@ -216,7 +216,8 @@ class _BenchGuest:
                                      stderr=subprocess.PIPE, text=True)
         try:
             wait_for_control(sock, timeout=60, proc=self.proc)
-            self.client = GuestClient(sock, timeout=120)
+            # Populating RAM page by page: ~2 min per GiB under software emulation.
+            self.client = GuestClient(sock, timeout=120 + 240 * max(1, size // GiB))
             self.info = self.client.status()
             self.pid, self.base = self.info["pid"], self.info["ram_address"]
             self.page_size = self.info["page_size"]
