@@ -89,7 +89,7 @@ else
     fail "postcopy doctor --json exited $?"
 fi
 
-# 2. A sanity set that must pass on any kernel, then every test marked for this matrix.
+# 2. A sanity set that must pass on any kernel.
 say "running pytest sanity set: tests/test_doctor.py tests/test_uffd.py"
 t0=$SECONDS
 "${PYTEST[@]}" -n 0 --junitxml="$OUT/sanity.xml" tests/test_doctor.py tests/test_uffd.py
@@ -97,24 +97,8 @@ rc=$?
 say "pytest sanity set: exit $rc in $(took $t0)"
 [ "$rc" -eq 0 ] || fail "pytest sanity set exited $rc"
 
-say "running pytest -m \"softdirty or precopy\" ${KM_PYTEST_ARGS:-}"
-# KM_PYTEST_ARGS: extra arguments from scripts/kernel-matrix --pytest-args, split as
-# the shell would (so -k "not slow" works).
-extra=()
-eval "extra=(${KM_PYTEST_ARGS:-})"
-t0=$SECONDS
-"${PYTEST[@]}" -n "${KM_WORKERS:-0}" --junitxml="$OUT/marked.xml" -m "softdirty or precopy" "${extra[@]}" tests
-rc=$?
-say "pytest -m \"softdirty or precopy\": exit $rc in $(took $t0)"
-case $rc in
-    0) ;;
-    5) say "no test selected: none is marked softdirty or precopy${KM_PYTEST_ARGS:+, or $KM_PYTEST_ARGS left none} (pytest exit 5)"
-       record marked "none collected (exit 5)"
-       rm -f "$OUT/marked.xml" ;;
-    *) fail "pytest -m \"softdirty or precopy\" exited $rc" ;;
-esac
-
-# 3. Whole migrations with each dirty log, verified against the reference hash.
+# 3. Whole migrations with each dirty log, verified against the reference hash (before
+# the marked tests, so that their figures come first).
 # Under software emulation a Python process needs ~10 s to start, so the guest runs
 # ~24 s (12M steps at 500k/s; unthrottled it does ~800k/s here) to outlive the agents'
 # start-up and the precopy rounds.
@@ -206,6 +190,24 @@ json.dump({"kernel": rel, "demos": rows}, open(f"{out}/demos.json", "w"), indent
 print("\n".join(text))
 EOF
 fi
+
+# 4. Every test marked for this matrix.
+say "running pytest -m \"softdirty or precopy\" ${KM_PYTEST_ARGS:-}"
+# KM_PYTEST_ARGS: extra arguments from scripts/kernel-matrix --pytest-args, split as
+# the shell would (so -k "not slow" works).
+extra=()
+eval "extra=(${KM_PYTEST_ARGS:-})"
+t0=$SECONDS
+"${PYTEST[@]}" -n "${KM_WORKERS:-0}" --junitxml="$OUT/marked.xml" -m "softdirty or precopy" "${extra[@]}" tests
+rc=$?
+say "pytest -m \"softdirty or precopy\": exit $rc in $(took $t0)"
+case $rc in
+    0) ;;
+    5) say "no test selected: none is marked softdirty or precopy${KM_PYTEST_ARGS:+, or $KM_PYTEST_ARGS left none} (pytest exit 5)"
+       record marked "none collected (exit 5)"
+       rm -f "$OUT/marked.xml" ;;
+    *) fail "pytest -m \"softdirty or precopy\" exited $rc" ;;
+esac
 
 echo "$FAILED" >"$OUT/status"
 exit "$FAILED"
