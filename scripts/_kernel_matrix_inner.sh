@@ -99,9 +99,10 @@ say "pytest sanity set: exit $rc in $(took $t0)"
 
 # 3. Whole migrations with each dirty log, verified against the reference hash (before
 # the marked tests, so that their figures come first).
-# Under software emulation a Python process needs ~10 s to start, so the guest runs
-# ~24 s (12M steps at 500k/s; unthrottled it does ~800k/s here) to outlive the agents'
-# start-up and the precopy rounds.
+# Under software emulation a Python process needs 10 to 30 s to start (more on a busy
+# host), so the guest runs ~60 s (30M steps at 500k/s; unthrottled it does ~800k/s
+# here) to outlive the agents' start-up and the precopy rounds: with 12M steps the
+# guest finished before the switchover on a loaded host.
 help=$(postcopy demo --help 2>&1)
 MODES=${KM_DEMO_MODES-hybrid} LOGS=${KM_DEMO_LOGS-soft-dirty}
 if [ -z "$MODES" ] || [ -z "$LOGS" ]; then
@@ -119,7 +120,7 @@ for log in $LOGS; do
         fi
         name=demo-$mode-$log
         args=(--mode "$mode" --dirty-log "$log" --ram 16M --threads 1 --workload random-write
-              --steps "${KM_DEMO_STEPS:-12000000}" --rate 500000 --migrate-after 0.5 --json "$OUT/$name.json")
+              --steps "${KM_DEMO_STEPS:-30000000}" --rate 500000 --migrate-after 0.5 --json "$OUT/$name.json")
         say "running postcopy demo ${args[*]}"
         t0=$SECONDS
         postcopy demo "${args[@]}" >"$OUT/$name.txt" 2>&1
