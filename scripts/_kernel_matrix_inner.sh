@@ -6,8 +6,12 @@
 #   _kernel_matrix_inner.sh OUT suite        doctor check, tests marked for other kernels, demos
 #   _kernel_matrix_inner.sh OUT exec CMD...  CMD (a shell string) in the repo, its status is ours
 #
-# Results for the host go to OUT: status (suite: 0 or 1; exec: CMD's status), result.txt
-# (one "key: value" line per step), the JUnit XML and JSON of each step.
+# Results for the host go to OUT: inner.log (everything printed here; the host follows
+# it), status (suite: 0 or 1; exec: CMD's status), result.txt (one "key: value" line per
+# step), the JUnit XML and JSON of each step, demos.{json,md,txt} (the demos side by side).
+#
+# Settings (KM_* in OUT/env, written by the host): KM_EXPECT_BACKENDS, the dirty logs the
+# doctor must report available; KM_DEMO_LOGS x KM_DEMO_MODES, the demos to run.
 set -uo pipefail
 
 OUT=$1
@@ -16,6 +20,7 @@ shift 2
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 REL=$(uname -r)
 cd "$REPO" || exit 1
+exec >>"$OUT/inner.log" 2>&1
 
 # Debian's python3 is first on the guest's PATH; the project runs from its own venv.
 export PATH="$REPO/.venv/bin:$PATH"
@@ -40,7 +45,7 @@ read -r up _ </proc/uptime
 say "up ${up%.*} s after boot (nproc $(nproc), $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo))"
 
 if [ "$MODE" = exec ]; then
-    export BENCH_JSON="$OUT/bench.json" KM_OUT="$OUT"
+    export BENCH_JSON="$OUT/bench.json" BENCH_MD="$OUT/bench.md" KM_OUT="$OUT"
     say "running: $*"
     bash -c "$*"
     rc=$?
@@ -55,30 +60,36 @@ fi
 export POSTCOPY_KERNEL_MATRIX=1
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rfEs --durations=5)
 
-# 1. The doctor must see soft-dirty on this kernel (the reason for booting it).
-say "running postcopy doctor --json (soft-dirty must be reported available)"
+# 1. The doctor must see this kernel's dirty logs (the reason for booting it).
+EXPECT=${KM_EXPECT_BACKENDS-soft-dirty}
+say "running postcopy doctor --json (must report available: ${EXPECT:-nothing required})"
 if postcopy doctor --json >"$OUT/doctor.json"; then
-    verdict=$("$PY" - "$OUT/doctor.json" <<'EOF'
+    # Prints the dirty logs the doctor reports available, one per line.
+    offered=$("$PY" - "$OUT/doctor.json" <<'EOF'
 import json, sys
 probes = {p["name"]: p for p in json.load(open(sys.argv[1]))["probes"]}
-for name in ("soft_dirty", "pagemap_scan", "uffd_api", "netns"):
+for name in ("soft_dirty", "pagemap_scan", "uffd_feature_wp_async", "uffdio_move", "uffd_api", "netns"):
     p = probes.get(name)
     print(f"   {name}: {'OK' if p and p['ok'] else 'NO'}  {p['detail'] if p else 'probe missing'}", file=sys.stderr)
-sd = probes.get("soft_dirty")
-print("available" if sd and sd["ok"] else "unavailable")
+for name in ("soft_dirty", "pagemap_scan"):
+    if probes.get(name, {}).get("ok"):
+        print(name.replace("_", "-"))
 EOF
     )
-    if [ "$verdict" = available ]; then
-        say "doctor: soft-dirty available"
-        record doctor "soft-dirty available"
+    missing=()
+    for want in $EXPECT; do grep -qx -- "$want" <<<"$offered" || missing+=("$want"); done
+    offered_list=$(paste -sd, - <<<"$offered" | sed 's/,/, /g')
+    if [ ${#missing[@]} -eq 0 ]; then
+        say "doctor: dirty logs available: ${offered_list:-none}"
+        record doctor "dirty logs available: ${offered_list:-none}"
     else
-        fail "doctor does not report soft-dirty available"
+        fail "doctor does not report available: ${missing[*]} (it reports: ${offered_list:-none})"
     fi
 else
     fail "postcopy doctor --json exited $?"
 fi
 
-# 2. A sanity set that must pass on any kernel, then every test marked for this matrix.
+# 2. A sanity set that must pass on any kernel.
 say "running pytest sanity set: tests/test_doctor.py tests/test_uffd.py"
 t0=$SECONDS
 "${PYTEST[@]}" -n 0 --junitxml="$OUT/sanity.xml" tests/test_doctor.py tests/test_uffd.py
@@ -86,6 +97,102 @@ rc=$?
 say "pytest sanity set: exit $rc in $(took $t0)"
 [ "$rc" -eq 0 ] || fail "pytest sanity set exited $rc"
 
+# 3. Whole migrations with each dirty log, verified against the reference hash (before
+# the marked tests, so that their figures come first).
+# Under software emulation a Python process needs 10 to 30 s to start (more on a busy
+# host), so the guest runs ~60 s (30M steps at 500k/s; unthrottled it does ~800k/s
+# here) to outlive the agents' start-up and the precopy rounds: with 12M steps the
+# guest finished before the switchover on a loaded host.
+help=$(postcopy demo --help 2>&1)
+MODES=${KM_DEMO_MODES-hybrid} LOGS=${KM_DEMO_LOGS-soft-dirty}
+if [ -z "$MODES" ] || [ -z "$LOGS" ]; then
+    say "no demo: none requested (--demo-modes \"\" or KM_DEMO_LOGS=\"\")"
+    record demo "none requested"
+fi
+demo_jsons=()
+declare -A exercised=()
+for log in $LOGS; do
+    for mode in $MODES; do
+        if ! grep -Eq -- "--mode \{[^}]*\b$mode\b" <<<"$help"; then
+            say "SKIPPED demo --mode $mode: postcopy demo has no --mode $mode yet"
+            record "demo-$mode" "skipped (no --mode $mode in postcopy demo)"
+            continue
+        fi
+        name=demo-$mode-$log
+        args=(--mode "$mode" --dirty-log "$log" --ram 16M --threads 1 --workload random-write
+              --steps "${KM_DEMO_STEPS:-30000000}" --rate 500000 --migrate-after 0.5 --json "$OUT/$name.json")
+        say "running postcopy demo ${args[*]}"
+        t0=$SECONDS
+        postcopy demo "${args[@]}" >"$OUT/$name.txt" 2>&1
+        rc=$?
+        check=$("$PY" - "$OUT/$name.json" "$log" <<'EOF' 2>&1
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as exc:
+    print(f"no report ({exc.__class__.__name__})")
+else:
+    log = r.get("dirty_log")
+    print("verified" if r.get("verified") and log == sys.argv[2]
+          else f"verified={r.get('verified')} dirty_log={log}")
+EOF
+        )
+        exercised[$log]+="${exercised[$log]:+, }$mode"
+        if [ "$rc" -eq 0 ] && [ "$check" = verified ]; then
+            grep -E 'downtime|rounds|final hash' "$OUT/$name.txt" | head -n 4
+            say "demo --mode $mode --dirty-log $log: VERIFIED in $(took $t0)"
+            record "$name" verified
+            exercised[$log]+=" verified"
+        else
+            tail -n 15 "$OUT/$name.txt"
+            fail "demo --mode $mode --dirty-log $log: exit $rc, $check"
+            exercised[$log]+=" FAILED"
+        fi
+        [ ! -s "$OUT/$name.json" ] || demo_jsons+=("$OUT/$name.json")
+    done
+done
+if [ ${#exercised[@]} -gt 0 ]; then
+    line=""
+    for log in $LOGS; do [ -z "${exercised[$log]:-}" ] || line+="${line:+, }$log (demos ${exercised[$log]})"; done
+    say "backends exercised: $line"
+    record "backends exercised" "$line"
+fi
+# The demos side by side: rounds, bytes and downtime per mode and dirty log.
+if [ ${#demo_jsons[@]} -gt 0 ]; then
+    "$PY" - "$OUT" "$REL" "${demo_jsons[@]}" <<'EOF'
+import json, sys
+out, rel, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = []
+for path in paths:
+    r = json.load(open(path))
+    rounds = r.get("precopy_rounds") or []
+    rows.append({"mode": r["mode"], "dirty_log": r["dirty_log"], "verified": r["verified"],
+                 "rounds": len(rounds), "bytes_sent": r.get("bytes_sent"), "downtime_ms": r.get("downtime_ms"),
+                 "total_ms": r.get("total_ms"), "harvest_ms": sum(x.get("harvest_ms") or 0 for x in rounds),
+                 "pages": r.get("pages") or {}})
+head = ["mode", "dirty log", "verified", "rounds", "MiB sent", "downtime ms", "harvest ms", "total ms",
+        "postcopy pages"]
+def cells(x):
+    def num(v, fmt):
+        return "-" if v is None else fmt.format(v)
+    return [x["mode"], x["dirty_log"], "yes" if x["verified"] else "NO", str(x["rounds"]),
+            num(x["bytes_sent"] and x["bytes_sent"] / 2**20, "{:.1f}"), num(x["downtime_ms"], "{:.1f}"),
+            num(x["harvest_ms"], "{:.1f}"), num(x["total_ms"], "{:.0f}"),
+            str(x["pages"].get("demand", 0) + x["pages"].get("pushed", 0))]
+table = [head] + [cells(x) for x in rows]
+w = [max(len(r[i]) for r in table) for i in range(len(head))]
+text = [f"kernel {rel}: demos (16 MiB random-write guest; emulated: compare only inside this table)"]
+text += ["  ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(r)) for r in table]
+open(f"{out}/demos.txt", "w").write("\n".join(text) + "\n")
+md = [f"# Demos, kernel {rel}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+md += ["| " + " | ".join(c) + " |" for c in table[1:]]
+open(f"{out}/demos.md", "w").write("\n".join(md) + "\n")
+json.dump({"kernel": rel, "demos": rows}, open(f"{out}/demos.json", "w"), indent=1)
+print("\n".join(text))
+EOF
+fi
+
+# 4. Every test marked for this matrix.
 say "running pytest -m \"softdirty or precopy\" ${KM_PYTEST_ARGS:-}"
 # KM_PYTEST_ARGS: extra arguments from scripts/kernel-matrix --pytest-args, split as
 # the shell would (so -k "not slow" works).
@@ -102,49 +209,6 @@ case $rc in
        rm -f "$OUT/marked.xml" ;;
     *) fail "pytest -m \"softdirty or precopy\" exited $rc" ;;
 esac
-
-# 3. A whole migration with the soft-dirty log, verified against the reference hash.
-# Under software emulation a Python process needs ~10 s to start, so the guest runs
-# ~24 s (12M steps at 500k/s; unthrottled it does ~800k/s here) to outlive the agents'
-# start-up and the precopy rounds. KM_DEMO_MODES="precopy hybrid" adds the precopy demo.
-help=$(postcopy demo --help 2>&1)
-if [ -z "${KM_DEMO_MODES-hybrid}" ]; then
-    say "no demo: none requested (--demo-modes \"\")"
-    record demo "none requested"
-fi
-for mode in ${KM_DEMO_MODES-hybrid}; do  # set but empty: no demo
-    if ! grep -Eq -- "--mode \{[^}]*\b$mode\b" <<<"$help"; then
-        say "SKIPPED demo --mode $mode: postcopy demo has no --mode $mode yet"
-        record "demo-$mode" "skipped (no --mode $mode in postcopy demo)"
-        continue
-    fi
-    args=(--mode "$mode" --dirty-log soft-dirty --ram 16M --threads 1 --workload random-write
-          --steps "${KM_DEMO_STEPS:-12000000}" --rate 500000 --migrate-after 0.5 --json "$OUT/demo-$mode.json")
-    say "running postcopy demo ${args[*]}"
-    t0=$SECONDS
-    postcopy demo "${args[@]}" >"$OUT/demo-$mode.txt" 2>&1
-    rc=$?
-    check=$("$PY" - "$OUT/demo-$mode.json" <<'EOF' 2>&1
-import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-except (OSError, ValueError) as exc:
-    print(f"no report ({exc.__class__.__name__})")
-else:
-    log = r.get("dirty_log")
-    print("verified" if r.get("verified") and log == "soft-dirty"
-          else f"verified={r.get('verified')} dirty_log={log}")
-EOF
-    )
-    if [ "$rc" -eq 0 ] && [ "$check" = verified ]; then
-        grep -E 'downtime|rounds|final hash' "$OUT/demo-$mode.txt" | head -n 4
-        say "demo --mode $mode --dirty-log soft-dirty: VERIFIED in $(took $t0)"
-        record "demo-$mode" verified
-    else
-        tail -n 15 "$OUT/demo-$mode.txt"
-        fail "demo --mode $mode --dirty-log soft-dirty: exit $rc, $check"
-    fi
-done
 
 echo "$FAILED" >"$OUT/status"
 exit "$FAILED"

@@ -348,20 +348,24 @@ def test_touch_spread_writes_distinct_pages(launch):
 
 
 def test_harvest_table_smoke():
-    from postcopy.bench.harvest import format_table, harvest_table
+    from postcopy.bench.harvest import C_LOOP, format_side_by_side, format_table, harvest_table
 
     backends = [name for name, reason in available_backends().items() if reason is None]
     if not backends:
         pytest.skip("no dirty log on this kernel: " + "; ".join(available_backends().values()))
     rows = harvest_table(sizes=(16 << 20,), dirty=(0, 100, 10**9), repeats=2)
-    expect = {"pagemap-read", *backends} | ({"c-pagemap-scan"} if "pagemap-scan" in backends else set())
+    expect = {"pagemap-read", *backends, *(C_LOOP[b] for b in backends)}
     assert {r["method"] for r in rows} == expect
     assert {r["dirty_pages"] for r in rows} == {0, 100}  # more pages than RAM: left out
     for r in rows:
         assert r["ram_bytes"] == 16 << 20 and r["harvest_ms"] >= r["harvest_ms_min"] >= 0
         if r["method"] != "pagemap-read":  # exactly the pages touched, plus the state page
             assert r["dirty_pages"] <= r["reported_pages"] <= r["dirty_pages"] + 1
-        if r["method"] == "soft-dirty":
+        if r["method"] in ("soft-dirty", "c-soft-dirty"):  # paused across read + clear
             assert r["pause_ms"] > 0
     text = format_table(rows)
     assert all(method in text for method in expect) and "16 MiB" in text
+    side = format_side_by_side(rows).splitlines()
+    assert len(side) == 2 + 2  # header, rule, one line per (RAM, dirty count)
+    assert all(f"{abbrev} C ms" in side[0] for name, abbrev in (("soft-dirty", "SD"), ("pagemap-scan", "PS"))
+               if name in backends)

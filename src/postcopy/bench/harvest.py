@@ -6,15 +6,20 @@ count N: clear the log, write exactly N distinct pages (the guest's ``touch`` co
 an affine permutation in C, so nothing else is written but the state page), harvest.
 Measured in the same run:
 
-* each backend this kernel has (``soft-dirty`` pauses the guest: ``pause_ms``);
-* ``c-pagemap-scan``: the same PAGEMAP_SCAN loop in C (``native/harvest_bench.c``), the
-  floor for the pagemap-scan backend;
+* each backend this kernel has (``soft-dirty`` pauses the guest across read + clear:
+  ``pause_ms``);
+* the raw C loop of each backend (``native/harvest_bench.c``), its floor:
+  ``c-pagemap-scan`` (the same PAGEMAP_SCAN loop) and ``c-soft-dirty`` (one read of the
+  range's pagemap entries and clear_refs, the guest paused around it);
 * ``pagemap-read``: a full read of the range's pagemap (:meth:`Pagemap.read`), the cost
   any bit-per-page scheme (soft-dirty included) starts from.
 
 ``worst_gap_ms`` is the longest the guest went without a step while harvests ran.
 Targets (reported, not asserted): pagemap-scan with 100 dirty pages at 4 GiB within
 1.2x of the C loop and at least 10x cheaper than the full pagemap read.
+
+:func:`side_by_side` puts the two backends of one kernel next to each other (what
+``scripts/kernel-matrix --bench`` prints); compare timings only inside one table.
 """
 from __future__ import annotations
 
@@ -95,15 +100,14 @@ def _size_rows(guest: "_BenchGuest", backends: list[str], dirty: list[int], repe
                     pauses.append(log.last_pause_ms)
                 rows.append(_row(name, guest, n, times, pauses, reported, max(gaps), start_ms))
                 say(f"{name} {guest.size // MiB} MiB, {n} dirty: {statistics.median(times):.3f} ms")
-                if name == "pagemap-scan":
-                    rows.append(_c_loop_row(guest, log, n, repeats))
+                rows.append(_C_LOOPS[name](guest, log, n, repeats))
         finally:
             log.stop()
     _ratios(rows)
     return rows
 
 
-def _c_loop_row(guest: "_BenchGuest", log, n: int, repeats: int) -> dict:
+def _c_pagemap_scan_row(guest: "_BenchGuest", log, n: int, repeats: int) -> dict:
     """The same harvest by the C loop, while the pagemap-scan log is armed."""
     from postcopy._native import ffi, lib
 
@@ -128,6 +132,41 @@ def _c_loop_row(guest: "_BenchGuest", log, n: int, repeats: int) -> dict:
     return _row("c-pagemap-scan", guest, n, times, [], int(pages[0]), max(gaps), 0.0)
 
 
+def _c_soft_dirty_row(guest: "_BenchGuest", log, n: int, repeats: int) -> dict:
+    """The soft-dirty harvest by the C loop (pagemap read + clear_refs), the guest
+    paused across it as the backend does: the pause is measured around the C call."""
+    from postcopy._native import ffi, lib
+
+    pages = ffi.new("uint64_t *")
+    fd = os.open(f"/proc/{guest.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    times, pauses, gaps = [], [], []
+    try:
+        for rep in range(repeats):
+            log.harvest()
+            guest.touch(n, seed=rep)
+            guest.client.max_step_gap_ns()
+            t0 = time.perf_counter()
+            reply = guest.client.pause()
+            try:
+                ns = lib.pc_bench_softdirty_harvest(fd, guest.pid, guest.base, guest.npages, pages)
+            finally:
+                guest.client.resume(stop_at=reply.get("stop_at"))
+            pauses.append((time.perf_counter() - t0) * 1e3)
+            if ns < 0:
+                raise OSError(-ns, f"soft-dirty pagemap read + clear_refs: {os.strerror(-ns)}")
+            time.sleep(0.002)
+            gaps.append(guest.client.max_step_gap_ns() / 1e6)
+            times.append(ns / 1e6)
+    finally:
+        os.close(fd)
+    return _row("c-soft-dirty", guest, n, times, pauses, int(pages[0]), max(gaps), 0.0)
+
+
+#: backend -> the row of its raw C loop, measured while the backend's log is armed
+_C_LOOPS = {"pagemap-scan": _c_pagemap_scan_row, "soft-dirty": _c_soft_dirty_row}
+C_LOOP = {"pagemap-scan": "c-pagemap-scan", "soft-dirty": "c-soft-dirty"}
+
+
 def _row(method: str, guest: "_BenchGuest", n: int, times: list[float], pauses: list[float],
          reported: int, worst_gap_ms: float, start_ms: float) -> dict:
     return {
@@ -148,11 +187,11 @@ def _row(method: str, guest: "_BenchGuest", n: int, times: list[float], pauses: 
 def _ratios(rows: list[dict]) -> None:
     by = {(r["method"], r["ram_bytes"], r["dirty_pages"]): r for r in rows}
     for r in rows:
-        if r["method"] in ("pagemap-read", "c-pagemap-scan"):
+        if r["method"] not in C_LOOP:
             continue
         key = (r["ram_bytes"], r["dirty_pages"])
-        c_loop, read = by.get(("c-pagemap-scan", *key)), by.get(("pagemap-read", *key))
-        if c_loop and r["method"] == "pagemap-scan" and c_loop["harvest_ms"] > 0:
+        c_loop, read = by.get((C_LOOP[r["method"]], *key)), by.get(("pagemap-read", *key))
+        if c_loop and c_loop["harvest_ms"] > 0:
             r["vs_c_loop"] = round(r["harvest_ms"] / c_loop["harvest_ms"], 3)
         if read and r["harvest_ms"] > 0:
             r["read_speedup"] = round(read["harvest_ms"] / r["harvest_ms"], 2)
@@ -176,8 +215,9 @@ class _BenchGuest:
         self.proc = subprocess.Popen(params.argv(control=sock), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         try:
-            wait_for_control(sock, timeout=60, proc=self.proc)
-            self.client = GuestClient(sock, timeout=120)
+            wait_for_control(sock, timeout=300, proc=self.proc)  # Python starts slowly under emulation
+            # Populating RAM page by page: ~2 min per GiB under software emulation.
+            self.client = GuestClient(sock, timeout=120 + 240 * max(1, size // GiB))
             self.info = self.client.status()
             self.pid, self.base = self.info["pid"], self.info["ram_address"]
             self.page_size = self.info["page_size"]
@@ -240,7 +280,7 @@ def format_table(rows: list[dict]) -> str:
         for _, key, fmt in cols:
             value = r.get(key)
             if key == "ram_bytes":
-                line.append(f"{value // GiB} GiB" if value % GiB == 0 else f"{value // MiB} MiB")
+                line.append(_ram(value))
             elif value is None or (key in ("reported_pages", "pause_ms", "worst_gap_ms") and
                                    r["method"] == "pagemap-read"):
                 line.append("-")
@@ -253,16 +293,137 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def _ram(value: int) -> str:
+    return f"{value // GiB} GiB" if value % GiB == 0 else f"{value // MiB} MiB"
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+_ABBREV = {"soft-dirty": "SD", "pagemap-scan": "PS"}
+#: what the side-by-side table's columns mean
+LEGEND = ("SD = soft-dirty, PS = pagemap-scan; per backend: harvest ms (median), guest pause ms (median), "
+          "the guest's worst step gap ms during harvests, the raw C loop ms; SD/PS = harvest-time ratio; "
+          "read ms = a full pagemap read; idle gap = worst step gap without harvests (noise floor)")
+
+
+def side_by_side(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One line per (RAM, dirty count) with every backend's harvest ms, guest pause,
+    worst step gap and raw C loop next to each other, the harvest-time ratio of
+    soft-dirty to pagemap-scan when both ran, the full pagemap read and the idle gap.
+    Returns (header, lines) of cells."""
+    by = {(r["method"], r["ram_bytes"], r["dirty_pages"]): r for r in rows}
+    backends = [b for b in C_LOOP if any(r["method"] == b for r in rows)]
+    header = ["RAM", "dirty"]
+    for b in backends:
+        header += [f"{_ABBREV[b]} ms", f"{_ABBREV[b]} pause", f"{_ABBREV[b]} gap", f"{_ABBREV[b]} C ms"]
+    both = len(backends) == 2
+    if both:
+        header.append("SD/PS")
+    header += ["read ms", "idle gap"]
+    lines = []
+    keys = sorted({(r["ram_bytes"], r["dirty_pages"]) for r in rows})
+    for size, n in keys:
+        line = [_ram(size), str(n)]
+        for b in backends:
+            r, c = by.get((b, size, n)), by.get((C_LOOP[b], size, n))
+            line += [_ms(r and r["harvest_ms"]), _ms(r and r["pause_ms"]),
+                     "-" if r is None else f"{r['worst_gap_ms']:.2f}", _ms(c and c["harvest_ms"])]
+        if both:
+            sd, ps = by.get(("soft-dirty", size, n)), by.get(("pagemap-scan", size, n))
+            line.append(f"{sd['harvest_ms'] / ps['harvest_ms']:.1f}x" if sd and ps and ps["harvest_ms"] > 0 else "-")
+        read = by.get(("pagemap-read", size, n))
+        any_row = next(r for r in rows if (r["ram_bytes"], r["dirty_pages"]) == (size, n))
+        line += [_ms(read and read["harvest_ms"]), f"{any_row['idle_gap_ms']:.2f}"]
+        lines.append(line)
+    return header, lines
+
+
+def format_side_by_side(rows: list[dict]) -> str:
+    """:func:`side_by_side` as an aligned text table."""
+    header, lines = side_by_side(rows)
+    cells = [header, *lines]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    text = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def markdown(rows: list[dict], kernel: str) -> str:
+    """The side-by-side table and every row, as Markdown."""
+    header, lines = side_by_side(rows)
+    out = [f"# Dirty-log harvest cost, kernel {kernel}", "",
+           "Timings of one run; compare only inside this table (under emulation they are slow).", "",
+           LEGEND + ".", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    out += ["", "## All rows", "", "```", format_table(rows), "```", ""]
+    return "\n".join(out)
+
+
+def _sizes(text: str) -> list[int]:
+    from postcopy.units import parse_size
+
+    return [parse_size(part) for part in text.split(",") if part]
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part]
+    if any(n < 0 for n in counts):
+        raise ValueError("dirty page counts must be >= 0")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m postcopy.bench.harvest [--large] [--repeats N] [--json]``."""
+    """``python -m postcopy.bench.harvest [--sizes LIST] [--dirty LIST] [--repeats N]
+    [--large] [--json FILE] [--markdown FILE]``: prints the side-by-side table, then
+    every row."""
+    import platform
+
     parser = argparse.ArgumentParser(prog="python -m postcopy.bench.harvest", description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES), help="guest RAM sizes, e.g. 256M,1G")
+    parser.add_argument("--dirty", type=_counts, default=list(DEFAULT_DIRTY), help="dirty page counts, e.g. 0,100,10000")
     parser.add_argument("--large", action="store_true", help="add a 4 GiB guest")
     parser.add_argument("--repeats", type=int, default=5, help="harvests per figure (median)")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON to FILE")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown to FILE")
+    parser.add_argument("--show", metavar="FILE", help="measure nothing: print the side-by-side table of a "
+                        "JSON file written by --json")
     args = parser.parse_args(argv)
-    rows = harvest_table(large=args.large, repeats=max(1, args.repeats),
-                         progress=lambda msg: print(msg, file=sys.stderr))
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    if args.show:
+        return _show(args.show)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    rows = harvest_table(sizes=args.sizes, dirty=args.dirty, large=args.large, repeats=args.repeats,
+                         progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    kernel = platform.release()
+    print(f"kernel {kernel}: dirty-log harvest cost, backends side by side (ms; compare only inside this table)")
+    print(LEGEND)
+    print(format_side_by_side(rows))
+    print()
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"kernel": kernel, "harvest": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, kernel))
+    return 0
+
+
+def _show(path: str) -> int:
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        rows = saved["harvest"]
+        table = format_side_by_side(rows)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"harvest bench: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"kernel {saved.get('kernel', '?')}: dirty-log harvest cost, backends side by side "
+          "(ms; compare only inside this table)")
+    print(LEGEND)
+    print(table)
     return 0
 
 
