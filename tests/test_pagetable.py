@@ -13,22 +13,11 @@ from postcopy.migration.pagetable import (IN, LEGAL, MISSING, PRESENT, REMOVED, 
 CAUSES = ("precopy", "resent", "demand", "pushed", "zero")
 
 
-def _put(table: PageTable, page: int, state: PageState) -> None:
-    """Bring a fresh page into ``state`` by legal steps."""
-    if state == REQUESTED:
-        table.fault(page, 0)
-    elif state == PRESENT:
-        table.installed(page, 1, "pushed", 0)
-    elif state == ZERO:
-        table.mark_zero(page, 1)
-    elif state == REMOVED:
-        table.removed(page, page + 1, by_guest=True)
-
-
 def _move(table: PageTable, page: int, state: PageState) -> None:
-    """Ask the table to move ``page`` to ``state`` by the operation that leads there."""
+    """Ask the table to move ``page`` to ``state`` by the operation that leads there
+    (from MISSING, this brings a fresh page into ``state`` by a legal step)."""
     if state == MISSING:
-        table.discard([(page, 1)])
+        table.discard([(page, 1)])  # MISSING -> MISSING is legal: a no-op
     elif state == REQUESTED:
         table.fault(page, 0)
     elif state == PRESENT:
@@ -61,7 +50,7 @@ def test_every_transition(old, new):
     """Each (old, new) pair: done by the operation that leads to ``new``. The legal
     ones land; the illegal ones raise (through a direct move) and change nothing."""
     table = PageTable(4, CAUSES)
-    _put(table, 1, old)
+    _move(table, 1, old)
     assert table[1] == old
     before = table.count_in
     if new == REQUESTED and old != MISSING:

@@ -257,14 +257,7 @@ class DestinationAgent:
                 self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
-                self._source_recovery_timeout = switchover.get("recovery_timeout_s")
-                # Stopped or cut off, this agent stops renewing, and the guest stops itself.
-                self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
-                                                 in_contact=lambda: not self._link_broken.is_set())
-                self._watchdog.arm()
-                resumed = guest.resume()
-                self._switched = True
-                self._timeline.switchover_ns = time.monotonic_ns()
+                resumed = self._switch_over(guest, switchover)
             elif isinstance(message, wire.ReadyCheck):
                 self._main.send(wire.Ready())  # guest up, fault server running
             elif isinstance(message, wire.PushDone):
@@ -314,6 +307,18 @@ class DestinationAgent:
             "recoveries_ms": self._recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
+
+    def _switch_over(self, guest: GuestClient, switchover: dict) -> dict:
+        """The source stopped its guest: arm the watchdog and resume ours here."""
+        self._source_recovery_timeout = switchover.get("recovery_timeout_s")
+        # Stopped or cut off, this agent stops renewing, and the guest stops itself.
+        self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
+                                         in_contact=lambda: not self._link_broken.is_set())
+        self._watchdog.arm()
+        resumed = guest.resume()
+        self._switched = True
+        self._timeline.switchover_ns = time.monotonic_ns()
+        return resumed
 
     def _first_step(self, guest: GuestClient) -> int | None:
         """When the guest completed its first step after resume (polls briefly)."""

@@ -190,15 +190,24 @@ class CopyPath:
     def _copy_piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
                     overwrite: bool) -> int:
         """One UFFDIO_COPY of pages [first+done, first+stop); returns pages handled."""
+        ps = self.target.page_size
+        return self._place_piece(first, done, stop, data, cause, overwrite,
+                                 lambda dst, length: self.target.uffd.copy(dst, src + done * ps, length))
+
+    def _place_piece(self, first: int, done: int, stop: int, data, cause: wire.Cause, overwrite: bool,
+                     place) -> int:
+        """Pages [first+done, first+stop) mapped by ``place(dst, length)`` (bytes
+        placed; refuses as UFFDIO_COPY does: EEXIST for a page already there, EAGAIN
+        while the mapping changes); returns pages handled or RETRY."""
         target = self.target
         ps = target.page_size
         dst = target.base + (first + done) * ps
         try:
-            copied = target.uffd.copy(dst, src + done * ps, (stop - done) * ps) // ps
+            placed = place(dst, (stop - done) * ps) // ps
         except PageExistsError:
             if not overwrite:
-                # The copy that got there first woke the threads waiting then; a thread
-                # that faulted after it may wait on us.
+                # The install that got there first woke the threads waiting then; a
+                # thread that faulted after it may wait on us.
                 target.uffd.wake(dst, ps)
                 return 1
             return self._overwrite(first, done, stop, data, cause)
@@ -209,8 +218,8 @@ class CopyPath:
             if target.stop.is_set():
                 raise
             return RETRY
-        self._installed(first + done, copied, cause)
-        return copied
+        self._installed(first + done, placed, cause)
+        return placed
 
     def _overwrite(self, first: int, done: int, stop: int, data, cause: wire.Cause) -> int:
         """A precopy resend of installed pages (before the switchover: nothing runs
@@ -327,18 +336,9 @@ class MovePath(CopyPath):
         """UFFDIO_MOVE pages [first+done, first+stop) from staging ``src``, gate held."""
         agent = self.target
         ps = agent.page_size
-        dst = agent.base + (first + done) * ps
         try:
-            moved = self._move(dst, src + done * ps, (stop - done) * ps) // ps
-        except PageExistsError:
-            if not overwrite:
-                agent.uffd.wake(dst, ps)  # as for copy: the waiter may be ours
-                return 1
-            return self._overwrite(first, done, stop, data, cause)
-        except MappingChangedError:
-            if agent.stop.is_set():
-                raise
-            return RETRY
+            return self._place_piece(first, done, stop, data, cause, overwrite,
+                                     lambda dst, length: self._move(dst, src + done * ps, length))
         except UffdError as exc:
             if exc.errno == errno.ENOENT and not agent.stop.is_set():
                 # The staging page is there (just written): the destination VMA is
@@ -349,8 +349,6 @@ class MovePath(CopyPath):
             # EBUSY: the staging folio is shared or pinned (not exclusive anon); fall
             # back to copying this piece from the frame.
             return self._copy_piece(first, done, stop, address_of(data), data, cause, overwrite)
-        self._installed(first + done, moved, cause)
-        return moved
 
     def _move(self, dst: int, src: int, length: int) -> int:
         """UFFDIO_MOVE done by the guest's mover thread; bytes moved, or the exception
