@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import resource
-import select
 import socket
 import subprocess
 import sys
@@ -19,7 +18,10 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
-from postcopy.migration.install import DEFAULT_STAGING_PAGES, CopyPath, guest_options, install_path_error, make_install_path
+from postcopy.migration.faults import FaultServer
+from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
+                                        install_path_error, make_install_path)
+from postcopy.migration.pagetable import REQUESTED, PageTable
 from postcopy._native import lib as native
 from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
@@ -27,16 +29,7 @@ from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
 from postcopy.migration.listener import AcceptTimeout, Listener
 from postcopy.protocol.endpoint import listen_socket
-from postcopy.kernel.uffd import (EventKind, Feature, MappingChangedError, PageExistsError, UffdError,
-                           Userfaultfd)
-
-# Page states on the destination. REMOVED: the guest dropped the page (MADV_DONTNEED,
-# munmap) during postcopy, so it must read zeros: no source data is installed there.
-MISSING, REQUESTED, PRESENT, ZERO, REMOVED = 0, 1, 2, 3, 4
-# Pages per UFFDIO_COPY while holding the install gate (bounds how long the fault
-# server can wait for the gate behind a bulk install).
-GATED_COPY_PAGES = 16
-RETRY = -1  # a copy met a changing mapping: try again after the events are read
+from postcopy.kernel.uffd import Feature, UffdError, Userfaultfd
 
 
 class DestinationError(RuntimeError):
@@ -67,20 +60,14 @@ class DestinationAgent:
         self.guest_proc: subprocess.Popen | None = None
         self.final_hash: str | None = None
         self.final_max_step_gap_ns: int | None = None  # from the guest's last output line
-        self._lock = threading.Lock()  # page states and counters
-        # Installs and the reading of uffd events exclude each other: once the fault
-        # server has read a REMOVE event and marked the range, no copy that checked the
-        # range before can land after the kernel's zap.
+        # Installs and the reading of uffd events exclude each other (see InstallTarget).
         self._gate = threading.Lock()
-        self._all_in = threading.Event()
         self._stop = threading.Event()
-        self._fault_started: dict[int, int] = {}  # page -> ns the fault event was read
-        self._faults: list[tuple[int, float]] = []  # (ns the fault was read, µs to wake)
         self._first_push_ns: int | None = None
-        self._pages = {cause: 0 for cause in report.PAGE_CAUSES}
-        self._in_count = 0
-        self._removed_pages = 0
         self._timeline = report.Timeline()
+        self.table: PageTable | None = None  # page states, counts and fault latencies, from _setup
+        self._target: InstallTarget | None = None
+        self._fault_server: FaultServer | None = None
         self._thread_error: BaseException | None = None
         self._main: Channel | None = None
         self._urgent: Channel | None = None  # None while the link is being recovered
@@ -192,13 +179,15 @@ class DestinationAgent:
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
             try:
-                self._path = make_install_path(self.config.install, self, info, fds)
+                self._path = make_install_path(self.config.install, self._target, info, fds)
             except ValueError as exc:
                 raise DestinationError(str(exc)) from None
+            self._fault_server = FaultServer(self._target, self._path,
+                                       switched=lambda: self._timeline.switchover_ns is not None)
             self._main, self._urgent = main, urgent
             figures = self._receive(guest, uffd)
             self._main.send(wire.Complete(info=figures))
-        except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError) as exc:
+        except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError, InstallError) as exc:
             self._stop.set()
             self.stop_guest()
             raise DestinationError(f"incoming migration failed: {exc}. {self._stopped_note()}") from exc
@@ -235,7 +224,7 @@ class DestinationAgent:
         self.base = info["ram_address"]
         self.page_size = layout.page_size
         self.npages = layout.total_pages
-        self.state = bytearray(self.npages)
+        self.table = PageTable(self.npages, report.PAGE_CAUSES, self._timeline)
         # Precopy resends overwrite pages already installed: through the memfd, or the
         # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
         self._memfd = memfd
@@ -244,10 +233,14 @@ class DestinationAgent:
         else:
             self._ram_fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDWR | os.O_CLOEXEC)
             self._ram_fd_base = self.base
+        self._target = InstallTarget(table=self.table, uffd=uffd, gate=self._gate, base=self.base,
+                                     page_size=self.page_size, ram_fd=self._ram_fd,
+                                     ram_fd_base=self._ram_fd_base, memfd=memfd, stop=self._stop)
 
     def _receive(self, guest: GuestClient, uffd: Userfaultfd) -> dict:
         started = time.monotonic()
-        faults = threading.Thread(target=self._guard, args=(self._serve_faults,), name="fault-server", daemon=True)
+        faults = threading.Thread(target=self._guard, args=(self._fault_server.run, self._send_requests),
+                                  name="fault-server", daemon=True)
         faults.start()
         self._start_urgent_receiver()
         switchover: dict | None = None
@@ -264,19 +257,12 @@ class DestinationAgent:
                     self._first_push_ns = time.monotonic_ns()
                 self._path.install(message.first_page, message.npages, message.data, message.cause)
             elif isinstance(message, wire.ZeroRange):
-                self._mark_zero(message.first_page, message.npages)
+                self._fault_server.mark_zero(message.first_page, message.npages)
             elif isinstance(message, wire.Discard):
                 self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
                 switchover = message.info
-                self._source_recovery_timeout = switchover.get("recovery_timeout_s")
-                # Stopped or cut off, this agent stops renewing, and the guest stops itself.
-                self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
-                                                 in_contact=lambda: not self._link_broken.is_set())
-                self._watchdog.arm()
-                resumed = guest.resume()
-                self._switched = True
-                self._timeline.switchover_ns = time.monotonic_ns()
+                resumed = self._switch_over(guest, switchover)
             elif isinstance(message, wire.ReadyCheck):
                 self._main.send(wire.Ready())  # guest up, fault server running
             elif isinstance(message, wire.PushDone):
@@ -285,7 +271,7 @@ class DestinationAgent:
                 raise DestinationError(f"the source failed: {message.reason}")
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the main channel")
-        while not self._all_in.wait(0.2):
+        while not self.table.all_in.wait(0.2):
             if self._thread_error is not None:
                 raise self._thread_error
             if self._link_broken.is_set():
@@ -300,20 +286,21 @@ class DestinationAgent:
         first_step = self._first_step(guest)
         max_gap_ns = self._max_step_gap(guest)
         guest.close()
-        latencies = [us for _, us in self._faults]
+        fault_times = self.table.faults
+        latencies = [us for _, us in fault_times]
         push_from = self._first_push_ns or time.monotonic_ns()
         downtime_ms = None
         if switchover and first_step:
             downtime_ms = (first_step - switchover["last_heartbeat_ns"]) / 1e6
-        pushed_bytes = self._pages["pushed"] * self.page_size
+        pushed_bytes = self.table.pages["pushed"] * self.page_size
         push_seconds = (all_in - push_from / 1e9) if self._first_push_ns else None
         return {
             "install": self._path.name,
             # Faults served before the pusher's first run arrived, and while it ran.
-            "fault_latency_us_before_push": report.latency_summary(us for t, us in self._faults if t < push_from),
-            "fault_latency_us_during_push": report.latency_summary(us for t, us in self._faults if t >= push_from),
+            "fault_latency_us_before_push": report.latency_summary(us for t, us in fault_times if t < push_from),
+            "fault_latency_us_during_push": report.latency_summary(us for t, us in fault_times if t >= push_from),
             "push_bytes_per_s": pushed_bytes / push_seconds if push_seconds else None,
-            "pages": dict(self._pages),
+            "pages": dict(self.table.pages),
             "fault_latency_us": report.latency_summary(latencies),
             "fault_latency_histogram": report.pow2_histogram(latencies),
             "blocktime_ms": sum(latencies) / 1e3,
@@ -328,7 +315,7 @@ class DestinationAgent:
             "max_step_gap_ms": max_gap_ns / 1e6 if max_gap_ns is not None else None,
             "receive_ms": (all_in - started) * 1e3,
             "timeline": self._timeline.as_dict(),
-            "pages_removed_by_guest": self._removed_pages,
+            "pages_removed_by_guest": self.table.removed_by_guest,
             "recoveries_ms": self._recoveries,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
@@ -339,6 +326,18 @@ class DestinationAgent:
             return guest.max_step_gap_ns()
         except Exception:
             return None  # the guest already finished and left
+
+    def _switch_over(self, guest: GuestClient, switchover: dict) -> dict:
+        """The source stopped its guest: arm the watchdog and resume ours here."""
+        self._source_recovery_timeout = switchover.get("recovery_timeout_s")
+        # Stopped or cut off, this agent stops renewing, and the guest stops itself.
+        self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
+                                         in_contact=lambda: not self._link_broken.is_set())
+        self._watchdog.arm()
+        resumed = guest.resume()
+        self._switched = True
+        self._timeline.switchover_ns = time.monotonic_ns()
+        return resumed
 
     def _first_step(self, guest: GuestClient) -> int | None:
         """When the guest completed its first step after resume (polls briefly)."""
@@ -412,9 +411,7 @@ class DestinationAgent:
             self.config.accept_timeout = saved
         # Everything not in yet: the pusher sends it again; what threads wait on goes
         # first, on the urgent channel.
-        with self._lock:
-            outstanding = _runs_of(self.state, (MISSING, REQUESTED))
-            waiting = sorted(self._fault_started)
+        outstanding, waiting = self.table.outstanding()
         for first, count in outstanding:
             main.send(wire.PageRequest(first_page=first, npages=count))
         main.send(wire.RecoveryEnd())
@@ -427,96 +424,13 @@ class DestinationAgent:
             self._watchdog.refresh()  # in contact again: the guest may run on
         self._start_urgent_receiver()
         for page in waiting:
-            if self.state[page] == REQUESTED:
+            if self.table[page] == REQUESTED:
                 urgent.send(wire.PageRequest(first_page=page, npages=1))
         self._recoveries.append((time.monotonic() - noticed) * 1e3)
         print(f"link recovered after {self._recoveries[-1]:.0f} ms; {len(outstanding)} runs outstanding",
               file=sys.stderr, flush=True)
 
-    # -- installing pages ----------------------------------------------------------------
-    def _install_gated(self, first: int, npages: int, data, cause: wire.Cause, src: int, piece) -> None:
-        """Install a run in gated pieces of at most GATED_COPY_PAGES, each done by
-        ``piece`` (the install path's: :meth:`_copy_piece` for UFFDIO_COPY from ``src``).
-        A page already there is skipped and its waiter woken (push and demand raced: the
-        guest may have written it since), or, for a precopy resend before the
-        switchover, overwritten in place. Pages the guest removed meanwhile are never
-        filled."""
-        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
-        done = retries = 0
-        while done < npages:
-            with self._gate:
-                stop = min(npages, done + GATED_COPY_PAGES)
-                removed = self.state.find(REMOVED, first + done, first + stop)
-                if removed == first + done:  # skip removed pages
-                    done += 1
-                    continue
-                if removed > 0:
-                    stop = removed - first
-                handled = piece(first, done, stop, src, data, cause, overwrite)
-            if handled == RETRY:
-                retries += 1
-                if retries > 5000:
-                    raise DestinationError(f"page {first + done} stayed unmappable (the guest's mapping changed "
-                                           f"and no event explained it)")
-                time.sleep(0.0002)  # outside the gate: let the fault server read the event
-                continue
-            done += handled
-
-    def _copy_piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
-                    overwrite: bool) -> int:
-        """One UFFDIO_COPY of pages [first+done, first+stop); returns pages handled."""
-        ps = self.page_size
-        dst = self.base + (first + done) * ps
-        try:
-            copied = self.uffd.copy(dst, src + done * ps, (stop - done) * ps) // ps
-        except PageExistsError:
-            if not overwrite:
-                # The copy that got there first woke the threads waiting then; a thread
-                # that faulted after it may wait on us.
-                self.uffd.wake(dst, ps)
-                return 1
-            span = self._present_run(first + done, first + stop)
-            view = memoryview(data)[done * ps:(done + span) * ps]
-            os.pwritev(self._ram_fd, [view], self._ram_fd_base + (first + done) * ps)
-            self._installed(first + done, span, cause)
-            return span
-        except MappingChangedError:
-            # An unmap or remove is under way (EAGAIN until its event is read; ENOENT
-            # once the range is gone): retry once the fault server has read the event
-            # and marked the range removed.
-            if self._stop.is_set():
-                raise
-            return RETRY
-        self._installed(first + done, copied, cause)
-        return copied
-
-    def _present_run(self, page: int, end: int) -> int:
-        """Length of the run of installed pages from ``page`` (at least 1: the kernel
-        just said this one exists)."""
-        n = 1
-        while page + n < end and self.state[page + n] == PRESENT:
-            n += 1
-        return n
-
-    def _installed(self, first: int, count: int, cause: wire.Cause) -> None:
-        now = time.monotonic_ns()
-        end = first + count
-        name = _CAUSE_NAMES.get(cause, "pushed")
-        with self._lock:
-            # Pages announced as zero (counted in already) or re-sent (present) do not
-            # count again.
-            new = self.state.count(MISSING, first, end) + self.state.count(REQUESTED, first, end)
-            self.state[first:end] = bytes([PRESENT]) * count
-            self._pages[name] += count
-            self._timeline.add(name, count, now)
-            self._in_count += new
-            if self._fault_started:
-                for page in [p for p in self._fault_started if first <= p < end]:
-                    started = self._fault_started.pop(page)
-                    self._faults.append((started, (now - started) / 1e3))
-            if self._in_count >= self.npages:
-                self._all_in.set()
-
+    # -- receiving pages -----------------------------------------------------------------
     def _discard(self, guest: GuestClient, runs) -> None:
         """Hybrid: drop the pages dirtied since their last send, so they fault in anew.
         A memfd is punched right here (no round trip to the guest, no events); anonymous
@@ -530,115 +444,18 @@ class DestinationAgent:
                     raise OSError(-err, f"punching pages {first}+{count} out of the guest's memfd")
         else:
             guest.discard([(first * ps, count * ps) for first, count in runs])
-        with self._lock:
-            for first, count in runs:
-                end = first + count
-                # Invariant: the pages counted in are those PRESENT, ZERO or REMOVED.
-                self._in_count -= sum(self.state.count(st, first, end) for st in (PRESENT, ZERO, REMOVED))
-                self.state[first:end] = bytes(count)  # MISSING
-            self._all_in.clear()
+        self.table.discard(runs)
 
-    def _mark_zero(self, first: int, npages: int) -> None:
-        """Pages that hold only zeros: nothing crosses the wire for them. Threads already
-        waiting on one get a UFFDIO_ZEROPAGE now; later faults get it on the spot."""
-        with self._lock:
-            end = first + npages
-            new = self.state.count(MISSING, first, end) + self.state.count(REQUESTED, first, end)
-            waiting = [p for p in self._fault_started if first <= p < end]
-            for lo, hi in _spans_not_present(self.state, first, end):
-                self.state[lo:hi] = bytes([ZERO]) * (hi - lo)
-            self._pages["zero"] += new
-            self._timeline.add("zero", new)
-            self._in_count += new
-            if self._in_count >= self.npages:
-                self._all_in.set()
-        for page in waiting:
-            self._zero_fill(page)
-
-    def _zero_fill(self, page: int) -> None:
-        addr = self.base + page * self.page_size
+    def _send_requests(self, pages: list[int]) -> None:
+        """Ask the source for pages the guest faulted on (fault server thread)."""
+        urgent = self._urgent
+        if urgent is None:
+            return  # recovering: these pages are asked for again once reconnected
         try:
-            self.uffd.zeropage(addr, self.page_size)
-        except PageExistsError:
-            self.uffd.wake(addr, self.page_size)
-        now = time.monotonic_ns()
-        with self._lock:
-            started = self._fault_started.pop(page, None)
-            if started is not None:
-                self._faults.append((started, (now - started) / 1e3))
-
-    # -- fault server and urgent replies -------------------------------------------------
-    def _serve_faults(self) -> None:
-        """Read fault events in batches; request each missing page once; keep track of
-        ranges the guest removes or unmaps."""
-        make_current_thread_urgent()
-        ps, base, npages = self.page_size, self.base, self.npages
-        poller = select.poll()
-        poller.register(self.uffd.fileno(), select.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(50):
-                continue
-            requests = []
-            zero_fills = []
-            settles = []
-            with self._gate:
-                events = self.uffd.read_events(64, timeout=0)
-                now = time.monotonic_ns()
-                for event in events:
-                    if event.kind in (EventKind.REMOVE, EventKind.UNMAP):
-                        self._removed(event.address, event.end)
-                        continue
-                    if event.kind is not EventKind.PAGEFAULT:
-                        continue
-                    page = (event.address - base) // ps
-                    if not 0 <= page < npages:
-                        continue
-                    if event.minor and self.state[page] not in (MISSING, REQUESTED):
-                        # Continue path: the page cache holds this page's truth (our data,
-                        # or the guest's own page): map it, no source data needed.
-                        settles.append(page)
-                        continue
-                    with self._lock:
-                        state = self.state[page]
-                        if state in (MISSING, ZERO, REMOVED) and page not in self._fault_started:
-                            self._fault_started[page] = now
-                        if state == MISSING:
-                            self.state[page] = REQUESTED
-                    if state == MISSING:
-                        requests.append(page)
-                    elif state in (ZERO, REMOVED):
-                        zero_fills.append(page)
-                    elif state == PRESENT:
-                        self.uffd.wake(base + page * ps, ps)
-                for page in zero_fills:
-                    self._zero_fill(page)
-                for page in settles:
-                    self._path.settle(base + page * ps)
-            urgent = self._urgent
-            if urgent is None:
-                continue  # recovering: these pages are asked for again once reconnected
-            try:
-                for page in requests:
-                    urgent.send(wire.PageRequest(first_page=page, npages=1))
-            except ChannelClosed:
-                self._link_lost()
-
-    def _removed(self, start: int, end: int) -> None:
-        """The guest dropped [start, end): those pages now read as zeros, whatever the
-        source held (called with the gate held, before the kernel's zap)."""
-        ps = self.page_size
-        first = max(0, (start - self.base) // ps)
-        last = min(self.npages, -(-(end - self.base) // ps))
-        if first >= last:
-            return
-        with self._lock:
-            new = self.state.count(MISSING, first, last) + self.state.count(REQUESTED, first, last)
-            self.state[first:last] = bytes([REMOVED]) * (last - first)
-            if self._timeline.switchover_ns is not None:  # not the hybrid discard itself
-                self._removed_pages += last - first
-            self._in_count += new
-            if self._in_count >= self.npages:
-                self._all_in.set()
+            for page in pages:
+                urgent.send(wire.PageRequest(first_page=page, npages=1))
+        except ChannelClosed:
+            self._link_lost()
 
     def _receive_urgent(self, urgent: Channel) -> None:
         make_current_thread_urgent()
@@ -652,7 +469,7 @@ class DestinationAgent:
             if isinstance(message, wire.PageRun):
                 self._path.install(message.first_page, message.npages, message.data, message.cause)
             elif isinstance(message, wire.ZeroRange):
-                self._mark_zero(message.first_page, message.npages)
+                self._fault_server.mark_zero(message.first_page, message.npages)
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
 
@@ -672,41 +489,3 @@ def _die_with(parent: int):
             os._exit(1)
 
     return child
-
-
-_CAUSE_NAMES = {
-    wire.Cause.PRECOPY: "precopy",
-    wire.Cause.RESENT: "resent",
-    wire.Cause.DEMAND: "demand",
-    wire.Cause.PUSHED: "pushed",
-    wire.Cause.STATE: "pushed",
-}
-
-
-def _spans_not_present(state: bytearray, first: int, end: int):
-    """Sub-ranges of [first, end) whose pages are not PRESENT (those become ZERO)."""
-    pos = first
-    marker = bytes([PRESENT])
-    while pos < end:
-        hit = state.find(marker, pos, end)
-        if hit < 0:
-            yield pos, end
-            return
-        if hit > pos:
-            yield pos, hit
-        pos = hit + 1
-
-
-def _runs_of(state: bytearray, wanted: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Runs (first, count) of pages whose state is one of ``wanted``."""
-    table = bytes(0 if i in wanted else 1 for i in range(256))
-    flags = state.translate(table)
-    runs, pos = [], 0
-    while True:
-        first = flags.find(0, pos)
-        if first < 0:
-            return runs
-        end = flags.find(1, first)
-        end = len(flags) if end < 0 else end
-        runs.append((first, end - first))
-        pos = end

@@ -18,9 +18,9 @@ One small strategy object per install path, chosen once when the migration start
              ``mm != current->mm`` -> EINVAL), so the ioctl is issued by a mover thread
              inside the guest, one request/reply over a socketpair per gated piece.
 
-The strategies are the install half of :class:`postcopy.migration.destination.DestinationAgent`
-and use its page states, gate and bookkeeping (``state``, ``_installed``,
-``_install_gated``, ``_ram_fd``...).
+A strategy sees only an :class:`InstallTarget`: the page table, the userfaultfd, the
+install gate and where the guest's RAM is. Every path installs a run in gated pieces
+(:meth:`CopyPath._install_gated`): pages the guest removed meanwhile are never filled.
 """
 from __future__ import annotations
 
@@ -30,20 +30,49 @@ import queue
 import socket
 import struct
 import threading
-from typing import TYPE_CHECKING
+import time
+from dataclasses import dataclass
 
 from postcopy.protocol import wire
-from postcopy.kernel.uffd import Feature, MappingChangedError, PageExistsError, UffdError, address_of
-
-if TYPE_CHECKING:
-    from postcopy.migration.destination import DestinationAgent
+from postcopy.kernel.uffd import (Feature, MappingChangedError, PageExistsError, UffdError, Userfaultfd,
+                                  address_of)
+from postcopy.migration.pagetable import PRESENT, REMOVED, ZERO, PageTable
 
 INSTALL_PATHS = ("copy", "continue", "move")
 DEFAULT_STAGING_PAGES = 512  # two slots of one 1 MiB pushed run each (4 KiB pages)
+# Pages per install while holding the install gate (bounds how long the fault server
+# can wait for the gate behind a bulk install).
+GATED_COPY_PAGES = 16
+RETRY = -1  # an install met a changing mapping: try again after the events are read
 
-# Page states (same values as postcopy.migration.destination's).
-MISSING, REQUESTED, PRESENT, ZERO, REMOVED = 0, 1, 2, 3, 4
-RETRY = -1
+CAUSE_NAMES = {
+    wire.Cause.PRECOPY: "precopy",
+    wire.Cause.RESENT: "resent",
+    wire.Cause.DEMAND: "demand",
+    wire.Cause.PUSHED: "pushed",
+    wire.Cause.STATE: "pushed",
+}
+
+
+class InstallError(RuntimeError):
+    """A run could not be installed; the message says where and why."""
+
+
+@dataclass
+class InstallTarget:
+    """What an install path may touch. Installs hold ``gate`` while the fault server
+    reads uffd events: once it has read a REMOVE event and marked the range, no
+    install that checked the range before can land after the kernel's zap."""
+
+    table: PageTable
+    uffd: Userfaultfd
+    gate: threading.Lock
+    base: int  # address of page 0 in the guest
+    page_size: int
+    ram_fd: int  # writes installed pages in place: the memfd, or the guest's /proc/PID/mem
+    ram_fd_base: int  # ram_fd offset of page 0
+    memfd: int | None
+    stop: threading.Event  # set when the migration ends: errors are no longer retried
 
 _BACKING = {"continue": "memfd", "move": "anon"}
 _FEATURE = {"continue": Feature.MINOR_SHMEM, "move": Feature.MOVE}
@@ -87,26 +116,26 @@ def guest_options(path: str, staging_pages: int = DEFAULT_STAGING_PAGES) -> list
     return []
 
 
-def make_install_path(path: str, agent: "DestinationAgent", info: dict, fds: dict[str, int]) -> "CopyPath":
+def make_install_path(path: str, target: InstallTarget, info: dict, fds: dict[str, int]) -> "CopyPath":
     """The strategy for ``path``, checked against the incoming guest's ``fds`` reply
     and descriptors (raises ValueError with the reason when the guest was not set up
     for it)."""
-    error = install_path_error(path, info.get("backing", "memfd"), agent.uffd.features)
+    error = install_path_error(path, info.get("backing", "memfd"), target.uffd.features)
     if error:
         raise ValueError(error)
     if path == "continue":
         if not info.get("uffd_minor"):
             raise ValueError("install path 'continue' needs an incoming guest whose RAM is registered for minor "
                              "faults (start it with postcopy guest --incoming --uffd-minor)")
-        if agent._memfd is None:
+        if target.memfd is None:
             raise ValueError("install path 'continue' needs the guest's memfd (it sent none)")
-        return ContinuePath(agent)
+        return ContinuePath(target)
     if path == "move":
         if not info.get("staging_address") or not info.get("staging_pages") or "mover" not in fds:
             raise ValueError("install path 'move' needs an incoming guest with a staging area (start it with "
                              "postcopy guest --incoming --backing anon --staging-pages N)")
-        return MovePath(agent, info["staging_address"], info["staging_pages"], fds["mover"])
-    return CopyPath(agent)
+        return MovePath(target, info["staging_address"], info["staging_pages"], fds["mover"])
+    return CopyPath(target)
 
 
 class CopyPath:
@@ -114,21 +143,97 @@ class CopyPath:
 
     name = "copy"
 
-    def __init__(self, agent: "DestinationAgent") -> None:
-        self.agent = agent
+    def __init__(self, target: InstallTarget) -> None:
+        self.target = target
 
     def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
         """Install the run [first, first+npages) whose bytes are ``data``."""
-        agent = self.agent
-        agent._install_gated(first, npages, data, cause, address_of(data), agent._copy_piece)
+        self._install_gated(first, npages, data, cause, address_of(data), self._copy_piece)
 
     def settle(self, addr: int) -> None:
         """A fault on a page that needs no data from the source (already installed, or
         a minor fault on a page the page cache holds): let its thread go on."""
-        self.agent.uffd.wake(addr, self.agent.page_size)
+        self.target.uffd.wake(addr, self.target.page_size)
 
     def close(self) -> None:
         """Release what the path holds (nothing for copy)."""
+
+    def _install_gated(self, first: int, npages: int, data, cause: wire.Cause, src: int, piece) -> None:
+        """Install a run in gated pieces of at most GATED_COPY_PAGES, each done by
+        ``piece`` (the path's: :meth:`_copy_piece` for UFFDIO_COPY from ``src``).
+        A page already there is skipped and its waiter woken (push and demand raced: the
+        guest may have written it since), or, for a precopy resend before the
+        switchover, overwritten in place. Pages the guest removed meanwhile are never
+        filled."""
+        target = self.target
+        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
+        done = retries = 0
+        while done < npages:
+            with target.gate:
+                stop = min(npages, done + GATED_COPY_PAGES)
+                removed = target.table.find(REMOVED, first + done, first + stop)
+                if removed == first + done:  # skip removed pages
+                    done += 1
+                    continue
+                if removed > 0:
+                    stop = removed - first
+                handled = piece(first, done, stop, src, data, cause, overwrite)
+            if handled == RETRY:
+                retries += 1
+                if retries > 5000:
+                    raise InstallError(f"page {first + done} stayed unmappable (the guest's mapping changed "
+                                       f"and no event explained it)")
+                time.sleep(0.0002)  # outside the gate: let the fault server read the event
+                continue
+            done += handled
+
+    def _copy_piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
+                    overwrite: bool) -> int:
+        """One UFFDIO_COPY of pages [first+done, first+stop); returns pages handled."""
+        ps = self.target.page_size
+        return self._place_piece(first, done, stop, data, cause, overwrite,
+                                 lambda dst, length: self.target.uffd.copy(dst, src + done * ps, length))
+
+    def _place_piece(self, first: int, done: int, stop: int, data, cause: wire.Cause, overwrite: bool,
+                     place) -> int:
+        """Pages [first+done, first+stop) mapped by ``place(dst, length)`` (bytes
+        placed; refuses as UFFDIO_COPY does: EEXIST for a page already there, EAGAIN
+        while the mapping changes); returns pages handled or RETRY."""
+        target = self.target
+        ps = target.page_size
+        dst = target.base + (first + done) * ps
+        try:
+            placed = place(dst, (stop - done) * ps) // ps
+        except PageExistsError:
+            if not overwrite:
+                # The install that got there first woke the threads waiting then; a
+                # thread that faulted after it may wait on us.
+                target.uffd.wake(dst, ps)
+                return 1
+            return self._overwrite(first, done, stop, data, cause)
+        except MappingChangedError:
+            # An unmap or remove is under way (EAGAIN until its event is read; ENOENT
+            # once the range is gone): retry once the fault server has read the event
+            # and marked the range removed.
+            if target.stop.is_set():
+                raise
+            return RETRY
+        self._installed(first + done, placed, cause)
+        return placed
+
+    def _overwrite(self, first: int, done: int, stop: int, data, cause: wire.Cause) -> int:
+        """A precopy resend of installed pages (before the switchover: nothing runs
+        yet): write the run of PRESENT pages from first+done in place."""
+        target = self.target
+        ps = target.page_size
+        span = target.table.run_of(PRESENT, first + done, first + stop)
+        view = memoryview(data)[done * ps:(done + span) * ps]
+        os.pwritev(target.ram_fd, [view], target.ram_fd_base + (first + done) * ps)
+        self._installed(first + done, span, cause)
+        return span
+
+    def _installed(self, first: int, count: int, cause: wire.Cause) -> None:
+        self.target.table.installed(first, count, CAUSE_NAMES.get(cause, "pushed"), time.monotonic_ns())
 
 
 class ContinuePath(CopyPath):
@@ -136,32 +241,29 @@ class ContinuePath(CopyPath):
 
     name = "continue"
 
-    def __init__(self, agent: "DestinationAgent") -> None:
-        super().__init__(agent)
-        # Writable page states: MISSING/REQUESTED always; PRESENT/ZERO only for a precopy
-        # resend before the switchover (nothing runs yet). REMOVED never.
-        self._blocked = bytes(0 if s in (MISSING, REQUESTED) else 1 for s in range(256))
-        self._blocked_overwrite = bytes(0 if s != REMOVED else 1 for s in range(256))
+    # Writable page states: MISSING/REQUESTED always; PRESENT/ZERO only for a precopy
+    # resend before the switchover (nothing runs yet). REMOVED never.
+    _BLOCKED = frozenset({PRESENT, ZERO, REMOVED})
+    _BLOCKED_OVERWRITE = frozenset({REMOVED})
 
     def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
-        self.agent._install_gated(first, npages, data, cause, 0, self._piece)
+        self._install_gated(first, npages, data, cause, 0, self._piece)
 
     def _piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
                overwrite: bool) -> int:
         """Pages [first+done, first+stop) (none REMOVED), with the gate held."""
-        agent = self.agent
+        agent = self.target
         ps = agent.page_size
         lo, hi = first + done, first + stop
         # Never write a page the guest may own: the kernel would not refuse it here.
-        flags = agent.state[lo:hi].translate(self._blocked_overwrite if overwrite else self._blocked)
-        blocked = flags.find(1)
+        blocked = agent.table.first_of(self._BLOCKED_OVERWRITE if overwrite else self._BLOCKED, lo, hi)
         if blocked == 0:  # installed (by the other channel) or zero-filled: wake, skip
             agent.uffd.wake(agent.base + lo * ps, ps)
             return 1
         if blocked > 0:
             hi = lo + blocked
         view = memoryview(data)[done * ps:(hi - first) * ps]
-        os.pwritev(agent._memfd, [view], lo * ps)
+        os.pwritev(agent.memfd, [view], lo * ps)
         addr, end = agent.base + lo * ps, agent.base + hi * ps
         while addr < end:
             try:
@@ -170,22 +272,22 @@ class ContinuePath(CopyPath):
                 agent.uffd.wake(addr, ps)
                 addr += ps
             except MappingChangedError:
-                if agent._stop.is_set():
+                if agent.stop.is_set():
                     raise
                 # Pages written but not mapped stay MISSING: the guest cannot reach them
                 # without a minor fault we answer, so rewriting them later is safe.
                 mapped = (addr - agent.base) // ps - lo
                 if mapped:
-                    agent._installed(lo, mapped, cause)
+                    self._installed(lo, mapped, cause)
                     return mapped
                 return RETRY
-        agent._installed(lo, hi - lo, cause)
+        self._installed(lo, hi - lo, cause)
         return hi - lo
 
     def settle(self, addr: int) -> None:
         """Minor fault on a page whose cache copy is the truth (ours, or the guest's
         own zero-filled page): map it; if it is mapped already, wake."""
-        agent = self.agent
+        agent = self.target
         try:
             agent.uffd.continue_(addr, agent.page_size)
         except PageExistsError:
@@ -202,8 +304,8 @@ class MovePath(CopyPath):
     _REQUEST = struct.Struct("=QQQ")
     _REPLY = struct.Struct("=q")
 
-    def __init__(self, agent: "DestinationAgent", staging_address: int, staging_pages: int, mover_fd: int) -> None:
-        super().__init__(agent)
+    def __init__(self, target: InstallTarget, staging_address: int, staging_pages: int, mover_fd: int) -> None:
+        super().__init__(target)
         self._mover = socket.socket(fileno=mover_fd)
         self._mover_lock = threading.Lock()
         # One slot per installing thread (main and urgent channel): demand installs
@@ -212,10 +314,10 @@ class MovePath(CopyPath):
         self.slot_pages = staging_pages // nslots
         self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(nslots):
-            self._slots.put(staging_address + i * self.slot_pages * agent.page_size)
+            self._slots.put(staging_address + i * self.slot_pages * target.page_size)
 
     def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
-        agent = self.agent
+        agent = self.target
         ps = agent.page_size
         slot = self._slots.get()
         try:
@@ -224,34 +326,21 @@ class MovePath(CopyPath):
                 n = min(self.slot_pages, npages - off)
                 chunk = view[off * ps:(off + n) * ps]
                 # Staging is private to this slot's holder: filled outside the gate.
-                os.pwritev(agent._ram_fd, [chunk], slot)
-                agent._install_gated(first + off, n, chunk, cause, slot, self._piece)
+                os.pwritev(agent.ram_fd, [chunk], slot)
+                self._install_gated(first + off, n, chunk, cause, slot, self._piece)
         finally:
             self._slots.put(slot)
 
     def _piece(self, first: int, done: int, stop: int, src: int, data, cause: wire.Cause,
                overwrite: bool) -> int:
         """UFFDIO_MOVE pages [first+done, first+stop) from staging ``src``, gate held."""
-        agent = self.agent
+        agent = self.target
         ps = agent.page_size
-        dst = agent.base + (first + done) * ps
         try:
-            moved = self._move(dst, src + done * ps, (stop - done) * ps) // ps
-        except PageExistsError:
-            if not overwrite:
-                agent.uffd.wake(dst, ps)  # as for copy: the waiter may be ours
-                return 1
-            span = agent._present_run(first + done, first + stop)
-            os.pwritev(agent._ram_fd, [memoryview(data)[done * ps:(done + span) * ps]],
-                       agent._ram_fd_base + (first + done) * ps)
-            agent._installed(first + done, span, cause)
-            return span
-        except MappingChangedError:
-            if agent._stop.is_set():
-                raise
-            return RETRY
+            return self._place_piece(first, done, stop, data, cause, overwrite,
+                                     lambda dst, length: self._move(dst, src + done * ps, length))
         except UffdError as exc:
-            if exc.errno == errno.ENOENT and not agent._stop.is_set():
+            if exc.errno == errno.ENOENT and not agent.stop.is_set():
                 # The staging page is there (just written): the destination VMA is
                 # changing under an unmap.
                 return RETRY
@@ -259,9 +348,7 @@ class MovePath(CopyPath):
                 raise
             # EBUSY: the staging folio is shared or pinned (not exclusive anon); fall
             # back to copying this piece from the frame.
-            return agent._copy_piece(first, done, stop, address_of(data), data, cause, overwrite)
-        agent._installed(first + done, moved, cause)
-        return moved
+            return self._copy_piece(first, done, stop, address_of(data), data, cause, overwrite)
 
     def _move(self, dst: int, src: int, length: int) -> int:
         """UFFDIO_MOVE done by the guest's mover thread; bytes moved, or the exception
