@@ -5,11 +5,9 @@ the agents' CPU seconds per GiB pushed beside the C sender's and receiver's."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 
@@ -19,7 +17,6 @@ from postcopy import svg
 from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib
 from postcopy.testbed.demo import DemoOptions, run_demo
 from postcopy.guest import GuestParams
-from postcopy.testbed.netns import Testbed
 
 BENCH_PORT = 7020
 
