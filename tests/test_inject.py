@@ -88,9 +88,7 @@ def test_dest_stopped_in_postcopy_resumes_and_verifies():
     assert section["outcome"] == "verified" and section["documented"], section
 
 
-@pytest.mark.xfail(strict=True, reason="the incoming guest outlives a SIGKILLed destination agent (nothing ties "
-                                       "its life to the agent's): the invariant 'nothing outlives its owner'")
 def test_dest_killed_in_postcopy_fails_cleanly():
-    section = _injected("kill-dest@postcopy")
+    section = _injected("kill-dest@postcopy", source_options=("--recovery-timeout", "3"))
     assert section["source_guest"] == "paused"
     assert section["documented"], section

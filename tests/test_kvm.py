@@ -256,9 +256,12 @@ def migrate_kvm(mode: str, dirty_log: str, install: str = "copy", **params) -> d
 
     require_netns()
     require_uffd()
-    fields = dict(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=8000, working_set=0.25, vm="kvm")
+    fields = dict(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=20_000, working_set=0.25, vm="kvm")
     fields.update(params)
+    # park_at: on a busy host the guest parks just before its end instead of finishing
+    # before the switchover (it still runs, and dirties pages, during the rounds).
     return run_demo(DemoOptions(params=GuestParams(**fields), mode=mode, migrate_after=0.5, downtime_limit_ms=20,
+                                park_at=fields["steps"] - 500,
                                 max_rounds=8, dirty_log=dirty_log, install=install,
                                 **({"push_delay": 1.0} if mode == "postcopy" else {})))
 

@@ -736,14 +736,17 @@ class Guest:
                 self._settle()
                 if self._fatal:
                     return "fatal"
+                finished = finished_ok and self._state == "finished"
+                # A guest that ran to its end (by a run epoch too, which does not wake
+                # this thread) reports it before a quit that came after.
+                if finished and not self.ram_arriving():
+                    return "finished"
                 if self._quit:
                     return "quit"
-                if finished_ok and self._state == "finished":
+                if finished:
                     # An incoming guest that ran to its end before every page arrived
                     # stays parked: its hash and exit wait for the rest of its RAM
                     # (nothing signals the unregistration: poll it, briefly).
-                    if not self.ram_arriving():
-                        return "finished"
                     self._cond.wait(0.02)
                     continue
                 if vcpus is None:
