@@ -39,6 +39,13 @@ def test_demo_refuses_bad_arguments_before_making_anything(argv, words):
     assert "Traceback" not in result.stderr
 
 
+def test_guest_refuses_ram_this_host_cannot_hold():
+    result = _postcopy("guest", "--ram", "1T", "--steps", "1")
+    assert result.returncode == 2, result
+    assert "more than this host's memory" in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _write(path, data: bytes, mode: int = 0o600) -> str:
     with open(path, "wb") as f:
         f.write(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.units import positive_int_arg, size_arg
 
 
@@ -132,6 +133,9 @@ def _validate(args) -> str | None:
         return "--start-paused and --pause-at do not mix: use the run_until control command"
     if args.steps is not None and args.pause_at is not None and args.pause_at >= args.steps:
         return f"--pause-at {args.pause_at} must be below --steps {args.steps}"
+    too_big = ram_fit_error(args.ram)
+    if too_big:
+        return f"--ram: {too_big}"
     params = params_from_args(args, args.ram)
     return layout_error(args.ram, params.threads, params.workload, params.working_set, params.free_fraction)
 
