@@ -84,6 +84,7 @@ def test_hybrid_events_come_in_a_legal_order(tmp_path):
     assert legal_order(phases), phases
     assert phases[:2] == ["setup", "precopy"] and "switchover" in phases and phases[-1] == "done"
     assert any(e.get("stale_pages") for e in events if e["event"] == "switchover")
+    assert isinstance(result["dest"]["faults_first_second"], int)  # the bench's storm figure
     limits = result["source"]["bandwidth_limits"]
     assert limits["postcopy_bytes_s"] == 2e9 / 8 and limits["precopy_bytes_s"] == 0
 
@@ -104,3 +105,11 @@ def test_progress_line_only_on_a_terminal_or_when_asked(bed, tmp_path, forced):
     dest.communicate(timeout=60)
     assert source.returncode == 0, err
     assert ("\x1b[K" in err) == forced, err
+
+
+def test_faults_within_the_first_second_are_counted_from_the_switchover():
+    from postcopy.migration.destination import _faults_within
+
+    faults = [(100, 5.0), (1_000_000_099, 7.0), (1_000_000_100, 9.0), (50, 1.0)]
+    assert _faults_within(faults, 100, 1_000_000_000) == 2  # [100, 100 + 1 s)
+    assert _faults_within(faults, None, 1_000_000_000) is None  # no switchover: no figure

@@ -304,6 +304,9 @@ class DestinationAgent:
             "fault_latency_us": report.latency_summary(latencies),
             "fault_latency_histogram": report.pow2_histogram(latencies),
             "blocktime_ms": sum(latencies) / 1e3,
+            # Demand faults in the first second after the switchover: hybrid's stale-set
+            # storm shows here (compare with postcopy at the same dirty rate).
+            "faults_first_second": _faults_within(fault_times, self._timeline.switchover_ns, 1_000_000_000),
             "downtime_ms": downtime_ms,
             "resumed_ns": resumed and resumed.get("resumed_ns"),
             "first_step_ns": first_step,
@@ -489,3 +492,10 @@ def _die_with(parent: int):
             os._exit(1)
 
     return child
+
+
+def _faults_within(fault_times: list[tuple[int, float]], start_ns: int | None, window_ns: int) -> int | None:
+    """How many faults were read within ``window_ns`` after ``start_ns``."""
+    if start_ns is None:
+        return None
+    return sum(1 for t, _ in fault_times if start_ns <= t < start_ns + window_ns)
