@@ -5,27 +5,7 @@ import argparse
 import sys
 
 from postcopy.kernel.meminfo import ram_fit_error
-from postcopy.units import positive_int_arg, size_arg
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError("seed must fit in 64 bits (0 .. 2**64-1)")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
+from postcopy.units import nonneg_float_arg, positive_int_arg, seed_arg, size_arg
 
 
 def add_guest_options(p: argparse.ArgumentParser, *, steps: int | None, rate: float,
@@ -45,11 +25,11 @@ def add_guest_options(p: argparse.ArgumentParser, *, steps: int | None, rate: fl
                    help=f"vCPU threads, 1..{MAX_THREADS} (default {d['threads']})")
     p.add_argument("--workload", choices=list(WORKLOADS), default=default(d["workload"]),
                    help=f"what each step writes (default {d['workload']})")
-    p.add_argument("--seed", type=_seed, default=default(d["seed"]), metavar="S", help=f"RNG seed (default {d['seed']})")
+    p.add_argument("--seed", type=seed_arg, default=default(d["seed"]), metavar="S", help=f"RNG seed (default {d['seed']})")
     p.add_argument("--steps", type=positive_int_arg, default=default(steps), metavar="K",
                    help=f"steps per vCPU (default {steps})" if steps is not None else
                    "steps per vCPU (default none: the guest runs until quit or SIGTERM)")
-    p.add_argument("--rate", type=_nonneg_float, default=default(rate), metavar="STEPS_PER_S",
+    p.add_argument("--rate", type=nonneg_float_arg, default=default(rate), metavar="STEPS_PER_S",
                    help=f"step rate limit per vCPU, 0 = unlimited (idle: 0 means 1000/s); timing only, the "
                         f"final hash does not depend on it (default {rate:g})")
     p.add_argument("--working-set", type=float, default=default(d["working_set"]), metavar="FRACTION",

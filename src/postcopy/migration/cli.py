@@ -14,6 +14,7 @@ from postcopy.kernel.dirtylog import KINDS as DIRTY_LOGS
 from postcopy.protocol import wire
 from postcopy.migration.destination import DestConfig, DestinationAgent, DestinationError
 from postcopy.migration.install import DEFAULT_STAGING_PAGES, INSTALL_PATHS
+from postcopy.kernel.process import pid_exists
 from postcopy.report import source_report, write_json
 from postcopy.migration.precopy import ConvergencePolicy
 from postcopy.migration.progress import terminal_or_none
@@ -180,7 +181,7 @@ def remove_stale_workdirs(parent: str | None) -> list[str]:
     for name in names:
         match = _WORKDIR_NAME.match(name)
         path = os.path.join(parent, name)
-        if not match or _pid_exists(int(match.group(1))):
+        if not match or pid_exists(int(match.group(1))):
             continue
         try:
             if os.lstat(path).st_uid != os.geteuid() or not os.path.isdir(path):
@@ -190,16 +191,6 @@ def remove_stale_workdirs(parent: str | None) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_dest(args) -> int:

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
+from postcopy.kernel.process import pid_exists
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -249,16 +251,6 @@ def _kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Remove namespaces named by this module whose creating process is gone, killing
     any process still inside them (they were started by that testbed).  Returns the
@@ -276,7 +268,7 @@ def remove_stale() -> list[str]:
             continue
         pid = int(match.group(1))
         with _live_lock:
-            ours_or_alive = name in _live if pid == me else _pid_alive(pid)
+            ours_or_alive = name in _live if pid == me else pid_exists(pid)
         if ours_or_alive:
             continue
         try:
