@@ -378,9 +378,16 @@ int pc_vcpu_run(void *ram, uint64_t ram_size, int tid, volatile int *pause_flag,
             slice_start = now;
         } else if (now - slice_start >= PC_THROTTLE_SLICE_NS) {
             /* Parked pct% of the time: after each slice of running, a nap of
-             * slice * pct / (100 - pct); a pause cuts it short (pace wakes on the flag). */
-            if (pace(now + PC_THROTTLE_SLICE_NS * pct / (100 - pct), pause_flag))
-                return PC_VCPU_PAUSED;
+             * slice * pct / (100 - pct), taken a slice at a time: a pause cuts it short
+             * (pace wakes on the flag), and a lowered throttle ends it within a slice
+             * (the source lifts it before its pause, so the last step is recent). */
+            const uint64_t until = now + PC_THROTTLE_SLICE_NS * pct / (100 - pct);
+            for (uint64_t t = now; t < until; t = pc_monotonic_ns()) {
+                if (pace(until - t > PC_THROTTLE_SLICE_NS ? t + PC_THROTTLE_SLICE_NS : until, pause_flag))
+                    return PC_VCPU_PAUSED;
+                if (__atomic_load_n(&pacing->throttle_pct, __ATOMIC_RELAXED) < pct)
+                    break;
+            }
             slice_start = pc_monotonic_ns();
             if (interval)
                 next = slice_start; /* the nap is not owed steps */

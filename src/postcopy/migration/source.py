@@ -56,6 +56,7 @@ class SourceConfig:
 
 MODES = ("postcopy", "precopy", "hybrid")
 DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
+THROTTLE_SLICE_S = 0.012  # a vCPU throttle's nap ends within one slice (10 ms) of its lifting
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -238,6 +239,11 @@ class SourceAgent:
         Switchover; from then on the destination may run the guest."""
         cfg = self.config
         marks = m.marks
+        if m.controls.applied["throttle"]:
+            # Lift the throttle a slice before the pause: a vCPU napping in it steps again,
+            # so the downtime (the guest's heartbeat gap) is not the nap's length.
+            m.controls.lift()
+            time.sleep(THROTTLE_SLICE_S)
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
         paused = m.guest.pause()
         marks["pause"] = time.monotonic()
