@@ -133,7 +133,7 @@ def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
     source = m.source("--mode", "precopy", "--downtime-limit", "0", "--max-rounds", "100000", "--stall-rounds", "0")
     m.wait_phase("precopy", source)  # connected, the guest still running here: the rounds are on
     os.kill(dest.pid, signal.SIGKILL)
-    _, err = source.communicate(timeout=30)
+    _, err = source.communicate(timeout=30 * SLOWDOWN)
     assert source.returncode == 1
     assert "goes on running on the source" in err, err
     m.assert_running_on_source()
