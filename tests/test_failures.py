@@ -45,7 +45,7 @@ class Migration:
             argv_options["pause_at"] = HOLD_AT
         self.guest = bed.popen(bed.source, params.argv(control=self.control, **argv_options),
                                stdout=subprocess.PIPE, text=True)
-        wait_for_control(self.control, proc=self.guest)
+        wait_for_control(self.control, timeout=30 * SLOWDOWN, proc=self.guest)  # Python starts slowly under emulation
         if hold:
             self.wait_state("paused", timeout=120)
         self.port = 7040
