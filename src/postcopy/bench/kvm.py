@@ -19,12 +19,13 @@ Two tables, every figure measured in the same run:
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
 import time
 from typing import Callable
+
+from postcopy.bench.harvest import _BenchGuest  # its close() and context manager
 
 MiB = 1 << 20
 IDLE_RATE = 1000  # steps/s: one pass per millisecond or so
@@ -61,7 +62,7 @@ def usable_logs() -> list[str]:
     return [name for name in LOGS if reasons.get(name) is None]
 
 
-class KvmBenchGuest:
+class KvmBenchGuest(_BenchGuest):
     """A KVM guest with a control socket in a private folder; killed on close."""
 
     def __init__(self, size: int, *, workload: str, rate: float, threads: int = 1, vm: str = "kvm") -> None:
@@ -84,27 +85,6 @@ class KvmBenchGuest:
 
     def steps(self) -> int:
         return sum(self.client.status()["steps"])
-
-    def close(self) -> None:
-        client = getattr(self, "client", None)
-        if client is not None:
-            try:
-                client.quit()
-            except Exception:
-                pass
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.communicate()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> "KvmBenchGuest":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def harvest_rows(size: int, logs: list[str], dirty: tuple[int, ...], *, repeats: int,
