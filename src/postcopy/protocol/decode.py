@@ -15,7 +15,7 @@ from postcopy.protocol.frames import (CHANNELS, HEADER, HELLO, HELLO_UNAUTHENTIC
                                       AuthProof, Cause, CheckpointEnd, Complete, Discard, EpochAck, EpochBegin,
                                       EpochCommit, Error, FrameType, Hello, Message, PageRequest, PageRun, Ping,
                                       Pong, PushDone, Ready, ReadyCheck, RecoveryAck, RecoveryEnd, Switchover,
-                                      ZeroRange)
+                                      ZeroRange, canonical_json)
 from postcopy.protocol.layout import MAX_REGIONS, Layout
 
 _VERSION = struct.Struct("!H")
@@ -178,6 +178,10 @@ def _decode_json(cls):
             raise FrameError(f"{h.type.name} frame is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(info, dict):
             raise FrameError(f"{h.type.name} frame holds a JSON {type(info).__name__}, not an object")
+        # One encoding per frame: spacing, escapes, duplicate keys or number spellings that our
+        # encoder would not produce are refused, so an authenticated frame means one thing.
+        if canonical_json(info) != p:
+            raise FrameError(f"{h.type.name} frame's JSON is not in canonical form")
         return cls(info)
     return decode
 

@@ -262,8 +262,13 @@ class Discard:
         return _frame(FrameType.DISCARD, len(self.ranges), payload)
 
 
+def canonical_json(info: dict) -> bytes:
+    """The one encoding of a JSON frame's payload; the decoder refuses any other spelling."""
+    return json.dumps(info, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _encode_json(ftype: FrameType, info: dict) -> bytes:
-    payload = json.dumps(info, separators=(",", ":"), allow_nan=False).encode()
+    payload = canonical_json(info)
     if len(payload) > MAX_JSON:
         raise ValueError(f"{ftype.name} information of {len(payload)} bytes exceeds {MAX_JSON} bytes")
     return _frame(ftype, 0, payload)
