@@ -317,3 +317,22 @@ def test_kvm_bench_tables_smoke():
     assert all(r["steps_per_s"] > 0 for r in rates) and rates[2]["harvests_per_s"] > 0
     text = format_kvm({"harvest": rows, "rates": rates})
     assert all(name in text for name in logs) and "steps/s" in text
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_checkpointing_a_kvm_guest_fails_over_verified(name):
+    """The checkpoint rate row of each KVM log: a KVM guest checkpointed epoch by epoch
+    with that log, killed, failed over on the standby, and both the failed-over guest's
+    final hash and the standby image's hash equal the references."""
+    from conftest import require_netns
+
+    require_log(name)
+    require_netns()
+    from postcopy.bench.kvm import checkpoint_rows, format_kvm
+
+    rows = checkpoint_rows([name], bounds=(64,), seconds=0.5, port=7106, say=lambda _m: None)
+    assert [(r["dirty_log"], r["bound"]) for r in rows] == [(name, 64)]
+    row = rows[0]
+    assert row["verified"], row
+    assert row["checkpoints_per_s"] > 0 and row["steps_per_epoch"] > 0 and row["agent_us"] > 0
+    assert name in format_kvm({"harvest": [], "rates": [], "checkpoint": rows})

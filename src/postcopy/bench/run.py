@@ -187,7 +187,7 @@ def _experiment(name: str, run, quick: bool, empty):
 def _kvm_figures(quick: bool) -> dict:
     from postcopy.bench.kvm import kvm_figures
 
-    return kvm_figures(quick)
+    return kvm_figures(quick, port=BENCH_PORT + 6)
 
 
 def _ratio(value, base):
@@ -400,7 +400,7 @@ def main(args: argparse.Namespace) -> int:
     if args.kvm:
         from postcopy.bench.kvm import format_kvm, kvm_figures
 
-        result = kvm_figures(args.quick, progress=lambda msg: print(msg, file=sys.stderr))
+        result = kvm_figures(args.quick, progress=lambda msg: print(msg, file=sys.stderr), port=BENCH_PORT + 6)
         print(f"kernel {platform.release()}: KVM guest\n{format_kvm(result)}")
         if args.json:
             report.write_json(args.json, {"kernel": platform.release(), "kvm": result})

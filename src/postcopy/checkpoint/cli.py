@@ -10,6 +10,7 @@ import argparse
 import signal
 import sys
 
+from postcopy.kernel.dirtylog import KINDS as DIRTY_LOG_KINDS
 from postcopy.units import positive_float_arg, positive_int_arg
 from postcopy.report import write_json
 from postcopy.protocol.endpoint import format_endpoint, parse_endpoint
@@ -71,8 +72,9 @@ def register(subparsers) -> None:
     p.add_argument("--overlap", action="store_true",
                    help="send each epoch while the guest runs the next (copies the pages first; pays "
                         "with spare cores) instead of while it is parked")
-    p.add_argument("--dirty-log", choices=("auto", "soft-dirty", "pagemap-scan"), default="auto",
-                   help="dirty log backend (auto: whichever this kernel offers)")
+    p.add_argument("--dirty-log", choices=DIRTY_LOG_KINDS, default="auto",
+                   help="dirty log backend (auto: whichever this kernel offers; a KVM guest's own log "
+                        "on a --vm kvm guest)")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=run_primary, _parser=p)

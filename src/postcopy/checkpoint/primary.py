@@ -509,7 +509,7 @@ class Checkpointer:
             encoded = parked.get("dirty_runs")
             try:
                 runs = dirty.harvest() if encoded is None else decode_runs(encoded)
-            except OSError as exc:  # the guest's pagemap went with it
+            except (OSError, GuestError) as exc:  # its pagemap (or, KVM logs, its control socket) went with it
                 raise _GuestLost(exc) from None
             t2 = perf()
             self.epoch += 1

@@ -11,6 +11,7 @@ import time
 
 from postcopy import ranges
 from postcopy.units import format_bytes, rate_arg
+from postcopy.kernel.dirtylog import KINDS as DIRTY_LOG_KINDS
 
 
 def predict(dirty_bytes_per_s: float, bandwidth_bytes_per_s: float, downtime_limit_ms: float) -> dict:
@@ -80,7 +81,7 @@ def register(subparsers) -> None:
     p.add_argument("--guest", required=True, metavar="CONTROL", help="the guest's control socket")
     p.add_argument("--seconds", type=float, default=1.0, help="how long to measure")
     p.add_argument("--samples", type=int, default=10, help="harvests over that time")
-    p.add_argument("--dirty-log", choices=("auto", "soft-dirty", "pagemap-scan"), default="auto")
+    p.add_argument("--dirty-log", choices=DIRTY_LOG_KINDS, default="auto")
     p.add_argument("--bandwidth", type=rate_arg, default=None,
                    help="predict convergence at this link rate (e.g. 1gbit, 100MB)")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")

@@ -3,6 +3,7 @@ namespaces at several dirty bounds, then failover, verified against the referenc
 hash. It sits above the checkpoint package (it builds a testbed and runs its agents)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,14 +64,17 @@ def _read_line(proc: subprocess.Popen, expect: str, what: str, timeout: float) -
 
 def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: float = 2.0, *,
                         threads: int = 1, backing: str = "memfd", port: int = DEFAULT_PORT,
-                        seed: int = 7, verify: bool = True, timeout: float = 300.0) -> dict:
+                        seed: int = 7, verify: bool = True, timeout: float = 300.0, vm: str = "process",
+                        dirty_log: str = "auto") -> dict:
     """For each dirty bound: checkpoint a random-write guest from the source namespace to
     a standby in the dest namespace for ``seconds``, kill the guest (SIGKILL), let the
     standby fail over, and verify. Returns ``{"bounds": {N: figures}, ...}`` with, per
     bound, checkpoints_per_s, pause_ms (p50/p99/max), dirty_pages (p50/max), where the
     epoch time goes (time_us), commit latency, failover_ms, and verified (the failed-over
     guest's final hash equals the reference; the standby image's hash equals the
-    reference parked at the committed step count)."""
+    reference parked at the committed step count). With ``vm="kvm"`` the guest is a KVM
+    guest and ``dirty_log`` may name one of KVM's logs; references are run by the process
+    guest, whose hash after the same steps is the same."""
     from postcopy.guest import GuestParams, reference_hash
     from postcopy.guest.control import wait_for_control
     from postcopy.testbed.netns import Testbed
@@ -80,8 +84,9 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
     # Enough steps that no guest finishes while checkpointed (~3000 epochs/s at most).
     steps = max(dirty_bounds) * int(3000 * seconds * 2) + 1_000_000
     params = GuestParams(ram=ram, threads=threads, workload="random-write", seed=seed, steps=steps,
-                         backing=backing)
-    results: dict = {"ram_bytes": ram, "threads": threads, "backing": backing, "seconds": seconds,
+                         backing=backing, vm=vm)
+    reference_params = dataclasses.replace(params, vm="process")
+    results: dict = {"ram_bytes": ram, "threads": threads, "backing": backing, "seconds": seconds, "vm": vm,
                      "steps_target": steps, "bounds": {}}
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with tempfile.TemporaryDirectory(prefix="postcopy-ckpt-") as work, Testbed() as bed:
@@ -90,7 +95,7 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
         os.write(fd, wire.new_key())
         os.close(fd)
         endpoint = f"{bed.dest.address}:{port}"
-        reference = reference_hash(params, timeout=timeout) if verify else None
+        reference = reference_hash(reference_params, timeout=timeout) if verify else None
         for n, bound in enumerate(dirty_bounds):
             control = os.path.join(work, f"guest{n}.sock")
             pjson, sjson = os.path.join(work, f"primary{n}.json"), os.path.join(work, f"standby{n}.json")
@@ -103,7 +108,7 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
             _read_line(standby, "listening", "postcopy standby", STARTUP_TIMEOUT)
             primary = bed.popen(bed.source, _agent("checkpoint", "--guest", control, "--connect", endpoint,
                                                    "--key-file", key_file, "--max-dirty", str(bound),
-                                                   "--json", pjson), **pipes)
+                                                   "--dirty-log", dirty_log, "--json", pjson), **pipes)
             _read_line(primary, "protected", "postcopy checkpoint", STARTUP_TIMEOUT)
             guest_cpu = _cpu_seconds(guest.pid)
             time.sleep(seconds)
@@ -111,8 +116,8 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
             guest.kill()  # the primary host "fails": its guest dies mid-run
             guest.communicate()
             try:
-                primary.communicate(timeout=60)
-                standby.communicate(timeout=timeout)
+                errors = {"primary": primary.communicate(timeout=60)[1],
+                          "standby": standby.communicate(timeout=timeout)[1]}
             except subprocess.TimeoutExpired:
                 raise CheckpointDemoError(f"bound {bound}: an agent did not finish after the guest was killed")
             try:
@@ -121,13 +126,15 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
                 with open(sjson) as f:
                     stby = json.load(f)
             except OSError as exc:
-                raise CheckpointDemoError(f"bound {bound}: an agent wrote no figures: {exc}") from None
+                said = "; ".join(f"{name} said: {err.strip()[-400:]}" for name, err in errors.items() if err.strip())
+                raise CheckpointDemoError(f"bound {bound}: an agent wrote no figures: {exc}; {said}") from None
             fo = stby.get("failover") or {}
             image_ref = None
             if verify and stby.get("committed_steps"):
-                image_ref = reference_hash_at(params, min(stby["committed_steps"]), work, timeout=timeout)
+                image_ref = reference_hash_at(reference_params, min(stby["committed_steps"]), work, timeout=timeout)
             results["bounds"][bound] = {
                 "checkpoints_per_s": prim["checkpoints_per_s"],
+                "dirty_log": prim.get("dirty_log"),
                 "pause_ms": {k: prim["pause_ms"][k] for k in ("p50", "p99", "max", "count")},
                 "dirty_pages": {k: prim["dirty_pages"][k] for k in ("p50", "max", "mean")},
                 "bound_exceeded": prim["bound_exceeded"],
