@@ -92,3 +92,23 @@ def test_dest_killed_in_postcopy_fails_cleanly():
     section = _injected("kill-dest@postcopy", source_options=("--recovery-timeout", "3"))
     assert section["source_guest"] == "paused"
     assert section["documented"], section
+
+
+def test_a_hung_agent_is_killed_with_its_stacks(tmp_path):
+    """An agent past the demo's deadline is asked for its threads' stacks (SIGUSR1)
+    before it is killed, so the report says where it hung."""
+    import subprocess
+    import sys
+
+    from postcopy.guest.control import wait_for_control
+    from postcopy.testbed.demo import _kill_hung
+
+    control = str(tmp_path / "g.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "postcopy", "guest", "--ram", "4M", "--rate", "10",
+                             "--control", control], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_control(control, timeout=30 * SLOWDOWN, proc=proc)  # up: its signal handlers are set
+    finally:
+        _kill_hung(proc)
+    err = proc.stderr.read()
+    assert proc.returncode == -9 and "most recent call first" in err and "wait" in err, err

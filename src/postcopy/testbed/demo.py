@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -192,15 +193,16 @@ def _injected(options: DemoOptions, bed: Testbed, watch: "inject.PhaseWatch", gu
     # Read the agents' output in threads: a child that outlives its agent (an incoming
     # guest) keeps the pipes open, and the judge must see that, not wait for it.
     readers = {name: inject.OutputReader(proc) for name, proc in (("source", source), ("dest", dest))}
-    for proc in (source, dest):
+    hung: dict[str, str | None] = {}  # agent -> the incoming guest's state when it was found hung
+    for name, proc in (("source", source), ("dest", dest)):
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            hung[name] = watch.incoming_state()  # before the kill takes the guest with it
+            _kill_hung(proc)
     outputs = {name: reader.text() for name, reader in readers.items()}
     events = injector.join()
-    incoming_state = watch.incoming_state()
+    incoming_state = hung.get("dest", watch.incoming_state()) if hung else watch.incoming_state()
     result: dict = {}
     if source.returncode == 0 and dest.returncode == 0:
         _wait(guest, "source guest", deadline)
@@ -213,12 +215,27 @@ def _injected(options: DemoOptions, bed: Testbed, watch: "inject.PhaseWatch", gu
         source_state=source_state, incoming_state=incoming_state, source_guest_hash_ok=hash_ok)
     result["injection"] = {
         "events": events,
-        "agents": {name: {"exit": proc.returncode, "said": inject.agent_said(*outputs[name])}
+        "agents": {name: {"exit": proc.returncode, "said": inject.agent_said(*outputs[name]),
+                          **({"hung": {"incoming_guest": hung[name],
+                                       "stacks": outputs[name][1].strip().splitlines()[-60:]}}
+                             if name in hung else {})}
                    for name, proc in (("source", source), ("dest", dest))},
         "source_guest": source_state, "incoming_guest": incoming_state,
         "outcome": outcome, "documented": documented,
     }
     return result
+
+
+def _kill_hung(proc: subprocess.Popen) -> None:
+    """Kill an agent that missed the deadline, after asking it for its threads' stacks
+    (SIGUSR1, see :func:`postcopy.cli.main`): a hang is reported with where it was."""
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=1.0)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    proc.kill()
+    proc.wait()
 
 
 def _finish_on_source(options: DemoOptions, control: str, guest: subprocess.Popen, incoming_state: str | None,
