@@ -260,3 +260,23 @@ def test_rate_cap_holds_at_run_time_and_is_not_a_guest_parameter(launch):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert parse_final_hash(out) == reference_hash(params)
+
+
+def test_abandon_stops_the_vcpus_at_once_and_ends_the_guest():
+    """An incoming guest whose agent stopped renewing its watchdog is abandoned: its
+    vCPUs stop stepping there and then (not at the main thread's next look) and the
+    guest ends as fatal with the reason."""
+    from postcopy.guest.runtime import BootParams, Guest
+
+    guest = Guest(4 << 20)
+    try:
+        guest.boot(BootParams(threads=2, workload="random-write", seed=1, steps=None, rate=0.0,
+                              working_set=1.0, free_fraction=0.0))
+        guest.resume()
+        guest.abandon("its destination agent did not renew the watchdog in time")
+        assert guest.wait() == "fatal" and "watchdog" in guest.fatal
+        assert guest._vcpus.wait_parked(30), "the vCPUs still step after the abandon"
+        stopped = guest.steps()
+        assert sum(stopped) > 0 and guest._vcpus.parked and guest.steps() == stopped
+    finally:
+        guest.request_quit()

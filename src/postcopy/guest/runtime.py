@@ -714,7 +714,9 @@ class Guest:
         whose destination agent is gone would otherwise wait forever on its faults."""
         with self._cond:
             self._fatal = self._fatal or reason
-            self._pause_flag[0] = 1
+            if self._vcpus is not None:
+                self._vcpus.request_pause()  # no step after this; the main thread exits 1
+                self._vcpus.notify()
             self._cond.notify_all()
 
     def request_quit(self) -> None:
