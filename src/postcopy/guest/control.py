@@ -174,7 +174,7 @@ class ControlServer:
                     return
 
     def _dispatch(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict, list[int], bool]:
-        from postcopy.guest.runtime import GuestStateError
+        from postcopy.guest.params import GuestStateError
 
         try:
             req = json.loads(line)
