@@ -1,12 +1,12 @@
 /* kvm_vm: the KVM micro-VM guest: VM, vCPUs in 64-bit mode, passes of guest code.
- * See kvm_vm.h and kvm_layout.h; the dirty logs are in kvm_dirtylog.c. */
+ * See kvm_vm.h and kvm_layout.h; the dirty logs are in kvm_dirtylog.c, the basic
+ * helpers (errors, memslots, clock) in kvm_core.c. */
 #define _GNU_SOURCE
 
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,8 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvm_core.h"
+#include "kvm_dirtylog.h"
 #include "kvm_guest_code.h"
-#include "kvm_vm_internal.h"
+#include "kvm_vm.h"
 
 _Static_assert(sizeof(pc_kvm_guest_code) <= PC_KVM_CODE_MAX, "guest code overflows its area");
 _Static_assert(sizeof(struct pc_kvm_mailbox) == 128, "mailbox layout");
@@ -32,22 +34,6 @@ _Static_assert(PC_KVM_STACK_GPA + PC_KVM_MAX_VCPUS * PC_KVM_STACK_SIZE <= PC_KVM
 #define PTE_PS 0x80ULL
 #define PASS_TARGET_NS 2000000ULL /* an unpaced pass lasts about this long */
 #define PACE_CATCH_UP_NS 2000000ULL
-
-uint64_t pc_kvm_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-int fail(struct pc_kvm *vm, int rc, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(vm->err, sizeof(vm->err), fmt, ap);
-    va_end(ap);
-    return rc;
-}
 
 const char *pc_kvm_error(struct pc_kvm *vm) { return vm->err; }
 int *pc_kvm_pause_flag(struct pc_kvm *vm) { return (int *)(vm->fw + PC_KVM_PAUSE_GPA); }
@@ -83,13 +69,6 @@ static void build_firmware(struct pc_kvm *vm)
         mb->pause_gpa = PC_KVM_PAUSE_GPA;
         mb->list_gpa = PC_KVM_LIST_GPA;
     }
-}
-
-int set_slot(struct pc_kvm *vm, uint32_t slot, uint64_t gpa, uint64_t size, void *host, uint32_t flags)
-{
-    struct kvm_userspace_memory_region r = {.slot = slot, .flags = flags, .guest_phys_addr = gpa,
-                                            .memory_size = size, .userspace_addr = (uint64_t)(uintptr_t)host};
-    return ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &r) ? -errno : 0;
 }
 
 /* 64-bit mode from the first instruction: long mode, paging, flat segments. */

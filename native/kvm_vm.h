@@ -1,4 +1,4 @@
-/* kvm_vm: the KVM micro-VM guest and KVM's own dirty logs.
+/* kvm_vm: the KVM micro-VM guest.
  *
  * The VM runs the guest workloads of guest_vm.h inside KVM: guest RAM is the process
  * guest's region (memfd or anonymous, the same layout and state page) in memslot 1,
@@ -10,16 +10,7 @@
  * One more vCPU, the service vCPU, runs the touch command: guest-made writes that
  * KVM's dirty log sees (writes through the host mapping are invisible to it).
  *
- * Dirty logs of memslot 1 (one at a time):
- *   PC_KVM_LOG_BITMAP  KVM_GET_DIRTY_LOG: get and clear (re-protect) in one ioctl
- *   PC_KVM_LOG_CLEAR   KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG only reads,
- *                      KVM_CLEAR_DIRTY_LOG re-protects the reported pages chunk by chunk
- *   PC_KVM_LOG_RING    KVM_CAP_DIRTY_LOG_RING: per-vCPU rings of dirty GFNs mmapped at
- *                      KVM_DIRTY_LOG_PAGE_OFFSET, collected and KVM_RESET_DIRTY_RINGS;
- *                      chosen when the VM is created (ring_entries > 0), exclusive
- *                      with the other two
- * A harvest fills a bitmap of RAM pages; pc_kvm_dirty_runs reads it as runs.
- * (Code: kvm_vm.c for the VM and its passes, kvm_dirtylog.c for the logs.)
+ * KVM's dirty logs of the RAM memslot are kvm_dirtylog.h, their probe kvm_probe.h.
  */
 #ifndef PC_KVM_VM_H
 #define PC_KVM_VM_H
@@ -27,14 +18,6 @@
 #include <stdint.h>
 
 #include "guest_vm.h"
-
-#define PC_KVM_LOG_OFF 0
-#define PC_KVM_LOG_BITMAP 1
-#define PC_KVM_LOG_CLEAR 2
-#define PC_KVM_LOG_RING 3
-
-/* Pages re-protected per KVM_CLEAR_DIRTY_LOG (a multiple of 64). */
-#define PC_KVM_CLEAR_CHUNK 16384
 
 /* pc_kvm_vcpu_run / pc_kvm_touch errors beyond the PC_GUEST_E* codes */
 #define PC_KVM_EEXIT (-20)   /* an exit the VM does not expect: see pc_kvm_error */
@@ -61,21 +44,5 @@ int pc_kvm_vcpu_run(struct pc_kvm *vm, int tid, uint64_t limit, struct pc_vcpu_l
 int pc_kvm_vcpu_runner(void *ctx, int tid, uint64_t limit, struct pc_vcpu_local *local);
 /* The service vCPU writes (atomic OR 0) the first word of each page: 0 or negative. */
 int pc_kvm_touch(struct pc_kvm *vm, const uint64_t *pages, uint64_t n);
-
-/* Turn RAM's dirty log on (mode PC_KVM_LOG_*) or off (PC_KVM_LOG_OFF): 0 or -errno
- * (reason in pc_kvm_error). PC_KVM_LOG_RING needs a VM made with ring_entries. */
-int pc_kvm_dirty_start(struct pc_kvm *vm, int mode);
-/* Harvest: the pages written since the previous harvest (or the start), cleared
- * (re-protected) before it returns. Returns their number or -errno; times in ns:
- * t[0] getting the log, t[1] clearing it (clear mode). */
-int64_t pc_kvm_dirty_harvest(struct pc_kvm *vm, uint64_t *t);
-/* Runs (first page, count) of the latest harvest from page *next on, into
- * runs[2 * max_runs]; *next is where to continue (RAM's page count when done). */
-int64_t pc_kvm_dirty_runs(struct pc_kvm *vm, uint64_t *runs, uint64_t max_runs, uint64_t *next);
-
-/* Try one dirty log (PC_KVM_LOG_*) for real on a scratch VM: the guest writes pages 3
- * and 7, then 5, and each harvest must report exactly those. 0, or negative with the
- * reason in err (naming /dev/kvm or the capability). */
-int pc_kvm_probe(int mode, char *err, int errlen);
 
 #endif /* PC_KVM_VM_H */

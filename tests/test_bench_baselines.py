@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from postcopy._native import ffi, lib
-from postcopy.bench import baselines, net
+from postcopy.bench import baselines, floors, net
 from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib, push_window_ns
 from postcopy.bench.run import baseline_ratios, format_bench
 from postcopy.guest import GuestParams
@@ -68,7 +68,7 @@ def test_tcp_bulk_and_rtt_run_between_the_hosts_on_the_cpus_asked(bed):
             assert cpu["cpu_s_per_gib"] == pytest.approx((cpu["user_s"] + cpu["sys_s"]) * 1024 / 3)
             assert "cpu_s_per_gib" not in rtt["cpu"][side]  # round trips move no bulk
         _sane_latency(rtt["latency_us"], 50)
-        assert rtt["latency_us"]["stretches"] == baselines.STRETCHES
+        assert rtt["latency_us"]["stretches"] == floors.STRETCHES
 
 
 def test_tcp_client_refuses_a_cpu_the_server_may_not_use(bed):
@@ -132,7 +132,7 @@ def test_agent_cpu_is_read_over_the_push_window_of_a_real_migration():
 
 def test_floor_summary_takes_each_percentile_from_the_calmest_stretch():
     calm, busy = [10.0] * 99 + [20.0], [100.0] * 99 + [900.0]
-    summary = baselines.floor_summary(busy + calm + busy, stretches=3)
+    summary = floors.floor_summary(busy + calm + busy, stretches=3)
     assert summary == {"count": 300, "p50": 10.0, "p99": 20.0, "max": 20.0, "stretches": 3,
                        "all": summary["all"]}
     assert summary["all"]["max"] == 900.0 and summary["all"]["count"] == 300

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from postcopy.testbed import netns
+from postcopy.testbed import namespaces, netns
 from postcopy.testbed.netns import Host, Testbed, TestbedError
 
 _REASON = netns.unavailable_reason()
@@ -375,16 +375,16 @@ def test_stale_namespaces_of_dead_processes_are_removed() -> None:
     # earlier process that had our pid.
     reused_name = f"{netns.PREFIX}{os.getpid()}-999999-dst"
     try:
-        netns._create_netns(alive_name)
-        netns._create_netns(reused_name)
+        namespaces.create_netns(alive_name)
+        namespaces.create_netns(reused_name)
         with Testbed():  # creation sweeps stale namespaces (another worker may have already)
             pass
         assert not {src, dst, reused_name} & netns_names()
         assert wait_gone(int(child))
         assert alive_name in netns_names()
     finally:
-        netns._remove_netns(alive_name)
-        netns._remove_netns(reused_name)
+        namespaces.remove_netns(alive_name)
+        namespaces.remove_netns(reused_name)
         sleeper.kill()
         sleeper.wait()
     assert alive_name not in netns_names()

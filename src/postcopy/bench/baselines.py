@@ -15,15 +15,10 @@ import json
 import os
 import sys
 
-from postcopy import report
+from postcopy.bench.floors import floor_summary
 
 SAME_CPU = "same_cpu"
 ACROSS_CPUS = "across_cpus"
-# A floor is what the machine can do, so each latency floor is taken over the calmest
-# of this many consecutive stretches of its samples, and the bulk floor is the best of
-# this many transfers: on a host shared with other work, a burst of someone else's load
-# must not raise the floor and so flatter the ratios taken against it.
-STRETCHES = 5
 
 
 def cpu_placements() -> dict[str, tuple[int, int]]:
@@ -51,15 +46,6 @@ def uffd_roundtrip(npages: int, fault_cpu: int = -1, handler_cpu: int = -1, *, s
     if rc != 0:
         raise OSError(-rc, f"uffd round-trip benchmark failed: {os.strerror(-rc)}")
     return floor_summary([lat[i] / 1e3 for i in range(npages)])
-
-
-def floor_summary(samples_us: list[float], stretches: int = STRETCHES) -> dict:
-    """Latency summary of a floor: count, and p50/p99/max each the lowest over
-    ``stretches`` consecutive stretches of the samples; "all" summarises them all."""
-    size = max(1, len(samples_us) // stretches)
-    parts = [report.latency_summary(samples_us[i:i + size]) for i in range(0, len(samples_us) - size + 1, size)]
-    best = {p: min(part[p] for part in parts) for p in ("p50", "p99", "max")}
-    return {"count": len(samples_us), **best, "stretches": len(parts), "all": report.latency_summary(samples_us)}
 
 
 def _sum_latency(a: dict, b: dict) -> dict:

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from postcopy.bench.baselines import STRETCHES, floor_summary
+from postcopy.bench.floors import STRETCHES, floor_summary
 
 GIB = 1 << 30
 _NS = 1e-9

@@ -16,7 +16,7 @@ def add_guest_options(p: argparse.ArgumentParser, *, steps: int | None, rate: fl
     ``explicit_only``: leave unset options None (so a caller can tell what was given)
     and resolve them with :func:`params_from_args`; help shows the defaults either way."""
     from postcopy.guest.control import GUEST_DEFAULTS as d
-    from postcopy.guest.runtime import BACKINGS, MAX_THREADS, WORKLOADS
+    from postcopy.guest.params import BACKINGS, MAX_THREADS, WORKLOADS
 
     def default(value):
         return None if explicit_only else value
@@ -85,7 +85,7 @@ def register(subparsers) -> None:
 
 
 def _validate(args) -> str | None:
-    from postcopy.guest.runtime import incoming_options_error, layout_error
+    from postcopy.guest.params import incoming_options_error, layout_error
 
     error = incoming_options_error(args.backing, incoming=args.incoming, uffd_minor=args.uffd_minor,
                                    staging_pages=args.staging_pages or 0)

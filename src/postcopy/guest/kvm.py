@@ -24,7 +24,8 @@ import os
 import time
 
 from postcopy._native import ffi, lib
-from postcopy.guest.runtime import _CHECK_ERRORS, _UNLIMITED, BootParams, Guest, GuestStateError
+from postcopy.guest.params import _CHECK_ERRORS, _UNLIMITED, BootParams, GuestStateError
+from postcopy.guest.runtime import Guest
 
 #: dirty-log backend name -> native mode
 LOGS = {"kvm-bitmap": lib.PC_KVM_LOG_BITMAP, "kvm-clear": lib.PC_KVM_LOG_CLEAR, "kvm-ring": lib.PC_KVM_LOG_RING}

@@ -38,7 +38,7 @@ class Lease:
 
     def check_unfenced(self, what: str) -> None:
         """Refuse ``what`` while a destination may still run this guest."""
-        from postcopy.guest.runtime import GuestStateError
+        from postcopy.guest.params import GuestStateError
 
         left = self.fence_left()
         if left > 0:
@@ -49,7 +49,7 @@ class Lease:
                 f"migrating it here before then could run it twice. Retry after {until}.")
 
     def command(self, cmd: str, req: dict, conn: socket.socket | None) -> dict:
-        from postcopy.guest.runtime import GuestStateError
+        from postcopy.guest.params import GuestStateError
 
         with self._lock:
             if cmd == "lease":

@@ -13,99 +13,27 @@ the step target).
 """
 from __future__ import annotations
 
-import mmap
 import os
 import socket
-import struct
 import threading
 import time
-from dataclasses import dataclass
 
 from postcopy._native import ffi, lib
-from postcopy.guest.dirtytrack import DirtyTracker, TrackingError
+from postcopy.guest.dirtytrack import DirtyTracker
+from postcopy.guest.incoming import StagingArea, open_incoming_uffd
+from postcopy.guest.params import (_CHECK_ERRORS, _UNLIMITED, BACKINGS, MAX_THREADS, PAGE_SIZE, WORKLOAD_NAMES,
+                                   WORKLOADS, BootParams, GuestStateError, incoming_options_error, layout_error)
+from postcopy.guest.ramcommands import RamCommands
 from postcopy.guest.vcpus import Vcpus
 
-WORKLOADS: dict[str, int] = {"idle": 0, "random-write": 1, "sequential": 2, "hotspot": 3}
-WORKLOAD_NAMES = {v: k for k, v in WORKLOADS.items()}
-BACKINGS = ("memfd", "anon")
-MAX_THREADS: int = lib.PC_GUEST_MAX_THREADS
-PAGE_SIZE: int = mmap.PAGESIZE
-_UNLIMITED = (1 << 64) - 1
-
-_CHECK_ERRORS = {
-    lib.PC_GUEST_EBADMAGIC: "the state page holds no guest (bad magic)",
-    lib.PC_GUEST_EVERSION: "the state page has another layout version",
-    lib.PC_GUEST_ESIZE: "RAM size or page size differs from the state page's",
-    lib.PC_GUEST_ETHREADS: f"thread count must be 1..{MAX_THREADS}",
-    lib.PC_GUEST_EWORKLOAD: "unknown workload",
-    lib.PC_GUEST_ELAYOUT: "RAM is too small for the layout (state page, shared slice, one page per thread)",
-    lib.PC_GUEST_EPARAM: "bad parameter (working set must be in (0, 1], free fraction in [0, 1), rate >= 0)",
-}
+# The guest's parameters stay importable from here, beside the guest they make.
+__all__ = ["BACKINGS", "MAX_THREADS", "PAGE_SIZE", "WORKLOADS", "WORKLOAD_NAMES", "BootParams", "Guest",
+           "GuestStateError", "incoming_options_error", "layout_error"]
 
 
-class GuestStateError(RuntimeError):
-    """A request that the guest cannot honour in its current state (or with these
-    arguments); reported to the control client as ``{"ok": false, "error": ...}``."""
 
 
-@dataclass(frozen=True)
-class BootParams:
-    """What a fresh guest writes into its state page."""
-
-    threads: int
-    workload: str
-    seed: int
-    steps: int | None = None
-    rate: float = 0.0
-    working_set: float = 1.0
-    free_fraction: float = 0.0
-
-
-def layout_error(ram: int, threads: int, workload: str, working_set: float,
-                 free_fraction: float = 0.0) -> str | None:
-    """Why these parameters cannot make a guest, or None if they can."""
-    if workload not in WORKLOADS:
-        return f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})"
-    if ram <= 0 or ram % PAGE_SIZE:
-        return f"RAM size {ram} is not a positive multiple of the page size ({PAGE_SIZE})"
-    if not 1 <= threads <= MAX_THREADS:
-        return f"--threads must be 1..{MAX_THREADS}"
-    if not 0.0 < working_set <= 1.0:
-        return "--working-set must be a fraction in (0, 1]"
-    if not 0.0 <= free_fraction < 1.0:
-        return "--free-fraction must be a fraction in [0, 1)"
-    info = ffi.new("struct pc_guest_info *")
-    rc = lib.pc_guest_layout(ram, PAGE_SIZE, threads, WORKLOADS[workload], working_set, free_fraction, info)
-    if rc == lib.PC_GUEST_ELAYOUT:
-        shared = max(PAGE_SIZE, min(ram // 16, 1 << 20) // PAGE_SIZE * PAGE_SIZE)
-        per_thread = 2 if free_fraction > 0 else 1
-        need = PAGE_SIZE + shared + threads * per_thread * PAGE_SIZE
-        return (f"RAM {ram} bytes is too small for {threads} thread(s): needs at least {need} "
-                f"(state page, shared slice, {per_thread} page(s) per thread)")
-    if rc:
-        return _CHECK_ERRORS.get(rc, f"layout error {rc}")
-    return None
-
-
-def incoming_options_error(backing: str, *, incoming: bool, uffd_minor: bool, staging_pages: int) -> str | None:
-    """Why these incoming-guest install options do not fit, or None. (Kernel features
-    are checked when the userfaultfd is opened: its error names the missing one.)"""
-    if (uffd_minor or staging_pages) and not incoming:
-        return "--uffd-minor and --staging-pages only apply to an --incoming guest"
-    if uffd_minor and backing != "memfd":
-        return ("--uffd-minor (UFFDIO_CONTINUE install path) needs memfd backing: minor faults exist only "
-                "for pages already in a shmem/hugetlbfs page cache (Feature.MINOR_SHMEM)")
-    if staging_pages < 0:
-        return "--staging-pages must be >= 0"
-    if staging_pages and backing != "anon":
-        return ("--staging-pages (UFFDIO_MOVE install path) needs anon backing: UFFDIO_MOVE moves only "
-                "private anonymous pages")
-    if uffd_minor and staging_pages:
-        return "--uffd-minor and --staging-pages are two different install paths: pick one"
-    return None
-
-
-class Guest:
+class Guest(RamCommands):
     """Guest RAM and its vCPUs. Thread safe; the control server calls in from its
     threads, the vCPU threads report back, the main thread waits in :meth:`wait_exit`."""
 
@@ -156,71 +84,24 @@ class Guest:
         self._dirty: DirtyTracker | None = None  # async write-protect tracking; never leaves the guest
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
         self.uffd_minor = uffd_minor
-        # Staging area for the destination's UFFDIO_MOVE install path: private anonymous
-        # memory in this process (a move never leaves one mm), deliberately NOT
-        # registered; the agent fills it through /proc/PID/mem and moves pages out.
-        self._staging: mmap.mmap | None = None
-        self.staging_address: int | None = None
         self.staging_pages = staging_pages
-        self._mover_peer: socket.socket | None = None  # the agent's end, handed out by fds
+        self._staging: StagingArea | None = None  # UFFDIO_MOVE install path, incoming guests only
         if incoming:
-            self._open_uffd()
+            self.uffd = open_incoming_uffd(self.address, ram_size, shmem=self.memfd is not None,
+                                           minor=uffd_minor, move=bool(staging_pages))
             if staging_pages:
-                self._map_staging(staging_pages)
+                self._staging = StagingArea(self.uffd, self.address, ram_size, staging_pages, self.page_size)
+
+    @property
+    def staging_address(self) -> int | None:
+        return self._staging.address if self._staging is not None else None
+
+    @property
+    def _mover_peer(self) -> socket.socket | None:
+        """The agent's end of the mover socketpair, handed out by ``fds``."""
+        return self._staging.peer if self._staging is not None else None
 
     # ---- set-up -------------------------------------------------------------------
-
-    def _open_uffd(self) -> None:
-        from postcopy.kernel.uffd import Feature, Mode, Userfaultfd
-
-        required = Feature.MISSING_SHMEM if self.memfd is not None else Feature(0)
-        mode = Mode.MISSING
-        if self.uffd_minor:  # UFFDIO_CONTINUE install path: minor faults on the memfd
-            required |= Feature.MINOR_SHMEM
-            mode |= Mode.MINOR
-        if self.staging_pages:  # UFFDIO_MOVE install path
-            required |= Feature.MOVE
-        optional = Feature.THREAD_ID | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
-        self.uffd = Userfaultfd(features=required, optional=optional)
-        self.uffd.register(self.address, self.ram_size, mode)
-
-    def _map_staging(self, pages: int) -> None:
-        self._staging = mmap.mmap(-1, pages * self.page_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        # Base pages only: a THP here would be split by every partial move.
-        self._staging.madvise(mmap.MADV_NOHUGEPAGE)
-        self.staging_address = int(ffi.cast("uintptr_t", ffi.from_buffer(self._staging)))
-        # The kernel refuses cross-mm moves (userfaultfd_move: mm != current->mm ->
-        # EINVAL), so the agent cannot issue UFFDIO_MOVE itself: a mover thread of this
-        # process does, on requests over a socketpair.
-        mine, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._mover_peer = peer
-        threading.Thread(target=self._mover, args=(mine,), name="uffd-mover", daemon=True).start()
-
-    def _mover(self, sock: socket.socket) -> None:
-        """Serve UFFDIO_MOVE requests ``(dst, src, len)`` (3 x u64) from staging into
-        RAM; each reply is the ioctl's result as an i64 (bytes moved, or -errno)."""
-        fd = self.uffd.fileno()
-        ram_lo, ram_hi = self.address, self.address + self.ram_size
-        st_lo, st_hi = self.staging_address, self.staging_address + self.staging_pages * self.page_size
-        request, reply = struct.Struct("=QQQ"), struct.Struct("=q")
-        with sock:
-            while True:
-                try:
-                    msg = sock.recv(request.size)
-                except OSError:
-                    return
-                if len(msg) != request.size:
-                    return  # the agent closed its end
-                dst, src, length = request.unpack(msg)
-                if not (ram_lo <= dst and dst + length <= ram_hi and st_lo <= src and src + length <= st_hi):
-                    result = -22  # EINVAL: only staging -> RAM
-                else:
-                    result = lib.pc_uffd_move(fd, dst, src, length, 0, ffi.NULL)
-                try:
-                    sock.send(reply.pack(result))
-                except OSError:
-                    return
 
     def boot(self, params: BootParams) -> None:
         """Write a fresh state page and shared slice (the guest stays paused)."""
@@ -515,200 +396,6 @@ class Guest:
                 "free_pages": int(info.free_pages) * int(info.threads) if info else None,
             }
 
-    def ram_arriving(self) -> bool:
-        """Whether pages may still arrive: an incoming guest's RAM stays registered with
-        its userfaultfd until the destination has every page in (it unregisters then).
-        Until that, a read that bypasses the mapping (the hash's SEEK_DATA on the memfd,
-        or skipping non-present pages) would see missing pages as zeros."""
-        if self.uffd is None or self._ram_settled:
-            return False
-        if _uffd_registered(self.address, self.ram_size):
-            return True
-        self._ram_settled = True  # nothing registers it again
-        return False
-
-    def ram_hash(self) -> str:
-        """Hash of the whole RAM without heartbeats (paused or finished guests only).
-        Pages that read as zero without being present are not touched, so an incoming
-        guest refuses until every page has arrived (see :meth:`ram_arriving`)."""
-        with self._op:
-            with self._cond:
-                self._settle()
-                if self._state not in ("paused", "finished") or self._starting or self._running:
-                    raise GuestStateError(f"hash needs a paused or finished guest (state {self._state})")
-            if self.ram_arriving():
-                raise GuestStateError("hash needs every page in: the RAM is still registered with the incoming "
-                                      "userfaultfd (the destination has not received every page yet)")
-            value = lib.pc_guest_hash(self._ram, self.ram_size, self.page_size,
-                                      -1 if self.memfd is None else self.memfd)
-            return f"{value:016x}"
-
-    def fds(self) -> tuple[dict, list[int]]:
-        """The reply for ``fds`` and the descriptors to send with it (memfd, uffd)."""
-        with self._op:
-            names, fds = [], []
-            if self.memfd is not None:
-                names.append("memfd")
-                fds.append(self.memfd)
-            if self.uffd is not None:
-                names.append("uffd")
-                fds.append(self.uffd.fileno())
-            if self._mover_peer is not None:
-                names.append("mover")
-                fds.append(self._mover_peer.fileno())
-            self._fds_taken = True
-            reply = {"fds": names, "ram_address": self.address, "ram_size": self.ram_size,
-                     "page_size": self.page_size, "pid": os.getpid(), "backing": self.backing,
-                     "uffd_features": int(self.uffd.features) if self.uffd is not None else 0,
-                     "uffd_minor": self.uffd_minor, "staging_address": self.staging_address,
-                     "staging_pages": self.staging_pages}
-            return reply, fds
-
-    def discard(self, ranges: list) -> dict:
-        """Drop RAM ranges so they read as missing again (under userfaultfd) or zero.
-
-        Each range is ``[offset, length]``, page aligned and inside RAM. Allowed while
-        the vCPUs are parked (paused, finished) or before an incoming guest starts.
-        With UFFD_FEATURE_EVENT_REMOVE the kernel's madvise() blocks until the uffd
-        reader has read the REMOVE event, so the uffd holder must be reading events
-        meanwhile; a discard before the uffd was handed out is refused for that reason.
-        """
-        checked = self._check_ranges(ranges)
-        with self._op:
-            with self._cond:
-                self._settle()
-                if self._state == "running" or self._starting or self._running:
-                    raise GuestStateError("discard needs parked vCPUs (pause first)")
-            if self._dirty is not None:
-                raise GuestStateError("discard while dirty tracking is on would go unreported (a punched "
-                                      "hole keeps its write-protect marker): turn dirty_track off first")
-            if (self.uffd is not None and not self._fds_taken
-                    and int(self.uffd.features) & int(_feature("EVENT_REMOVE"))):
-                raise GuestStateError("discard would block: nobody reads the userfaultfd's REMOVE "
-                                      "events (take the fds first)")
-            total = 0
-            for off, length in checked:
-                rc = lib.pc_guest_discard(self._ram, off, length, -1 if self.memfd is None else self.memfd)
-                if rc:
-                    raise GuestStateError(f"discard [{off}, +{length}): {os.strerror(-rc)}")
-                total += length
-            return {"discarded": total}
-
-    # ---- dirty tracking, free pages, touch, step gaps ----------------------------------
-
-    def dirty_track(self, on: bool) -> dict:
-        """Turn async write-protect dirty tracking of the RAM on or off (see
-        :mod:`postcopy.guest.dirtytrack`). On when already on protects everything again
-        (a fresh epoch). Refused on a guest whose RAM is registered with a missing-mode
-        userfaultfd (incoming): one VMA takes one userfaultfd context, and that one
-        lacks WP_ASYNC. Off: unregister and close (idempotent)."""
-        with self._op:
-            if not on:
-                tracker, self._dirty = self._dirty, None
-                if tracker is not None:
-                    tracker.close()
-                return {"tracking": False, "was": tracker is not None}
-            if self.uffd is not None:
-                raise GuestStateError("dirty tracking needs a guest without a userfaultfd: this one's RAM is "
-                                      "registered (missing mode) with the incoming userfaultfd, and a VMA takes "
-                                      "only one userfaultfd context")
-            restarted = self._dirty is not None
-            try:
-                if not restarted:
-                    self._dirty = DirtyTracker(self.address, self.ram_size, shmem=self.memfd is not None)
-                self._dirty.protect_all()
-            except TrackingError as exc:
-                tracker, self._dirty = self._dirty, None
-                if tracker is not None:
-                    tracker.close()
-                raise GuestStateError(str(exc)) from None
-            return {"tracking": True, "restarted": restarted}
-
-    def _harvest_encoded(self) -> str:
-        """The dirty log's pages written since the previous harvest (``_op`` held)."""
-        if self._dirty is None:
-            raise GuestStateError("dirty tracking was turned off during the run")
-        try:
-            return self._dirty.harvest_encoded()
-        except OSError as exc:
-            raise GuestStateError(f"harvest: {exc}") from None
-
-    def free_ranges(self) -> dict:
-        """Pages free right now: sorted, merged ``[offset, length]`` byte ranges. A
-        snapshot: the vCPUs may take any of them back right after (zero-filling first)."""
-        with self._cond:
-            if self._info is None:
-                raise GuestStateError(f"free_ranges needs the guest's state page (state {self._state})")
-        while True:
-            cap = self._free_cap
-            buf = ffi.new("uint64_t[]", 2 * cap)
-            n = lib.pc_guest_free_runs(self._ram, self.ram_size, self.page_size, buf, cap)
-            if n < 0:
-                raise GuestStateError(f"free_ranges: {os.strerror(-n)}")
-            if n <= cap:
-                break
-            self._free_cap = n + n // 4 + 16  # the set moves: leave room
-        flat = ffi.unpack(buf, 2 * n)
-        ps = self.page_size
-        ranges = [[first * ps, count * ps] for first, count in zip(flat[0::2], flat[1::2])]
-        return {"ranges": ranges, "free_pages": sum(flat[1::2])}
-
-    def touch(self, *, pages=None, spread=None) -> dict:
-        """Write to pages without changing them (atomic OR of 0 into the first word):
-        they become dirty for any dirty log. ``pages`` is a list of page indexes;
-        ``spread`` is ``{"first", "count", "n", "seed"}``: n distinct pseudo-random pages
-        of [first, first + count). Like a vCPU write, but not stopped by pause."""
-        with self._cond:
-            if self._state == "incoming":
-                raise GuestStateError("guest is incoming: its RAM has not arrived")
-        npages = self.ram_size // self.page_size
-        if pages is not None:
-            if not isinstance(pages, list) or not all(_is_int(p) and 0 <= p < npages for p in pages):
-                raise GuestStateError(f"touch: pages must be a list of page indexes below {npages}")
-            arr = ffi.new("uint64_t[]", pages)
-            rc = lib.pc_guest_touch(self._ram, self.ram_size, self.page_size, arr, len(pages))
-            count = len(pages)
-        elif spread is not None:
-            keys = ("first", "count", "n", "seed")
-            if not isinstance(spread, dict) or not all(_is_int(spread.get(k)) and spread[k] >= 0 for k in keys):
-                raise GuestStateError("touch: spread wants non-negative integers first, count, n, seed")
-            first, span, count, seed = (spread[k] for k in keys)
-            if first + span > npages or count > span:
-                raise GuestStateError(f"touch: spread [{first}, +{span}) of {count} pages does not fit "
-                                      f"{npages} pages")
-            rc = lib.pc_guest_touch_spread(self._ram, self.ram_size, self.page_size, first, span, count,
-                                           seed & _UNLIMITED)
-        else:
-            raise GuestStateError("touch wants 'pages' or 'spread'")
-        if rc:
-            raise GuestStateError(f"touch: {os.strerror(-rc)}")
-        return {"touched": count}
-
-    def take_max_step_gap(self) -> dict:
-        """Longest time any vCPU went without a step (pauses included) since the
-        previous call, in ns; resets it."""
-        with self._cond:
-            n = len(self._local_ptrs)
-            locals_ = self._locals
-        gap = lib.pc_vcpu_take_max_gap(locals_, n) if n else 0
-        return {"max_gap_ns": int(gap)}
-
-    def _check_ranges(self, ranges) -> list[tuple[int, int]]:
-        if not isinstance(ranges, list):
-            raise GuestStateError("ranges must be a list of [offset, length]")
-        out = []
-        for item in ranges:
-            if (not isinstance(item, (list, tuple)) or len(item) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
-                raise GuestStateError(f"bad range {item!r}: want [offset, length] integers")
-            off, length = item
-            if off < 0 or length <= 0 or off % self.page_size or length % self.page_size:
-                raise GuestStateError(f"range [{off}, {length}] is not page aligned and non-empty")
-            if off + length > self.ram_size:
-                raise GuestStateError(f"range [{off}, {length}] ends beyond RAM ({self.ram_size})")
-            out.append((off, length))
-        return out
-
     def abandon(self, reason: str) -> None:
         """Stop for good (the main thread exits 1 with ``reason``): an incoming guest
         whose destination agent is gone would otherwise wait forever on its faults."""
@@ -761,31 +448,3 @@ class Guest:
     @property
     def fatal(self) -> str | None:
         return self._fatal
-
-
-def _uffd_registered(address: int, size: int) -> bool:
-    """Whether any mapping in [address, address + size) is registered with a
-    userfaultfd in missing or minor mode (VmFlags ``um`` / ``ui`` in /proc/self/smaps)."""
-    end = address + size
-    overlaps = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0] if line.strip() else ""
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                overlaps = lo < end and address < hi
-            elif overlaps and head == "VmFlags:":
-                flags = line.split()[1:]
-                if "um" in flags or "ui" in flags:
-                    return True
-    return False
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _feature(name: str):
-    from postcopy.kernel.uffd import Feature
-
-    return getattr(Feature, name)

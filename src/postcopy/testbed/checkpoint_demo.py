@@ -76,7 +76,6 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
     guest and ``dirty_log`` may name one of KVM's logs; references are run by the process
     guest, whose hash after the same steps is the same."""
     from postcopy.guest import GuestParams, reference_hash
-    from postcopy.guest.control import wait_for_control
     from postcopy.testbed.netns import Testbed
     from postcopy.checkpoint.standby import reference_hash_at
 
@@ -88,79 +87,102 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
     reference_params = dataclasses.replace(params, vm="process")
     results: dict = {"ram_bytes": ram, "threads": threads, "backing": backing, "seconds": seconds, "vm": vm,
                      "steps_target": steps, "bounds": {}}
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with tempfile.TemporaryDirectory(prefix="postcopy-ckpt-") as work, Testbed() as bed:
-        key_file = os.path.join(work, "key")
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, wire.new_key())
-        os.close(fd)
+        key_file = _write_key(work)
         endpoint = f"{bed.dest.address}:{port}"
         reference = reference_hash(reference_params, timeout=timeout) if verify else None
         for n, bound in enumerate(dirty_bounds):
-            control = os.path.join(work, f"guest{n}.sock")
-            pjson, sjson = os.path.join(work, f"primary{n}.json"), os.path.join(work, f"standby{n}.json")
-            # Started paused: the primary runs it epoch by epoch from its first step, so
-            # it cannot finish (or run unprotected) while a slow host starts the agents.
-            guest = bed.popen(bed.source, params.argv(control=control, start_paused=True), **pipes)
-            wait_for_control(control, timeout=STARTUP_TIMEOUT, proc=guest)
-            standby = bed.popen(bed.dest, _agent("standby", "--listen", endpoint, "--key-file", key_file,
-                                                 "--failover", "--workdir", work, "--json", sjson), **pipes)
-            _read_line(standby, "listening", "postcopy standby", STARTUP_TIMEOUT)
-            primary = bed.popen(bed.source, _agent("checkpoint", "--guest", control, "--connect", endpoint,
-                                                   "--key-file", key_file, "--max-dirty", str(bound),
-                                                   "--dirty-log", dirty_log, "--json", pjson), **pipes)
-            _read_line(primary, "protected", "postcopy checkpoint", STARTUP_TIMEOUT)
-            guest_cpu = _cpu_seconds(guest.pid)
-            time.sleep(seconds)
-            guest_cpu = _cpu_seconds(guest.pid) - guest_cpu
-            guest.kill()  # the primary host "fails": its guest dies mid-run
-            guest.communicate()
-            try:
-                errors = {"primary": primary.communicate(timeout=60)[1],
-                          "standby": standby.communicate(timeout=timeout)[1]}
-            except subprocess.TimeoutExpired:
-                raise CheckpointDemoError(f"bound {bound}: an agent did not finish after the guest was killed")
-            try:
-                with open(pjson) as f:
-                    prim = json.load(f)
-                with open(sjson) as f:
-                    stby = json.load(f)
-            except OSError as exc:
-                said = "; ".join(f"{name} said: {err.strip()[-400:]}" for name, err in errors.items() if err.strip())
-                raise CheckpointDemoError(f"bound {bound}: an agent wrote no figures: {exc}; {said}") from None
-            fo = stby.get("failover") or {}
+            prim, stby, guest_cpu = _checkpoint_and_kill(bed, params, work, n, bound, endpoint, key_file,
+                                                         seconds, timeout, dirty_log)
             image_ref = None
             if verify and stby.get("committed_steps"):
                 image_ref = reference_hash_at(reference_params, min(stby["committed_steps"]), work, timeout=timeout)
-            results["bounds"][bound] = {
-                "checkpoints_per_s": prim["checkpoints_per_s"],
-                "dirty_log": prim.get("dirty_log"),
-                "pause_ms": {k: prim["pause_ms"][k] for k in ("p50", "p99", "max", "count")},
-                "dirty_pages": {k: prim["dirty_pages"][k] for k in ("p50", "max", "mean")},
-                "bound_exceeded": prim["bound_exceeded"],
-                "steps_per_epoch": prim["steps_per_epoch"],
-                "time_us": {k: {"p50": v["p50"], "mean": v["mean"]} for k, v in prim["time_us"].items()},
-                "commit_latency_ms": {k: prim["commit_latency_ms"][k] for k in ("p50", "p99", "max")},
-                # CPU time per epoch of each process (2 cores here: they compete)
-                "cpu_us_per_epoch": {"guest": round(guest_cpu / max(1, prim["epochs"] - 1) * 1e6, 1),
-                                     "primary": prim["cpu_us_per_epoch"], "standby": stby["cpu_us_per_epoch"]},
-                "epochs": prim["epochs"],
-                "committed_epoch_primary": prim["committed_epoch"],
-                "committed_epoch_standby": stby["committed_epoch"],
-                "primary_end": prim["end_reason"],
-                "standby_end": stby["end_reason"],
-                "failover_ms": fo.get("failover_ms"),
-                "final_hash": fo.get("final_hash"),
-                "image_hash": stby.get("image_hash"),
-                "image_reference_hash": image_ref,
-                "image_verified": bool(image_ref and image_ref == stby.get("image_hash")),
-                "verified": bool(reference and fo.get("final_hash") == reference),
-            }
+            results["bounds"][bound] = _bound_figures(prim, stby, guest_cpu, reference, image_ref)
     results["reference_hash"] = reference
     results["verified"] = all(b["verified"] and b["image_verified"] for b in results["bounds"].values()) \
         if verify else None
     results["seconds_total"] = round(time.monotonic() - started, 1)
     return results
+
+
+def _write_key(work: str) -> str:
+    """A fresh key in WORK/key (mode 0600); returns its path."""
+    key_file = os.path.join(work, "key")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, wire.new_key())
+    os.close(fd)
+    return key_file
+
+
+def _checkpoint_and_kill(bed, params, work: str, n: int, bound: int, endpoint: str, key_file: str,
+                         seconds: float, timeout: float, dirty_log: str = "auto") -> tuple[dict, dict, float]:
+    """One bound: a guest checkpointed for ``seconds``, then killed so that the standby
+    fails over. Returns the primary's and the standby's figures and the guest's CPU
+    seconds while checkpointed."""
+    from postcopy.guest.control import wait_for_control
+
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    control = os.path.join(work, f"guest{n}.sock")
+    pjson, sjson = os.path.join(work, f"primary{n}.json"), os.path.join(work, f"standby{n}.json")
+    # Started paused: the primary runs it epoch by epoch from its first step, so
+    # it cannot finish (or run unprotected) while a slow host starts the agents.
+    guest = bed.popen(bed.source, params.argv(control=control, start_paused=True), **pipes)
+    wait_for_control(control, timeout=STARTUP_TIMEOUT, proc=guest)
+    standby = bed.popen(bed.dest, _agent("standby", "--listen", endpoint, "--key-file", key_file,
+                                         "--failover", "--workdir", work, "--json", sjson), **pipes)
+    _read_line(standby, "listening", "postcopy standby", STARTUP_TIMEOUT)
+    primary = bed.popen(bed.source, _agent("checkpoint", "--guest", control, "--connect", endpoint,
+                                           "--key-file", key_file, "--max-dirty", str(bound),
+                                           "--dirty-log", dirty_log, "--json", pjson), **pipes)
+    _read_line(primary, "protected", "postcopy checkpoint", STARTUP_TIMEOUT)
+    guest_cpu = _cpu_seconds(guest.pid)
+    time.sleep(seconds)
+    guest_cpu = _cpu_seconds(guest.pid) - guest_cpu
+    guest.kill()  # the primary host "fails": its guest dies mid-run
+    guest.communicate()
+    try:
+        errors = {"primary": primary.communicate(timeout=60)[1], "standby": standby.communicate(timeout=timeout)[1]}
+    except subprocess.TimeoutExpired:
+        raise CheckpointDemoError(f"bound {bound}: an agent did not finish after the guest was killed")
+    try:
+        with open(pjson) as f:
+            prim = json.load(f)
+        with open(sjson) as f:
+            stby = json.load(f)
+    except OSError as exc:
+        said = "; ".join(f"{name} said: {err.strip()[-400:]}" for name, err in errors.items() if err.strip())
+        raise CheckpointDemoError(f"bound {bound}: an agent wrote no figures: {exc}; {said}") from None
+    return prim, stby, guest_cpu
+
+
+def _bound_figures(prim: dict, stby: dict, guest_cpu: float, reference: str | None,
+                   image_ref: str | None) -> dict:
+    """One bound's row of the demo's result, from the two agents' figures."""
+    fo = stby.get("failover") or {}
+    return {
+        "checkpoints_per_s": prim["checkpoints_per_s"],
+        "dirty_log": prim.get("dirty_log"),
+        "pause_ms": {k: prim["pause_ms"][k] for k in ("p50", "p99", "max", "count")},
+        "dirty_pages": {k: prim["dirty_pages"][k] for k in ("p50", "max", "mean")},
+        "bound_exceeded": prim["bound_exceeded"],
+        "steps_per_epoch": prim["steps_per_epoch"],
+        "time_us": {k: {"p50": v["p50"], "mean": v["mean"]} for k, v in prim["time_us"].items()},
+        "commit_latency_ms": {k: prim["commit_latency_ms"][k] for k in ("p50", "p99", "max")},
+        # CPU time per epoch of each process (2 cores here: they compete)
+        "cpu_us_per_epoch": {"guest": round(guest_cpu / max(1, prim["epochs"] - 1) * 1e6, 1),
+                             "primary": prim["cpu_us_per_epoch"], "standby": stby["cpu_us_per_epoch"]},
+        "epochs": prim["epochs"],
+        "committed_epoch_primary": prim["committed_epoch"],
+        "committed_epoch_standby": stby["committed_epoch"],
+        "primary_end": prim["end_reason"],
+        "standby_end": stby["end_reason"],
+        "failover_ms": fo.get("failover_ms"),
+        "final_hash": fo.get("final_hash"),
+        "image_hash": stby.get("image_hash"),
+        "image_reference_hash": image_ref,
+        "image_verified": bool(image_ref and image_ref == stby.get("image_hash")),
+        "verified": bool(reference and fo.get("final_hash") == reference),
+    }
 
 
 def _cpu_seconds(pid: int) -> float:

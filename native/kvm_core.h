@@ -1,7 +1,9 @@
-/* kvm_vm_internal: the VM object shared by kvm_vm.c (VM, vCPUs, passes) and
- * kvm_dirtylog.c (KVM's dirty logs). Not exposed to Python. */
-#ifndef PC_KVM_VM_INTERNAL_H
-#define PC_KVM_VM_INTERNAL_H
+/* kvm_core: the VM object and its few basic helpers (kvm_core.c), shared by the VM
+ * (kvm_vm.c: VM, vCPUs, passes), its dirty logs (kvm_dirtylog.c) and their probe
+ * (kvm_probe.c). Not exposed to Python: no kvm_core.cdef. Includes go one way:
+ * kvm_probe -> kvm_vm -> kvm_dirtylog -> kvm_core. */
+#ifndef PC_KVM_CORE_H
+#define PC_KVM_CORE_H
 
 #include <linux/kvm.h>
 #include <pthread.h>
@@ -9,7 +11,6 @@
 #include <stdint.h>
 
 #include "kvm_layout.h"
-#include "kvm_vm.h"
 
 #define SLOT_FW 0
 #define SLOT_RAM 1
@@ -39,7 +40,5 @@ int pc_kvm_fail(struct pc_kvm *vm, int rc, const char *fmt, ...) __attribute__((
 uint64_t pc_kvm_now_ns(void);
 /* A KVM_SET_USER_MEMORY_REGION of slot; 0 or -errno. */
 int pc_kvm_set_slot(struct pc_kvm *vm, uint32_t slot, uint64_t gpa, uint64_t size, void *host, uint32_t flags);
-/* Collect every vCPU's dirty ring into vm->pending and reset them (takes ring_lock). */
-int pc_kvm_ring_collect(struct pc_kvm *vm);
 
-#endif /* PC_KVM_VM_INTERNAL_H */
+#endif /* PC_KVM_CORE_H */
