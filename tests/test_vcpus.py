@@ -277,6 +277,6 @@ def test_abandon_stops_the_vcpus_at_once_and_ends_the_guest():
         assert guest.wait() == "fatal" and "watchdog" in guest.fatal
         assert guest._vcpus.wait_parked(30), "the vCPUs still step after the abandon"
         stopped = guest.steps()
-        assert sum(stopped) > 0 and guest._vcpus.parked and guest.steps() == stopped
+        assert guest._vcpus.parked and guest.steps() == stopped
     finally:
         guest.request_quit()
