@@ -21,7 +21,7 @@ from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
 from postcopy.migration.faults import FaultServer
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
-from postcopy.migration.pagetable import REQUESTED, PageTable
+from postcopy.migration.pagetable import REQUESTED, PageTable, StopEvent
 from postcopy._native import lib as native
 from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
@@ -60,9 +60,7 @@ class DestinationAgent:
         self.guest_proc: subprocess.Popen | None = None
         self.final_hash: str | None = None
         self.final_max_step_gap_ns: int | None = None  # from the guest's last output line
-        # Installs and the reading of uffd events exclude each other (see InstallTarget).
-        self._gate = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = StopEvent()  # also stops the page table's C loops
         self._first_push_ns: int | None = None
         self._timeline = report.Timeline()
         self.table: PageTable | None = None  # page states, counts and fault latencies, from _setup
@@ -225,6 +223,7 @@ class DestinationAgent:
         self.page_size = layout.page_size
         self.npages = layout.total_pages
         self.table = PageTable(self.npages, report.PAGE_CAUSES, self._timeline)
+        self._stop.attach(self.table)
         # Precopy resends overwrite pages already installed: through the memfd, or the
         # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
         self._memfd = memfd
@@ -233,7 +232,8 @@ class DestinationAgent:
         else:
             self._ram_fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDWR | os.O_CLOEXEC)
             self._ram_fd_base = self.base
-        self._target = InstallTarget(table=self.table, uffd=uffd, gate=self._gate, base=self.base,
+        # Installs and the reading of uffd events exclude each other (see InstallTarget).
+        self._target = InstallTarget(table=self.table, uffd=uffd, gate=self.table.gate, base=self.base,
                                      page_size=self.page_size, ram_fd=self._ram_fd,
                                      ram_fd_base=self._ram_fd_base, memfd=memfd, stop=self._stop)
 
@@ -287,6 +287,7 @@ class DestinationAgent:
         max_gap_ns = self._max_step_gap(guest)
         guest.close()
         fault_times = self.table.faults
+        self.table.sync_timeline()
         latencies = [us for _, us in fault_times]
         push_from = self._first_push_ns or time.monotonic_ns()
         downtime_ms = None

@@ -66,7 +66,7 @@ class InstallTarget:
 
     table: PageTable
     uffd: Userfaultfd
-    gate: threading.Lock
+    gate: "PageTable.gate"  # the table's C mutex (a context manager)
     base: int  # address of page 0 in the guest
     page_size: int
     ram_fd: int  # writes installed pages in place: the memfd, or the guest's /proc/PID/mem
