@@ -49,6 +49,7 @@ class DestConfig:
     staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
     frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
     guest_vm: str = "process"  # the guest this agent starts: process, or kvm (postcopy guest --vm)
+    fault_poll: str = "sleep"  # the fault loop: sleep in poll(2), or spin (busy-poll; experiments)
 
 
 class DestinationAgent:
@@ -180,8 +181,7 @@ class DestinationAgent:
                 self._path = make_install_path(self.config.install, self._target, info, fds)
             except ValueError as exc:
                 raise DestinationError(str(exc)) from None
-            self._fault_server = FaultServer(self._target, self._path,
-                                       switched=lambda: self._timeline.switchover_ns is not None)
+            self._fault_server = FaultServer(self._target, self._path, spin=self.config.fault_poll == "spin")
             self._main, self._urgent = main, urgent
             figures = self._receive(guest, uffd)
             self._main.send(wire.Complete(info=figures))
@@ -338,6 +338,9 @@ class DestinationAgent:
         self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
                                          in_contact=lambda: not self._link_broken.is_set())
         self._watchdog.arm()
+        # Every event of the discard was read (madvise waits for that): what the guest
+        # removes from now on is its own.
+        self.table.switched()
         resumed = guest.resume()
         self._switched = True
         self._timeline.switchover_ns = time.monotonic_ns()
@@ -450,14 +453,15 @@ class DestinationAgent:
             guest.discard([(first * ps, count * ps) for first, count in runs])
         self.table.discard(runs)
 
-    def _send_requests(self, pages: list[int]) -> None:
-        """Ask the source for pages the guest faulted on (fault server thread)."""
+    def _send_requests(self, runs: list[tuple[int, int]]) -> None:
+        """Ask the source for the runs (first, count) of pages the guest faulted on
+        (fault server thread)."""
         urgent = self._urgent
         if urgent is None:
             return  # recovering: these pages are asked for again once reconnected
         try:
-            for page in pages:
-                urgent.send(wire.PageRequest(first_page=page, npages=1))
+            for first, count in runs:
+                urgent.send(wire.PageRequest(first_page=first, npages=count))
         except ChannelClosed:
             self._link_lost()
 
