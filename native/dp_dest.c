@@ -50,6 +50,8 @@ struct pc_dp_table *pc_dp_table_new(uint64_t npages, const uint8_t *legal, int z
 	}
 	pthread_mutex_init(&t->lock, NULL);
 	pthread_mutex_init(&t->gate, NULL);
+	pthread_mutex_init(&t->urgent_lock, NULL);
+	t->urgent_fd = -1;
 	pthread_condattr_t attr;
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -70,6 +72,7 @@ void pc_dp_table_free(struct pc_dp_table *t)
 		return;
 	pthread_mutex_destroy(&t->lock);
 	pthread_mutex_destroy(&t->gate);
+	pthread_mutex_destroy(&t->urgent_lock);
 	pthread_cond_destroy(&t->all_in_cond);
 	free(t->state);
 	free(t->waiting);

@@ -27,6 +27,8 @@
 /* Failure codes besides -errno. */
 #define PC_DP_ILLEGAL (-100001) /* an illegal transition: nothing changed */
 #define PC_DP_STUCK (-100002)   /* a page stayed unmappable (no event explained it) */
+#define PC_DP_LINK_LOST (-100003) /* sending a request failed: the urgent channel is taken back */
+#define PC_DP_REQUEST_BYTES 24 /* a PageRequest frame without its tag */
 
 struct pc_dp_table;
 
@@ -92,5 +94,18 @@ int pc_dp_zero_fill(struct pc_dp_table *t, uint64_t page);
  * coalesced; at most max_runs). < 0 on a failure.
  */
 int pc_dp_fault_loop(struct pc_dp_table *t, int spin, int minor_settle, uint64_t *req, int max_runs);
+
+/*
+ * The urgent channel's send side, lent to the fault loop: while lent, the loop sends
+ * each request run itself (a PageRequest frame made from the Python-encoded template,
+ * tagged with auth, a struct pc_frame_auth or NULL, at sequence seq, then seq + 1) and
+ * keeps serving; a failed send takes the channel back and returns PC_DP_LINK_LOST.
+ * pc_dp_take_urgent returns the next sequence number (the Python sealer's from then on).
+ */
+void pc_dp_set_request_template(struct pc_dp_table *t, const uint8_t *frame);
+void pc_dp_encode_request(struct pc_dp_table *t, uint64_t first, uint64_t npages, uint8_t *out);
+void pc_dp_lend_urgent(struct pc_dp_table *t, int fd, void *auth, uint64_t seq);
+uint64_t pc_dp_take_urgent(struct pc_dp_table *t);
+uint64_t pc_dp_requests_sent(struct pc_dp_table *t);
 
 #endif /* PC_DP_DEST_H */

@@ -43,6 +43,12 @@ struct pc_dp_table {
 	int uffd, ram_fd, memfd;
 	uint64_t base, ps, ram_fd_base;
 	atomic_int stop, switched;
+	/* the urgent channel's send side, while lent (fd -1: Python's) */
+	pthread_mutex_t urgent_lock;
+	int urgent_fd;
+	void *auth; /* struct pc_frame_auth *, or NULL: frames carry no tag */
+	uint64_t seq, requests_sent;
+	uint8_t request[PC_DP_REQUEST_BYTES];
 };
 
 int64_t dp_now_ns(void);

@@ -3,13 +3,17 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "dp_dest_internal.h"
+#include "frame_auth.h"
 #include "uffd_ops.h"
 
 #define RETRY_PIECE (-1)
 #define EVENTS_PER_READ 64
+
+static int dp_send_requests(struct pc_dp_table *t, const uint64_t *req, int nruns);
 
 /* First page of [lo, hi) in state, or hi. The gate is held: nothing marks REMOVED now. */
 static uint64_t find_state(const struct pc_dp_table *t, uint8_t state, uint64_t lo, uint64_t hi)
@@ -232,8 +236,107 @@ int pc_dp_fault_loop(struct pc_dp_table *t, int spin, int minor_settle, uint64_t
 			return dp_fail(n, "read(userfaultfd): %s", strerror(-n));
 		if (nmissing < 0)
 			return nmissing;
-		if (nmissing > 0)
-			return coalesce(missing, nmissing, req, max_runs);
+		if (nmissing > 0) {
+			int runs = coalesce(missing, nmissing, req, max_runs);
+			int sent = dp_send_requests(t, req, runs);
+			if (sent <= 0)
+				return sent < 0 ? sent : runs; /* not lent: Python sends them */
+		}
 	}
 	return 0;
+}
+
+/* ---- the urgent channel's send side ---- */
+
+void pc_dp_set_request_template(struct pc_dp_table *t, const uint8_t *frame)
+{
+	memcpy(t->request, frame, PC_DP_REQUEST_BYTES);
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+
+/* The template's header (magic, type, flags, length) with arg = first, payload = npages. */
+void pc_dp_encode_request(struct pc_dp_table *t, uint64_t first, uint64_t npages, uint8_t *out)
+{
+	memcpy(out, t->request, PC_DP_REQUEST_BYTES);
+	put_be64(out + 8, first);
+	put_be64(out + 16, npages);
+}
+
+void pc_dp_lend_urgent(struct pc_dp_table *t, int fd, void *auth, uint64_t seq)
+{
+	pthread_mutex_lock(&t->urgent_lock);
+	t->urgent_fd = fd;
+	t->auth = auth;
+	t->seq = seq;
+	pthread_mutex_unlock(&t->urgent_lock);
+}
+
+uint64_t pc_dp_take_urgent(struct pc_dp_table *t)
+{
+	pthread_mutex_lock(&t->urgent_lock);
+	t->urgent_fd = -1;
+	uint64_t seq = t->seq;
+	pthread_mutex_unlock(&t->urgent_lock);
+	return seq;
+}
+
+uint64_t pc_dp_requests_sent(struct pc_dp_table *t)
+{
+	pthread_mutex_lock(&t->urgent_lock);
+	uint64_t n = t->requests_sent;
+	pthread_mutex_unlock(&t->urgent_lock);
+	return n;
+}
+
+static int send_all(int fd, const uint8_t *buf, size_t len)
+{
+	while (len) {
+		ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		buf += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Sends the runs on the lent channel: 1 if sent, 0 if not lent (Python sends them),
+ * PC_DP_LINK_LOST if a send failed (the channel is taken back). */
+static int dp_send_requests(struct pc_dp_table *t, const uint64_t *req, int nruns)
+{
+	uint8_t frame[PC_DP_REQUEST_BYTES + PC_AUTH_TAG_BYTES];
+	int rc = 1;
+	pthread_mutex_lock(&t->urgent_lock);
+	if (t->urgent_fd < 0) {
+		rc = 0;
+		goto out;
+	}
+	for (int i = 0; i < nruns; i++) {
+		size_t len = PC_DP_REQUEST_BYTES;
+		pc_dp_encode_request(t, req[2 * i], req[2 * i + 1], frame);
+		if (t->auth) {
+			if (pc_frame_auth_tag(t->auth, t->seq, frame, 16, frame + 16, 8, frame + len)) {
+				rc = dp_fail(-EIO, "libcrypto failed to compute a frame tag");
+				goto out;
+			}
+			len += PC_AUTH_TAG_BYTES;
+		}
+		if (send_all(t->urgent_fd, frame, len) < 0) {
+			t->urgent_fd = -1;
+			rc = dp_fail(PC_DP_LINK_LOST, "urgent: send failed: %s", strerror(errno));
+			goto out;
+		}
+		t->seq++;
+		t->requests_sent++;
+	}
+out:
+	pthread_mutex_unlock(&t->urgent_lock);
+	return rc;
 }

@@ -9,19 +9,22 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import socket
 import threading
 
 import pytest
 
 from conftest import require_uffd
 from postcopy import report
-from postcopy._native import lib
+from postcopy._native import ffi, lib
 from postcopy.kernel.uffd import (PAGE_SIZE, Feature, MappingChangedError, Mode, Userfaultfd, address_of,
                                   supported_features)
-from postcopy.migration.faults import FaultServer
+from postcopy.migration.faults import FaultServer, lend_urgent, take_urgent
 from postcopy.migration.install import CopyPath, InstallError, InstallTarget
-from postcopy.migration.pagetable import PRESENT, REMOVED, ZERO, PageTable, StopEvent
+from postcopy.migration.pagetable import PRESENT, REMOVED, REQUESTED, ZERO, PageTable, StopEvent
 from postcopy.protocol import wire
+from postcopy.protocol.channel import Channel
+from postcopy.protocol.layout import Layout
 
 PS = PAGE_SIZE
 NPAGES = 64
@@ -246,3 +249,77 @@ def test_removed_ranges_are_marked_before_the_zap_and_never_filled(guest):
         reader.join()
     assert reader.sum == 0 and server.requests == []
     assert g.table.pages["pushed"] == 8  # the late run's present pages hit EEXIST: not counted again
+
+
+# -- requests sent by the fault loop itself ------------------------------------------------
+
+@pytest.mark.parametrize("first,npages", [(0, 1), (17, 3), (2**40 + 5, 1), (2**64 - 2, 1)])
+def test_the_c_request_frame_is_the_python_encoding(first, npages):
+    table = PageTable(1, report.PAGE_CAUSES)
+    lib.pc_dp_set_request_template(table.native, wire.PageRequest(first_page=0, npages=1).encode())
+    out = ffi.new("uint8_t[]", lib.PC_DP_REQUEST_BYTES)
+    lib.pc_dp_encode_request(table.native, first, npages, out)
+    assert ffi.buffer(out)[:] == wire.PageRequest(first_page=first, npages=npages).encode()
+
+
+def _channels(authenticated: bool) -> tuple[Channel, Channel]:
+    """(destination's urgent end, source's end) of a socketpair, keyed as a handshake would."""
+    a, b = socket.socketpair()
+    layout = Layout(PS, ((0, NPAGES * PS),))
+    dest, source = Channel(a, "urgent", layout), Channel(b, "urgent", layout)
+    if authenticated:
+        k1, k2 = os.urandom(32), os.urandom(32)
+        dest.secure(k1, k2)
+        source.secure(k2, k1)
+    return dest, source
+
+
+@pytest.mark.parametrize("authenticated", [True, False], ids=["tagged", "untagged"])
+def test_the_fault_loop_sends_requests_the_python_decoder_accepts(guest, authenticated):
+    """With the urgent channel lent, requests leave from C, tagged in sequence with the
+    frames Python sent before; after it is taken back Python's sealer goes on from there."""
+    g = guest()
+    lib.pc_dp_set_request_template(g.table.native, wire.PageRequest(first_page=0, npages=1).encode())
+    dest, source = _channels(authenticated)
+    dest.send(wire.PageRequest(first_page=1, npages=1))  # sequence 0, from Python
+    lend_urgent(g.table, dest)
+    readers = [Reader(g, 5), Reader(g, 6)]
+    for reader in readers:
+        reader.start()
+    _until(lambda: all(r.blocked_on_fault() for r in readers))
+    server = Server(g)
+    with server:
+        assert source.recv() == wire.PageRequest(first_page=1, npages=1)
+        assert source.recv() == wire.PageRequest(first_page=5, npages=2)
+        g.path.install(5, 2, _pattern(5, 2), wire.Cause.DEMAND)
+        for reader in readers:
+            reader.join()
+    take_urgent(g.table, dest)
+    dest.send(wire.PageRequest(first_page=9, npages=1))  # Python again, next sequence number
+    assert source.recv() == wire.PageRequest(first_page=9, npages=1)
+    assert server.requests == [] and lib.pc_dp_requests_sent(g.table.native) == 1
+    dest.close()
+    source.close()
+
+
+def test_a_failed_send_takes_the_channel_back_and_reports_the_link_lost(guest):
+    g = guest()
+    lib.pc_dp_set_request_template(g.table.native, wire.PageRequest(first_page=0, npages=1).encode())
+    dest, source = _channels(True)
+    source.close()  # the link is gone
+    lend_urgent(g.table, dest)
+    lost = threading.Event()
+    server = FaultServer(g.target, g.path)
+
+    def link_lost() -> None:
+        take_urgent(g.table, dest)
+        lost.set()
+        g.stop.set()
+
+    reader = Reader(g, 3)
+    reader.start()
+    thread = threading.Thread(target=server.run, args=(lambda runs: None, link_lost), daemon=True)
+    thread.start()
+    thread.join()
+    assert lost.is_set() and g.table[3] == REQUESTED and g.table.waiting() == [3]
+    dest.close()

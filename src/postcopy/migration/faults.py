@@ -11,7 +11,8 @@ from postcopy._native import ffi, lib
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.kernel.uffd import UffdError
 from postcopy.migration.install import CopyPath, InstallTarget
-from postcopy.migration.pagetable import native_error
+from postcopy.migration.pagetable import PageTable, native_error
+from postcopy.protocol.channel import Channel
 
 
 class FaultServer:
@@ -26,10 +27,12 @@ class FaultServer:
         self.path = path
         self.spin = spin  # busy-poll the userfaultfd instead of sleeping in poll (experiments)
 
-    def run(self, send_requests: Callable[[list[tuple[int, int]]], None]) -> None:
-        """Serve until the target's stop event is set; ``send_requests`` asks the
-        source for the runs (first, count) of pages fault events found missing
-        (neighbours coalesced)."""
+    def run(self, send_requests: Callable[[list[tuple[int, int]]], None],
+            link_lost: Callable[[], None] | None = None) -> None:
+        """Serve until the target's stop event is set. The runs (first, count) of pages
+        fault events found missing (neighbours coalesced) are sent by the loop itself
+        on the urgent channel lent to it (``pc_dp_lend_urgent``), else handed to
+        ``send_requests``; ``link_lost`` is called when the loop's own send failed."""
         make_current_thread_urgent()
         target = self.target
         table = target.table.native
@@ -37,6 +40,9 @@ class FaultServer:
         minor_settle = int(self.path.name == "continue")
         while not target.stop.is_set():
             n = lib.pc_dp_fault_loop(table, int(self.spin), minor_settle, runs, self._MAX_RUNS)
+            if n == lib.PC_DP_LINK_LOST and link_lost is not None:
+                link_lost()
+                continue
             if n < 0:
                 message = ffi.string(lib.pc_dp_error()).decode(errors="replace")
                 raise UffdError(-n, "fault loop", message) if n > -4096 else native_error(n)
@@ -54,3 +60,24 @@ class FaultServer:
         rc = lib.pc_dp_zero_fill(self.target.table.native, page)
         if rc < 0:
             raise UffdError(-rc, "UFFDIO_ZEROPAGE", ffi.string(lib.pc_dp_error()).decode(errors="replace"))
+
+
+def lend_urgent(table: PageTable, urgent: Channel) -> None:
+    """Lend the send side of the destination's ``urgent`` channel to the table's fault
+    loop: it sends each request itself (C, no GIL), tagged with the channel's sealer and
+    its sequence numbers. The channel's send lock stays held (nothing else may send on
+    it) until :func:`take_urgent`. PageRequest is a self-loop of the session table in
+    every phase the destination may send it in, so these frames need no check there."""
+    urgent._send_lock.acquire()
+    sealer = urgent._sealer
+    lib.pc_dp_lend_urgent(table.native, urgent.sock.fileno(), sealer._ctx if sealer is not None else ffi.NULL,
+                          sealer.seq if sealer is not None else 0)
+
+
+def take_urgent(table: PageTable, urgent: Channel) -> None:
+    """Take back what :func:`lend_urgent` lent: the loop stops sending on it, and the
+    channel's sealer goes on from the loop's next sequence number."""
+    seq = lib.pc_dp_take_urgent(table.native)
+    if urgent._sealer is not None:
+        urgent._sealer.seq = seq
+    urgent._send_lock.release()
