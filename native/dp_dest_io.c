@@ -221,13 +221,12 @@ int pc_dp_fault_loop(struct pc_dp_table *t, int spin, int minor_settle, uint64_t
 	if (max_runs < EVENTS_PER_READ)
 		return dp_fail(-EINVAL, "the fault loop needs room for %d request runs", EVENTS_PER_READ);
 	while (!atomic_load(&t->stop)) {
-		if (!spin) {
-			int r = poll(&pfd, 1, 50);
-			if (r < 0 && errno != EINTR)
-				return dp_fail(-errno, "poll(userfaultfd): %s", strerror(errno));
-			if (r <= 0)
-				continue;
-		}
+		/* spin: poll without sleeping, and take the gate only when events wait */
+		int r = poll(&pfd, 1, spin ? 0 : 50);
+		if (r < 0 && errno != EINTR)
+			return dp_fail(-errno, "poll(userfaultfd): %s", strerror(errno));
+		if (r <= 0)
+			continue;
 		pthread_mutex_lock(&t->gate);
 		int n = pc_uffd_read_events(t->uffd, ev, EVENTS_PER_READ, 0);
 		int nmissing = n > 0 ? handle_events(t, ev, n, minor_settle, missing) : 0;

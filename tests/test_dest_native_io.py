@@ -19,7 +19,7 @@ from postcopy import report
 from postcopy._native import ffi, lib
 from postcopy.kernel.uffd import (PAGE_SIZE, Feature, MappingChangedError, Mode, Userfaultfd, address_of,
                                   supported_features)
-from postcopy.migration.faults import FaultServer, lend_urgent, take_urgent
+from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import CopyPath, InstallError, InstallTarget
 from postcopy.migration.pagetable import PRESENT, REMOVED, REQUESTED, ZERO, PageTable, StopEvent
 from postcopy.protocol import wire
@@ -279,10 +279,10 @@ def test_the_fault_loop_sends_requests_the_python_decoder_accepts(guest, authent
     """With the urgent channel lent, requests leave from C, tagged in sequence with the
     frames Python sent before; after it is taken back Python's sealer goes on from there."""
     g = guest()
-    lib.pc_dp_set_request_template(g.table.native, wire.PageRequest(first_page=0, npages=1).encode())
     dest, source = _channels(authenticated)
     dest.send(wire.PageRequest(first_page=1, npages=1))  # sequence 0, from Python
-    lend_urgent(g.table, dest)
+    lender = UrgentLender(g.table)
+    lender.lend(dest)
     readers = [Reader(g, 5), Reader(g, 6)]
     for reader in readers:
         reader.start()
@@ -294,7 +294,7 @@ def test_the_fault_loop_sends_requests_the_python_decoder_accepts(guest, authent
         g.path.install(5, 2, _pattern(5, 2), wire.Cause.DEMAND)
         for reader in readers:
             reader.join()
-    take_urgent(g.table, dest)
+    lender.take_back()
     dest.send(wire.PageRequest(first_page=9, npages=1))  # Python again, next sequence number
     assert source.recv() == wire.PageRequest(first_page=9, npages=1)
     assert server.requests == [] and lib.pc_dp_requests_sent(g.table.native) == 1
@@ -304,15 +304,16 @@ def test_the_fault_loop_sends_requests_the_python_decoder_accepts(guest, authent
 
 def test_a_failed_send_takes_the_channel_back_and_reports_the_link_lost(guest):
     g = guest()
-    lib.pc_dp_set_request_template(g.table.native, wire.PageRequest(first_page=0, npages=1).encode())
     dest, source = _channels(True)
     source.close()  # the link is gone
-    lend_urgent(g.table, dest)
+    lender = UrgentLender(g.table)
+    lender.lend(dest)
     lost = threading.Event()
-    server = FaultServer(g.target, g.path)
+    server = FaultServer(g.target, g.path, lender=lender)
 
     def link_lost() -> None:
-        take_urgent(g.table, dest)
+        assert dest._send_lock.acquire(blocking=False)  # taken back before the link is reported lost
+        dest._send_lock.release()
         lost.set()
         g.stop.set()
 
@@ -322,4 +323,5 @@ def test_a_failed_send_takes_the_channel_back_and_reports_the_link_lost(guest):
     thread.start()
     thread.join()
     assert lost.is_set() and g.table[3] == REQUESTED and g.table.waiting() == [3]
+    lender.take_back()  # a second take back does nothing
     dest.close()

@@ -18,7 +18,7 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
-from postcopy.migration.faults import FaultServer, lend_urgent, take_urgent
+from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
 from postcopy.migration.pagetable import REQUESTED, PageTable, StopEvent
@@ -83,8 +83,7 @@ class DestinationAgent:
         self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
         self._killed_guest = False
         self._listener: Listener | None = None
-        self._lent: Channel | None = None  # the urgent channel whose send side the fault loop holds
-        self._lend_lock = threading.Lock()
+        self._lender: UrgentLender | None = None  # lends the urgent channel's send side to the fault loop
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -184,9 +183,10 @@ class DestinationAgent:
                 self._path = make_install_path(self.config.install, self._target, info, fds)
             except ValueError as exc:
                 raise DestinationError(str(exc)) from None
-            self._fault_server = FaultServer(self._target, self._path, spin=self.config.fault_poll == "spin")
+            self._fault_server = FaultServer(self._target, self._path, spin=self.config.fault_poll == "spin",
+                                             lender=self._lender)
             self._main, self._urgent = main, urgent
-            self._lend_urgent(urgent)
+            self._lender.lend(urgent)  # the fault loop sends its requests itself
             figures = self._receive(guest, uffd)
             self._main.send(wire.Complete(info=figures))
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError, InstallError) as exc:
@@ -203,7 +203,8 @@ class DestinationAgent:
             raise
         finally:
             self._stop.set()
-            self._take_urgent()  # before its descriptor closes
+            if self._lender is not None:
+                self._lender.take_back()  # before its descriptor closes
             if self._watchdog is not None:
                 self._watchdog.close()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
@@ -229,8 +230,7 @@ class DestinationAgent:
         self.npages = layout.total_pages
         self.table = PageTable(self.npages, report.PAGE_CAUSES, self._timeline)
         self._stop.attach(self.table)
-        # The fault loop's requests are this frame with its page fields set (in C).
-        native.pc_dp_set_request_template(self.table.native, wire.PageRequest(first_page=0, npages=1).encode())
+        self._lender = UrgentLender(self.table, enabled=self.config.requests_in_c)
         # Precopy resends overwrite pages already installed: through the memfd, or the
         # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
         self._memfd = memfd
@@ -247,7 +247,7 @@ class DestinationAgent:
     def _receive(self, guest: GuestClient, uffd: Userfaultfd) -> dict:
         started = time.monotonic()
         faults = threading.Thread(target=self._guard, args=(self._fault_server.run, self._send_requests,
-                                                            self._requests_lost),
+                                                            self._link_lost),
                                   name="fault-server", daemon=True)
         faults.start()
         self._start_urgent_receiver()
@@ -405,7 +405,7 @@ class DestinationAgent:
             raise ChannelClosed("the link to the source broke")
         noticed = time.monotonic()
         self._link_broken.set()
-        self._take_urgent()  # before its descriptor closes
+        self._lender.take_back()  # before its descriptor closes
         for channel in (self._main, self._urgent):
             if channel is not None:
                 channel.close()
@@ -442,7 +442,7 @@ class DestinationAgent:
         for page in waiting:
             if self.table[page] == REQUESTED:
                 urgent.send(wire.PageRequest(first_page=page, npages=1))
-        self._lend_urgent(urgent)
+        self._lender.lend(urgent)  # the fault loop sends its requests itself
         self._recoveries.append((time.monotonic() - noticed) * 1e3)
         print(f"link recovered after {self._recoveries[-1]:.0f} ms; {len(outstanding)} runs outstanding",
               file=sys.stderr, flush=True)
@@ -474,28 +474,6 @@ class DestinationAgent:
                 urgent.send(wire.PageRequest(first_page=first, npages=count))
         except ChannelClosed:
             self._link_lost()
-
-    def _lend_urgent(self, urgent: Channel) -> None:
-        """From now on the fault loop sends its requests on ``urgent`` itself (see
-        :func:`postcopy.migration.faults.lend_urgent`)."""
-        if not self.config.requests_in_c:
-            return
-        with self._lend_lock:
-            lend_urgent(self.table, urgent)
-            self._lent = urgent
-
-    def _take_urgent(self) -> None:
-        """Take the urgent channel's send side back from the fault loop (idempotent)."""
-        with self._lend_lock:
-            urgent, self._lent = self._lent, None
-            if urgent is not None:
-                take_urgent(self.table, urgent)
-
-    def _requests_lost(self) -> None:
-        """The fault loop could not send a request (fault server thread): the link broke.
-        The pages stay REQUESTED; recovery asks for them again."""
-        self._take_urgent()
-        self._link_lost()
 
     def _receive_urgent(self, urgent: Channel) -> None:
         make_current_thread_urgent()

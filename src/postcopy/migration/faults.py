@@ -5,6 +5,7 @@ already installed, and marks the ranges the guest removes or unmaps (under the i
 gate, so that no install lands on them after the kernel's zap)."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from postcopy._native import ffi, lib
@@ -12,6 +13,7 @@ from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.kernel.uffd import UffdError
 from postcopy.migration.install import CopyPath, InstallTarget
 from postcopy.migration.pagetable import PageTable, native_error
+from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel
 
 
@@ -22,10 +24,12 @@ class FaultServer:
 
     _MAX_RUNS = 64  # one read of events at most
 
-    def __init__(self, target: InstallTarget, path: CopyPath, *, spin: bool = False) -> None:
+    def __init__(self, target: InstallTarget, path: CopyPath, *, spin: bool = False,
+                 lender: "UrgentLender | None" = None) -> None:
         self.target = target
         self.path = path
         self.spin = spin  # busy-poll the userfaultfd instead of sleeping in poll (experiments)
+        self.lender = lender  # takes the urgent channel back when the loop's own send failed
 
     def run(self, send_requests: Callable[[list[tuple[int, int]]], None],
             link_lost: Callable[[], None] | None = None) -> None:
@@ -41,7 +45,9 @@ class FaultServer:
         while not target.stop.is_set():
             n = lib.pc_dp_fault_loop(table, int(self.spin), minor_settle, runs, self._MAX_RUNS)
             if n == lib.PC_DP_LINK_LOST and link_lost is not None:
-                link_lost()
+                if self.lender is not None:
+                    self.lender.take_back()
+                link_lost()  # the pages stay REQUESTED: recovery asks for them again
                 continue
             if n < 0:
                 message = ffi.string(lib.pc_dp_error()).decode(errors="replace")
@@ -62,22 +68,40 @@ class FaultServer:
             raise UffdError(-rc, "UFFDIO_ZEROPAGE", ffi.string(lib.pc_dp_error()).decode(errors="replace"))
 
 
-def lend_urgent(table: PageTable, urgent: Channel) -> None:
-    """Lend the send side of the destination's ``urgent`` channel to the table's fault
-    loop: it sends each request itself (C, no GIL), tagged with the channel's sealer and
-    its sequence numbers. The channel's send lock stays held (nothing else may send on
-    it) until :func:`take_urgent`. PageRequest is a self-loop of the session table in
+class UrgentLender:
+    """Lends the send side of the destination's urgent channel to the table's fault
+    loop, which then sends each request itself (C, no GIL), tagged with the channel's
+    sealer at its sequence numbers. While lent, the channel's send lock stays held
+    (nothing else may send on it). PageRequest is a self-loop of the session table in
     every phase the destination may send it in, so these frames need no check there."""
-    urgent._send_lock.acquire()
-    sealer = urgent._sealer
-    lib.pc_dp_lend_urgent(table.native, urgent.sock.fileno(), sealer._ctx if sealer is not None else ffi.NULL,
-                          sealer.seq if sealer is not None else 0)
 
+    def __init__(self, table: PageTable, enabled: bool = True) -> None:
+        self.table = table
+        self.enabled = enabled  # False: requests go through Python (send_requests)
+        self._lent: Channel | None = None
+        self._lock = threading.Lock()
+        # The loop's requests are this frame with its page fields set (in C).
+        lib.pc_dp_set_request_template(table.native, wire.PageRequest(first_page=0, npages=1).encode())
 
-def take_urgent(table: PageTable, urgent: Channel) -> None:
-    """Take back what :func:`lend_urgent` lent: the loop stops sending on it, and the
-    channel's sealer goes on from the loop's next sequence number."""
-    seq = lib.pc_dp_take_urgent(table.native)
-    if urgent._sealer is not None:
-        urgent._sealer.seq = seq
-    urgent._send_lock.release()
+    def lend(self, urgent: Channel) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            urgent._send_lock.acquire()
+            sealer = urgent._sealer
+            lib.pc_dp_lend_urgent(self.table.native, urgent.sock.fileno(),
+                                  sealer._ctx if sealer is not None else ffi.NULL,
+                                  sealer.seq if sealer is not None else 0)
+            self._lent = urgent
+
+    def take_back(self) -> None:
+        """The loop stops sending; the channel's sealer goes on from the loop's next
+        sequence number (idempotent; call before the channel closes)."""
+        with self._lock:
+            urgent, self._lent = self._lent, None
+            if urgent is None:
+                return
+            seq = lib.pc_dp_take_urgent(self.table.native)
+            if urgent._sealer is not None:
+                urgent._sealer.seq = seq
+            urgent._send_lock.release()
