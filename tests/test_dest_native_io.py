@@ -162,10 +162,10 @@ def test_a_run_shorter_than_its_pages_is_refused(guest):
 class Server:
     """The fault server in a thread; requests are answered by installing the pages."""
 
-    def __init__(self, g: Guest) -> None:
+    def __init__(self, g: Guest, spin: bool = False) -> None:
         self.g = g
         self.requests: list[tuple[int, int]] = []
-        self.server = FaultServer(g.target, g.path)
+        self.server = FaultServer(g.target, g.path, spin=spin)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -204,10 +204,11 @@ def test_neighbouring_faults_of_one_batch_are_one_request(guest):
     assert g.table.pages["demand"] == 3 and len(g.table.faults) == 3
 
 
-def test_zero_pages_are_filled_in_c_and_never_asked_for(guest):
+@pytest.mark.parametrize("spin", [False, True], ids=["sleep", "spin"])
+def test_zero_pages_are_filled_in_c_and_never_asked_for(guest, spin):
     g = guest()
     g.table.mark_zero(20, 4)
-    with Server(g) as server:
+    with Server(g, spin) as server:
         reader = Reader(g, 20, 4)
         reader.start()
         reader.join()
