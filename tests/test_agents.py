@@ -67,6 +67,7 @@ def test_wrong_key_and_strangers_are_refused_and_the_destination_keeps_listening
     (["guest", "--ram", "1000001", "--steps", "1"], "page"),
     (["demo", "--ram", "12Q"], "12Q"),
     (["source", "--guest", "x", "--connect", "nohostport", "--key-file", "k"], "HOST:PORT"),
+    (["dest", "--listen", "127.0.0.1:1", "--key-file", "k", "--fault-poll", "busy"], "busy"),
 ])
 def test_bad_cli_input_is_one_clear_line_and_exit_2(argv, words):
     result = subprocess.run(_postcopy(*argv), capture_output=True, text=True, timeout=60)

@@ -77,6 +77,9 @@ def register(subparsers) -> None:
                      help="the incoming guest this agent starts: a process guest (default) or a KVM guest")
     dst.add_argument("--staging-pages", type=int, default=DEFAULT_STAGING_PAGES, metavar="N",
                      help=f"--install move: staging area of the incoming guest, in pages (default {DEFAULT_STAGING_PAGES})")
+    dst.add_argument("--fault-poll", choices=("sleep", "spin"), default="sleep",
+                     help="the fault loop sleeps in poll(2) (default) or busy-polls the userfaultfd "
+                          "(spin: for experiments; it keeps one CPU busy)")
     add_unsafe_option(dst)
     dst.set_defaults(func=run_dest)
 
@@ -200,7 +203,8 @@ def run_dest(args) -> int:
                                             backing=args.backing, guest_control=args.attach,
                                             recovery_timeout=args.recovery_timeout, install=args.install,
                                             staging_pages=args.staging_pages, guest_vm=args.vm,
-                                            frame_auth=not args.unsafe_no_frame_auth))
+                                            frame_auth=not args.unsafe_no_frame_auth,
+                                            fault_poll=args.fault_poll))
         try:
             agent.bind()
             print(f"listening on {format_endpoint(args.listen)}", flush=True)

@@ -18,10 +18,10 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
-from postcopy.migration.faults import FaultServer
+from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
-from postcopy.migration.pagetable import REQUESTED, PageTable
+from postcopy.migration.pagetable import REQUESTED, PageTable, StopEvent
 from postcopy._native import lib as native
 from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
@@ -49,6 +49,8 @@ class DestConfig:
     staging_pages: int = DEFAULT_STAGING_PAGES  # move: staging area of the guest this agent starts
     frame_auth: bool = True  # False is UNSAFE: only to measure what authentication costs
     guest_vm: str = "process"  # the guest this agent starts: process, or kvm (postcopy guest --vm)
+    fault_poll: str = "sleep"  # the fault loop: sleep in poll(2), or spin (busy-poll; experiments)
+    requests_in_c: bool = True  # the fault loop sends its requests itself (False: through Python)
 
 
 class DestinationAgent:
@@ -60,9 +62,7 @@ class DestinationAgent:
         self.guest_proc: subprocess.Popen | None = None
         self.final_hash: str | None = None
         self.final_max_step_gap_ns: int | None = None  # from the guest's last output line
-        # Installs and the reading of uffd events exclude each other (see InstallTarget).
-        self._gate = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = StopEvent()  # also stops the page table's C loops
         self._first_push_ns: int | None = None
         self._timeline = report.Timeline()
         self.table: PageTable | None = None  # page states, counts and fault latencies, from _setup
@@ -83,6 +83,7 @@ class DestinationAgent:
         self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
         self._killed_guest = False
         self._listener: Listener | None = None
+        self._lender: UrgentLender | None = None  # lends the urgent channel's send side to the fault loop
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -182,9 +183,10 @@ class DestinationAgent:
                 self._path = make_install_path(self.config.install, self._target, info, fds)
             except ValueError as exc:
                 raise DestinationError(str(exc)) from None
-            self._fault_server = FaultServer(self._target, self._path,
-                                       switched=lambda: self._timeline.switchover_ns is not None)
+            self._fault_server = FaultServer(self._target, self._path, spin=self.config.fault_poll == "spin",
+                                             lender=self._lender)
             self._main, self._urgent = main, urgent
+            self._lender.lend(urgent)  # the fault loop sends its requests itself
             figures = self._receive(guest, uffd)
             self._main.send(wire.Complete(info=figures))
         except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError, InstallError) as exc:
@@ -201,6 +203,8 @@ class DestinationAgent:
             raise
         finally:
             self._stop.set()
+            if self._lender is not None:
+                self._lender.take_back()  # before its descriptor closes
             if self._watchdog is not None:
                 self._watchdog.close()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
@@ -225,6 +229,8 @@ class DestinationAgent:
         self.page_size = layout.page_size
         self.npages = layout.total_pages
         self.table = PageTable(self.npages, report.PAGE_CAUSES, self._timeline)
+        self._stop.attach(self.table)
+        self._lender = UrgentLender(self.table, enabled=self.config.requests_in_c)
         # Precopy resends overwrite pages already installed: through the memfd, or the
         # guest's /proc/PID/mem for anonymous memory (the page is present: no fault).
         self._memfd = memfd
@@ -233,13 +239,15 @@ class DestinationAgent:
         else:
             self._ram_fd = os.open(f"/proc/{info['pid']}/mem", os.O_RDWR | os.O_CLOEXEC)
             self._ram_fd_base = self.base
-        self._target = InstallTarget(table=self.table, uffd=uffd, gate=self._gate, base=self.base,
+        # Installs and the reading of uffd events exclude each other (see InstallTarget).
+        self._target = InstallTarget(table=self.table, uffd=uffd, gate=self.table.gate, base=self.base,
                                      page_size=self.page_size, ram_fd=self._ram_fd,
                                      ram_fd_base=self._ram_fd_base, memfd=memfd, stop=self._stop)
 
     def _receive(self, guest: GuestClient, uffd: Userfaultfd) -> dict:
         started = time.monotonic()
-        faults = threading.Thread(target=self._guard, args=(self._fault_server.run, self._send_requests),
+        faults = threading.Thread(target=self._guard, args=(self._fault_server.run, self._send_requests,
+                                                            self._link_lost),
                                   name="fault-server", daemon=True)
         faults.start()
         self._start_urgent_receiver()
@@ -287,6 +295,7 @@ class DestinationAgent:
         max_gap_ns = self._max_step_gap(guest)
         guest.close()
         fault_times = self.table.faults
+        self.table.sync_timeline()
         latencies = [us for _, us in fault_times]
         push_from = self._first_push_ns or time.monotonic_ns()
         downtime_ms = None
@@ -337,6 +346,9 @@ class DestinationAgent:
         self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
                                          in_contact=lambda: not self._link_broken.is_set())
         self._watchdog.arm()
+        # Every event of the discard was read (madvise waits for that): what the guest
+        # removes from now on is its own.
+        self.table.switched()
         resumed = guest.resume()
         self._switched = True
         self._timeline.switchover_ns = time.monotonic_ns()
@@ -393,6 +405,7 @@ class DestinationAgent:
             raise ChannelClosed("the link to the source broke")
         noticed = time.monotonic()
         self._link_broken.set()
+        self._lender.take_back()  # before its descriptor closes
         for channel in (self._main, self._urgent):
             if channel is not None:
                 channel.close()
@@ -429,6 +442,7 @@ class DestinationAgent:
         for page in waiting:
             if self.table[page] == REQUESTED:
                 urgent.send(wire.PageRequest(first_page=page, npages=1))
+        self._lender.lend(urgent)  # the fault loop sends its requests itself
         self._recoveries.append((time.monotonic() - noticed) * 1e3)
         print(f"link recovered after {self._recoveries[-1]:.0f} ms; {len(outstanding)} runs outstanding",
               file=sys.stderr, flush=True)
@@ -449,14 +463,15 @@ class DestinationAgent:
             guest.discard([(first * ps, count * ps) for first, count in runs])
         self.table.discard(runs)
 
-    def _send_requests(self, pages: list[int]) -> None:
-        """Ask the source for pages the guest faulted on (fault server thread)."""
+    def _send_requests(self, runs: list[tuple[int, int]]) -> None:
+        """Ask the source for the runs (first, count) of pages the guest faulted on
+        (fault server thread)."""
         urgent = self._urgent
         if urgent is None:
             return  # recovering: these pages are asked for again once reconnected
         try:
-            for page in pages:
-                urgent.send(wire.PageRequest(first_page=page, npages=1))
+            for first, count in runs:
+                urgent.send(wire.PageRequest(first_page=first, npages=count))
         except ChannelClosed:
             self._link_lost()
 

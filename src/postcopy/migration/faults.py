@@ -1,85 +1,59 @@
 """The destination's fault server: reads the incoming guest's userfaultfd events in
-batches, asks for each missing page once, answers pages known to be zero with
-UFFDIO_ZEROPAGE, and marks the ranges the guest removes or unmaps (under the install
+batches, asks for each missing page once (neighbouring pages of one batch in one
+request), answers pages known to be zero with UFFDIO_ZEROPAGE, wakes threads on pages
+already installed, and marks the ranges the guest removes or unmaps (under the install
 gate, so that no install lands on them after the kernel's zap)."""
 from __future__ import annotations
 
-import select
-import time
+import threading
 from typing import Callable
 
+from postcopy._native import ffi, lib
 from postcopy.kernel.priority import make_current_thread_urgent
-from postcopy.kernel.uffd import EventKind, PageExistsError
+from postcopy.kernel.uffd import UffdError
 from postcopy.migration.install import CopyPath, InstallTarget
-from postcopy.migration.pagetable import MISSING, PRESENT, REMOVED, REQUESTED, ZERO
+from postcopy.migration.pagetable import PageTable, native_error
+from postcopy.protocol import wire
+from postcopy.protocol.channel import Channel
 
 
 class FaultServer:
-    """Serves the guest's faults for one migration (see :meth:`run`)."""
+    """Serves the guest's faults for one migration (see :meth:`run`). The loop itself
+    runs in C without the GIL (``pc_dp_fault_loop`` in native/dp_dest_io.c); Python only
+    sends the requests it hands back."""
 
-    def __init__(self, target: InstallTarget, path: CopyPath, *, switched: Callable[[], bool]) -> None:
+    _MAX_RUNS = 64  # one read of events at most
+
+    def __init__(self, target: InstallTarget, path: CopyPath, *, spin: bool = False,
+                 lender: "UrgentLender | None" = None) -> None:
         self.target = target
         self.path = path
-        self._switched = switched  # whether the guest runs here yet (removals before are the discard's)
+        self.spin = spin  # busy-poll the userfaultfd instead of sleeping in poll (experiments)
+        self.lender = lender  # takes the urgent channel back when the loop's own send failed
 
-    def run(self, send_requests: Callable[[list[int]], None]) -> None:
-        """Serve until the target's stop event is set; ``send_requests`` asks the
-        source for the pages a fault event found missing."""
+    def run(self, send_requests: Callable[[list[tuple[int, int]]], None],
+            link_lost: Callable[[], None] | None = None) -> None:
+        """Serve until the target's stop event is set. The runs (first, count) of pages
+        fault events found missing (neighbours coalesced) are sent by the loop itself
+        on the urgent channel lent to it (``pc_dp_lend_urgent``), else handed to
+        ``send_requests``; ``link_lost`` is called when the loop's own send failed."""
         make_current_thread_urgent()
         target = self.target
-        poller = select.poll()
-        poller.register(target.uffd.fileno(), select.POLLIN)
+        table = target.table.native
+        runs = ffi.new("uint64_t[]", 2 * self._MAX_RUNS)
+        minor_settle = int(self.path.name == "continue")
         while not target.stop.is_set():
-            if not poller.poll(50):
+            n = lib.pc_dp_fault_loop(table, int(self.spin), minor_settle, runs, self._MAX_RUNS)
+            if n == lib.PC_DP_LINK_LOST and link_lost is not None:
+                if self.lender is not None:
+                    self.lender.take_back()
+                link_lost()  # the pages stay REQUESTED: recovery asks for them again
                 continue
-            with target.gate:
-                requests = self._read_events()
-            if requests:
-                send_requests(requests)
-
-    def _read_events(self) -> list[int]:
-        """One batch of events (gate held); returns the pages to ask the source for."""
-        target, table = self.target, self.target.table
-        ps, base = target.page_size, target.base
-        requests, zero_fills, settles = [], [], []
-        events = target.uffd.read_events(64, timeout=0)
-        now = time.monotonic_ns()
-        for event in events:
-            if event.kind in (EventKind.REMOVE, EventKind.UNMAP):
-                self.removed(event.address, event.end)
-                continue
-            if event.kind is not EventKind.PAGEFAULT:
-                continue
-            page = (event.address - base) // ps
-            if not 0 <= page < table.npages:
-                continue
-            if event.minor and table[page] not in (MISSING, REQUESTED):
-                # Continue path: the page cache holds this page's truth (our data, or
-                # the guest's own page): map it, no source data needed.
-                settles.append(page)
-                continue
-            state = table.fault(page, now)
-            if state == MISSING:
-                requests.append(page)
-            elif state in (ZERO, REMOVED):
-                zero_fills.append(page)
-            elif state == PRESENT:
-                target.uffd.wake(base + page * ps, ps)
-        for page in zero_fills:
-            self.zero_fill(page)
-        for page in settles:
-            self.path.settle(base + page * ps)
-        return requests
-
-    def removed(self, start: int, end: int) -> None:
-        """The guest dropped [start, end): those pages now read as zeros, whatever the
-        source held (called with the gate held, before the kernel's zap)."""
-        target = self.target
-        ps = target.page_size
-        first = max(0, (start - target.base) // ps)
-        last = min(target.table.npages, -(-(end - target.base) // ps))
-        if first < last:
-            target.table.removed(first, last, by_guest=self._switched())
+            if n < 0:
+                message = ffi.string(lib.pc_dp_error()).decode(errors="replace")
+                raise UffdError(-n, "fault loop", message) if n > -4096 else native_error(n)
+            if n:
+                send_requests([(runs[2 * i], runs[2 * i + 1]) for i in range(n)])
 
     def mark_zero(self, first: int, npages: int) -> None:
         """Pages that hold only zeros: nothing crosses the wire for them. Threads already
@@ -89,10 +63,45 @@ class FaultServer:
 
     def zero_fill(self, page: int) -> None:
         """Map a zero page at ``page`` (or wake its thread if it is mapped already)."""
-        target = self.target
-        addr = target.base + page * target.page_size
-        try:
-            target.uffd.zeropage(addr, target.page_size)
-        except PageExistsError:
-            target.uffd.wake(addr, target.page_size)
-        target.table.woken(page, time.monotonic_ns())
+        rc = lib.pc_dp_zero_fill(self.target.table.native, page)
+        if rc < 0:
+            raise UffdError(-rc, "UFFDIO_ZEROPAGE", ffi.string(lib.pc_dp_error()).decode(errors="replace"))
+
+
+class UrgentLender:
+    """Lends the send side of the destination's urgent channel to the table's fault
+    loop, which then sends each request itself (C, no GIL), tagged with the channel's
+    sealer at its sequence numbers. While lent, the channel's send lock stays held
+    (nothing else may send on it). PageRequest is a self-loop of the session table in
+    every phase the destination may send it in, so these frames need no check there."""
+
+    def __init__(self, table: PageTable, enabled: bool = True) -> None:
+        self.table = table
+        self.enabled = enabled  # False: requests go through Python (send_requests)
+        self._lent: Channel | None = None
+        self._lock = threading.Lock()
+        # The loop's requests are this frame with its page fields set (in C).
+        lib.pc_dp_set_request_template(table.native, wire.PageRequest(first_page=0, npages=1).encode())
+
+    def lend(self, urgent: Channel) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            urgent._send_lock.acquire()
+            sealer = urgent._sealer
+            lib.pc_dp_lend_urgent(self.table.native, urgent.sock.fileno(),
+                                  sealer._ctx if sealer is not None else ffi.NULL,
+                                  sealer.seq if sealer is not None else 0)
+            self._lent = urgent
+
+    def take_back(self) -> None:
+        """The loop stops sending; the channel's sealer goes on from the loop's next
+        sequence number (idempotent; call before the channel closes)."""
+        with self._lock:
+            urgent, self._lent = self._lent, None
+            if urgent is None:
+                return
+            seq = lib.pc_dp_take_urgent(self.table.native)
+            if urgent._sealer is not None:
+                urgent._sealer.seq = seq
+            urgent._send_lock.release()

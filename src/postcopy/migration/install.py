@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from postcopy.protocol import wire
 from postcopy.kernel.uffd import (Feature, MappingChangedError, PageExistsError, UffdError, Userfaultfd,
                                   address_of)
-from postcopy.migration.pagetable import PRESENT, REMOVED, ZERO, PageTable
+from postcopy._native import ffi, lib
+from postcopy.migration.pagetable import PRESENT, REMOVED, ZERO, IllegalTransition, PageTable
 
 INSTALL_PATHS = ("copy", "continue", "move")
 DEFAULT_STAGING_PAGES = 512  # two slots of one 1 MiB pushed run each (4 KiB pages)
@@ -66,13 +67,18 @@ class InstallTarget:
 
     table: PageTable
     uffd: Userfaultfd
-    gate: threading.Lock
+    gate: "PageTable.gate"  # the table's C mutex (a context manager)
     base: int  # address of page 0 in the guest
     page_size: int
     ram_fd: int  # writes installed pages in place: the memfd, or the guest's /proc/PID/mem
     ram_fd_base: int  # ram_fd offset of page 0
     memfd: int | None
     stop: threading.Event  # set when the migration ends: errors are no longer retried
+
+    def __post_init__(self) -> None:
+        # The C install and fault loops work on the table's copy of these.
+        lib.pc_dp_attach(self.table.native, self.uffd.fileno(), self.base, self.page_size, self.ram_fd,
+                         self.ram_fd_base, -1 if self.memfd is None else self.memfd)
 
 _BACKING = {"continue": "memfd", "move": "anon"}
 _FEATURE = {"continue": Feature.MINOR_SHMEM, "move": Feature.MOVE}
@@ -139,7 +145,9 @@ def make_install_path(path: str, target: InstallTarget, info: dict, fds: dict[st
 
 
 class CopyPath:
-    """UFFDIO_COPY straight from the received frame (the tested default)."""
+    """UFFDIO_COPY straight from the received frame (the tested default). The whole
+    gated loop runs in C without the GIL (``pc_dp_install_copy`` in native/dp_dest_io.c:
+    the same steps as :meth:`_install_gated` with :meth:`_copy_piece`)."""
 
     name = "copy"
 
@@ -148,7 +156,15 @@ class CopyPath:
 
     def install(self, first: int, npages: int, data, cause: wire.Cause) -> None:
         """Install the run [first, first+npages) whose bytes are ``data``."""
-        self._install_gated(first, npages, data, cause, address_of(data), self._copy_piece)
+        table = self.target.table
+        view = ffi.from_buffer(data)  # pins data for the call
+        if len(view) < npages * self.target.page_size:
+            raise InstallError(f"run of pages {first}+{npages} carries {len(view)} bytes, too few")
+        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
+        rc = lib.pc_dp_install_copy(table.native, first, npages, int(ffi.cast("uintptr_t", view)),
+                                    table.cause_index(CAUSE_NAMES.get(cause, "pushed")), int(overwrite))
+        if rc < 0:
+            raise install_error(rc)
 
     def settle(self, addr: int) -> None:
         """A fault on a page that needs no data from the source (already installed, or
@@ -234,6 +250,20 @@ class CopyPath:
 
     def _installed(self, first: int, count: int, cause: wire.Cause) -> None:
         self.target.table.installed(first, count, CAUSE_NAMES.get(cause, "pushed"), time.monotonic_ns())
+
+
+def install_error(rc: int) -> Exception:
+    """The exception for a failed C install (``rc`` < 0), as the Python path raises."""
+    message = ffi.string(lib.pc_dp_error()).decode(errors="replace")
+    if rc == lib.PC_DP_STUCK:
+        return InstallError(message)
+    if rc == lib.PC_DP_ILLEGAL:
+        return IllegalTransition(message)
+    if rc in (-errno.EAGAIN, -errno.ENOENT):
+        return MappingChangedError(-rc, "UFFDIO_COPY", message)
+    if message.startswith("UFFDIO_"):
+        return UffdError(-rc, "UFFDIO_COPY", message)
+    return OSError(-rc, message)
 
 
 class ContinuePath(CopyPath):

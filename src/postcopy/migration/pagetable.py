@@ -3,6 +3,10 @@ between states, the count of pages in, and the waiters' fault latencies, all beh
 one lock (sans-IO: no userfaultfd, no socket; see :mod:`postcopy.migration.faults`
 and :mod:`postcopy.migration.install` for who drives it).
 
+The table itself lives in C (``native/dp_dest.c``) so that installs and the fault loop
+update it without the GIL; :class:`PageTable` is its Python face. The legal moves are
+defined here once (:data:`LEGAL`) and handed to C at creation.
+
 A page is *in* when it is PRESENT (installed), ZERO (known to hold only zeros: the
 kernel fills it) or REMOVED (the guest dropped it: it reads zeros). Every non-zero page
 is in when the count reaches the page total, and :attr:`PageTable.all_in` is set.
@@ -10,9 +14,11 @@ is in when the count reaches the page total, and :attr:`PageTable.all_in` is set
 from __future__ import annotations
 
 import enum
-import functools
+import errno
 import threading
-from typing import Iterator, Protocol
+from typing import Protocol
+
+from postcopy._native import ffi, lib
 
 
 class PageState(enum.IntEnum):
@@ -47,44 +53,120 @@ def is_legal(old: PageState, new: PageState) -> bool:
     return new in LEGAL[old]
 
 
-@functools.lru_cache(maxsize=32)
-def _flags(states: frozenset) -> bytes:
-    """A bytes.translate table: 1 for each state in ``states``, 0 otherwise."""
-    return bytes(1 if i in states else 0 for i in range(256))
-
-
-# Per target state: 1 for every state that may not move there (checked in C by translate).
-_ILLEGAL_FROM = {new: _flags(frozenset(old for old in PageState if not is_legal(old, new))) for new in PageState}
-_NOT_IN = _flags(frozenset({MISSING, REQUESTED}))
-_IS_IN = _flags(IN)
-
-
 class IllegalTransition(RuntimeError):
     """A page was asked to move between states the table does not allow."""
 
 
 class Timeline(Protocol):
-    def add(self, cause: str, pages: int, now_ns: int | None = None) -> None: ...
+    """Pages installed per time bucket, by cause (report.Timeline): the table counts
+    them in C from ``start_ns`` in buckets of ``bucket_ns`` and writes ``series``
+    (see :meth:`PageTable.sync_timeline`)."""
+
+    start_ns: int
+    bucket_ns: int
+    series: dict[str, list[int]]
+
+
+def _flags(states) -> bytes:
+    """A bytes.translate table: 1 for each state in ``states``, 0 otherwise."""
+    wanted = frozenset(states)
+    return bytes(1 if i in wanted else 0 for i in range(256))
+
+
+def _legal_matrix() -> bytes:
+    return bytes(1 if is_legal(old, new) else 0 for old in PageState for new in PageState)
+
+
+def native_error(rc: int, what: str = "page table") -> Exception:
+    """The exception for a failed dp_dest call's code (``rc`` < 0)."""
+    message = ffi.string(lib.pc_dp_error()).decode(errors="replace")
+    if rc == lib.PC_DP_ILLEGAL:
+        return IllegalTransition(message)
+    if rc == -errno.ENOMEM:
+        return MemoryError(message)
+    if rc == -errno.EINVAL:
+        return IndexError(f"{what}: {message}")
+    return OSError(-rc, message)
+
+
+class _Mutex:
+    """A C mutex as a context manager (taken with the GIL released)."""
+
+    def __init__(self, lock, unlock, table) -> None:
+        self._lock, self._unlock, self._table = lock, unlock, table
+
+    def acquire(self) -> bool:
+        self._lock(self._table)
+        return True
+
+    def release(self) -> None:
+        self._unlock(self._table)
+
+    def __enter__(self) -> "_Mutex":
+        self._lock(self._table)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unlock(self._table)
+
+
+class _AllIn:
+    """Whether every page is in (PRESENT, ZERO or REMOVED), as a read-only event."""
+
+    def __init__(self, table) -> None:
+        self._table = table
+
+    def is_set(self) -> bool:
+        return bool(lib.pc_dp_all_in(self._table))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: for ever) until every page is in."""
+        while True:
+            step = 1000 if timeout is None else max(0, min(1000, int(timeout * 1000)))
+            if lib.pc_dp_wait_all_in(self._table, step):
+                return True
+            if timeout is not None:
+                timeout -= step / 1000
+                if timeout <= 0:
+                    return False
+
+
 
 
 class PageTable:
     """States of ``npages`` pages (all MISSING at first). Thread-safe: every method
-    takes the table's lock. ``timeline`` (optional) gets every install and zero mark,
-    under that lock."""
+    takes the table's lock (a C mutex). ``timeline`` (optional) gets every install and
+    zero mark; :meth:`sync_timeline` writes them into it. ``gate`` is the install gate
+    (see :class:`postcopy.migration.install.InstallTarget`)."""
 
     def __init__(self, npages: int, causes: tuple[str, ...] = (), timeline: Timeline | None = None) -> None:
         self.npages = npages
-        self._state = bytearray(npages)
-        self._lock = threading.Lock()
-        self._in = 0
+        self._causes: dict[str, int] = {}
+        for cause in (*causes, "zero"):
+            self._cause(cause)
+        self._declared = tuple(causes)
         self._timeline = timeline
-        self.all_in = threading.Event()
-        if npages == 0:
-            self.all_in.set()
-        self.pages = {cause: 0 for cause in causes}  # pages in, by cause
-        self.removed_by_guest = 0  # pages the guest dropped after the switchover
-        self._waiting: dict[int, int] = {}  # page -> ns its fault was read
-        self.faults: list[tuple[int, float]] = []  # (ns the fault was read, µs to wake)
+        start, bucket = (timeline.start_ns, timeline.bucket_ns) if timeline is not None else (0, 0)
+        raw = lib.pc_dp_table_new(npages, _legal_matrix(), self._causes["zero"], start, bucket)
+        if raw == ffi.NULL:
+            raise MemoryError(f"no memory for the page table of {npages} pages")
+        self.native = ffi.gc(raw, lib.pc_dp_table_free)
+        self._state = memoryview(ffi.buffer(lib.pc_dp_states(raw), max(npages, 1)))[:npages]
+        self._lock = _Mutex(lib.pc_dp_lock, lib.pc_dp_unlock, raw)
+        self.gate = _Mutex(lib.pc_dp_gate_lock, lib.pc_dp_gate_unlock, raw)
+        self.all_in = _AllIn(raw)
+
+    def _cause(self, cause: str) -> int:
+        index = self._causes.get(cause)
+        if index is None:
+            if len(self._causes) >= lib.PC_DP_MAX_CAUSES:
+                raise ValueError(f"page cause {cause!r}: the table counts at most {lib.PC_DP_MAX_CAUSES} causes")
+            index = self._causes[cause] = len(self._causes)
+        return index
+
+    def cause_index(self, cause: str) -> int:
+        """The C index of a page cause (for :func:`lib.pc_dp_install_copy`)."""
+        return self._cause(cause)
 
     # -- reading ---------------------------------------------------------------------
     def __getitem__(self, page: int) -> PageState:
@@ -96,15 +178,37 @@ class PageTable:
     @property
     def count_in(self) -> int:
         """Pages PRESENT, ZERO or REMOVED."""
-        return self._in
+        return lib.pc_dp_count_in(self.native)
+
+    @property
+    def pages(self) -> dict[str, int]:
+        """Pages in, by cause (a snapshot)."""
+        names = list(dict.fromkeys((*self._declared, *self._causes)))
+        if "zero" not in self._declared and not lib.pc_dp_pages(self.native, self._causes["zero"]):
+            names.remove("zero")
+        return {cause: lib.pc_dp_pages(self.native, self._causes[cause]) for cause in names}
+
+    @property
+    def removed_by_guest(self) -> int:
+        """Pages the guest dropped after the switchover."""
+        return lib.pc_dp_removed_by_guest(self.native)
+
+    @property
+    def faults(self) -> list[tuple[int, float]]:
+        """(ns the fault was read, µs to wake), one per wait (a snapshot)."""
+        n = lib.pc_dp_nfaults(self.native)
+        ns, us = ffi.new("int64_t[]", max(n, 1)), ffi.new("double[]", max(n, 1))
+        n = lib.pc_dp_faults(self.native, 0, ns, us, n)
+        return list(zip(ns[0:n], us[0:n]))
 
     def find(self, state: PageState, lo: int, hi: int) -> int:
         """First page of [lo, hi) in ``state``, or -1."""
-        return self._state.find(state, lo, hi)
+        hit = self._state[lo:hi].tobytes().find(state)
+        return hit if hit < 0 else lo + hit
 
     def first_of(self, states, lo: int, hi: int) -> int:
         """Offset from ``lo`` of the first page of [lo, hi) in one of ``states``, or -1."""
-        return self._state[lo:hi].translate(_flags(frozenset(states))).find(1)
+        return self._state[lo:hi].tobytes().translate(_flags(states)).find(1)
 
     def run_of(self, state: PageState, page: int, end: int) -> int:
         """Length of the run of pages in ``state`` from ``page`` (at least 1: the
@@ -117,7 +221,7 @@ class PageTable:
     def runs(self, states) -> list[tuple[int, int]]:
         """Runs (first, count) of pages whose state is one of ``states``."""
         with self._lock:
-            flags = self._state.translate(_flags(frozenset(states)))
+            flags = self._state.tobytes().translate(_flags(states))
         runs, pos = [], 0
         while True:
             first = flags.find(1, pos)
@@ -128,80 +232,69 @@ class PageTable:
             runs.append((first, end - first))
             pos = end
 
+    def waiting(self, lo: int = 0, hi: int | None = None) -> list[int]:
+        """Pages of [lo, hi) threads wait on (their fault was read, not yet woken)."""
+        hi = self.npages if hi is None else hi
+        cap = 64
+        while True:
+            out = ffi.new("uint64_t[]", cap)
+            n = lib.pc_dp_waiting(self.native, lo, hi, out, cap)
+            if n <= cap:
+                return list(out[0:n])
+            cap = n + 64
+
     def outstanding(self) -> tuple[list[tuple[int, int]], list[int]]:
         """After a link loss: the runs not in yet, and the pages threads wait on."""
-        with self._lock:
-            waiting = sorted(self._waiting)
-        return self.runs((MISSING, REQUESTED)), waiting
+        return self.runs((MISSING, REQUESTED)), sorted(self.waiting())
+
+    def sync_timeline(self) -> None:
+        """Write the pages installed per bucket into the timeline given at creation."""
+        if self._timeline is None:
+            return
+        n = lib.pc_dp_timeline_len(self.native)
+        out = ffi.new("uint64_t[]", max(n, 1))
+        series = self._timeline.series
+        for cause in dict.fromkeys((*series, *self._causes)):
+            if cause in self._causes:
+                got = lib.pc_dp_timeline(self.native, self._causes[cause], out, n)
+                series[cause] = list(out[0:got])
+            else:
+                series[cause] = [0] * n
 
     # -- transitions -----------------------------------------------------------------
+    def _check(self, rc: int) -> int:
+        if rc < 0:
+            raise native_error(rc)
+        return rc
+
     def _move(self, lo: int, hi: int, new: PageState) -> int:
         """Move [lo, hi) to ``new`` (lock held); returns how many pages came in."""
-        part = self._state[lo:hi]
-        bad = part.translate(_ILLEGAL_FROM[new]).find(1)
-        if bad >= 0:
-            raise IllegalTransition(f"page {lo + bad}: {PageState(part[bad]).name} -> {new.name} is not allowed")
-        came_in = part.translate(_NOT_IN).count(1) if new in IN else 0
-        went_out = part.translate(_IS_IN).count(1) if new not in IN else 0
-        self._state[lo:hi] = bytes([new]) * (hi - lo)
-        self._in += came_in - went_out
-        if self._in >= self.npages:
-            self.all_in.set()
-        elif went_out:
-            self.all_in.clear()
-        return came_in
-
-    def _woken(self, page: int, now: int) -> None:
-        started = self._waiting.pop(page, None)
-        if started is not None:
-            self.faults.append((started, (now - started) / 1e3))
+        return self._check(lib.pc_dp_move_locked(self.native, lo, hi, new))
 
     def fault(self, page: int, now: int) -> PageState:
         """A guest thread faulted on ``page`` at ``now`` (ns): its wait is timed
         unless the page is installed or asked for; a MISSING page becomes REQUESTED.
         Returns the state the page was in."""
-        with self._lock:
-            state = PageState(self._state[page])
-            if state in (MISSING, ZERO, REMOVED) and page not in self._waiting:
-                self._waiting[page] = now
-            if state == MISSING:
-                self._move(page, page + 1, REQUESTED)
-            return state
+        return PageState(self._check(lib.pc_dp_fault(self.native, page, now)))
 
     def installed(self, first: int, count: int, cause: str, now: int) -> None:
         """Pages [first, first+count) are installed (by ``cause``); their waiters woke."""
-        end = first + count
-        with self._lock:
-            self._move(first, end, PRESENT)
-            self.pages[cause] = self.pages.get(cause, 0) + count
-            if self._timeline is not None:
-                self._timeline.add(cause, count, now)
-            if self._waiting:
-                for page in [p for p in self._waiting if first <= p < end]:
-                    self._woken(page, now)
+        self._check(lib.pc_dp_installed(self.native, first, count, self._cause(cause), now))
 
     def woken(self, page: int, now: int) -> None:
         """The thread waiting on ``page`` (if any) was woken at ``now``."""
-        with self._lock:
-            self._woken(page, now)
+        lib.pc_dp_woken(self.native, page, now)
 
     def mark_zero(self, first: int, count: int) -> list[int]:
         """Pages [first, first+count) hold only zeros (installed ones stay as they are).
         Returns the pages threads already wait on (they need a UFFDIO_ZEROPAGE now)."""
-        end = first + count
-        with self._lock:
-            new = sum(self._move(lo, hi, ZERO) for lo, hi in self._spans_not(PRESENT, first, end))
-            self.pages["zero"] = self.pages.get("zero", 0) + new
-            if self._timeline is not None:
-                self._timeline.add("zero", new)
-            return [p for p in self._waiting if first <= p < end]
+        out = ffi.new("uint64_t[]", 64)
+        n = self._check(lib.pc_dp_mark_zero(self.native, first, count, out, 64))
+        return list(out[0:n]) if n <= 64 else self.waiting(first, first + count)
 
     def removed(self, first: int, end: int, *, by_guest: bool) -> None:
         """The guest dropped [first, end): those pages read zeros from now on."""
-        with self._lock:
-            self._move(first, end, REMOVED)
-            if by_guest:
-                self.removed_by_guest += end - first
+        self._check(lib.pc_dp_removed(self.native, first, end, int(by_guest)))
 
     def discard(self, runs) -> None:
         """Hybrid: these runs (first, count) are dropped to be sent again: MISSING."""
@@ -209,14 +302,29 @@ class PageTable:
             for first, count in runs:
                 self._move(first, first + count, MISSING)
 
-    def _spans_not(self, state: PageState, first: int, end: int) -> Iterator[tuple[int, int]]:
-        """Sub-ranges of [first, end) whose pages are not in ``state``."""
-        pos = first
-        while pos < end:
-            hit = self._state.find(state, pos, end)
-            if hit < 0:
-                yield pos, end
-                return
-            if hit > pos:
-                yield pos, hit
-            pos = hit + 1
+    def switched(self) -> None:
+        """The guest runs here from now on: what it removes counts as removed by it."""
+        lib.pc_dp_set_switched(self.native)
+
+    def stop(self) -> None:
+        """The migration ends: C loops return, a changing mapping is no longer retried."""
+        lib.pc_dp_set_stop(self.native)
+
+
+class StopEvent(threading.Event):
+    """The migration's stop event; setting it also stops the C loops of the tables
+    attached to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tables: list[PageTable] = []
+
+    def attach(self, table: PageTable) -> None:
+        self._tables.append(table)
+        if self.is_set():
+            table.stop()
+
+    def set(self) -> None:
+        super().set()
+        for table in self._tables:
+            table.stop()
