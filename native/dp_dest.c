@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "dp_dest.h"
 #include "dp_dest_internal.h"
 
 static const char *const state_names[PC_DP_NSTATES] = {"MISSING", "REQUESTED", "PRESENT", "ZERO", "REMOVED"};

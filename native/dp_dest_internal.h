@@ -7,7 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "dp_dest.h"
+#include "dp_dest_limits.h"
+
+struct pc_frame_auth;
 
 enum { DP_MISSING, DP_REQUESTED, DP_PRESENT, DP_ZERO, DP_REMOVED };
 

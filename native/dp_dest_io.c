@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "dp_dest.h"
 #include "dp_dest_internal.h"
 #include "frame_auth.h"
 #include "uffd_ops.h"
