@@ -108,7 +108,7 @@ def test_progress_line_only_on_a_terminal_or_when_asked(bed, tmp_path, forced):
 
 
 def test_faults_within_the_first_second_are_counted_from_the_switchover():
-    from postcopy.migration.destination import _faults_within
+    from postcopy.migration.destreport import faults_within as _faults_within
 
     faults = [(100, 5.0), (1_000_000_099, 7.0), (1_000_000_100, 9.0), (50, 1.0)]
     assert _faults_within(faults, 100, 1_000_000_000) == 2  # [100, 100 + 1 s)

@@ -27,7 +27,7 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # Over the limits today, in a package under rework elsewhere: listed so that nothing
 # else grows past them unseen.
-KNOWN_OVERSIZE = {"postcopy.migration.destination", "postcopy.migration.destination._receive"}
+KNOWN_OVERSIZE: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -16,7 +16,7 @@ import pytest
 from test_failures import PARAMS, Migration, _pid_gone
 from postcopy.guest import GuestClient, GuestError, GuestParams, reference_hash, wait_for_control
 from postcopy.kernel.dirtylog import available_backends
-from postcopy.migration.destination import _die_with
+from postcopy.kernel.process import die_with_parent as _die_with
 
 # Every page written before the move (sequential), parked a few thousand steps before
 # its end, so it finishes on the destination long before the pusher is done.
@@ -176,7 +176,7 @@ def test_child_dies_with_the_agent_that_started_it(tmp_path):
     parent that died before the prctl is caught by the getppid() check."""
     agent = subprocess.Popen([sys.executable, "-c", (
         "import os, subprocess, sys, time\n"
-        "from postcopy.migration.destination import _die_with\n"
+        "from postcopy.kernel.process import die_with_parent as _die_with\n"
         "child = subprocess.Popen(['sleep', '600'], preexec_fn=_die_with(os.getpid()))\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)

@@ -6,7 +6,6 @@ is unregistered once every page is in."""
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from postcopy.migration.pagetable import REQUESTED, PageTable, StopEvent
 from postcopy._native import lib as native
 from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
+from postcopy.kernel.process import die_with_parent
+from postcopy.migration.destreport import ReceiveFacts, receive_figures
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
 from postcopy.migration.listener import AcceptTimeout, Listener
@@ -120,7 +121,7 @@ class DestinationAgent:
                 *guest_options(self.config.install, self.config.staging_pages),
                 *(["--vm", self.config.guest_vm] if self.config.guest_vm != "process" else [])]
         self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
-                                           preexec_fn=_die_with(os.getpid()))
+                                           preexec_fn=die_with_parent(os.getpid()))
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
         wait_for_control(control, timeout=30, proc=self.guest_proc)
         return control
@@ -294,43 +295,10 @@ class DestinationAgent:
         first_step = self._first_step(guest)
         max_gap_ns = self._max_step_gap(guest)
         guest.close()
-        fault_times = self.table.faults
-        self.table.sync_timeline()
-        latencies = [us for _, us in fault_times]
-        push_from = self._first_push_ns or time.monotonic_ns()
-        downtime_ms = None
-        if switchover and first_step:
-            downtime_ms = (first_step - switchover["last_heartbeat_ns"]) / 1e6
-        pushed_bytes = self.table.pages["pushed"] * self.page_size
-        push_seconds = (all_in - push_from / 1e9) if self._first_push_ns else None
-        return {
-            "install": self._path.name,
-            # Faults served before the pusher's first run arrived, and while it ran.
-            "fault_latency_us_before_push": report.latency_summary(us for t, us in fault_times if t < push_from),
-            "fault_latency_us_during_push": report.latency_summary(us for t, us in fault_times if t >= push_from),
-            "push_bytes_per_s": pushed_bytes / push_seconds if push_seconds else None,
-            "pages": dict(self.table.pages),
-            "fault_latency_us": report.latency_summary(latencies),
-            "fault_latency_histogram": report.pow2_histogram(latencies),
-            "blocktime_ms": sum(latencies) / 1e3,
-            # Demand faults in the first second after the switchover: hybrid's stale-set
-            # storm shows here (compare with postcopy at the same dirty rate).
-            "faults_first_second": _faults_within(fault_times, self._timeline.switchover_ns, 1_000_000_000),
-            "downtime_ms": downtime_ms,
-            "resumed_ns": resumed and resumed.get("resumed_ns"),
-            "first_step_ns": first_step,
-            # The guest's own view: resume -> its first step, and the longest gap between
-            # two steps of any vCPU here (fault stalls; None if it finished and left
-            # first: then its last output line gives it, see run()).
-            "first_step_ms": (first_step - resumed["resumed_ns"]) / 1e6
-            if first_step and resumed and resumed.get("resumed_ns") else None,
-            "max_step_gap_ms": max_gap_ns / 1e6 if max_gap_ns is not None else None,
-            "receive_ms": (all_in - started) * 1e3,
-            "timeline": self._timeline.as_dict(),
-            "pages_removed_by_guest": self.table.removed_by_guest,
-            "recoveries_ms": self._recoveries,
-            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        }
+        return receive_figures(ReceiveFacts(
+            table=self.table, timeline=self._timeline, install=self._path.name, page_size=self.page_size,
+            started=started, all_in=all_in, first_push_ns=self._first_push_ns, switchover=switchover,
+            resumed=resumed, first_step_ns=first_step, max_gap_ns=max_gap_ns, recoveries_ms=self._recoveries))
 
     @staticmethod
     def _max_step_gap(guest: GuestClient) -> int | None:
@@ -490,27 +458,3 @@ class DestinationAgent:
                 self._fault_server.mark_zero(message.first_page, message.npages)
             else:
                 raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
-
-
-def _die_with(parent: int):
-    """A preexec_fn: the child gets SIGKILL when its parent dies (PR_SET_PDEATHSIG),
-    and exits at once if the parent died before that was set. (The agent forks from
-    its main thread, which lives as long as the agent: the signal follows the thread.)"""
-    import ctypes
-    import signal
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
-    pr_set_pdeathsig = 1
-
-    def child() -> None:
-        if prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0 or os.getppid() != parent:
-            os._exit(1)
-
-    return child
-
-
-def _faults_within(fault_times: list[tuple[int, float]], start_ns: int | None, window_ns: int) -> int | None:
-    """How many faults were read within ``window_ns`` after ``start_ns``."""
-    if start_ns is None:
-        return None
-    return sum(1 for t, _ in fault_times if start_ns <= t < start_ns + window_ns)
