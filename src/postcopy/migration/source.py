@@ -374,7 +374,7 @@ class SourceAgent:
         paused here with all its RAM whatever happens."""
         started = time.monotonic()
         deadline = started + self.config.recovery_timeout
-        m.sender.link_lost.set()  # no fence refresh while out of contact
+        m.sender.lose_link()  # no fence refresh while out of contact
         m.main.close()
         m.urgent.close()
         m.server.join(timeout=5)
