@@ -33,6 +33,7 @@ struct pc_dp_send {
     size_t nregions;
     _Atomic int64_t hint;
     _Atomic int stop;
+    _Atomic int refuse_requests; /* the session takes no more requests: Python decodes them */
     uint8_t *scratch[2]; /* anonymous RAM: the pusher's and the demand server's buffer */
 };
 
@@ -124,6 +125,11 @@ int pc_dp_send_set_regions(struct pc_dp_send *s, const uint64_t *regions, size_t
 }
 
 void pc_dp_send_stop(struct pc_dp_send *s, int stop) { atomic_store(&s->stop, stop); }
+
+void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse)
+{
+    atomic_store(&s->refuse_requests, refuse);
+}
 
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s) { return atomic_exchange(&s->hint, -1); }
 
@@ -485,7 +491,7 @@ int pc_dp_serve(struct pc_dp_send *s, struct pc_dp_link *link, int in_fd, struct
         size_t used;
         int verdict = pc_dp_parse_request(buf + *start, *end - *start, verify, *recv_seq, s->regions, s->nregions,
                                           &first, &npages, &used);
-        if (verdict == PC_DP_REQUEST_OTHER)
+        if (verdict == PC_DP_REQUEST_OTHER || (verdict == PC_DP_REQUEST_OK && atomic_load(&s->refuse_requests)))
             return PC_DP_FRAME;
         if (verdict == PC_DP_REQUEST_OK) {
             *start += used;

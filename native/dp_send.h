@@ -83,6 +83,9 @@ int pc_dp_send_set_extents(struct pc_dp_send *s, const uint64_t *runs, size_t nr
 /* RAM regions in pages ([start, end) pairs, sorted) that requests must lie inside. */
 int pc_dp_send_set_regions(struct pc_dp_send *s, const uint64_t *regions, size_t nregions);
 void pc_dp_send_stop(struct pc_dp_send *s, int stop);
+/* From now on the demand server hands requests to Python (the session left the phases
+ * that take them, e.g. the destination confirmed completion). */
+void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse);
 /* The end page of the last demand request since the last call, or -1. */
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s);
 /* Marks [first, end) sent (or unsent), under the claims' lock. */

@@ -237,6 +237,15 @@ def test_demand_server_leaves_a_request_outside_ram_to_the_decoder(mem):
     peer.close()
 
 
+def test_demand_server_hands_requests_back_once_the_session_takes_none(mem):
+    """After the destination's Complete the session decides about a late request, not C."""
+    plane = dp_send.SendPlane(mem, bytearray(NPAGES))
+    plane.refuse_requests()
+    status, counts, replies, following = _serve_requests(mem, plane, [(3, 1)], tail=wire.Pong(1))
+    assert status == dp_send.FRAME and following == wire.PageRequest(3, 1)
+    assert counts.requests == 0 and replies == []
+
+
 def test_demand_server_returns_when_the_peer_closes(mem):
     status, counts, replies, _ = _serve_requests(mem, dp_send.SendPlane(mem, bytearray(NPAGES)), [(0, 1)])
     assert status == dp_send.CLOSED and counts.requests == 1 and len(replies) == 1

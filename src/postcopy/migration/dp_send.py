@@ -75,6 +75,11 @@ class SendPlane:
         """Make a running push return between two runs (or let the next one run)."""
         lib.pc_dp_send_stop(self._ctx, int(flag))
 
+    def refuse_requests(self) -> None:
+        """From now on the demand server hands every request back to Python, whose
+        session decides (after the destination's Complete it takes no request)."""
+        lib.pc_dp_send_refuse_requests(self._ctx, 1)
+
     def take_hint(self) -> int | None:
         """The end page of the last demand request since the last call, if any."""
         hint = lib.pc_dp_send_take_hint(self._ctx)

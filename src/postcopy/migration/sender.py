@@ -120,6 +120,11 @@ class PageSender:
         plane.take_hint()  # a request of the lost link is no guide any more
         plane.stop(False)
 
+    def completed(self) -> None:
+        """The destination confirmed: the session takes no more page requests."""
+        if self._plane is not None:
+            self._plane.refuse_requests()
+
     def lose_link(self) -> None:
         """The link broke: the pusher returns between two runs."""
         self.link_lost.set()

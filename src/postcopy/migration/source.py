@@ -296,6 +296,7 @@ class SourceAgent:
                 m.sender.push(m.main)
                 m.main.send(wire.PushDone(pages=self.stats.pages_pushed))
                 m.complete = self._await_complete(m.main)
+                m.sender.completed()
                 break
             except ChannelClosed as exc:
                 if cfg.recovery_timeout <= 0:

@@ -143,13 +143,14 @@ class Channel:
                 for frame in kinds:
                     self.session.sent(frame, self.name)
             link = ffi.new("struct pc_dp_link *")
-            link.fd = self.sock.fileno()
+            link.fd = self._native_fd()
             sealer = self._sealer
             link.seal = sealer._ctx if sealer is not None else ffi.NULL
             link.seq = sealer.seq if sealer is not None else 0
             try:
                 yield link
             finally:
+                os.close(link.fd)
                 if sealer is not None:
                     sealer.seq = link.seq
                 self.bytes_sent += link.bytes
@@ -161,6 +162,7 @@ class Channel:
         and end cells) with the bytes the decoder had buffered in the buffer; what C
         leaves unconsumed goes back to the decoder, so the next :meth:`recv` decodes
         (and checks against the session) the frame C would not take."""
+        fd = self._native_fd()  # first: a closed channel gives up no buffered bytes
         decoder = self._decoder
         buffer = decoder._buffer
         pending = bytes(buffer.view[buffer.start:buffer.end])
@@ -172,12 +174,21 @@ class Channel:
         start, end = ffi.new("size_t *", 0), ffi.new("size_t *", len(pending))
         seq = ffi.new("uint64_t *", verifier.seq if verifier is not None else 0)
         try:
-            yield (self.sock.fileno(), verifier._ctx if verifier is not None else ffi.NULL, seq, buf,
-                   len(buf), start, end)
+            yield (fd, verifier._ctx if verifier is not None else ffi.NULL, seq, buf, len(buf), start, end)
         finally:
+            os.close(fd)
             if verifier is not None:
                 verifier.seq = seq[0]
             decoder.feed(ffi.buffer(buf, len(buf))[start[0]:end[0]])
+
+    def _native_fd(self) -> int:
+        """A descriptor of this socket for one native call: a duplicate, so that a
+        close() from another thread (after its shutdown() woke the call) cannot hand
+        the number to a new file while C still uses it."""
+        try:
+            return os.dup(self.sock.fileno())
+        except OSError as exc:
+            raise ChannelClosed(f"{self.name}: the channel was closed") from exc
 
     def _prepare(self, header, payload) -> list:
         """[header, payload(, tag)] of one frame, checked against the session."""
