@@ -19,6 +19,8 @@
 #define PM_PRESENT (1ull << 63)
 #define PM_SWAP (1ull << 62)
 #define PAGEMAP_CHUNK 512
+#define WHO_PUSH 0   /* which scratch buffer: the pusher's */
+#define WHO_DEMAND 1 /* or the demand server's */
 
 struct pc_dp_send {
     int memfd, mem_fd, pagemap_fd, pid;
@@ -216,6 +218,19 @@ static int read_anon(struct pc_dp_send *s, uint8_t *buf, uint64_t offset, size_t
     return (size_t)got == len ? 0 : -EIO;
 }
 
+static int read_memfd(struct pc_dp_send *s, uint8_t *buf, uint64_t offset, size_t len)
+{
+    for (size_t done = 0; done < len;) {
+        ssize_t got = pread(s->memfd, buf + done, len - done, (off_t)(offset + done));
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return got < 0 ? -errno : -EIO;
+        done += (size_t)got;
+    }
+    return 0;
+}
+
 /* Drops [offset, offset+len) widened to the fault-around window from this mapping
  * (from the agent's RSS, not from the guest's RAM). */
 static void unmap_pages(struct pc_dp_send *s, uint64_t offset, uint64_t len)
@@ -234,16 +249,20 @@ static int send_run(struct pc_dp_send *s, struct pc_dp_link *link, uint64_t firs
     uint8_t header[PC_DP_HEADER_BYTES], tag[PC_AUTH_TAG_BYTES];
     uint64_t offset = first * s->page_size, len = npages * s->page_size;
     pc_dp_header(header, PC_DP_PAGE_RUN, cause, (uint32_t)len, first);
-    if (s->memfd < 0) {
+    /* Demand replies go out in one sendmsg (header, pages, tag: one segment for a small
+     * run), read with one copy instead of mapping and unmapping them; bulk runs of memfd
+     * RAM go by sendfile. */
+    if (s->memfd < 0 || who == WHO_DEMAND) {
         if (!s->scratch[who] && !(s->scratch[who] = malloc(PC_DP_MAX_RUN_BYTES)))
             return -ENOMEM;
-        int rc = read_anon(s, s->scratch[who], offset, len);
+        uint8_t *buf = s->scratch[who];
+        int rc = s->memfd < 0 ? read_anon(s, buf, offset, len) : read_memfd(s, buf, offset, len);
         if (rc)
             return rc;
-        int taglen = seal(link, header, s->scratch[who], len, tag);
+        int taglen = seal(link, header, buf, len, tag);
         if (taglen < 0)
             return taglen;
-        struct iovec iov[3] = {{header, sizeof(header)}, {s->scratch[who], len}, {tag, (size_t)taglen}};
+        struct iovec iov[3] = {{header, sizeof(header)}, {buf, len}, {tag, (size_t)taglen}};
         return send_all(link, iov, taglen ? 3 : 2, 0);
     }
     /* The guest is paused: the mapped bytes the tag covers are those sendfile sends. */
@@ -429,7 +448,7 @@ int pc_dp_push(struct pc_dp_send *s, struct pc_dp_link *link, const uint64_t *ra
             uint64_t count = claim(s, &first, end, run_pages);
             if (!count)
                 break;
-            int rc = send_range(s, link, first, first + count, run_pages, cause, rate, counts, 0);
+            int rc = send_range(s, link, first, first + count, run_pages, cause, rate, counts, WHO_PUSH);
             if (rc)
                 return rc;
             first += count;
@@ -497,7 +516,7 @@ int pc_dp_serve(struct pc_dp_send *s, struct pc_dp_link *link, int in_fd, struct
             *start += used;
             (*recv_seq)++;
             counts->requests++;
-            int rc = send_range(s, link, first, first + npages, run_pages, 2 /* DEMAND */, NULL, counts, 1);
+            int rc = send_range(s, link, first, first + npages, run_pages, 2 /* DEMAND */, NULL, counts, WHO_DEMAND);
             if (rc)
                 return rc;
             pc_dp_send_mark(s, first, first + npages, 1);

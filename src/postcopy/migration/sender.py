@@ -58,7 +58,7 @@ _CAUSE_COUNTERS = {
 class PageSender:
     """Sends the pages of one guest (``mem``). ``precopy_limit`` bounds precopy
     rounds, ``push_limit`` the postcopy pusher; demand pages are never held back.
-    ``on_progress(bytes)`` is called after each run the pusher or precopy sent."""
+    ``on_progress(bytes)`` is called after each precopy run and each pushed batch."""
 
     def __init__(self, mem: GuestMemory, run_pages: int, *, precopy_limit: RateLimiter | None = None,
                  push_limit: RateLimiter | None = None, on_progress: Callable[[int], None] = lambda n: None):
