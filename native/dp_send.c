@@ -358,6 +358,18 @@ static int populated(struct pc_dp_send *s, uint64_t first, uint64_t end, uint64_
 }
 
 #define RUNS_AT_ONCE 64
+#define HOLD_SLICE_NS 10000000 /* a rate limit's wait is cut short by the stop flag within this */
+
+static void hold_back(struct pc_dp_send *s, int64_t ns)
+{
+    while (ns > 0 && !atomic_load(&s->stop)) {
+        int64_t slice = ns < HOLD_SLICE_NS ? ns : HOLD_SLICE_NS;
+        struct timespec t = {slice / 1000000000, slice % 1000000000};
+        while (nanosleep(&t, &t) && errno == EINTR)
+            ;
+        ns -= slice;
+    }
+}
 
 /* Sends [first, end): populated runs as PAGE_RUN frames of at most run_pages pages
  * (rate limited when rate is set), gaps as ZERO_RANGE frames. */
@@ -392,9 +404,7 @@ static int send_range(struct pc_dp_send *s, struct pc_dp_link *link, uint64_t fi
                     rate->tokens -= (double)(chunk * s->page_size);
                     if (rate->tokens < 0) {
                         int64_t wait = (int64_t)(-rate->tokens / rate->rate * 1e9);
-                        struct timespec t = {wait / 1000000000, wait % 1000000000};
-                        while (nanosleep(&t, &t) && errno == EINTR)
-                            ;
+                        hold_back(s, wait);
                         counts->held_back_ns += (uint64_t)wait;
                     }
                 }
