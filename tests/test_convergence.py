@@ -43,37 +43,43 @@ def test_auto_converge_makes_a_heavy_writer_converge_and_verify(tmp_path):
 
 def test_pusher_sends_the_stale_set_before_its_sweep():
     """Hybrid: after the switchover the stale set goes first on the main channel."""
+    import os
+    import socket
+    import threading
+
+    from postcopy.migration.guestmem import GuestMemory
     from postcopy.migration.sender import PageSender
+    from postcopy.protocol import wire
+    from postcopy.protocol.channel import Channel
 
-    class Mem:
-        npages, page_size, memfd = 1024, 4096, 3
+    npages, ps = 1024, 4096
+    fd = os.memfd_create("pusher-test")
+    os.ftruncate(fd, npages * ps)
+    os.pwrite(fd, b"\x01" * npages * ps, 0)  # every page populated
+    mem = GuestMemory({"pid": os.getpid(), "ram_address": 0, "ram_size": npages * ps, "page_size": ps},
+                      {"memfd": fd})
 
-        def populated_extents(self):
-            return [(0, 1024)]
+    def pushed(stale, precopied):
+        sender = PageSender(mem, run_pages=256)
+        sender.prepare_postcopy(stale, precopied=precopied)
+        a, b = socket.socketpair()
+        main = Channel(a, "main", mem.layout)
+        raw = bytearray()
+        reader = threading.Thread(target=lambda: [raw.extend(c) for c in iter(lambda: b.recv(1 << 16), b"")])
+        reader.start()
+        sender.push(main)
+        main.close()
+        reader.join()
+        b.close()
+        decoder = wire.Decoder(mem.layout)
+        decoder.feed(raw)
+        return [(m.first_page, m.npages) for m in decoder]
 
-        def send_run(self, channel, first, count, cause, scratch):
-            channel.sent.append((first, count))
-
-    class Channel:
-        def __init__(self):
-            self.sent = []
-            self.bytes_sent = 0
-
-        def send(self, message):
-            self.sent.append(message)
-
-    sender = PageSender(Mem(), run_pages=256)
-    stale = [(700, 10), (100, 5)]
-    sender.prepare_postcopy(stale, precopied=True)
-    main = Channel()
-    sender.push(main)
-    assert main.sent == [(700, 10), (100, 5)]  # precopied: only the stale runs, in their order
-    sender = PageSender(Mem(), run_pages=256)
-    sender.prepare_postcopy([(900, 3)], precopied=False)  # pure postcopy with a priority run
-    main = Channel()
-    sender.push(main)
-    assert main.sent[:2] == [(900, 3), (1, 256)]  # then the sweep (page 0 went with the state)
-    assert sum(count for _, count in main.sent) == 1023
+    assert pushed([(700, 10), (100, 5)], True) == [(700, 10), (100, 5)]  # precopied: only the stale runs, in order
+    runs = pushed([(900, 3)], False)  # pure postcopy with a priority run
+    assert runs[:2] == [(900, 3), (1, 256)]  # then the sweep (page 0 went with the state)
+    assert sum(count for _, count in runs) == 1023
+    mem.close()
 
 
 def test_hybrid_events_come_in_a_legal_order(tmp_path):

@@ -3,7 +3,6 @@ page runs from it without keeping the guest's RAM mapped into the agent (so the 
 RSS does not grow with the guest)."""
 from __future__ import annotations
 
-import bisect
 import errno
 import mmap
 import os
@@ -128,6 +127,12 @@ class GuestMemory:
                 self._map = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
         return memoryview(self._map)[offset:offset + length]
 
+    def native_handles(self) -> tuple[int, int, int]:
+        """(memfd, /proc/PID/mem, pagemap) descriptors for the native data plane, -1
+        for those this backing lacks."""
+        pagemap = self._pagemap.fileno() if self._pagemap is not None else -1
+        return (-1 if self.memfd is None else self.memfd, -1 if self._mem_fd is None else self._mem_fd, pagemap)
+
     @staticmethod
     def scratch() -> bytearray:
         """A per-thread buffer for :meth:`send_run`."""
@@ -148,28 +153,3 @@ class GuestMemory:
             self._pagemap.close()
             self._pagemap = None
 
-
-class PageExtents:
-    """A sorted list of populated runs, queried by range (bisect, no per-page loops)."""
-
-    def __init__(self, runs: list[tuple[int, int]]):
-        self.runs = runs
-        self._starts = [start for start, _ in runs]
-
-    def runs_in(self, first: int, end: int) -> list[tuple[int, int]]:
-        """The populated runs clipped to [first, end)."""
-        i = max(0, bisect.bisect_right(self._starts, first) - 1)
-        out = []
-        while i < len(self.runs):
-            start, count = self.runs[i]
-            if start >= end:
-                break
-            lo, hi = max(start, first), min(start + count, end)
-            if lo < hi:
-                out.append((lo, hi - lo))
-            i += 1
-        return out
-
-    @property
-    def pages(self) -> int:
-        return sum(count for _, count in self.runs)

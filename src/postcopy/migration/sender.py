@@ -1,7 +1,8 @@
 """The source's page mover: precopy runs, the postcopy pusher's sweep and the demand
 server on the urgent channel. It decides nothing about phases (that is the agent's
-job); it keeps the per-page "sent once" map, the page counters and the pre-paging hint
-that the pusher and the demand server share."""
+job); it keeps the per-page "sent once" map and the page counters, and plans the push
+order and pre-paging; after the switchover the per-page work runs in C
+(:mod:`postcopy.migration.dp_send`)."""
 from __future__ import annotations
 
 import threading
@@ -10,13 +11,16 @@ from typing import Callable
 
 from postcopy import ranges
 from postcopy.kernel.priority import make_current_thread_urgent
-from postcopy.migration.guestmem import GuestMemory, PageExtents
+from postcopy.migration.dp_send import CLOSED, DONE, STOPPED, SendPlane
+from postcopy.migration.guestmem import GuestMemory
 from postcopy.migration.ratelimit import RateLimiter
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel, ChannelClosed
+from postcopy.protocol.state import allowed
 from postcopy.protocol.wire import MAX_RUN_BYTES
 
 PREPAGE_PAGES = 16  # pages pushed right behind each demand fault
+PUSH_BATCH_PAGES = 4096  # pages per native push call; the plan is revised between calls
 
 
 class UrgentChannelFailed(RuntimeError):
@@ -54,7 +58,7 @@ _CAUSE_COUNTERS = {
 class PageSender:
     """Sends the pages of one guest (``mem``). ``precopy_limit`` bounds precopy
     rounds, ``push_limit`` the postcopy pusher; demand pages are never held back.
-    ``on_progress(bytes)`` is called after each run the pusher or precopy sent."""
+    ``on_progress(bytes)`` is called after each precopy run and each pushed batch."""
 
     def __init__(self, mem: GuestMemory, run_pages: int, *, precopy_limit: RateLimiter | None = None,
                  push_limit: RateLimiter | None = None, on_progress: Callable[[int], None] = lambda n: None):
@@ -66,11 +70,10 @@ class PageSender:
         self.link_lost = threading.Event()  # set by the demand server when its channel closes
         self.urgent_error: BaseException | None = None
         self._on_progress = on_progress
-        self._sent = bytearray(mem.npages)  # per page: sent once already
-        self._sent_lock = threading.Lock()
+        self._sent = bytearray(mem.npages)  # per page: sent once already (claimed under the plane's lock)
         self._priority: ranges.Runs = []  # pushed before the sweep (hybrid: the stale set)
-        self._hint: int | None = None  # next page for the pusher after a demand fault
-        self._extents: PageExtents | None = None
+        self._plane: SendPlane | None = None  # the native push loop and demand server, from the switchover
+        self._extents_set = False
         self._scratch = GuestMemory.scratch() if mem.memfd is None else None
 
     # -- precopy -----------------------------------------------------------------------
@@ -96,74 +99,88 @@ class PageSender:
     def prepare_postcopy(self, stale: ranges.Runs, precopied: bool) -> None:
         """What is left to push: everything (pure postcopy) or the stale pages
         (hybrid), which go first: the guest is most likely to touch them next."""
-        self._sent = bytearray(b"\x01" * self.mem.npages) if precopied else bytearray(self.mem.npages)
+        sent = self._sent  # changed in place: the native plane holds its address
+        sent[:] = b"\x01" * self.mem.npages if precopied else bytes(self.mem.npages)
         for first, count in stale:
-            self._sent[first:first + count] = bytes(count)
-        self._sent[0] = 1  # the state page went with the switchover
+            sent[first:first + count] = bytes(count)
+        sent[0] = 1  # the state page went with the switchover
         self._priority = list(stale)
+        if self._plane is None:
+            self._plane = SendPlane(self.mem, sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
 
     def outstanding_after_recovery(self, missing: ranges.Runs) -> None:
         """After a reconnect: exactly what the destination says it lacks is unsent."""
-        with self._sent_lock:
-            self._sent = bytearray(b"\x01" * self.mem.npages)
-            for first, count in missing:
-                self._sent[first:first + count] = bytes(count)
+        plane = self._plane
+        plane.mark(0, self.mem.npages, True)
+        for first, count in missing:
+            plane.mark(first, first + count, False)
         self._priority = list(missing)
         self.link_lost.clear()
         self.urgent_error = None
+        plane.take_hint()  # a request of the lost link is no guide any more
+        plane.stop(False)
+
+    def completed(self) -> None:
+        """The destination confirmed: the session takes no more page requests."""
+        if self._plane is not None:
+            self._plane.refuse_requests()
+
+    def lose_link(self) -> None:
+        """The link broke: the pusher returns between two runs."""
+        self.link_lost.set()
+        if self._plane is not None:
+            self._plane.stop(True)
 
     # -- pusher ------------------------------------------------------------------------
     def push(self, main: Channel) -> None:
         """Send every page not yet sent: the priority runs first, then a sequential
         sweep in large runs (zero ranges for untouched pages); after each demand fault a
-        short window right behind the faulting page goes first (pre-paging)."""
+        short window right behind the faulting page goes first (pre-paging). Python
+        plans batches of up to PUSH_BATCH_PAGES; the native plane sends them."""
         sent = self._sent
         if sent.find(0) < 0:
             return  # precopy sent it all
-        npages = self.mem.npages
-        extents = self._extents = PageExtents(self.mem.populated_extents())
-        for first, count in ranges.split(self._priority, self.run_pages):
-            self._check()
-            self._prepage(main, extents)
-            self._push_unsent(main, extents, first, first + count)
-        pos = 0
+        if not self._extents_set:
+            self._plane.set_extents(self.mem.populated_extents())
+            self._extents_set = True
+        for batch in _batches(self._priority, PUSH_BATCH_PAGES):
+            self._push_batch(main, batch)
+        npages, pos = self.mem.npages, 0
         while True:
-            self._check()
-            self._prepage(main, extents)
             first = sent.find(0, pos)
             if first < 0:
                 first = sent.find(0)
                 if first < 0:
                     return
-            end = min(first + self.run_pages, npages)
-            self._push_unsent(main, extents, first, end)
+            end = min(first + PUSH_BATCH_PAGES, npages)
+            self._push_batch(main, [(first, end)])
             pos = end
+
+    def _push_batch(self, main: Channel, batch: list[tuple[int, int]]) -> None:
+        """Push the unsent pages of the [first, end) ranges of ``batch``; a demand
+        request during the call makes it return, and its pre-paging window goes next."""
+        plane, npages = self._plane, self.mem.npages
+        while True:
+            self._check()
+            hint = plane.take_hint()
+            todo = batch if hint is None or hint >= npages else [(hint, min(hint + PREPAGE_PAGES, npages))] + batch
+            status, counts = plane.push(main, todo, self.run_pages)
+            self.stats.add("pages_pushed", counts.pages_sent)
+            self.stats.add("pages_zero", counts.pages_zero)
+            self.push_limit.waited_s += counts.held_back_s
+            if counts.pages_sent:
+                self._on_progress(counts.pages_sent * self.mem.page_size)
+            if status == DONE:
+                return
+            if status == STOPPED:
+                self._check()
+                raise ChannelClosed("the pusher was stopped")
 
     def _check(self) -> None:
         if self.link_lost.is_set():
             raise ChannelClosed("the urgent channel broke")
         if self.urgent_error is not None:
             raise UrgentChannelFailed(f"urgent channel failed: {self.urgent_error}")
-
-    def _prepage(self, main: Channel, extents: PageExtents) -> None:
-        hint, self._hint = self._hint, None
-        if hint is not None and hint < self.mem.npages:
-            self._push_unsent(main, extents, hint, min(hint + PREPAGE_PAGES, self.mem.npages))
-
-    def _push_unsent(self, main: Channel, extents: PageExtents, first: int, end: int) -> None:
-        """Push the pages of [first, end) not sent yet."""
-        sent = self._sent
-        while first < end:
-            with self._sent_lock:  # find and claim at once: the urgent server marks pages too
-                first = sent.find(0, first, end)
-                if first < 0:
-                    return
-                stop = sent.find(1, first, end)
-                stop = end if stop < 0 else stop
-                sent[first:stop] = b"\x01" * (stop - first)
-            self._send_range(main, first, stop, extents.runs_in(first, stop), wire.Cause.PUSHED, self._scratch,
-                             self.push_limit)
-            first = stop
 
     def _send_range(self, channel: Channel, first: int, end: int, runs: ranges.Runs, cause: wire.Cause,
                     scratch: bytearray | None, limit: RateLimiter | None = None) -> None:
@@ -191,28 +208,49 @@ class PageSender:
     # -- urgent channel ----------------------------------------------------------------
     def serve_urgent(self, urgent: Channel) -> None:
         """Answer page requests at once; they never queue behind pushed data, and no
-        bandwidth limit holds them back. Run in a thread of its own."""
+        bandwidth limit holds them back. Run in a thread of its own: the native plane
+        serves every request; a frame it does not take comes back here to be decoded
+        (and refused: nothing else may arrive on the urgent channel)."""
         make_current_thread_urgent()
-        mem = self.mem
-        scratch = GuestMemory.scratch() if mem.memfd is None else None
         try:
             while True:
+                if _requests_legal(urgent):
+                    status, counts = self._plane.serve(urgent, self.run_pages)
+                    self.stats.add("requests", counts.requests)
+                    self.stats.add("pages_demand", counts.pages_sent)
+                    self.stats.add("pages_zero", counts.pages_zero)
+                    if status == CLOSED:
+                        raise ChannelClosed(f"{urgent.name}: the peer closed the connection")
                 message = urgent.recv()
-                if not isinstance(message, wire.PageRequest):
-                    raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
-                self.stats.add("requests", 1)
-                first, end = message.first_page, message.first_page + message.npages
-                if self._extents is not None:
-                    runs = self._extents.runs_in(first, end)
-                else:  # the pusher is still sweeping the extents: ask page by page
-                    runs = [(page, 1) for page in range(first, end) if mem.is_populated(page)]
-                self._send_range(urgent, first, end, runs, wire.Cause.DEMAND, scratch)
-                with self._sent_lock:
-                    self._sent[first:end] = b"\x01" * (end - first)
-                self._hint = end
+                if isinstance(message, wire.PageRequest):
+                    raise wire.ProtocolError(f"the native request parser refused {message}, which the decoder "
+                                             "accepts")
+                raise wire.ProtocolError(f"unexpected {type(message).__name__} on the urgent channel")
         except ChannelClosed:
             # Either every page is in (the destination closes the channel), or the link
             # broke: the pusher notices and recovers.
-            self.link_lost.set()
+            self.lose_link()
         except BaseException as exc:  # surfaced by the pusher
             self.urgent_error = exc
+            if self._plane is not None:
+                self._plane.stop(True)
+
+
+def _requests_legal(channel: Channel) -> bool:
+    """Whether the session accepts a PAGE_REQUEST now: the native loop takes only
+    those (a self-loop of the table in every phase that allows it)."""
+    session = channel.session
+    return session is None or "PAGE_REQUEST" in allowed(session.protocol, session.phase, session.role, "receive")
+
+
+def _batches(runs: ranges.Runs, limit: int):
+    """[first, end) ranges of ``runs`` in order, grouped into lists of about ``limit`` pages."""
+    batch, pages = [], 0
+    for first, count in ranges.split(runs, limit):
+        batch.append((first, first + count))
+        pages += count
+        if pages >= limit:
+            yield batch
+            batch, pages = [], 0
+    if batch:
+        yield batch

@@ -296,6 +296,7 @@ class SourceAgent:
                 m.sender.push(m.main)
                 m.main.send(wire.PushDone(pages=self.stats.pages_pushed))
                 m.complete = self._await_complete(m.main)
+                m.sender.completed()
                 break
             except ChannelClosed as exc:
                 if cfg.recovery_timeout <= 0:
@@ -374,7 +375,7 @@ class SourceAgent:
         paused here with all its RAM whatever happens."""
         started = time.monotonic()
         deadline = started + self.config.recovery_timeout
-        m.sender.link_lost.set()  # no fence refresh while out of contact
+        m.sender.lose_link()  # no fence refresh while out of contact
         m.main.close()
         m.urgent.close()
         m.server.join(timeout=5)

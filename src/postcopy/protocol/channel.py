@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from postcopy._native import ffi
 
 from postcopy.protocol import wire
 from postcopy.protocol.state import header_kind, kind
@@ -126,6 +129,66 @@ class Channel:
                 done += sent
             self.bytes_sent += count
             self._sendmsg_all(parts[2:])
+
+    # -- handing a side to the native data plane (native/dp_send.c) ------------------
+    @contextmanager
+    def native_send(self, *kinds: str):
+        """Own this channel's send side from C for one call: yields a ``pc_dp_link``
+        (socket, sealer and its next sequence number) while the send lock is held, so
+        Python frames before and after stay in sequence. The frame ``kinds`` the call
+        may send are checked against the session once: they must be self-loops of its
+        table (no frame C sends moves the phase)."""
+        with self._send_lock:
+            if self.session is not None:
+                for frame in kinds:
+                    self.session.sent(frame, self.name)
+            link = ffi.new("struct pc_dp_link *")
+            link.fd = self._native_fd()
+            sealer = self._sealer
+            link.seal = sealer._ctx if sealer is not None else ffi.NULL
+            link.seq = sealer.seq if sealer is not None else 0
+            try:
+                yield link
+            finally:
+                os.close(link.fd)
+                if sealer is not None:
+                    sealer.seq = link.seq
+                self.bytes_sent += link.bytes
+
+    @contextmanager
+    def native_receive(self, capacity: int = 64 << 10):
+        """Own the receive side from C for one call (only the receiving thread may):
+        yields (socket fd, verifier or NULL, its sequence number cell, buffer, start
+        and end cells) with the bytes the decoder had buffered in the buffer; what C
+        leaves unconsumed goes back to the decoder, so the next :meth:`recv` decodes
+        (and checks against the session) the frame C would not take."""
+        fd = self._native_fd()  # first: a closed channel gives up no buffered bytes
+        decoder = self._decoder
+        buffer = decoder._buffer
+        pending = bytes(buffer.view[buffer.start:buffer.end])
+        buffer.start = buffer.end = 0
+        decoder._header = None
+        verifier = decoder._auth
+        buf = ffi.new("uint8_t[]", max(capacity, 2 * len(pending)))
+        buf[0:len(pending)] = pending
+        start, end = ffi.new("size_t *", 0), ffi.new("size_t *", len(pending))
+        seq = ffi.new("uint64_t *", verifier.seq if verifier is not None else 0)
+        try:
+            yield (fd, verifier._ctx if verifier is not None else ffi.NULL, seq, buf, len(buf), start, end)
+        finally:
+            os.close(fd)
+            if verifier is not None:
+                verifier.seq = seq[0]
+            decoder.feed(ffi.buffer(buf, len(buf))[start[0]:end[0]])
+
+    def _native_fd(self) -> int:
+        """A descriptor of this socket for one native call: a duplicate, so that a
+        close() from another thread (after its shutdown() woke the call) cannot hand
+        the number to a new file while C still uses it."""
+        try:
+            return os.dup(self.sock.fileno())
+        except OSError as exc:
+            raise ChannelClosed(f"{self.name}: the channel was closed") from exc
 
     def _prepare(self, header, payload) -> list:
         """[header, payload(, tag)] of one frame, checked against the session."""

@@ -1,0 +1,342 @@
+"""The source's native data plane (native/dp_send.c) against the Python wire layer: the
+same header bytes and tags, the same accepted page requests (fuzzed), the push loop's
+claims, hint and stop flag, and the demand server's hand-back of frames it does not take."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import random
+import secrets
+import socket
+import threading
+
+import pytest
+
+from postcopy.migration import dp_send
+from postcopy.migration.guestmem import GuestMemory
+from postcopy.protocol import wire
+from postcopy.protocol.channel import Channel
+from postcopy.protocol.state import MIGRATION, SENDS, TRANSITIONS, allowed
+from test_wire import LAYOUT, mutate, sample_messages
+
+PS = 4096
+NPAGES = 96
+POPULATED = [0, 1, 2, 5, 6, 7, 8, 30, 31, 64, 65, 66, 95]  # runs and holes, across run boundaries
+SEND_KEY, RECV_KEY = bytes(range(32)), bytes(range(32, 64))
+
+
+# -- header bytes --------------------------------------------------------------------------
+def test_c_headers_equal_the_python_encoders():
+    rng = random.Random(secrets.randbits(32))
+    for _ in range(5000):
+        page_size = 1 << rng.randrange(12, 23)  # up to the largest run
+        npages = rng.randrange(1, wire.MAX_RUN_BYTES // page_size + 1)
+        first = rng.choice([rng.randrange(2**64 - npages), rng.randrange(1 << 20), 2**64 - npages - 1])
+        cause = rng.choice(list(wire.Cause))
+        python = wire.encode_page_run_header(first, npages, cause, page_size)
+        assert dp_send.header(wire.FrameType.PAGE_RUN, cause, npages * page_size, first) == python
+        zero = wire.ZeroRange(first, npages).encode()
+        assert dp_send.header(wire.FrameType.ZERO_RANGE, 0, 8, first) == zero[:wire.HEADER.size]
+        request = wire.PageRequest(first, npages).encode()
+        assert dp_send.header(wire.FrameType.PAGE_REQUEST, 0, 8, first) == request[:wire.HEADER.size]
+
+
+# -- guest RAM of both backings, reached the way a source reaches a guest's ----------------
+def _page(p: int) -> bytes:
+    return bytes([p % 251 + 1]) * PS
+
+
+@pytest.fixture(params=["memfd", "anon"])
+def mem(request):
+    info = {"pid": os.getpid(), "ram_size": NPAGES * PS, "page_size": PS}
+    if request.param == "memfd":
+        fd = os.memfd_create("dp-send-test")
+        os.ftruncate(fd, NPAGES * PS)
+        for p in POPULATED:
+            os.pwrite(fd, _page(p), p * PS)
+        memory = GuestMemory({**info, "ram_address": 0}, {"memfd": fd})
+        yield memory
+        memory.close()
+        return
+    ram = mmap.mmap(-1, NPAGES * PS, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for p in POPULATED:
+        ram[p * PS:(p + 1) * PS] = _page(p)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    memory = GuestMemory({**info, "ram_address": address}, {})
+    yield memory
+    memory.close()
+    del address
+    ram.close()
+
+
+def _channel_pair(authenticated: bool) -> tuple[Channel, socket.socket]:
+    server = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(server.getsockname())
+    sock, _ = server.accept()
+    server.close()
+    channel = Channel(sock, "main", wire.Layout(PS, ((0, NPAGES * PS),)))
+    if authenticated:
+        channel.secure(SEND_KEY, RECV_KEY)
+    return channel, peer
+
+
+def _received(peer: socket.socket, authenticated: bool, raw: bytes) -> list:
+    """Decode what C sent with the Python decoder (tags checked), and check each frame
+    re-encodes and re-seals to exactly the bytes C sent."""
+    decoder = wire.Decoder(wire.Layout(PS, ((0, NPAGES * PS),)))
+    sealer = wire.FrameAuth(SEND_KEY) if authenticated else None
+    if authenticated:
+        decoder.set_auth(wire.FrameAuth(SEND_KEY))
+    decoder.feed(raw)
+    messages, offset = [], 0
+    for message in decoder:
+        encoded = message.encode()
+        if sealer is not None:
+            encoded += sealer.seal(encoded[:wire.HEADER.size], encoded[wire.HEADER.size:])
+        assert raw[offset:offset + len(encoded)] == encoded, f"frame {len(messages)} differs"
+        offset += len(encoded)
+        if isinstance(message, wire.PageRun):
+            message = wire.PageRun(message.first_page, message.npages, message.cause, bytes(message.data))
+        messages.append(message)
+    assert offset == len(raw) and decoder.buffered == 0
+    return messages
+
+
+def _drain(peer: socket.socket, out: bytearray) -> threading.Thread:
+    def run():
+        while chunk := peer.recv(1 << 16):
+            out.extend(chunk)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _pages_of(messages, cause) -> tuple[dict[int, bytes], set[int]]:
+    data, zero = {}, set()
+    for m in messages:
+        if isinstance(m, wire.PageRun):
+            assert m.cause == cause
+            for i in range(m.npages):
+                data[m.first_page + i] = m.data[i * PS:(i + 1) * PS]
+        elif isinstance(m, wire.ZeroRange):
+            zero.update(range(m.first_page, m.first_page + m.npages))
+    return data, zero
+
+
+@pytest.mark.parametrize("authenticated", [True, False])
+def test_push_sends_every_unsent_page_once_in_python_frames(mem, authenticated):
+    sent = bytearray(NPAGES)
+    sent[6] = sent[40] = 1  # already sent: skipped
+    plane = dp_send.SendPlane(mem, sent)
+    plane.set_extents(mem.populated_extents())
+    channel, peer = _channel_pair(authenticated)
+    raw = bytearray()
+    reader = _drain(peer, raw)
+    status, counts = plane.push(channel, [(60, NPAGES), (0, 60)], run_pages=4)
+    channel.close()
+    reader.join()
+    assert status == dp_send.DONE
+    messages = _received(peer, authenticated, bytes(raw))
+    assert messages[0].first_page == 60  # in the order asked
+    assert all(m.npages <= 4 for m in messages)
+    data, zero = _pages_of(messages, wire.Cause.PUSHED)
+    expected = set(POPULATED) - {6}
+    assert data == {p: _page(p) for p in expected}
+    assert zero == set(range(NPAGES)) - set(POPULATED) - {40}
+    assert (counts.pages_sent, counts.pages_zero) == (len(data), len(zero))
+    assert sent == b"\x01" * NPAGES
+    assert channel.bytes_sent == len(raw)
+    peer.close()
+
+
+def test_tags_equal_python_for_random_sequence_numbers_and_runs(mem):
+    """Each frame C sends, re-encoded and re-sealed by Python at the same sequence
+    number, is byte for byte what C sent; the sequence comes back to the channel."""
+    rng = random.Random(secrets.randbits(32))
+    for _ in range(20):
+        sent = bytearray(NPAGES)
+        for p in rng.sample(range(NPAGES), rng.randrange(NPAGES // 2)):
+            sent[p] = 1
+        plane = dp_send.SendPlane(mem, sent)
+        if rng.random() < 0.5:
+            plane.set_extents(mem.populated_extents())
+        channel, peer = _channel_pair(True)
+        start = rng.choice([0, rng.randrange(2**32), rng.randrange(2**63)])
+        channel._sealer.seq = start
+        raw = bytearray()
+        reader = _drain(peer, raw)
+        first = rng.randrange(NPAGES)
+        ranges = [(first, rng.randrange(first, NPAGES + 1)), (0, rng.randrange(NPAGES + 1))]
+        expected, before = bytearray(sent), sent.count(1)
+        for a, b in ranges:
+            expected[a:b] = b"\x01" * (b - a)
+        status, counts = plane.push(channel, ranges, run_pages=rng.choice([1, 3, 4, 256]))
+        channel.close()
+        reader.join()
+        decoder = wire.Decoder(wire.Layout(PS, ((0, NPAGES * PS),)))
+        verifier, sealer = wire.FrameAuth(SEND_KEY), wire.FrameAuth(SEND_KEY)
+        verifier.seq = sealer.seq = start
+        decoder.set_auth(verifier)
+        decoder.feed(raw)
+        offset = 0
+        for message in decoder:
+            encoded = message.encode()
+            encoded += sealer.seal(encoded[:wire.HEADER.size], encoded[wire.HEADER.size:])
+            assert raw[offset:offset + len(encoded)] == encoded
+            offset += len(encoded)
+        assert status == dp_send.DONE and offset == len(raw) and sent == expected
+        assert counts.pages_sent + counts.pages_zero == expected.count(1) - before
+        assert channel._sealer.seq == sealer.seq  # Python frames after the call stay in sequence
+        peer.close()
+
+
+def test_push_returns_at_once_when_stopped_and_after_a_run_when_hinted(mem):
+    sent = bytearray(NPAGES)
+    plane = dp_send.SendPlane(mem, sent)
+    plane.set_extents(mem.populated_extents())
+    channel, peer = _channel_pair(True)
+    raw = bytearray()
+    reader = _drain(peer, raw)
+    plane.stop(True)
+    assert plane.push(channel, [(0, NPAGES)], run_pages=4)[0] == dp_send.STOPPED
+    assert sent == bytes(NPAGES)  # nothing claimed
+    plane.stop(False)
+    _serve_requests(mem, plane, [(30, 2)])  # a demand request leaves its hint
+    status, counts = plane.push(channel, [(0, NPAGES)], run_pages=4)
+    assert status == dp_send.HINTED and counts.pages_sent + counts.pages_zero == 4
+    assert plane.take_hint() == 32 and plane.take_hint() is None
+    assert plane.push(channel, [(0, NPAGES)], run_pages=4)[0] == dp_send.DONE
+    channel.close()
+    reader.join()
+    data, zero = _pages_of(_received(peer, True, bytes(raw)), wire.Cause.PUSHED)
+    assert set(data) | zero == set(range(NPAGES)) - {30, 31}  # the demand pages are not pushed again
+    peer.close()
+
+
+# -- the demand server ---------------------------------------------------------------------
+def _serve_requests(mem, plane, requests, tail: wire.Message | None = None, dribble: bool = False):
+    """Run the demand server on a channel while a peer sends ``requests`` (then ``tail``,
+    or closes); returns (status, counts, replies, the channel's next message)."""
+    urgent, peer = _channel_pair(True)
+    sealer = wire.FrameAuth(RECV_KEY)
+    stream = b""
+    for first, npages in requests:
+        frame = wire.PageRequest(first, npages).encode()
+        stream += frame + sealer.seal(frame[:wire.HEADER.size], frame[wire.HEADER.size:])
+    if tail is not None:
+        frame = tail.encode()
+        stream += frame + sealer.seal(frame[:wire.HEADER.size], frame[wire.HEADER.size:])
+    raw = bytearray()
+    reader = _drain(peer, raw)
+
+    def write():
+        for i in range(0, len(stream), 7 if dribble else len(stream) or 1):
+            peer.sendall(stream[i:i + (7 if dribble else len(stream))])
+        if tail is None:
+            peer.shutdown(socket.SHUT_WR)
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    status, counts = plane.serve(urgent, run_pages=4)
+    writer.join()
+    following = urgent.recv() if status == dp_send.FRAME else None
+    urgent.close()
+    reader.join()
+    replies = _received(peer, True, bytes(raw))
+    peer.close()
+    return status, counts, replies, following
+
+
+@pytest.mark.parametrize("extents", [True, False])
+def test_demand_server_answers_requests_and_hands_other_frames_back(mem, extents):
+    sent = bytearray(NPAGES)
+    plane = dp_send.SendPlane(mem, sent)
+    if extents:
+        plane.set_extents(mem.populated_extents())
+    requests = [(5, 4), (40, 1), (60, 8)]
+    status, counts, replies, following = _serve_requests(mem, plane, requests, tail=wire.Pong(7), dribble=True)
+    assert status == dp_send.FRAME and following == wire.Pong(7)
+    data, zero = _pages_of(replies, wire.Cause.DEMAND)
+    asked = {p for first, n in requests for p in range(first, first + n)}
+    assert data == {p: _page(p) for p in asked & set(POPULATED)} and zero == asked - set(POPULATED)
+    assert (counts.requests, counts.pages_sent, counts.pages_zero) == (3, len(data), len(zero))
+    assert {p for p in range(NPAGES) if sent[p]} == asked
+    assert plane.take_hint() == 68
+
+
+def test_demand_server_leaves_a_request_outside_ram_to_the_decoder(mem):
+    plane = dp_send.SendPlane(mem, bytearray(NPAGES))
+    urgent, peer = _channel_pair(True)
+    sealer = wire.FrameAuth(RECV_KEY)
+    frame = wire.PageRequest(NPAGES - 1, 2).encode()
+    peer.sendall(frame + sealer.seal(frame[:16], frame[16:]))
+    status, counts = plane.serve(urgent, run_pages=4)
+    assert status == dp_send.FRAME and counts.requests == 0
+    with pytest.raises(wire.RangeError):
+        urgent.recv()
+    urgent.close()
+    peer.close()
+
+
+def test_demand_server_hands_requests_back_once_the_session_takes_none(mem):
+    """After the destination's Complete the session decides about a late request, not C."""
+    plane = dp_send.SendPlane(mem, bytearray(NPAGES))
+    plane.refuse_requests()
+    status, counts, replies, following = _serve_requests(mem, plane, [(3, 1)], tail=wire.Pong(1))
+    assert status == dp_send.FRAME and following == wire.PageRequest(3, 1)
+    assert counts.requests == 0 and replies == []
+
+
+def test_demand_server_returns_when_the_peer_closes(mem):
+    status, counts, replies, _ = _serve_requests(mem, dp_send.SendPlane(mem, bytearray(NPAGES)), [(0, 1)])
+    assert status == dp_send.CLOSED and counts.requests == 1 and len(replies) == 1
+
+
+def test_the_native_frames_are_self_loops_of_the_session_table():
+    """The native loops check the session once per call: that is exact only because
+    every frame they send or take leaves the phase as it is, wherever it is legal."""
+    for phase, roles in SENDS[MIGRATION].items():
+        for frame in ("PAGE_RUN/DEMAND", "PAGE_RUN/PUSHED", "ZERO_RANGE"):
+            if frame in roles["source"]:
+                assert (MIGRATION, phase, frame) not in TRANSITIONS
+        if "PAGE_REQUEST" in allowed(MIGRATION, phase, "source", "receive"):
+            assert (MIGRATION, phase, "PAGE_REQUEST") not in TRANSITIONS
+
+
+# -- the request parser, fuzzed against the Python decoder ---------------------------------
+FUZZ_CASES = 12_000
+
+
+def test_fuzz_c_request_parser_accepts_exactly_what_the_decoder_accepts():
+    seed = int(os.environ.get("POSTCOPY_FUZZ_SEED", secrets.randbits(32)))
+    print(f"request parser fuzz seed {seed} (set POSTCOPY_FUZZ_SEED={seed} to replay)")
+    rng = random.Random(seed)
+    key = bytes(range(32))
+    plain = [m.encode() for m in sample_messages()]
+    plain += [wire.PageRequest(f, n).encode() for f, n in ((0, 1), (63, 1), (128, 64), (130, 5), (0, 64))] * 3
+    outcomes = {"ok": 0, "more": 0, "other": 0}
+    for case in range(FUZZ_CASES):
+        authenticated = rng.random() < 0.5
+        corpus = plain
+        if authenticated:
+            corpus = [f + wire.FrameAuth(key).seal(f[:16], f[16:]) for f in plain]
+        data = mutate(rng, rng.choice(corpus), corpus)
+        decoder = wire.Decoder(LAYOUT)
+        if authenticated:
+            decoder.set_auth(wire.FrameAuth(key))
+        decoder.feed(data)
+        try:
+            python = decoder.next_message()
+        except wire.ProtocolError:
+            python = "refused"
+        c = dp_send.parse_request(data, wire.FrameAuth(key) if authenticated else None, LAYOUT)
+        outcomes[c[0]] += 1
+        context = f"seed {seed}, case {case}, input {data[:48].hex()} ({len(data)} bytes), python {python!r}, c {c}"
+        if isinstance(python, wire.PageRequest):
+            assert c == ("ok", python.first_page, python.npages, 24 + (16 if authenticated else 0)), context
+        else:
+            assert c[0] != "ok", context
+            if c[0] == "more":
+                assert python is None, context
+    print(f"request parser fuzz: {outcomes}")
+    assert outcomes["ok"] > FUZZ_CASES // 50 and outcomes["other"] > FUZZ_CASES // 2, outcomes
