@@ -78,7 +78,7 @@ class UrgentLender:
     def __init__(self, table: PageTable, enabled: bool = True) -> None:
         self.table = table
         self.enabled = enabled  # False: requests go through Python (send_requests)
-        self._lent: Channel | None = None
+        self._lent: tuple | None = None  # (channel, its pc_dp_link) while lent
         self._lock = threading.Lock()
         # The loop's requests are this frame with its page fields set (in C).
         lib.pc_dp_set_request_template(table.native, wire.PageRequest(first_page=0, npages=1).encode())
@@ -87,21 +87,19 @@ class UrgentLender:
         if not self.enabled:
             return
         with self._lock:
-            urgent._send_lock.acquire()
-            sealer = urgent._sealer
-            lib.pc_dp_lend_urgent(self.table.native, urgent.sock.fileno(),
-                                  sealer._ctx if sealer is not None else ffi.NULL,
-                                  sealer.seq if sealer is not None else 0)
-            self._lent = urgent
+            # No kinds to check at lending: it happens before the switchover too, when
+            # no fault (so no request) can come yet; see the class docstring.
+            link = urgent.lend_send()
+            lib.pc_dp_lend_urgent(self.table.native, link.fd, link.seal, link.seq)
+            self._lent = (urgent, link)
 
     def take_back(self) -> None:
         """The loop stops sending; the channel's sealer goes on from the loop's next
         sequence number (idempotent; call before the channel closes)."""
         with self._lock:
-            urgent, self._lent = self._lent, None
-            if urgent is None:
+            lent, self._lent = self._lent, None
+            if lent is None:
                 return
-            seq = lib.pc_dp_take_urgent(self.table.native)
-            if urgent._sealer is not None:
-                urgent._sealer.seq = seq
-            urgent._send_lock.release()
+            urgent, link = lent
+            link.seq = lib.pc_dp_take_urgent(self.table.native)
+            urgent.end_loan(link)

@@ -131,29 +131,47 @@ class Channel:
             self._sendmsg_all(parts[2:])
 
     # -- handing a side to the native data plane (native/dp_send.c) ------------------
-    @contextmanager
-    def native_send(self, *kinds: str):
-        """Own this channel's send side from C for one call: yields a ``pc_dp_link``
-        (socket, sealer and its next sequence number) while the send lock is held, so
-        Python frames before and after stay in sequence. The frame ``kinds`` the call
-        may send are checked against the session once: they must be self-loops of its
-        table (no frame C sends moves the phase)."""
-        with self._send_lock:
+    def lend_send(self, *kinds: str):
+        """Hand this channel's send side to native code until :meth:`end_loan` (from any
+        thread): takes the send lock, so nothing else sends meanwhile; checks once the
+        frame ``kinds`` the native side may send against the session (they must be
+        self-loops of its table: no frame C sends moves the phase); returns a
+        ``struct pc_dp_link`` (a duplicate of the socket, the sealer and its next
+        sequence number) that the native side updates as it sends."""
+        self._send_lock.acquire()
+        try:
             if self.session is not None:
                 for frame in kinds:
                     self.session.sent(frame, self.name)
             link = ffi.new("struct pc_dp_link *")
             link.fd = self._native_fd()
-            sealer = self._sealer
-            link.seal = sealer._ctx if sealer is not None else ffi.NULL
-            link.seq = sealer.seq if sealer is not None else 0
-            try:
-                yield link
-            finally:
-                os.close(link.fd)
-                if sealer is not None:
-                    sealer.seq = link.seq
-                self.bytes_sent += link.bytes
+        except BaseException:
+            self._send_lock.release()
+            raise
+        sealer = self._sealer
+        link.seal = sealer._ctx if sealer is not None else ffi.NULL
+        link.seq = sealer.seq if sealer is not None else 0
+        return link
+
+    def end_loan(self, link) -> None:
+        """Take the send side back from native code: Python's frames go on from the
+        native side's next sequence number."""
+        try:
+            os.close(link.fd)
+            if self._sealer is not None:
+                self._sealer.seq = link.seq
+            self.bytes_sent += link.bytes
+        finally:
+            self._send_lock.release()
+
+    @contextmanager
+    def native_send(self, *kinds: str):
+        """:meth:`lend_send` for the length of one native call."""
+        link = self.lend_send(*kinds)
+        try:
+            yield link
+        finally:
+            self.end_loan(link)
 
     @contextmanager
     def native_receive(self, capacity: int = 64 << 10):
