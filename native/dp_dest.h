@@ -98,5 +98,8 @@ void pc_dp_encode_request(struct pc_dp_table *t, uint64_t first, uint64_t npages
 void pc_dp_lend_urgent(struct pc_dp_table *t, int fd, void *auth, uint64_t seq);
 uint64_t pc_dp_take_urgent(struct pc_dp_table *t);
 uint64_t pc_dp_requests_sent(struct pc_dp_table *t);
+/* Sends runs (first, count pairs) on the lent urgent channel: 1 if sent, 0 if it is
+ * not lent, PC_DP_LINK_LOST if a send failed (then it is taken back). */
+int pc_dp_send_requests(struct pc_dp_table *t, const uint64_t *req, int nruns);
 
 #endif /* PC_DP_DEST_H */

@@ -340,3 +340,8 @@ out:
 	pthread_mutex_unlock(&t->urgent_lock);
 	return rc;
 }
+
+int pc_dp_send_requests(struct pc_dp_table *t, const uint64_t *req, int nruns)
+{
+	return dp_send_requests(t, req, nruns);
+}

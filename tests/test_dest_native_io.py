@@ -326,3 +326,29 @@ def test_a_failed_send_takes_the_channel_back_and_reports_the_link_lost(guest):
     assert lost.is_set() and g.table[3] == REQUESTED and g.table.waiting() == [3]
     lender.take_back()  # a second take back does nothing
     dest.close()
+
+
+def test_requests_handed_back_unlent_go_through_a_loan_made_meanwhile(guest):
+    """The loop hands runs back to Python while the urgent channel is not lent (during
+    recovery); if recovery lends the new channel before Python sends them, they must go
+    through the loan: the channel's own send would wait for ever on the lock the loan
+    holds (this deadlock hung the link-loss test on a busy host)."""
+    g = guest()
+    dest, source = _channels(True)
+    lender = UrgentLender(g.table)
+    runs = ffi.new("uint64_t[]", [7, 2, 11, 1])
+    fallback = []
+    assert lender.send(runs, 2, lambda: fallback.append("python"))  # not lent: Python sends
+    assert fallback == ["python"]
+    lender.lend(dest)  # recovery lent the channel meanwhile
+    done = []
+    thread = threading.Thread(target=lambda: done.append(lender.send(runs, 2, lambda: fallback.append("x"))),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert done == [True] and fallback == ["python"]  # sent by the loan, not by a blocked Python send
+    assert source.recv() == wire.PageRequest(first_page=7, npages=2)
+    assert source.recv() == wire.PageRequest(first_page=11, npages=1)
+    lender.take_back()
+    dest.close()
+    source.close()

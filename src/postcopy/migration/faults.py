@@ -53,7 +53,11 @@ class FaultServer:
                 message = ffi.string(lib.pc_dp_error()).decode(errors="replace")
                 raise UffdError(-n, "fault loop", message) if n > -4096 else native_error(n)
             if n:
-                send_requests([(runs[2 * i], runs[2 * i + 1]) for i in range(n)])
+                pairs = [(runs[2 * i], runs[2 * i + 1]) for i in range(n)]
+                if self.lender is None:
+                    send_requests(pairs)
+                elif not self.lender.send(runs, n, lambda: send_requests(pairs)) and link_lost is not None:
+                    link_lost()
 
     def mark_zero(self, first: int, npages: int) -> None:
         """Pages that hold only zeros: nothing crosses the wire for them. Threads already
@@ -92,6 +96,24 @@ class UrgentLender:
             link = urgent.lend_send()
             lib.pc_dp_lend_urgent(self.table.native, link.fd, link.seal, link.seq)
             self._lent = (urgent, link)
+
+    def send(self, runs, n: int, fallback: Callable[[], None]) -> bool:
+        """Send ``n`` runs the loop handed back (the channel was not lent when it read
+        them): through the loan if it is lent by now (recovery lent it meanwhile: its
+        send lock is the loan's, and a Python send would wait on it for ever), else with
+        ``fallback``, under the lender's lock so that no lend comes in between. False
+        if the loan's send failed: the channel is taken back, the link is lost."""
+        with self._lock:
+            rc = lib.pc_dp_send_requests(self.table.native, runs, n) if self._lent is not None else 0
+            if rc == 0:
+                fallback()
+                return True
+        if rc == lib.PC_DP_LINK_LOST:
+            self.take_back()
+            return False
+        if rc < 0:
+            raise native_error(rc)
+        return True
 
     def take_back(self) -> None:
         """The loop stops sending; the channel's sealer goes on from the loop's next
