@@ -70,6 +70,14 @@ def test_range_discarded_during_postcopy_reads_zeros(bed, tmp_path):
     source_shared = _read_memfd(control, SHARED_FIRST, SHARED_PAGES)
     assert source_shared.count(0) < len(source_shared) // 2  # the slice holds data
     incoming = glob.glob(str(workdir / "*" / "incoming.sock"))[0]
+    # The source paused its guest; the destination resumes the incoming one a moment
+    # later (a busy host stretches that): wait for it to run before pausing it.
+    while _state(incoming) != "running":
+        if time.monotonic() > deadline + 30 or dest.poll() is not None:
+            source.kill()
+            dest.kill()
+            pytest.fail(f"the incoming guest never ran: dest {dest.communicate()}")
+        time.sleep(0.02)
     dropped_first, dropped_pages = SHARED_FIRST + 128, 64
     with GuestClient(incoming) as client:
         # The guest drops the range (MADV_DONTNEED + hole punch) at a step boundary
