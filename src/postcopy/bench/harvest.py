@@ -215,7 +215,7 @@ class _BenchGuest:
         self.proc = subprocess.Popen(params.argv(control=sock), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         try:
-            wait_for_control(sock, timeout=300, proc=self.proc)  # Python starts slowly under emulation
+            wait_for_control(sock, proc=self.proc)
             # Populating RAM page by page: ~2 min per GiB under software emulation.
             self.client = GuestClient(sock, timeout=120 + 240 * max(1, size // GiB))
             self.info = self.client.status()

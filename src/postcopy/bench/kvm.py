@@ -79,7 +79,7 @@ class KvmBenchGuest(_BenchGuest):
         self.proc = subprocess.Popen(params.argv(control=sock), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         try:
-            wait_for_control(sock, timeout=60, proc=self.proc)
+            wait_for_control(sock, proc=self.proc)
             self.client = GuestClient(sock, timeout=300)
             self.info = self.client.status()
             self.npages = size // self.info["page_size"]

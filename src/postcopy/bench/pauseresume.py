@@ -56,7 +56,7 @@ def pause_resume_figures(rounds: int = 300, *, threads: int = 2, ram: int = 16 <
             argv[0] = python
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for_control(control, timeout=30, proc=proc)
+            wait_for_control(control, proc=proc)
             with GuestClient(control) as guest:
                 return _measure(guest, proc.pid, rounds)
         finally:

@@ -372,7 +372,7 @@ class Standby:
         self._prestart()
         proc = self.failover_proc
         try:
-            wait_for_control(self._control, timeout=120, proc=proc)  # a busy host starts Python slowly
+            wait_for_control(self._control, proc=proc)
             with GuestClient(self._control) as client:
                 info, fds = client.take_fds(incoming=True)
                 if "memfd" in fds:
@@ -466,7 +466,7 @@ def reference_hash_at(params: GuestParams, steps: int, workdir: str, timeout: fl
                             params.argv(control=control, start_paused=True),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_control(control, timeout=120, proc=proc)
+        wait_for_control(control, proc=proc)
         with GuestClient(control, timeout=timeout) as client:
             deadline = time.monotonic() + timeout
             while (status := client.status())["state"] != "paused" or min(status["steps"]) < steps:

@@ -123,7 +123,7 @@ class DestinationAgent:
         self.guest_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
                                            preexec_fn=die_with_parent(os.getpid()))
         print(f"incoming guest pid {self.guest_proc.pid}", file=sys.stderr, flush=True)
-        wait_for_control(control, timeout=30, proc=self.guest_proc)
+        wait_for_control(control, proc=self.guest_proc)
         return control
 
     def stop_guest(self) -> None:

@@ -111,7 +111,7 @@ def run_demo(options: DemoOptions) -> dict:
         guest_started = time.monotonic()
         argv = params.argv(control=control, pause_at=options.hold_at or options.park_at)
         guest = bed.popen(bed.source, argv, **pipes)
-        wait_for_control(control, timeout=60, proc=guest)
+        wait_for_control(control, proc=guest)
         if options.hold_at is None:
             _warm_up(control, options, guest, guest_started)
         else:
