@@ -48,3 +48,14 @@ def test_demo_park_at_parks_near_the_end_and_verifies(tmp_path):
     assert report["verified"] is True, (report["final_hash"], report["reference_hash"])
     assert report["dirty_log"] == backends[0]
     assert report["precopy_rounds"], "a precopy migration has at least its first round"
+
+
+def test_a_failed_source_brings_the_destinations_own_words():
+    # "the peer closed the connection" is all a source knows when its destination gave
+    # up: the demo adds what the destination said.
+    from postcopy.testbed.demo import _last_words
+
+    dest = subprocess.Popen([sys.executable, "-c", "import sys; print('incoming guest did not start', "
+                             "file=sys.stderr); sys.exit(3)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert _last_words(dest, "postcopy dest") == "; postcopy dest exited 3: incoming guest did not start"

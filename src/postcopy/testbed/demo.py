@@ -135,12 +135,23 @@ def run_demo(options: DemoOptions) -> dict:
             return _injected(options, bed, watch, guest, source, dest, work, deadline)
         try:
             _wait(source, "postcopy source", deadline)
-        except DemoError:
+        except DemoError as exc:
             _raise_if_finished_early(guest, guest_started, params)
-            raise
+            raise DemoError(f"{exc}{_last_words(dest, 'postcopy dest')}") from None
         _wait(dest, "postcopy dest", deadline)
         _wait(guest, "source guest", deadline)
         return _report(options, work)
+
+
+def _last_words(proc: subprocess.Popen, name: str) -> str:
+    """The other agent's side of a failure (a source that saw its peer close says no
+    more than that): what it printed, if it exits within a few seconds."""
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        return f"; {name} is still running"
+    text = (err or out or "").strip()
+    return f"; {name} exited {proc.returncode}" + (f": {text[-1500:]}" if text else " and said nothing")
 
 
 def _report(options: DemoOptions, work: str) -> dict:
@@ -300,7 +311,8 @@ def register(subparsers) -> None:
     parking.add_argument("--park-at", type=positive_int_arg, metavar="STEP",
                          help="a safety net for a slow or busy host: the guest runs and is migrated mid-run, but "
                               "parks at this step (below --steps) instead of finishing if the migration has not "
-                              "happened yet; the downtime stays true (default none)")
+                              "happened yet; the downtime is true unless it parked (then it includes the parked "
+                              "time) (default none)")
     parking.add_argument("--hold-at", type=positive_int_arg, metavar="STEP",
                          help="park the guest at this step (below --steps) and migrate it from there, whatever "
                               "the host's pace; the downtime then includes the time it was parked: not a "
