@@ -30,6 +30,10 @@ def _postcopy(*args: str) -> subprocess.CompletedProcess:
     (["--rate-limit", "0"], "--rate-limit"),
     (["--working-set", "0"], "--working-set"),
     (["--ram", "1T"], "more than this host's memory"),
+    (["--park-at", "0"], "--park-at"),
+    (["--steps", "1000", "--park-at", "1000"], "--park-at 1000 must be below --steps 1000"),
+    (["--steps", "1000", "--hold-at", "5000"], "--hold-at 5000 must be below --steps 1000"),
+    (["--park-at", "10", "--hold-at", "10"], "not allowed with argument"),
 ])
 def test_demo_refuses_bad_arguments_before_making_anything(argv, words):
     result = _postcopy("demo", *argv)

@@ -28,7 +28,7 @@ from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.guest import GuestParams, reference_hash
 from postcopy.testbed import inject
 from postcopy.testbed.netns import Testbed
-from postcopy.units import nonneg_float_arg, port_arg, positive_rate_arg, size_arg
+from postcopy.units import nonneg_float_arg, port_arg, positive_int_arg, positive_rate_arg, size_arg
 
 DEFAULT_PORT = 7010
 DEMO_STEPS = 4_000_000  # per vCPU: ~8 s at DEMO_RATE, so the guest is mid-run when it moves
@@ -136,12 +136,23 @@ def run_demo(options: DemoOptions) -> dict:
             return _injected(options, bed, watch, guest, source, dest, work, deadline)
         try:
             _wait(source, "postcopy source", deadline)
-        except DemoError:
+        except DemoError as exc:
             _raise_if_finished_early(guest, guest_started, params)
-            raise
+            raise DemoError(f"{exc}{_last_words(dest, 'postcopy dest')}") from None
         _wait(dest, "postcopy dest", deadline)
         _wait(guest, "source guest", deadline)
         return _report(options, work)
+
+
+def _last_words(proc: subprocess.Popen, name: str) -> str:
+    """The other agent's side of a failure (a source that saw its peer close says no
+    more than that): what it printed, if it exits within a few seconds."""
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        return f"; {name} is still running"
+    text = (err or out or "").strip()
+    return f"; {name} exited {proc.returncode}" + (f": {text[-1500:]}" if text else " and said nothing")
 
 
 def _report(options: DemoOptions, work: str) -> dict:
@@ -313,6 +324,16 @@ def register(subparsers) -> None:
     p.add_argument("--migrate-after", type=nonneg_float_arg, default=0.5, metavar="SECONDS",
                    help="how long the guest runs on the source first (default 0.5)")
     p.add_argument("--port", type=port_arg, default=DEFAULT_PORT, help=f"destination port (default {DEFAULT_PORT})")
+    parking = p.add_mutually_exclusive_group()
+    parking.add_argument("--park-at", type=positive_int_arg, metavar="STEP",
+                         help="a safety net for a slow or busy host: the guest runs and is migrated mid-run, but "
+                              "parks at this step (below --steps) instead of finishing if the migration has not "
+                              "happened yet; the downtime is true unless it parked (then it includes the parked "
+                              "time) (default none)")
+    parking.add_argument("--hold-at", type=positive_int_arg, metavar="STEP",
+                         help="park the guest at this step (below --steps) and migrate it from there, whatever "
+                              "the host's pace; the downtime then includes the time it was parked: not a "
+                              "benchmark figure (default none)")
     p.add_argument("--inject", type=_injection, action="append", default=[], metavar="EVENT",
                    help="fault injection at an observed phase (repeatable): link-down=DURATION@PHASE, "
                         "flap=DOWN/UP:TOTAL@PHASE, kill-source@PHASE, kill-dest@PHASE, stop-dest=DURATION@PHASE; "
@@ -335,6 +356,9 @@ def _usage_error(args: argparse.Namespace) -> str | None:
     """What argparse cannot check alone, before any namespace or process is made."""
     error = layout_error(args.ram, args.threads, args.workload, args.working_set, args.free_fraction)
     error = error or install_path_error(args.install, args.backing)
+    for flag, step in (("--park-at", args.park_at), ("--hold-at", args.hold_at)):
+        if step is not None and step >= args.steps:
+            error = error or f"{flag} {step} must be below --steps {args.steps} (the guest would finish first)"
     too_big = ram_fit_error(args.ram, copies=2)
     error = error or (too_big and f"--ram {args.ram >> 20}M: {too_big}")
     try:
@@ -354,6 +378,7 @@ def main(args: argparse.Namespace) -> int:
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
                           stall_rounds=args.stall_rounds,
                           free_hints=not args.no_free_hints, install=args.install, inject=args.inject,
+                          park_at=args.park_at, hold_at=args.hold_at,
                           source_options=(*convergence_argv(args),
                                           *(["--events", os.path.abspath(args.events)] if args.events else [])))
     try:
