@@ -177,7 +177,7 @@ def test_an_epoch_whose_page_count_disagrees_is_refused(standby):
 def _start_guest(params: GuestParams, control: str, start_paused: bool = False) -> subprocess.Popen:
     proc = subprocess.Popen(params.argv(control=control, start_paused=start_paused), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for_control(control, timeout=30, proc=proc)
+    wait_for_control(control, proc=proc)
     return proc
 
 
@@ -310,7 +310,7 @@ def test_failover_from_a_checkpoint_verifies(bed, tmp_path):
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Started paused, the guest runs only in the epochs: it is surely mid-run when killed.
     guest = bed.popen(bed.source, params.argv(control=control, start_paused=True), **pipes)
-    wait_for_control(control, timeout=30, proc=guest)
+    wait_for_control(control, proc=guest)
     standby = bed.popen(bed.dest, _postcopy("standby", "--listen", endpoint, "--key-file", str(key_file),
                                             "--failover", "--json", str(tmp_path / "standby.json")), **pipes)
     assert standby.stdout.readline().startswith("listening")
