@@ -294,10 +294,15 @@ class Userfaultfd(FdOwner):
         return int(out[0])
 
     def unregister(self, addr: int, length: int) -> None:
-        """UFFDIO_UNREGISTER (wakes threads waiting in the range)."""
+        """UFFDIO_UNREGISTER, then UFFDIO_WAKE over the range: no thread stays asleep
+        on a fault in it. The kernel's own wake comes before it clears the range, and a
+        fault taken under a per-VMA lock can queue in between: seen here as a vCPU asleep
+        in handle_userfault for good on an unregistered range (a zero page touched as the
+        last pages came in). Woken, it faults again as an ordinary page fault."""
         rc = _lib.pc_uffd_unregister(self._fd, addr, length)
         if rc < 0:
             raise UffdError(-rc, "UFFDIO_UNREGISTER", f"0x{addr:x}+{length:#x}")
+        self.wake(addr, length)
 
     def wake(self, addr: int, length: int) -> None:
         """UFFDIO_WAKE: release threads waiting on faults in the range."""
