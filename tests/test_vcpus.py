@@ -201,7 +201,9 @@ def test_a_migration_reports_the_stall_the_guest_felt():
     from postcopy.testbed.demo import DemoOptions, run_demo
 
     params = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=400_000, rate=100_000)
-    result = run_demo(DemoOptions(params=params, migrate_after=0.2, port=7019))
+    # Held at a step until migrated: on a busy host its 4 s of steps could end before the
+    # switchover (then there is no stall on the destination to report).
+    result = run_demo(DemoOptions(params=params, migrate_after=0.2, port=7019, hold_at=100_000))
     assert result["verified"], result
     view = result["guest_view"]
     # Measured by the destination's guest itself: steps went on there (gaps between
