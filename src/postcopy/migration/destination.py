@@ -84,6 +84,7 @@ class DestinationAgent:
         self._watchdog: LeaseKeeper | None = None  # renews the incoming guest's watchdog
         self._killed_guest = False
         self._listener: Listener | None = None
+        self._fault_thread: threading.Thread | None = None
         self._lender: UrgentLender | None = None  # lends the urgent channel's send side to the fault loop
 
     def bind(self) -> socket.socket:
@@ -204,6 +205,10 @@ class DestinationAgent:
             raise
         finally:
             self._stop.set()
+            if self._fault_thread is not None:
+                # Its C loop uses the page table and the userfaultfd: it must be out of
+                # them before they go (a failed run's exit crashed in it otherwise).
+                self._fault_thread.join(timeout=10)
             if self._lender is not None:
                 self._lender.take_back()  # before its descriptor closes
             if self._watchdog is not None:
@@ -251,6 +256,7 @@ class DestinationAgent:
                                                             self._link_lost),
                                   name="fault-server", daemon=True)
         faults.start()
+        self._fault_thread = faults
         self._start_urgent_receiver()
         switchover: dict | None = None
         resumed: dict | None = None
