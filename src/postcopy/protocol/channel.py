@@ -182,11 +182,8 @@ class Channel:
         (and checks against the session) the frame C would not take."""
         fd = self._native_fd()  # first: a closed channel gives up no buffered bytes
         decoder = self._decoder
-        buffer = decoder._buffer
-        pending = bytes(buffer.view[buffer.start:buffer.end])
-        buffer.start = buffer.end = 0
-        decoder._header = None
-        verifier = decoder._auth
+        pending = decoder.take_buffered()
+        verifier = decoder.auth
         buf = ffi.new("uint8_t[]", max(capacity, 2 * len(pending)))
         buf[0:len(pending)] = pending
         start, end = ffi.new("size_t *", 0), ffi.new("size_t *", len(pending))

@@ -363,6 +363,21 @@ class Decoder:
         """Bytes fed but not yet consumed by a returned message."""
         return len(self._buffer)
 
+    @property
+    def auth(self):
+        """The verifier of received frames (None: frames carry no tag)."""
+        return self._auth
+
+    def take_buffered(self) -> bytes:
+        """Hand the bytes received but not decoded to another reader (the native data
+        plane): the decoder is left empty, at a frame boundary; :meth:`feed` gives back
+        what that reader did not consume."""
+        buf = self._buffer
+        pending = bytes(buf.view[buf.start:buf.end])
+        buf.start = buf.end = 0
+        self._header = None
+        return pending
+
     def next_message(self) -> Message | None:
         """The next complete message, or None if more data is needed."""
         if self._failed is not None:
