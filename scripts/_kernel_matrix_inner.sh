@@ -46,6 +46,7 @@ say "up ${up%.*} s after boot (nproc $(nproc), $(awk '/MemTotal/ {print int($2/1
 
 if [ "$MODE" = exec ]; then
     export BENCH_JSON="$OUT/bench.json" BENCH_MD="$OUT/bench.md" KM_OUT="$OUT"
+    export BENCH_KVM_JSON="$OUT/kvm.json" BENCH_KVM_MD="$OUT/kvm.md" BENCH_KVM_TXT="$OUT/kvm.txt"
     say "running: $*"
     bash -c "$*"
     rc=$?

@@ -311,12 +311,26 @@ def test_kvm_bench_tables_smoke():
     assert {r["method"] for r in rows} == set(logs) and len(rows) == 2 * len(logs)
     for r in rows:  # exactly the pages the service vCPU wrote, plus the state page the idle steps write
         assert r["dirty_pages"] <= r["reported_pages"] <= r["dirty_pages"] + 1, r
-        assert (r["kernel_ms"] is None) == (r["method"] == "pagemap-scan")
+        assert (r["kernel_ms"] is None) == (r["method"] in ("pagemap-scan", "soft-dirty"))
     rates = rate_rows(16 << 20, logs[:1], seconds=0.3, say=lambda _m: None)
     assert [(r["vm"], r["dirty_log"]) for r in rates] == [("process", "none"), ("kvm", "none"), ("kvm", logs[0])]
     assert all(r["steps_per_s"] > 0 for r in rates) and rates[2]["harvests_per_s"] > 0
     text = format_kvm({"harvest": rows, "rates": rates})
     assert all(name in text for name in logs) and "steps/s" in text
+
+
+def test_kvm_bench_covers_every_log_of_the_kernel_and_names_the_missing_ones():
+    """Every log a KVM guest's RAM can be harvested with is either measured or named
+    with its reason (here soft-dirty: CONFIG_MEM_SOFT_DIRTY is off)."""
+    from postcopy.bench.kvm import LOGS, _reasons, format_kvm, usable_logs
+
+    reasons = _reasons()
+    assert set(reasons) == set(LOGS) >= {"kvm-bitmap", "kvm-clear", "kvm-ring", "pagemap-scan", "soft-dirty"}
+    assert usable_logs() == [name for name in LOGS if reasons[name] is None]
+    missing = {name: why for name, why in reasons.items() if why is not None}
+    assert all(isinstance(why, str) and why for why in missing.values()), missing
+    text = format_kvm({"harvest": [], "rates": [], "unavailable": missing})
+    assert all(f"{name}: unavailable: {why}" in text for name, why in missing.items())
 
 
 @pytest.mark.parametrize("name", LOGS)

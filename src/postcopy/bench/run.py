@@ -346,7 +346,7 @@ def markdown(result: dict) -> str:
     if result.get("kvm"):
         from postcopy.bench.kvm import format_kvm
 
-        lines += ["", "## KVM guest: KVM's dirty logs beside PAGEMAP_SCAN", "", "```", format_kvm(result["kvm"]), "```"]
+        lines += ["", "## KVM guest: KVM's dirty logs beside the process dirty logs", "", "```", format_kvm(result["kvm"]), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -390,7 +390,8 @@ def register(subparsers) -> None:
     p.add_argument("--harvest", action="store_true",
                    help="only the dirty-log harvest-cost table (what scripts/kernel-matrix runs in other kernels)")
     p.add_argument("--kvm", action="store_true",
-                   help="only the KVM guest's tables: KVM dirty logs beside PAGEMAP_SCAN, step and harvest rates")
+                   help="only the KVM guest's tables: KVM dirty logs beside pagemap-scan (and soft-dirty where "
+                   "the kernel has it), step, harvest and checkpoint rates")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--svg", metavar="DIR", help="write the benchmark figures (SVG) into DIR")
     p.set_defaults(func=main)
@@ -401,9 +402,13 @@ def main(args: argparse.Namespace) -> int:
         from postcopy.bench.kvm import format_kvm, kvm_figures
 
         result = kvm_figures(args.quick, progress=lambda msg: print(msg, file=sys.stderr), port=BENCH_PORT + 6)
-        print(f"kernel {platform.release()}: KVM guest\n{format_kvm(result)}")
+        text = f"kernel {platform.release()}: KVM guest\n{format_kvm(result)}"
+        print(text)
         if args.json:
             report.write_json(args.json, {"kernel": platform.release(), "kvm": result})
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(f"# {text.splitlines()[0]}\n\n```\n{format_kvm(result)}\n```\n")
         return 0
     if args.harvest:
         from postcopy.bench.harvest import format_table

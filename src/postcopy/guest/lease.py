@@ -33,8 +33,10 @@ class Lease:
 
     def status(self) -> dict:
         with self._lock:
+            watchdog = self._watchdog_until
             return {"lease_pid": self._holder_pid if self._holder is not None else None,
-                    "fence_remaining_s": round(self.fence_left(), 3)}
+                    "fence_remaining_s": round(self.fence_left(), 3),
+                    "watchdog_remaining_s": None if watchdog is None else round(max(0.0, watchdog - time.monotonic()), 3)}
 
     def check_unfenced(self, what: str) -> None:
         """Refuse ``what`` while a destination may still run this guest."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from postcopy import report
 
 from postcopy.protocol import wire
-from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
+from postcopy.migration.fence import LeaseKeeper, watchdog_keeper, watchdog_seconds
 from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
@@ -178,6 +178,12 @@ class DestinationAgent:
             guest = self._guest_client = GuestClient(control)
             # Held until every page is in: if this agent goes away first, the guest stops.
             self._lease = guest.lease()
+            # Armed before any frame can carry the Switchover, with no recovery time yet:
+            # stopped anywhere from here on, this agent cannot wake after the source's
+            # fence ended and run the guest (postcopy.migration.fence).
+            self._watchdog = watchdog_keeper(guest.path, self._lease, 0.0,
+                                             in_contact=lambda: not self._link_broken.is_set())
+            self._watchdog.arm()
             info, fds = guest.take_fds(incoming=True)
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
             self._setup(info, uffd, layout, fds.get("memfd"))
@@ -314,12 +320,12 @@ class DestinationAgent:
             return None  # the guest already finished and left
 
     def _switch_over(self, guest: GuestClient, switchover: dict) -> dict:
-        """The source stopped its guest: arm the watchdog and resume ours here."""
+        """The source stopped its guest: widen the watchdog to the agreed recovery time
+        and resume ours here."""
         self._source_recovery_timeout = switchover.get("recovery_timeout_s")
-        # Stopped or cut off, this agent stops renewing, and the guest stops itself.
-        self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
-                                         in_contact=lambda: not self._link_broken.is_set())
-        self._watchdog.arm()
+        # Stopped or cut off, this agent stops renewing, and the guest stops itself; a
+        # guest that already did refuses the resume below.
+        self._watchdog.extend(watchdog_seconds(self._recovery_timeout()))
         # Every event of the discard was read (madvise waits for that): what the guest
         # removes from now on is its own.
         self.table.switched()

@@ -22,6 +22,13 @@ guest has a watchdog (:func:`watchdog_keeper`) that its agent renews the same wa
 ``R + WATCHDOG_SLACK_S``, only while in contact; the guest stops itself when it lapses.
 The agent stops renewing at most ``LINK_TIMEOUT_S + 1`` s after t, so its guest stops
 by ``t + LINK_TIMEOUT_S + 1 + R + WATCHDOG_SLACK_S``, which FENCE_MARGIN_S exceeds.
+
+The watchdog is armed as soon as the destination holds its incoming guest, before any
+frame can carry the Switchover, with R = 0 (it does not know the source's R yet; 0 is
+the smallest, so the bound holds whatever the source's is), and widened to the agreed R
+when the Switchover is acted on. So an agent stopped between reading the Switchover and
+acting on it cannot wake after the fence ended and run its guest: the guest stopped
+itself meanwhile, and the agent's resume fails.
 """
 from __future__ import annotations
 
@@ -61,6 +68,12 @@ class LeaseKeeper:
         with self._lock:
             self._client.request(self._command, token=self._token, seconds=self._seconds)
 
+    def extend(self, seconds: float) -> None:
+        """From now on promise ``seconds`` at each renewal (set at once)."""
+        with self._lock:
+            self._seconds = seconds
+        self.refresh()
+
     def remaining(self) -> float | None:
         """Seconds the fence still holds (None if the guest cannot be asked)."""
         try:
@@ -91,9 +104,14 @@ def fence_keeper(control: str, token: str, recovery_timeout: float, in_contact) 
     return LeaseKeeper(control, token, "fence", seconds, in_contact)
 
 
+def watchdog_seconds(recovery_timeout: float) -> float:
+    """How long the incoming guest may go unrenewed for a recovery timeout R."""
+    return max(0.0, recovery_timeout) + WATCHDOG_SLACK_S
+
+
 def watchdog_keeper(control: str, token: str, recovery_timeout: float, in_contact) -> LeaseKeeper:
     """Destination: the incoming guest stops by itself if this agent stops renewing."""
-    return LeaseKeeper(control, token, "watchdog", max(0.0, recovery_timeout) + WATCHDOG_SLACK_S, in_contact)
+    return LeaseKeeper(control, token, "watchdog", watchdog_seconds(recovery_timeout), in_contact)
 
 
 def fence_note(remaining: float | None) -> str:
