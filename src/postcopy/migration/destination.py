@@ -6,6 +6,7 @@ is unregistered once every page is in."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -134,9 +135,10 @@ class DestinationAgent:
         if self._guest_client is not None:
             self._guest_client.close()
         if self.guest_proc is not None and self.guest_proc.poll() is None:
-            self._killed_guest = True
             self.guest_proc.kill()
             self.guest_proc.wait()
+            # A guest already inside its exit (its watchdog fired) keeps its own status.
+            self._killed_guest = self.guest_proc.returncode == -signal.SIGKILL
 
     def _stopped_note(self) -> str:
         """What became of the incoming guest after a failure (said only if true)."""
