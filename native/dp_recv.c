@@ -90,12 +90,12 @@ size_t pc_dp_recv_min_buffer(const struct pc_dp_recv_rules *rules)
 /* Why the frame f, which the decoder accepts, is not taken now (0: it is). */
 static int hand_back(const struct pc_dp_recv_rules *r, const struct pc_dp_frame *f)
 {
+    if (r->phase_word && __atomic_load_n(r->phase_word, __ATOMIC_ACQUIRE) != r->phase)
+        return PC_DP_RECV_PHASE; /* the rules may be stale: Python asks the session again */
     if (f->type == r->page_run_type ? !(r->taken_causes >> f->cause & 1) : !r->take_zero_ranges)
         return PC_DP_RECV_FRAME; /* the session decides (a transition, or an error) */
     if (r->stop && __atomic_load_n(r->stop, __ATOMIC_ACQUIRE))
         return PC_DP_RECV_STOPPED;
-    if (r->phase_word && __atomic_load_n(r->phase_word, __ATOMIC_ACQUIRE) != r->phase)
-        return PC_DP_RECV_PHASE;
     return 0;
 }
 

@@ -212,10 +212,26 @@ def test_a_phase_changed_by_another_thread_hands_back_before_the_next_frame(link
         lk.session.fail()
         return taken, word
     monkeypatch.setattr(lk.session, "loops", stale)
-    assert lk.receiver.receive(lk.channel) == dp_recv.PHASE
+    assert lk.receiver.receive(lk.channel) == dp_recv.FRAME  # asked again: nothing is legal now
     assert lk.receiver.counts.frames == 0 and lk.pages(1, 1) == bytes(PS)
     with pytest.raises(wire.StateError, match="phase error"):
         lk.channel.recv()
+
+
+def test_rules_made_stale_by_a_phase_change_are_asked_for_again(link, monkeypatch):
+    lk = link(phase=Phase.PRECOPY)
+    lk.send(lk.run(1, 1, wire.Cause.DEMAND))
+    loops = lk.session.loops
+
+    def stale(kinds):  # the switchover happens right after the call read the phase
+        taken, word = loops(kinds)
+        lk.session.phase = Phase.POSTCOPY
+        monkeypatch.setattr(lk.session, "loops", loops)
+        return taken, word
+    monkeypatch.setattr(lk.session, "loops", stale)
+    lk.send(wire.PushDone(pages=1))
+    assert lk.receiver.receive(lk.channel) == dp_recv.FRAME
+    assert lk.receiver.counts.pages == {wire.Cause.DEMAND: 1} and lk.pages(1, 1) == lk.run(1, 1, 0).data
 
 
 def test_the_stop_flag_hands_back_without_taking(link):

@@ -39,7 +39,7 @@ class Sink:
 
 @dataclass
 class ReceiveCounts:
-    """What the C receiver took, in total."""
+    """What the C receiver took, in total (a snapshot)."""
 
     frames: int = 0
     pages: dict[wire.Cause, int] = field(default_factory=dict)
@@ -97,14 +97,20 @@ class PageReceiver:
         self.sink = sink
         self._buffer = ffi.new("uint8_t[]", lib.pc_dp_recv_min_buffer(rules))
         self._counts = ffi.new("struct pc_dp_recv_counts *")
-        self.counts = ReceiveCounts()
 
     def receive(self, channel: Channel) -> int:
         """Take data frames from ``channel`` until a frame C leaves to Python (FRAME),
         a phase change (PHASE), the stop flag (STOPPED), the end of the stream (CLOSED)
         or a receive error (-errno): in each case the channel's next ``recv`` goes on
         from there. Raises the sink's error if a frame could not be put in place.
-        Returns at once (FRAME) when the session lets no data frame through now."""
+        Returns at once (FRAME) when the session lets no data frame through now. A phase
+        changed meanwhile (by another thread) is looked up again in the session, and
+        the frames it lets through are taken on."""
+        while (rc := self._receive(channel)) == PHASE:
+            pass
+        return rc
+
+    def _receive(self, channel: Channel) -> int:
         rules = self._rules
         session = channel.session
         if session is not None:
@@ -116,22 +122,19 @@ class PageReceiver:
         rules.take_zero_ranges = int("ZERO_RANGE" in kinds)
         if not rules.taken_causes and not rules.take_zero_ranges:
             return FRAME
-        counts = self._counts
-        ffi.memmove(counts, bytes(ffi.sizeof(counts[0])), ffi.sizeof(counts[0]))
+        counts = self._counts  # added to by every call, read live by counts
+        before = counts.bytes_received
         with channel.native_receive(buffer=self._buffer) as (fd, verify, seq, buf, cap, start, end):
             rc = lib.pc_dp_recv(rules, self.sink.native, fd, verify, seq, buf, cap, start, end, counts)
-        channel.bytes_received += counts.bytes_received
-        self._add(counts)
+        channel.bytes_received += counts.bytes_received - before
         if rc == SINK:
             raise self.sink.error(counts.sink_rc)
         return rc
 
-    def _add(self, counts) -> None:
-        total = self.counts
-        total.frames += counts.frames
-        total.zero_pages += counts.zero_pages
-        for cause in wire.Cause:
-            if counts.pages[cause]:
-                total.pages[cause] = total.pages.get(cause, 0) + counts.pages[cause]
-            if counts.first_ns[cause] and cause not in total.first_ns:
-                total.first_ns[cause] = counts.first_ns[cause]
+    @property
+    def counts(self) -> ReceiveCounts:
+        """What this receiver took so far (a call under way included)."""
+        c = self._counts
+        return ReceiveCounts(frames=c.frames, zero_pages=c.zero_pages,
+                             pages={cause: c.pages[cause] for cause in wire.Cause if c.pages[cause]},
+                             first_ns={cause: c.first_ns[cause] for cause in wire.Cause if c.first_ns[cause]})
