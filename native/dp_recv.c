@@ -139,8 +139,12 @@ static int fill(const struct pc_dp_recv_rules *r, int fd, uint8_t *buf, size_t c
     size_t want = need > GREEDY_READ ? need - have : GREEDY_READ;
     if (want > cap - *end)
         want = cap - *end;
+    /* The rest of a large frame is on its way (its sender writes it whole): wait for all
+     * of it in one call instead of waking per segment. A shutdown of the channel (link
+     * lost, migration over) ends the wait. */
+    int flags = need > GREEDY_READ ? MSG_WAITALL : MSG_DONTWAIT;
     for (;;) {
-        ssize_t got = recv(fd, buf + *end, want, MSG_DONTWAIT);
+        ssize_t got = recv(fd, buf + *end, want, flags);
         if (got > 0) {
             *end += (size_t)got;
             counts->bytes_received += (uint64_t)got;
@@ -152,6 +156,7 @@ static int fill(const struct pc_dp_recv_rules *r, int fd, uint8_t *buf, size_t c
             continue;
         if (errno != EAGAIN)
             return -errno;
+        flags = MSG_DONTWAIT; /* a non-blocking socket: wait in poll */
         if (r->stop && __atomic_load_n(r->stop, __ATOMIC_ACQUIRE))
             return PC_DP_RECV_STOPPED;
         struct pollfd p = {.fd = fd, .events = POLLIN};

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from postcopy import report
 
 from postcopy.protocol import wire
-from postcopy.migration.fence import LeaseKeeper, watchdog_keeper
+from postcopy.migration.fence import LeaseKeeper, watchdog_keeper, watchdog_seconds
 from postcopy.migration.dp_recv import PageReceiver, table_sink
 from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
@@ -192,6 +192,9 @@ class DestinationAgent:
             self._fault_server = FaultServer(self._target, self._path, spin=self.config.fault_poll == "spin",
                                              lender=self._lender)
             self._make_receivers(layout)
+            # Connected now, armed at the switchover: the connection is not downtime.
+            self._watchdog = watchdog_keeper(guest.path, self._lease, self.config.recovery_timeout,
+                                             in_contact=lambda: not self._link_broken.is_set())
             self._main, self._urgent = main, urgent
             self._lender.lend(urgent)  # the fault loop sends its requests itself
             figures = self._receive(guest, uffd)
@@ -328,9 +331,7 @@ class DestinationAgent:
         """The source stopped its guest: arm the watchdog and resume ours here."""
         self._source_recovery_timeout = switchover.get("recovery_timeout_s")
         # Stopped or cut off, this agent stops renewing, and the guest stops itself.
-        self._watchdog = watchdog_keeper(guest.path, self._lease, self._recovery_timeout(),
-                                         in_contact=lambda: not self._link_broken.is_set())
-        self._watchdog.arm()
+        self._watchdog.arm(watchdog_seconds(self._recovery_timeout()))
         # Every event of the discard was read (madvise waits for that): what the guest
         # removes from now on is its own.
         self.table.switched()

@@ -50,12 +50,18 @@ class LeaseKeeper:
         self._in_contact = in_contact  # () -> bool: the agent believes the link is up
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._armed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fence", daemon=True)
+        self._thread.start()  # now: its start is a few GIL handoffs, not downtime
 
-    def arm(self) -> None:
-        """Set the promise now and keep it fresh."""
+    def arm(self, seconds: float | None = None) -> None:
+        """Set the promise now (for ``seconds``, if given, instead of the keeper's) and
+        keep it fresh. The keeper connects (and starts its thread) when made: made
+        ahead, arming it is one request (it happens within the migration's downtime)."""
+        if seconds is not None:
+            self._seconds = seconds
         self.refresh()
-        self._thread.start()
+        self._armed.set()
 
     def refresh(self) -> None:
         with self._lock:
@@ -71,11 +77,13 @@ class LeaseKeeper:
 
     def close(self) -> None:
         self._stop.set()
+        self._armed.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._client.close()
 
     def _run(self) -> None:
+        self._armed.wait()
         while not self._stop.wait(FENCE_PERIOD_S):
             if not self._in_contact():
                 continue
@@ -91,9 +99,14 @@ def fence_keeper(control: str, token: str, recovery_timeout: float, in_contact) 
     return LeaseKeeper(control, token, "fence", seconds, in_contact)
 
 
+def watchdog_seconds(recovery_timeout: float) -> float:
+    """How long a watchdog renewal holds, for this recovery timeout."""
+    return max(0.0, recovery_timeout) + WATCHDOG_SLACK_S
+
+
 def watchdog_keeper(control: str, token: str, recovery_timeout: float, in_contact) -> LeaseKeeper:
     """Destination: the incoming guest stops by itself if this agent stops renewing."""
-    return LeaseKeeper(control, token, "watchdog", max(0.0, recovery_timeout) + WATCHDOG_SLACK_S, in_contact)
+    return LeaseKeeper(control, token, "watchdog", watchdog_seconds(recovery_timeout), in_contact)
 
 
 def fence_note(remaining: float | None) -> str:
