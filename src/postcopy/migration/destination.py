@@ -435,16 +435,14 @@ class DestinationAgent:
 
     # -- receiving pages -----------------------------------------------------------------
     def _make_receivers(self, layout: wire.Layout) -> None:
-        """The copy path receives and installs data frames in C, one receiver per
-        channel (continue and move install them from Python: see CopyPath subclasses)."""
+        """One C receiver per channel for the copy path (continue and move: Python)."""
         if not self.config.data_in_c or self._path.name != "copy":
             return
         stop = native.pc_dp_table_stop_flag(self.table.native)
         self._receivers = {name: PageReceiver(layout, table_sink(self.table), stop) for name in ("main", "urgent")}
 
     def _receive_data(self, channel: Channel) -> None:
-        """Page runs and zero ranges of ``channel`` received and installed in C until
-        another frame (or a phase change, the end of the link...) is Python's."""
+        """Page runs and zero ranges received and installed in C until a frame is Python's."""
         receiver = self._receivers.get(channel.name)
         if receiver is None:
             return
