@@ -4,6 +4,7 @@ and the stop event that reaches its C loops."""
 from __future__ import annotations
 
 import threading
+import weakref
 
 import pytest
 
@@ -147,3 +148,14 @@ def test_close_after_leaves_the_memory_to_a_thread_still_using_it(capsys):
     done = PageTable(4, CAUSES)
     done.close_after(None, busy)
     assert done.closed and capsys.readouterr().err == ""
+
+
+def test_an_unclosed_table_goes_with_its_last_reference():
+    """No reference cycle through its lock or gate: the C table is freed when the
+    table is dropped, not at some later collection (or at interpreter exit)."""
+    table = PageTable(4, CAUSES)
+    with table.gate:
+        pass
+    gone = weakref.ref(table)
+    del table
+    assert gone() is None

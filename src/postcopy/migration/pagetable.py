@@ -94,10 +94,24 @@ def native_error(rc: int, what: str = "page table") -> Exception:
     return OSError(-rc, message)
 
 
+class _Handle:
+    """The C table, or None once closed (shared by the table and its helpers, which
+    must not hold the table itself: the cycle would leave its freeing to the collector)."""
+
+    def __init__(self, native, npages: int) -> None:
+        self.raw, self.npages = native, npages
+
+    @property
+    def native(self):
+        if self.raw is None:
+            raise TableClosed(f"the page table of {self.npages} pages is closed: its migration ended")
+        return self.raw
+
+
 class _Mutex:
     """A C mutex of a table as a context manager (taken with the GIL released)."""
 
-    def __init__(self, lock, unlock, table: "PageTable") -> None:
+    def __init__(self, lock, unlock, table: _Handle) -> None:
         self._lock, self._unlock, self._table = lock, unlock, table
 
     def acquire(self) -> bool:
@@ -118,7 +132,7 @@ class _Mutex:
 class _AllIn:
     """Whether every page is in (PRESENT, ZERO or REMOVED), as a read-only event."""
 
-    def __init__(self, table: "PageTable") -> None:
+    def __init__(self, table: _Handle) -> None:
         self._table = table
 
     def is_set(self) -> bool:
@@ -153,18 +167,16 @@ class PageTable:
         raw = lib.pc_dp_table_new(npages, _legal_matrix(), self._causes["zero"], start, bucket)
         if raw == ffi.NULL:
             raise MemoryError(f"no memory for the page table of {npages} pages")
-        self._native = ffi.gc(raw, lib.pc_dp_table_free)
+        self._handle = _Handle(ffi.gc(raw, lib.pc_dp_table_free), npages)
         self._states = memoryview(ffi.buffer(lib.pc_dp_states(raw), max(npages, 1)))[:npages]
-        self._lock = _Mutex(lib.pc_dp_lock, lib.pc_dp_unlock, self)
-        self.gate = _Mutex(lib.pc_dp_gate_lock, lib.pc_dp_gate_unlock, self)
-        self.all_in = _AllIn(self)
+        self._lock = _Mutex(lib.pc_dp_lock, lib.pc_dp_unlock, self._handle)
+        self.gate = _Mutex(lib.pc_dp_gate_lock, lib.pc_dp_gate_unlock, self._handle)
+        self.all_in = _AllIn(self._handle)
 
     @property
     def native(self):
         """The C table (``struct pc_dp_table *``); raises :class:`TableClosed` once closed."""
-        if self._native is None:
-            raise TableClosed(f"the page table of {self.npages} pages is closed: its migration ended")
-        return self._native
+        return self._handle.native
 
     @property
     def _state(self) -> memoryview:
@@ -174,14 +186,14 @@ class PageTable:
 
     @property
     def closed(self) -> bool:
-        return self._native is None
+        return self._handle.raw is None
 
     def close(self) -> None:
         """Free the C table now, not whenever the collector gets to it (at interpreter
         exit it freed it under a live view). Call it once nothing uses the table any
         more: no C loop, no install, no view of its states. Idempotent; any later use
         raises :class:`TableClosed`."""
-        native, self._native = self._native, None
+        native, self._handle.raw = self._handle.raw, None
         if native is None:
             return
         self._states.release()
@@ -200,7 +212,7 @@ class PageTable:
     def abandon(self) -> None:
         """Never free the C table (a thread that did not stop may still be in it): the
         collector will not either. Later use raises :class:`TableClosed`."""
-        native, self._native = self._native, None
+        native, self._handle.raw = self._handle.raw, None
         if native is not None:
             ffi.gc(native, None)  # detaches pc_dp_table_free
 
