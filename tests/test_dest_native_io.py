@@ -51,6 +51,7 @@ class Guest:
                                     page_size=PS, ram_fd=self.ram_fd, ram_fd_base=self.base, memfd=None,
                                     stop=self.stop)
         self.path = CopyPath(self.target)
+        self.readers: list[threading.Thread] = []  # joined before the mapping goes
 
     def page(self, page: int) -> bytes:
         """The bytes of an installed page (never call it on a missing one)."""
@@ -60,6 +61,8 @@ class Guest:
     def close(self) -> None:
         self.stop.set()
         self.uffd.close()  # wakes any thread still blocked on a fault
+        for reader in self.readers:  # out of the mapping before it is unmapped (SIGSEGV otherwise)
+            reader.join()
         os.close(self.ram_fd)
 
 
@@ -83,6 +86,7 @@ class Reader(threading.Thread):
     def __init__(self, g: Guest, page: int, npages: int = 1) -> None:
         super().__init__(daemon=True)
         self.addr, self.length = g.base + page * PS, npages * PS
+        g.readers.append(self)
         self.sum: int | None = None
 
     def run(self) -> None:

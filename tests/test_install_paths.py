@@ -41,6 +41,7 @@ def test_install_path_migrates_verified(install, mode):
     report = migrate(install, mode, port=7030)
     assert report["install"] == install
     assert report["dest"]["install"] == install
+    assert report["dest"]["data_frames_received_in_c"] == {}  # only the copy path receives in C
     assert report["final_hash"] is not None
     assert report["final_hash"] == report["reference_hash"], report
     assert report["verified"] is True
@@ -59,6 +60,8 @@ def test_copy_is_the_default_and_reported():
     params = GuestParams(ram=8 << 20, threads=1, workload="sequential", seed=3, steps=150_000, rate=50_000)
     report = run_demo(DemoOptions(params=params, migrate_after=0.2, port=7031, park_at=params.steps - 1000))
     assert report["install"] == "copy" and report["verified"] is True
+    received = report["dest"]["data_frames_received_in_c"]
+    assert received["main"] > 0 and received["urgent"] > 0, received  # pushed runs, and demand runs
 
 
 @pytest.mark.parametrize("install, backing, needs", [("move", "memfd", "anon backing"),

@@ -4,13 +4,14 @@ and the stop event that reaches its C loops."""
 from __future__ import annotations
 
 import threading
+import weakref
 
 import pytest
 
 from postcopy import report
 from postcopy.migration import pagetable
 from postcopy.migration.pagetable import (MISSING, PRESENT, REMOVED, REQUESTED, ZERO, IllegalTransition,
-                                          PageTable, StopEvent)
+                                          PageTable, StopEvent, TableClosed)
 
 CAUSES = report.PAGE_CAUSES
 
@@ -113,3 +114,48 @@ def test_a_stop_event_reaches_tables_attached_before_and_after_it_is_set():
     runs = ffi.new("uint64_t[]", 128)
     for table in (first, second):
         assert lib.pc_dp_fault_loop(table.native, 0, 0, runs, 64) == 0
+
+
+@pytest.mark.parametrize("end", ["close", "abandon"])
+def test_a_closed_table_refuses_every_use_clearly(end):
+    """The destination frees its table at the end of its run (the collector freed it
+    under a live view at interpreter exit); any later use is a clear error, not a read
+    of freed memory."""
+    table = PageTable(8, CAUSES)
+    table.installed(0, 2, "pushed", 1)
+    stop = StopEvent()
+    stop.attach(table)
+    getattr(table, end)()
+    getattr(table, end)()  # idempotent
+    assert table.closed
+    uses = [lambda: table[0], lambda: table.count_in, lambda: table.pages, lambda: table.find(PRESENT, 0, 8),
+            lambda: table.runs({PRESENT}), lambda: table.installed(2, 1, "pushed", 2),
+            lambda: table.all_in.wait(0), lambda: table.gate.acquire(), lambda: table.native]
+    for use in uses:
+        with pytest.raises(TableClosed, match="page table of 8 pages is closed"):
+            use()
+    stop.set()  # stopping a closed table is nothing to do
+
+
+def test_close_after_leaves_the_memory_to_a_thread_still_using_it(capsys):
+    table, release = PageTable(4, CAUSES), threading.Event()
+    busy = threading.Thread(target=release.wait, daemon=True)
+    busy.start()
+    table.close_after(None, busy)
+    assert table.closed and "did not stop in time" in capsys.readouterr().err
+    release.set()
+    busy.join()
+    done = PageTable(4, CAUSES)
+    done.close_after(None, busy)
+    assert done.closed and capsys.readouterr().err == ""
+
+
+def test_an_unclosed_table_goes_with_its_last_reference():
+    """No reference cycle through its lock or gate: the C table is freed when the
+    table is dropped, not at some later collection (or at interpreter exit)."""
+    table = PageTable(4, CAUSES)
+    with table.gate:
+        pass
+    gone = weakref.ref(table)
+    del table
+    assert gone() is None

@@ -211,12 +211,7 @@ def run_dest(args) -> int:
             figures = agent.run()
         except (DestinationError, wire.ProtocolError, OSError) as exc:
             print(f"postcopy dest: {exc}", file=sys.stderr)
-            # Everything this agent owns was released by run(); skip the interpreter's
-            # teardown, whose collector freed the native page table under a live view of
-            # it after a failed run (SIGSEGV instead of exit 1).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            return 1
     if args.json:
         write_json(args.json, figures)
     print(json.dumps({"final_hash": figures.get("final_hash"), "downtime_ms": figures.get("downtime_ms"),

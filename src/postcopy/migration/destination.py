@@ -18,6 +18,7 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper, watchdog_seconds
+from postcopy.migration.dp_recv import PageReceiver, table_sink
 from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
@@ -53,6 +54,7 @@ class DestConfig:
     guest_vm: str = "process"  # the guest this agent starts: process, or kvm (postcopy guest --vm)
     fault_poll: str = "sleep"  # the fault loop: sleep in poll(2), or spin (busy-poll; experiments)
     requests_in_c: bool = True  # the fault loop sends its requests itself (False: through Python)
+    data_in_c: bool = True  # copy path: page runs and zero ranges received and installed in C
 
 
 class DestinationAgent:
@@ -86,7 +88,9 @@ class DestinationAgent:
         self._killed_guest = False
         self._listener: Listener | None = None
         self._fault_thread: threading.Thread | None = None
+        self._urgent_thread: threading.Thread | None = None
         self._lender: UrgentLender | None = None  # lends the urgent channel's send side to the fault loop
+        self._receivers: dict[str, PageReceiver] = {}  # per channel name: data frames received in C
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
@@ -180,11 +184,9 @@ class DestinationAgent:
             guest = self._guest_client = GuestClient(control)
             # Held until every page is in: if this agent goes away first, the guest stops.
             self._lease = guest.lease()
-            # Armed before any frame can carry the Switchover, with no recovery time yet:
-            # stopped anywhere from here on, this agent cannot wake after the source's
-            # fence ended and run the guest (postcopy.migration.fence).
-            self._watchdog = watchdog_keeper(guest.path, self._lease, 0.0,
-                                             in_contact=lambda: not self._link_broken.is_set())
+            # Armed before any frame can carry the Switchover: stopped anywhere from here on, this
+            # agent cannot wake after the source's fence ended and run the guest (see fence).
+            self._watchdog = watchdog_keeper(guest.path, self._lease, 0.0, lambda: not self._link_broken.is_set())
             self._watchdog.arm()
             info, fds = guest.take_fds(incoming=True)
             uffd = Userfaultfd.from_fd(fds["uffd"], Feature(info.get("uffd_features", 0)))
@@ -195,6 +197,7 @@ class DestinationAgent:
                 raise DestinationError(str(exc)) from None
             self._fault_server = FaultServer(self._target, self._path, spin=self.config.fault_poll == "spin",
                                              lender=self._lender)
+            self._make_receivers(layout)
             self._main, self._urgent = main, urgent
             self._lender.lend(urgent)  # the fault loop sends its requests itself
             figures = self._receive(guest, uffd)
@@ -223,9 +226,13 @@ class DestinationAgent:
                 self._watchdog.close()
             for channel in {main, urgent, self._main, self._urgent} - {None}:
                 channel.close()
+            if self._urgent_thread is not None:
+                self._urgent_thread.join(timeout=10)  # it may be receiving into the table in C
             if self._path is not None:
                 self._path.close()
             self._listener.close()
+            if self.table is not None:  # freed now, not by the collector at exit (under a live view)
+                self.table.close_after(self._fault_thread, self._urgent_thread)
         if self.guest_proc is not None:
             reader = threading.Thread(target=self._read_guest_output, daemon=True)
             reader.start()
@@ -271,6 +278,7 @@ class DestinationAgent:
         push_done = False
         while not push_done:
             try:
+                self._receive_data(self._main)
                 message = self._main.recv()
             except ChannelClosed:
                 self._recover()
@@ -312,7 +320,8 @@ class DestinationAgent:
         return receive_figures(ReceiveFacts(
             table=self.table, timeline=self._timeline, install=self._path.name, page_size=self.page_size,
             started=started, all_in=all_in, first_push_ns=self._first_push_ns, switchover=switchover,
-            resumed=resumed, first_step_ns=first_step, max_gap_ns=max_gap_ns, recoveries_ms=self._recoveries))
+            resumed=resumed, first_step_ns=first_step, max_gap_ns=max_gap_ns, recoveries_ms=self._recoveries,
+            frames_in_c={name: r.counts.frames for name, r in self._receivers.items()}))
 
     @staticmethod
     def _max_step_gap(guest: GuestClient) -> int | None:
@@ -327,7 +336,7 @@ class DestinationAgent:
         self._source_recovery_timeout = switchover.get("recovery_timeout_s")
         # Stopped or cut off, this agent stops renewing, and the guest stops itself; a
         # guest that already did refuses the resume below.
-        self._watchdog.extend(watchdog_seconds(self._recovery_timeout()))
+        self._watchdog.arm(watchdog_seconds(self._recovery_timeout()))
         # Every event of the discard was read (madvise waits for that): what the guest
         # removes from now on is its own.
         self.table.switched()
@@ -430,6 +439,22 @@ class DestinationAgent:
               file=sys.stderr, flush=True)
 
     # -- receiving pages -----------------------------------------------------------------
+    def _make_receivers(self, layout: wire.Layout) -> None:
+        """One C receiver per channel for the copy path (continue and move: Python)."""
+        if not self.config.data_in_c or self._path.name != "copy":
+            return
+        stop = native.pc_dp_table_stop_flag(self.table.native)
+        self._receivers = {name: PageReceiver(layout, table_sink(self.table), stop) for name in ("main", "urgent")}
+
+    def _receive_data(self, channel: Channel) -> None:
+        """Page runs and zero ranges received and installed in C until a frame is Python's."""
+        receiver = self._receivers.get(channel.name)
+        if receiver is None:
+            return
+        receiver.receive(channel)
+        if self._first_push_ns is None:
+            self._first_push_ns = receiver.counts.first_ns.get(wire.Cause.PUSHED)
+
     def _discard(self, guest: GuestClient, runs) -> None:
         """Hybrid: drop the pages dirtied since their last send, so they fault in anew.
         A memfd is punched right here (no round trip to the guest, no events); anonymous
@@ -461,6 +486,7 @@ class DestinationAgent:
         make_current_thread_urgent()
         while True:
             try:
+                self._receive_data(urgent)
                 message = urgent.recv()
             except ChannelClosed:
                 if not self._stop.is_set() and urgent is self._urgent:

@@ -26,6 +26,7 @@ class ReceiveFacts:
     first_step_ns: int | None
     max_gap_ns: int | None
     recoveries_ms: list
+    frames_in_c: dict  # per channel: data frames received and installed in C (copy path)
 
 
 def receive_figures(f: ReceiveFacts) -> dict:
@@ -65,6 +66,7 @@ def receive_figures(f: ReceiveFacts) -> dict:
         "timeline": f.timeline.as_dict(),
         "pages_removed_by_guest": f.table.removed_by_guest,
         "recoveries_ms": f.recoveries_ms,
+        "data_frames_received_in_c": f.frames_in_c,
         "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
 

@@ -100,12 +100,15 @@ class SendPlane:
         _raise_for(rc, channel)
         return rc, _counts(counts)
 
-    def serve(self, channel: Channel, run_pages: int) -> tuple[int, Counts]:
+    def serve(self, channel: Channel, run_pages: int, ready=None) -> tuple[int, Counts]:
         """Answer page requests on ``channel`` until it closes (CLOSED) or a frame C does
-        not take arrives (FRAME: the channel's next recv decodes it)."""
+        not take arrives (FRAME: the channel's next recv decodes it). ``ready`` (an
+        event) is set as the call goes into C, where it needs the GIL no more."""
         counts = ffi.new("struct pc_dp_counts *")
         with channel.native_receive() as (fd, verifier, seq, buf, cap, start, end):
             with channel.native_send("PAGE_RUN/DEMAND", *_PUSH_KINDS) as link:
+                if ready is not None:
+                    ready.set()
                 rc = lib.pc_dp_serve(self._ctx, link, fd, verifier, seq, buf, cap, start, end, run_pages, counts)
         channel.bytes_received += counts.bytes_received
         if rc != CLOSED:

@@ -57,22 +57,24 @@ class LeaseKeeper:
         self._in_contact = in_contact  # () -> bool: the agent believes the link is up
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._armed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fence", daemon=True)
+        self._thread.start()  # now: its start is a few GIL handoffs, not downtime
 
-    def arm(self) -> None:
-        """Set the promise now and keep it fresh."""
+    def arm(self, seconds: float | None = None) -> None:
+        """Set the promise now (for ``seconds``, if given, instead of the keeper's, and
+        at each renewal from then on) and keep it fresh; again to widen or narrow it.
+        The keeper connects (and starts its thread) when made: made ahead, arming it is
+        one request (it may happen within the migration's downtime)."""
+        if seconds is not None:
+            with self._lock:
+                self._seconds = seconds
         self.refresh()
-        self._thread.start()
+        self._armed.set()
 
     def refresh(self) -> None:
         with self._lock:
             self._client.request(self._command, token=self._token, seconds=self._seconds)
-
-    def extend(self, seconds: float) -> None:
-        """From now on promise ``seconds`` at each renewal (set at once)."""
-        with self._lock:
-            self._seconds = seconds
-        self.refresh()
 
     def remaining(self) -> float | None:
         """Seconds the fence still holds (None if the guest cannot be asked)."""
@@ -84,11 +86,13 @@ class LeaseKeeper:
 
     def close(self) -> None:
         self._stop.set()
+        self._armed.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._client.close()
 
     def _run(self) -> None:
+        self._armed.wait()
         while not self._stop.wait(FENCE_PERIOD_S):
             if not self._in_contact():
                 continue

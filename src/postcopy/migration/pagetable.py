@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import sys
 import threading
 from typing import Protocol
 
@@ -57,6 +58,10 @@ class IllegalTransition(RuntimeError):
     """A page was asked to move between states the table does not allow."""
 
 
+class TableClosed(RuntimeError):
+    """The page table was used after :meth:`PageTable.close` (its migration ended)."""
+
+
 class Timeline(Protocol):
     """Pages installed per time bucket, by cause (report.Timeline): the table counts
     them in C from ``start_ns`` in buckets of ``bucket_ns`` and writes ``series``
@@ -89,48 +94,60 @@ def native_error(rc: int, what: str = "page table") -> Exception:
     return OSError(-rc, message)
 
 
-class _Mutex:
-    """A C mutex as a context manager (taken with the GIL released)."""
+class _Handle:
+    """The C table, or None once closed (shared by the table and its helpers, which
+    must not hold the table itself: the cycle would leave its freeing to the collector)."""
 
-    def __init__(self, lock, unlock, table) -> None:
+    def __init__(self, native, npages: int) -> None:
+        self.raw, self.npages = native, npages
+
+    @property
+    def native(self):
+        if self.raw is None:
+            raise TableClosed(f"the page table of {self.npages} pages is closed: its migration ended")
+        return self.raw
+
+
+class _Mutex:
+    """A C mutex of a table as a context manager (taken with the GIL released)."""
+
+    def __init__(self, lock, unlock, table: _Handle) -> None:
         self._lock, self._unlock, self._table = lock, unlock, table
 
     def acquire(self) -> bool:
-        self._lock(self._table)
+        self._lock(self._table.native)
         return True
 
     def release(self) -> None:
-        self._unlock(self._table)
+        self._unlock(self._table.native)
 
     def __enter__(self) -> "_Mutex":
-        self._lock(self._table)
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._unlock(self._table)
+        self.release()
 
 
 class _AllIn:
     """Whether every page is in (PRESENT, ZERO or REMOVED), as a read-only event."""
 
-    def __init__(self, table) -> None:
+    def __init__(self, table: _Handle) -> None:
         self._table = table
 
     def is_set(self) -> bool:
-        return bool(lib.pc_dp_all_in(self._table))
+        return bool(lib.pc_dp_all_in(self._table.native))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds (None: for ever) until every page is in."""
         while True:
             step = 1000 if timeout is None else max(0, min(1000, int(timeout * 1000)))
-            if lib.pc_dp_wait_all_in(self._table, step):
+            if lib.pc_dp_wait_all_in(self._table.native, step):
                 return True
             if timeout is not None:
                 timeout -= step / 1000
                 if timeout <= 0:
                     return False
-
-
 
 
 class PageTable:
@@ -150,11 +167,54 @@ class PageTable:
         raw = lib.pc_dp_table_new(npages, _legal_matrix(), self._causes["zero"], start, bucket)
         if raw == ffi.NULL:
             raise MemoryError(f"no memory for the page table of {npages} pages")
-        self.native = ffi.gc(raw, lib.pc_dp_table_free)
-        self._state = memoryview(ffi.buffer(lib.pc_dp_states(raw), max(npages, 1)))[:npages]
-        self._lock = _Mutex(lib.pc_dp_lock, lib.pc_dp_unlock, raw)
-        self.gate = _Mutex(lib.pc_dp_gate_lock, lib.pc_dp_gate_unlock, raw)
-        self.all_in = _AllIn(raw)
+        self._handle = _Handle(ffi.gc(raw, lib.pc_dp_table_free), npages)
+        self._states = memoryview(ffi.buffer(lib.pc_dp_states(raw), max(npages, 1)))[:npages]
+        self._lock = _Mutex(lib.pc_dp_lock, lib.pc_dp_unlock, self._handle)
+        self.gate = _Mutex(lib.pc_dp_gate_lock, lib.pc_dp_gate_unlock, self._handle)
+        self.all_in = _AllIn(self._handle)
+
+    @property
+    def native(self):
+        """The C table (``struct pc_dp_table *``); raises :class:`TableClosed` once closed."""
+        return self._handle.native
+
+    @property
+    def _state(self) -> memoryview:
+        """The state bytes, read in place (C memory)."""
+        self.native  # raises once closed
+        return self._states
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.raw is None
+
+    def close(self) -> None:
+        """Free the C table now, not whenever the collector gets to it (at interpreter
+        exit it freed it under a live view). Call it once nothing uses the table any
+        more: no C loop, no install, no view of its states. Idempotent; any later use
+        raises :class:`TableClosed`."""
+        native, self._handle.raw = self._handle.raw, None
+        if native is None:
+            return
+        self._states.release()
+        ffi.release(native)  # runs pc_dp_table_free
+
+    def close_after(self, *threads: threading.Thread | None) -> None:
+        """:meth:`close`, unless one of ``threads`` (which use the table in C) is still
+        alive: then :meth:`abandon` (said on stderr)."""
+        if any(t is not None and t.is_alive() for t in threads):
+            print("a thread of the page table did not stop in time: its memory stays allocated",
+                  file=sys.stderr, flush=True)
+            self.abandon()
+        else:
+            self.close()
+
+    def abandon(self) -> None:
+        """Never free the C table (a thread that did not stop may still be in it): the
+        collector will not either. Later use raises :class:`TableClosed`."""
+        native, self._handle.raw = self._handle.raw, None
+        if native is not None:
+            ffi.gc(native, None)  # detaches pc_dp_table_free
 
     def _cause(self, cause: str) -> int:
         index = self._causes.get(cause)
@@ -307,8 +367,10 @@ class PageTable:
         lib.pc_dp_set_switched(self.native)
 
     def stop(self) -> None:
-        """The migration ends: C loops return, a changing mapping is no longer retried."""
-        lib.pc_dp_set_stop(self.native)
+        """The migration ends: C loops return, a changing mapping is no longer retried
+        (nothing to stop once closed)."""
+        if not self.closed:
+            lib.pc_dp_set_stop(self.native)
 
 
 class StopEvent(threading.Event):

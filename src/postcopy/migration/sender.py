@@ -68,6 +68,7 @@ class PageSender:
         self.precopy_limit = precopy_limit or RateLimiter(0)
         self.push_limit = push_limit or RateLimiter(0)
         self.link_lost = threading.Event()  # set by the demand server when its channel closes
+        self.serving = threading.Event()  # the demand server went into its C loop
         self.urgent_error: BaseException | None = None
         self._on_progress = on_progress
         self._sent = bytearray(mem.npages)  # per page: sent once already (claimed under the plane's lock)
@@ -215,7 +216,7 @@ class PageSender:
         try:
             while True:
                 if _requests_legal(urgent):
-                    status, counts = self._plane.serve(urgent, self.run_pages)
+                    status, counts = self._plane.serve(urgent, self.run_pages, ready=self.serving)
                     self.stats.add("requests", counts.requests)
                     self.stats.add("pages_demand", counts.pages_sent)
                     self.stats.add("pages_zero", counts.pages_zero)

@@ -57,6 +57,7 @@ class SourceConfig:
 MODES = ("postcopy", "precopy", "hybrid")
 DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
 THROTTLE_SLICE_S = 0.012  # a vCPU throttle's nap ends within one slice (10 ms) of its lifting
+SERVER_START_S = 1.0  # how long the pusher waits for the demand server to reach its C loop
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -244,6 +245,8 @@ class SourceAgent:
             # so the downtime (the guest's heartbeat gap) is not the nap's length.
             m.controls.lift()
             time.sleep(THROTTLE_SLICE_S)
+        # Connected before the pause, armed before the Switchover: the connection is not downtime.
+        self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
         paused = m.guest.pause()
         marks["pause"] = time.monotonic()
@@ -259,7 +262,6 @@ class SourceAgent:
             marks["final_send"] = time.monotonic()
         m.sender.send_state(m.main)
         # From the Switchover on, the destination may run the guest: fence it here first.
-        self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
         self._fence.arm()
         m.main.send(wire.Switchover(info={
             "recovery_timeout_s": cfg.recovery_timeout,
@@ -288,7 +290,11 @@ class SourceAgent:
         while True:
             m.server = threading.Thread(target=m.sender.serve_urgent, args=(m.urgent,), name="urgent-server",
                                         daemon=True)
+            m.sender.serving.clear()
             m.server.start()
+            # The first faults come right after the switchover: the pusher's planning in
+            # Python must not keep the server from its C loop (the GIL's 5 ms switch interval).
+            m.sender.serving.wait(SERVER_START_S)
             try:
                 if push_delay and m.sender.link_lost.wait(push_delay):
                     raise ChannelClosed("urgent channel broke")
