@@ -53,6 +53,8 @@ CAUSE_NAMES = {
     wire.Cause.PUSHED: "pushed",
     wire.Cause.STATE: "pushed",
 }
+# Runs that may overwrite pages already in: precopy resends, before anything runs here.
+OVERWRITE_CAUSES = frozenset({wire.Cause.PRECOPY, wire.Cause.RESENT})
 
 
 class InstallError(RuntimeError):
@@ -160,7 +162,7 @@ class CopyPath:
         view = ffi.from_buffer(data)  # pins data for the call
         if len(view) < npages * self.target.page_size:
             raise InstallError(f"run of pages {first}+{npages} carries {len(view)} bytes, too few")
-        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
+        overwrite = cause in OVERWRITE_CAUSES
         rc = lib.pc_dp_install_copy(table.native, first, npages, int(ffi.cast("uintptr_t", view)),
                                     table.cause_index(CAUSE_NAMES.get(cause, "pushed")), int(overwrite))
         if rc < 0:
@@ -182,7 +184,7 @@ class CopyPath:
         switchover, overwritten in place. Pages the guest removed meanwhile are never
         filled."""
         target = self.target
-        overwrite = cause in (wire.Cause.PRECOPY, wire.Cause.RESENT)
+        overwrite = cause in OVERWRITE_CAUSES
         done = retries = 0
         while done < npages:
             with target.gate:

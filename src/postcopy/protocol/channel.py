@@ -176,17 +176,22 @@ class Channel:
             self.end_loan(link)
 
     @contextmanager
-    def native_receive(self, capacity: int = 64 << 10):
+    def native_receive(self, capacity: int = 64 << 10, buffer=None):
         """Own the receive side from C for one call (only the receiving thread may):
         yields (socket fd, verifier or NULL, its sequence number cell, buffer, start
         and end cells) with the bytes the decoder had buffered in the buffer; what C
         leaves unconsumed goes back to the decoder, so the next :meth:`recv` decodes
-        (and checks against the session) the frame C would not take."""
+        (and checks against the session) the frame C would not take. ``buffer`` (a
+        ``uint8_t[]`` the caller keeps from call to call) is used when the buffered
+        bytes fit in it, instead of a new one of ``capacity`` bytes."""
         fd = self._native_fd()  # first: a closed channel gives up no buffered bytes
         decoder = self._decoder
         pending = decoder.take_buffered()
         verifier = decoder.auth
-        buf = ffi.new("uint8_t[]", max(capacity, 2 * len(pending)))
+        if buffer is not None and len(buffer) >= len(pending):
+            buf = buffer
+        else:
+            buf = ffi.new("uint8_t[]", max(capacity, 2 * len(pending)))
         buf[0:len(pending)] = pending
         start, end = ffi.new("size_t *", 0), ffi.new("size_t *", len(pending))
         seq = ffi.new("uint64_t *", verifier.seq if verifier is not None else 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import threading
 
+from postcopy._native import ffi
 from postcopy.protocol.errors import StateError
 from postcopy.protocol.frames import HEADER, Cause, FrameType, Message
 
@@ -128,15 +129,42 @@ def allowed(protocol: str, phase: Phase, role: str, direction: str) -> frozenset
 
 class Session:
     """The protocol state of one migration (or checkpoint stream) on one side, shared by
-    its channels (main, urgent, and those of each reconnect). Thread safe."""
+    its channels (main, urgent, and those of each reconnect). Thread safe.
+
+    :attr:`phase_word` is a 64-bit cell in C memory that counts the phase changes: a
+    native loop that was told which frames are self-loops of the phase (see
+    :meth:`loops`) reads it before taking each frame, and hands back to Python once it
+    moved (another thread changed the phase: the table decides again)."""
 
     def __init__(self, protocol: str, role: str):
         if protocol not in ROLES or role not in ROLES[protocol]:
             raise ValueError(f"no role {role!r} in the {protocol!r} protocol")
         self.protocol = protocol
         self.role = role
-        self.phase = Phase.HANDSHAKE
+        self._phase = Phase.HANDSHAKE
+        self.phase_word = ffi.new("uint64_t *")  # changed only under _lock
         self._lock = threading.Lock()
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        """Every change of phase counts in :attr:`phase_word` (callers hold the lock)."""
+        if phase is not self._phase:
+            self._phase = phase
+            self.phase_word[0] += 1
+
+    def loops(self, kinds, direction: str = "receive") -> tuple[frozenset[str], int]:
+        """Of the frames ``kinds``, those legal in the current phase (in ``direction``)
+        that leave the phase as it is, and the :attr:`phase_word` they hold for."""
+        with self._lock:
+            phase = self._phase
+            legal = allowed(self.protocol, phase, self.role, direction)
+            loops = frozenset(k for k in kinds if k in legal and k != "ERROR"
+                              and TRANSITIONS.get((self.protocol, phase, k), phase) is phase)
+            return loops, self.phase_word[0]
 
     def __repr__(self) -> str:
         return f"Session({self.protocol}, {self.role}, {self.phase.value})"

@@ -1,0 +1,105 @@
+/*
+ * dp_recv: the receiver of page frames, run without the GIL (cffi releases it for the
+ * whole call). Reads PAGE_RUN and ZERO_RANGE frames from a socket into a buffer, checks
+ * each as postcopy/protocol/decode.py does (header, tag, range: the tests compare both
+ * over mutated frames), and hands it to a sink: a small pair of functions that put the
+ * pages where they belong (the destination's gated UFFDIO_COPY, see dp_dest.h; or a
+ * plain copy into mapped memory, pc_dp_sink_memory below).
+ *
+ * The caller lends the channel's receive side for one call (Channel.native_receive):
+ * its descriptor, its verifier and next sequence number, and a buffer holding the
+ * bytes its decoder had buffered. The call returns, leaving the frame it would not take
+ * unconsumed in the buffer, on any other frame kind, a frame the decoder would refuse
+ * (bad tag, malformed header, range outside RAM), a page run of a cause the session
+ * does not let through now, a change of the session's phase word, the stop flag, the
+ * end of the stream or a receive error: Python's decoder then takes over.
+ */
+#ifndef PC_DP_RECV_H
+#define PC_DP_RECV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "frame_auth.h"
+
+#define PC_DP_RECV_HEADER_BYTES 16
+#define PC_DP_RECV_CAUSES 8
+
+/* The parser's verdicts. */
+#define PC_DP_RECV_OK 1
+#define PC_DP_RECV_MORE 0
+#define PC_DP_RECV_OTHER (-1)
+
+/* Why pc_dp_recv returned (negative: -errno of a failed receive). */
+#define PC_DP_RECV_FRAME 1   /* the frame at *start is Python's to decode */
+#define PC_DP_RECV_PHASE 2   /* the session's phase word changed: Python checks the next frame */
+#define PC_DP_RECV_STOPPED 3 /* the stop flag was raised */
+#define PC_DP_RECV_CLOSED 4  /* the peer closed the stream */
+#define PC_DP_RECV_SINK 5    /* the sink failed: its code is in counts->sink_rc (the frame was consumed) */
+
+/* What the decoder accepts and the session lets through, handed in by Python. */
+struct pc_dp_recv_rules {
+    uint32_t page_size;
+    uint32_t max_payload;   /* the decoder's limit on a payload */
+    const uint64_t *regions; /* RAM as [start, end) page pairs, sorted */
+    size_t nregions;
+    uint32_t known_causes;  /* bit c: c is a cause of the protocol (else the header is malformed) */
+    uint32_t taken_causes;  /* bit c: page runs of cause c are taken now (self-loops of the phase) */
+    int take_zero_ranges;   /* ZERO_RANGE frames are taken now */
+    int page_run_type, zero_range_type; /* the frame type numbers */
+    const uint64_t *phase_word; /* NULL, or: hand back once it differs from phase */
+    uint64_t phase;
+    const int *stop;        /* NULL, or: hand back once it is set */
+};
+
+/* One parsed frame. */
+struct pc_dp_frame {
+    uint8_t type, cause;
+    uint64_t first, npages;
+    size_t bytes; /* header, payload and tag; with PC_DP_RECV_MORE: bytes the frame needs */
+};
+
+/* Where frames go. run: npages pages at data (the received payload); zero: pages that
+ * hold only zeros. Each returns 0 or a negative code (then the call returns SINK). */
+struct pc_dp_sink {
+    int (*run)(void *ctx, uint64_t first, uint64_t npages, const uint8_t *data, uint8_t cause);
+    int (*zero)(void *ctx, uint64_t first, uint64_t npages);
+    void *ctx;
+};
+
+/* What one call did (added to). */
+struct pc_dp_recv_counts {
+    uint64_t frames;
+    uint64_t pages[PC_DP_RECV_CAUSES]; /* pages of page runs, by cause */
+    uint64_t zero_pages;
+    uint64_t bytes_received;
+    int64_t first_ns[PC_DP_RECV_CAUSES]; /* CLOCK_MONOTONIC ns of the first run of each cause taken (0: none) */
+    int sink_rc;
+};
+
+/* Parses the frame at buf (len bytes so far) as a page run or zero range that the
+ * decoder accepts (verify: the channel's verifier at sequence seq, or NULL: no tags).
+ * OK with *out filled; MORE (out->bytes: the bytes it needs) while it may still be one;
+ * OTHER for anything else. Does not look at the session (taken causes, phase). */
+int pc_dp_recv_parse(const uint8_t *buf, size_t len, struct pc_frame_auth *verify, uint64_t seq,
+                     const struct pc_dp_recv_rules *rules, struct pc_dp_frame *out);
+
+/* The smallest buffer pc_dp_recv works with, for these rules. */
+size_t pc_dp_recv_min_buffer(const struct pc_dp_recv_rules *rules);
+
+/* Receives on fd into buf (cap bytes; [*start, *end) already buffered) and hands every
+ * frame it takes to sink, until one of the reasons above. *seq counts the frames verified. */
+int pc_dp_recv(const struct pc_dp_recv_rules *rules, const struct pc_dp_sink *sink, int fd,
+               struct pc_frame_auth *verify, uint64_t *seq, uint8_t *buf, size_t cap, size_t *start, size_t *end,
+               struct pc_dp_recv_counts *counts);
+
+/* A sink into plain memory: npages pages of page_size bytes at base (a run is copied, a
+ * zero range zero-filled). mem must outlive the sink. */
+struct pc_dp_memory {
+    uint8_t *base;
+    uint64_t npages;
+    uint32_t page_size;
+};
+void pc_dp_sink_memory(struct pc_dp_sink *sink, struct pc_dp_memory *mem);
+
+#endif /* PC_DP_RECV_H */
