@@ -3,6 +3,7 @@
 #include "ckpt_io.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 
@@ -96,4 +97,61 @@ void pc_ckpt_apply(uint8_t *image, const uint8_t *arena, uint32_t page_size, con
 {
     for (size_t i = 0; i < nruns; i++)
         memcpy(image + staged[3 * i] * page_size, arena + staged[3 * i + 2], staged[3 * i + 1] * page_size);
+}
+
+/* -- the standby's staging sink ------------------------------------------------------- */
+
+static int grow(void **p, uint64_t *cap, uint64_t need, size_t unit)
+{
+    if (need <= *cap)
+        return 0;
+    uint64_t n = *cap ? *cap : 1;
+    while (n < need)
+        n *= 2;
+    void *q = realloc(*p, n * unit);
+    if (!q)
+        return -ENOMEM;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+int pc_ckpt_stage_run(struct pc_ckpt_stage *st, uint64_t first, uint64_t npages, const uint8_t *data)
+{
+    uint64_t len = npages * st->page_size;
+    if (grow((void **)&st->arena, &st->arena_cap, st->used + len, 1)
+        || grow((void **)&st->runs, &st->runs_cap, 3 * (st->nruns + 1), sizeof(uint64_t)))
+        return -ENOMEM;
+    memcpy(st->arena + st->used, data, len);
+    uint64_t *run = st->runs + 3 * st->nruns++;
+    run[0] = first;
+    run[1] = npages;
+    run[2] = st->used;
+    st->used += len;
+    st->pages += npages;
+    return 0;
+}
+
+static int stage_run(void *ctx, uint64_t first, uint64_t npages, const uint8_t *data, uint8_t cause)
+{
+    return pc_ckpt_stage_run(ctx, first, npages, data);
+}
+
+static int stage_zero(void *ctx, uint64_t first, uint64_t npages)
+{
+    return -EPROTO; /* no zero ranges in an epoch: the session never lets C take one */
+}
+
+void pc_ckpt_sink_stage(struct pc_dp_sink *sink, struct pc_ckpt_stage *stage)
+{
+    sink->run = stage_run;
+    sink->zero = stage_zero;
+    sink->ctx = stage;
+}
+
+void pc_ckpt_stage_free(struct pc_ckpt_stage *stage)
+{
+    free(stage->arena);
+    free(stage->runs);
+    *stage = (struct pc_ckpt_stage){.page_size = stage->page_size};
 }

@@ -122,3 +122,128 @@ def test_gather_and_apply_copy_exactly_the_runs():
     for f, n in runs:
         expected[f * PS:(f + n) * PS] = ram[f * PS:(f + n) * PS]
     assert image == expected
+
+
+# -- the standby's C receive against the Python decoder ------------------------------------------
+def _epoch_frames() -> list[bytearray]:
+    """Page runs of one epoch (inside and at the edge of RAM) and its commit, unsealed."""
+    frames = [bytearray(wire.PageRun(f, n, wire.Cause.RESENT, os.urandom(n * PS)).encode())
+              for f, n in ((0, 1), (5, 3), (NPAGES - 2, 2), (17, 1))]
+    frames.append(bytearray(wire.EpochCommit(info={"epoch": 1, "pages": 7}).encode()))
+    return frames
+
+
+def _sealed(frames: list[bytearray], key: bytes) -> bytes:
+    sealer = wire.FrameAuth(key, "main channel, sent")
+    out = bytearray()
+    for frame in frames:
+        out += frame + sealer.seal(memoryview(frame)[:wire.HEADER.size], memoryview(frame)[wire.HEADER.size:])
+    return bytes(out)
+
+
+def _receiver(stream: bytes, key: bytes) -> Channel:
+    """A channel that receives ``stream`` (then the end of the connection)."""
+    a, b = socket.socketpair()
+    b.settimeout(10)
+    session = wire.Session(wire.CHECKPOINT, "standby")  # in an epoch, as the standby is
+    session.established()
+    for kind in ("EPOCH_COMMIT", "EPOCH_BEGIN"):
+        session.received(kind, "main")
+    channel = Channel(b, "main", wire.Layout(PS, ((0, NPAGES * PS),)), session)
+    channel.secure(os.urandom(32), key)
+    threading.Thread(target=lambda: (a.sendall(stream), a.close()), daemon=True).start()
+    return channel
+
+
+def _outcome(channel: Channel):
+    try:
+        message = channel.recv()
+    except Exception as exc:  # noqa: BLE001 - the kind and text are what we compare
+        return type(exc).__name__, str(exc)
+    return type(message).__name__, getattr(message, "first_page", None), getattr(message, "cause", None)
+
+
+def _by_python(stream: bytes, key: bytes):
+    channel, runs = _receiver(stream, key), []
+    while True:
+        try:
+            message = channel.recv()
+        except Exception as exc:  # noqa: BLE001
+            outcome = (type(exc).__name__, str(exc))
+            break
+        if not (isinstance(message, wire.PageRun) and message.cause == wire.Cause.RESENT):
+            outcome = (type(message).__name__, getattr(message, "first_page", None), getattr(message, "cause", None))
+            break
+        runs.append((message.first_page, message.npages, bytes(message.data)))
+    channel.close()
+    return runs, outcome
+
+
+def _by_c(stream: bytes, key: bytes):
+    from postcopy.checkpoint.epochstage import EpochStage
+
+    channel = _receiver(stream, key)
+    stage = EpochStage(channel.layout)
+    try:
+        stage.receive(channel)
+        outcome = _outcome(channel)
+    except Exception as exc:  # noqa: BLE001
+        outcome = (type(exc).__name__, str(exc))
+    image = bytearray(NPAGES * PS)
+    runs = stage.runs()
+    stage.apply(ffi.from_buffer(image))
+    for first, n, data in runs:
+        assert image[first * PS:(first + n) * PS] == data
+    channel.close()
+    return runs, outcome
+
+
+def test_c_receive_takes_an_epoch_as_python_does():
+    key = os.urandom(32)
+    stream = _sealed(_epoch_frames(), key)
+    runs, outcome = _by_c(stream, key)
+    assert (runs, outcome) == _by_python(stream, key)
+    assert len(runs) == 4 and outcome == ("EpochCommit", None, None)
+
+
+@pytest.mark.parametrize("reseal", [False, True])
+def test_c_receive_accepts_exactly_what_python_accepts_over_mutated_frames(reseal):
+    """One byte of one frame changed (the header mostly): with the old tag (a forgery),
+    or resealed (a peer that tags a bad frame). C stages exactly the runs the Python
+    decoder accepts, and what follows is decoded, or refused, as Python does."""
+    import random
+
+    rng = random.Random(12 if reseal else 11)
+    key = os.urandom(32)
+    kinds = set()
+    for _ in range(150):
+        frames = _epoch_frames()
+        index = rng.randrange(len(frames))
+        where = rng.randrange(wire.HEADER.size) if rng.random() < 0.8 else rng.randrange(len(frames[index]))
+        flip = rng.randrange(1, 256)
+        if reseal:
+            frames[index][where] ^= flip
+            stream = _sealed(frames, key)
+        else:
+            stream = bytearray(_sealed(frames, key))
+            stream[sum(len(f) + wire.TAG_BYTES for f in frames[:index]) + where] ^= flip
+            stream = bytes(stream)
+        c = _by_c(stream, key)
+        assert c == _by_python(stream, key), (index, where, flip)
+        kinds.add(c[1][0])
+    # the mutations reached the tag check, the header checks and the range check
+    assert {"IntegrityError", "FrameError"} <= kinds if not reseal else {"FrameError", "RangeError"} <= kinds
+
+
+@pytest.mark.parametrize("byte,value", [(3, int(wire.Cause.PRECOPY)), (2, int(wire.FrameType.ZERO_RANGE)),
+                                        (2, int(wire.FrameType.EPOCH_BEGIN)), (3, 0x7F)])
+def test_a_frame_the_epoch_does_not_allow_is_left_to_python(byte, value):
+    """A tagged frame of another cause or kind in the middle of an epoch: C stops there
+    and the session refuses it (or the decoder does) exactly as without C."""
+    key = os.urandom(32)
+    frames = _epoch_frames()
+    frames[1][byte] = value
+    stream = _sealed(frames, key)
+    c = _by_c(stream, key)
+    assert c == _by_python(stream, key)
+    assert len(c[0]) == 1 and c[1][0] in ("StateError", "FrameError", "RangeError")
