@@ -322,8 +322,8 @@ class Checkpointer:
             if not overlap:
                 self._send_epoch(plan, commit)
             t4 = perf()
-            if not stopping:  # a standby lagging by more than max_unacked epochs holds the guest
-                self._take_acks(block_over=cfg.max_unacked)
+            if not stopping and self.epoch - self.acked > cfg.max_unacked:
+                self._take_acks(block_over=cfg.max_unacked)  # a standby lagging this far holds the guest
             t5 = perf()
             log.dirty_pages.append(npages)
             log.runs.append(nruns)
@@ -342,13 +342,13 @@ class Checkpointer:
                 runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
             except GuestError as exc:
                 raise GuestLost(exc) from None
+            t6 = perf()
             if overlap:  # send while the guest runs
-                t6 = perf()
                 self._send_epoch(plan, commit)
-                t7 = perf()
-                self._take_acks(block_over=cfg.max_unacked)
-                log.send_us[-1] += (t7 - t6) * 1e6
-                log.ack_us[-1] += (perf() - t7) * 1e6
+            t7 = perf()
+            self._take_acks(block_over=cfg.max_unacked)  # those that came, read while the guest runs
+            log.send_us[-1] += (t7 - t6) * 1e6
+            log.ack_us[-1] += (perf() - t7) * 1e6
             del plan
             try:
                 parked = runner.wait(self._heartbeat, cfg.heartbeat)
