@@ -26,6 +26,8 @@ bound, which only an unforeseen workload could do). Optionally an epoch also end
 copied while the guest is parked, either into the socket (``sendmsg`` copies; unlike
 ``sendfile``, whose pages could change under the guest after it resumes) or, with
 ``overlap``, into an epoch buffer that is sent while the guest runs the next epoch.
+Either way one native call builds, tags and sends the whole epoch (EpochBegin, its page
+runs, EpochCommit: ``pc_ckpt_send_epoch`` in native/ckpt_io.c).
 The run request and its reply are split for that (:mod:`postcopy.checkpoint.epochrun`), so the
 agent works while the guest runs. The first epoch is preceded by
 an initial sync of every populated page (epoch 0, sent while the guest runs, never a
