@@ -185,6 +185,8 @@ static int send_all(struct pc_dp_link *link, struct iovec *iov, int n, int flags
     return 0;
 }
 
+int pc_dp_send_iov(struct pc_dp_link *link, struct iovec *iov, int n) { return send_all(link, iov, n, 0); }
+
 static int seal(struct pc_dp_link *link, const uint8_t *header, const uint8_t *payload, size_t len, uint8_t *tag)
 {
     if (!link->seal)

@@ -116,6 +116,11 @@ int pc_dp_serve(struct pc_dp_send *s, struct pc_dp_link *link, int in_fd, struct
                 uint64_t *recv_seq, uint8_t *buf, size_t cap, size_t *start, size_t *end, uint32_t run_pages,
                 struct pc_dp_counts *counts);
 
+/* For other native components (not exposed to Python): writes every byte of iov[0..n)
+ * on link (consuming iov), counting them in link->bytes; 0 or -errno. */
+struct iovec;
+int pc_dp_send_iov(struct pc_dp_link *link, struct iovec *iov, int n);
+
 /* Header bytes (for the tests comparing C with the Python wire layer). */
 void pc_dp_header(uint8_t *out, uint8_t type, uint8_t flags, uint32_t length, uint64_t arg);
 

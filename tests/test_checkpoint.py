@@ -18,6 +18,7 @@ from conftest import require_netns, require_uffd
 from postcopy.protocol import wire
 from postcopy.checkpoint.primary import CheckpointConfig, Checkpointer, bound_problem, steps_per_epoch
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
+from postcopy.checkpoint.epochrun import EpochRunner
 from postcopy.checkpoint.standby import Standby, StandbyConfig, reference_hash_at
 from postcopy.protocol.channel import Channel, handshake
 
@@ -281,6 +282,41 @@ def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
         assert "failover" not in result
         with GuestClient(control) as client:
             assert client.status()["steps"] == [2 * 255]  # epochs 2 and 3 each ran one budget
+    finally:
+        _kill(guest)
+        sb.close()
+
+
+@pytest.mark.parametrize("max_unacked", [0, 2])
+def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked):
+    """At most max_unacked epochs go unacknowledged while the guest runs (0: every epoch
+    is committed before the guest runs on), whichever side reads the acknowledgements."""
+    _require_dirty_log()
+    params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=5, steps=1_000_000)
+    control = str(tmp_path / "g.sock")
+    guest = _start_guest(params, control, start_paused=True)
+    key = wire.new_key()
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10))
+    try:
+        port = sb.bind().getsockname()[1]
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
+        thread.start()
+        lag: list[int] = []  # epochs sent but unacknowledged whenever the guest was let run
+        primary = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
+                                                max_dirty=64, epochs=40, max_unacked=max_unacked))
+        start = EpochRunner.start
+
+        def watched_start(runner, steps, harvest):
+            lag.append(primary.epoch - primary.acked)
+            start(runner, steps, harvest)
+
+        monkeypatch.setattr(EpochRunner, "start", watched_start)
+        figures = primary.run()
+        thread.join(timeout=30)
+        assert figures["ok"] and figures["committed_epoch"] == 40
+        assert len(lag) == 39 and max(lag) <= max_unacked
+        assert result["committed_epoch"] == 40
     finally:
         _kill(guest)
         sb.close()

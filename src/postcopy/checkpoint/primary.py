@@ -26,6 +26,8 @@ bound, which only an unforeseen workload could do). Optionally an epoch also end
 copied while the guest is parked, either into the socket (``sendmsg`` copies; unlike
 ``sendfile``, whose pages could change under the guest after it resumes) or, with
 ``overlap``, into an epoch buffer that is sent while the guest runs the next epoch.
+Either way one native call builds, tags and sends the whole epoch (EpochBegin, its page
+runs, EpochCommit: ``pc_ckpt_send_epoch`` in native/ckpt_io.c).
 The run request and its reply are split for that (:mod:`postcopy.checkpoint.epochrun`), so the
 agent works while the guest runs. The first epoch is preceded by
 an initial sync of every populated page (epoch 0, sent while the guest runs, never a
@@ -49,14 +51,15 @@ from postcopy import ranges
 from postcopy.checkpoint.config import (CheckpointConfig, CheckpointError, GuestLost, bound_problem,
                                         steps_per_epoch)
 from postcopy.checkpoint.epochlog import EpochLog, primary_report
-from postcopy.checkpoint.epochpages import EpochPages
+from postcopy.checkpoint.epochpages import EpochPages, EpochPlan, flat_runs
 from postcopy.checkpoint.epochrun import EpochRunner
 from postcopy.guest.control import GuestClient, GuestError
-from postcopy.guest.dirtytrack import decode_runs
+from postcopy.guest.dirtytrack import decode_flat
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.migration.guestmem import GuestMemory
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
+from postcopy._native import ffi, lib
 from postcopy.protocol.wire import MAX_RUN_BYTES
 
 # The run's configuration and its checks stay importable from here, beside the run.
@@ -306,7 +309,7 @@ class Checkpointer:
             t1 = perf()
             encoded = parked.get("dirty_runs")
             try:
-                runs = dirty.harvest() if encoded is None else decode_runs(encoded)
+                runs = flat_runs(dirty.harvest()) if encoded is None else decode_flat(encoded)
             except (OSError, GuestError) as exc:  # its pagemap (or, KVM logs, its control socket) went with it
                 raise GuestLost(exc) from None
             t2 = perf()
@@ -315,13 +318,14 @@ class Checkpointer:
                         or (cfg.epochs is not None and self.epoch >= cfg.epochs)
                         or (deadline is not None and time.monotonic() >= deadline))
             overlap = cfg.overlap and not (stopping or synchronous)
-            parts, npages, nruns = self._collect(mem, runs, steps, paused_ns, overlap)
+            plan, commit = self._collect(runs, steps, paused_ns, overlap)
+            npages, nruns = plan.npages, plan.nruns
             t3 = perf()
             if not overlap:
-                self._send(parts)
+                self._send_epoch(plan, commit)
             t4 = perf()
-            if not stopping:  # a standby lagging by more than max_unacked epochs holds the guest
-                self._take_acks(block_over=cfg.max_unacked)
+            if not stopping and self.epoch - self.acked > cfg.max_unacked:
+                self._take_acks(block_over=cfg.max_unacked)  # a standby lagging this far holds the guest
             t5 = perf()
             log.dirty_pages.append(npages)
             log.runs.append(nruns)
@@ -340,14 +344,14 @@ class Checkpointer:
                 runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
             except GuestError as exc:
                 raise GuestLost(exc) from None
+            t6 = perf()
             if overlap:  # send while the guest runs
-                t6 = perf()
-                self._send(parts)
-                t7 = perf()
-                self._take_acks(block_over=cfg.max_unacked)
-                log.send_us[-1] += (t7 - t6) * 1e6
-                log.ack_us[-1] += (perf() - t7) * 1e6
-            del parts
+                self._send_epoch(plan, commit)
+            t7 = perf()
+            self._take_acks(block_over=cfg.max_unacked)  # those that came, read while the guest runs
+            log.send_us[-1] += (t7 - t6) * 1e6
+            log.ack_us[-1] += (perf() - t7) * 1e6
+            del plan
             try:
                 parked = runner.wait(self._heartbeat, cfg.heartbeat)
             except GuestError as exc:
@@ -356,23 +360,38 @@ class Checkpointer:
             if parked["state"] == "finished":
                 finished = True  # one more epoch takes the final state, if the guest is still there
 
-    def _collect(self, mem: GuestMemory, runs: list[tuple[int, int]], steps: list[int], paused_ns: int,
-                 copy: bool) -> tuple[list, int, int]:
-        """The epoch's frames (EpochBegin, page runs with the state page always among
-        them, EpochCommit) as messages and (header, payload) pairs for one sendmsg, plus
-        the page and run counts; ``copy``: the pages are copied now, to be sent while the
-        guest runs (see :meth:`EpochPages.frames`)."""
-        pages, npages, runs = self._pages.frames(runs, copy)
-        parts: list = [wire.EpochBegin(epoch=self.epoch), *pages]
+    def _collect(self, runs, steps: list[int], paused_ns: int, copy: bool) -> tuple[EpochPlan, bytes]:
+        """The epoch's pages (:meth:`EpochPages.plan`: the state page always among them)
+        and its EpochCommit frame; ``copy``: the pages are copied now, to be sent while
+        the guest runs."""
+        plan = self._pages.plan(runs, copy)
         cut = self.config.cut_mid_epoch
         if cut is not None and self.epoch > cut:
-            self._send(parts[:max(2, len(parts) // 4)])
+            self._send_epoch(plan, b"", max(1, plan.nruns // 4))
             self._channel.close()
             raise ChannelClosed(f"fault injection: connection cut in the middle of epoch {self.epoch}")
-        parts.append(wire.EpochCommit(info={"epoch": self.epoch, "pages": npages, "runs": len(runs),
-                                            "steps": steps, "paused_ns": paused_ns}))
+        commit = wire.EpochCommit(info={"epoch": self.epoch, "pages": plan.npages, "runs": plan.nruns,
+                                        "steps": steps, "paused_ns": paused_ns}).encode()
         self._marker_sent_ns[self.epoch] = time.monotonic_ns()
-        return parts, npages, len(runs)
+        return plan, commit
+
+    def _send_epoch(self, plan: EpochPlan, commit: bytes, nruns: int | None = None) -> None:
+        """EpochBegin, the page runs of ``plan`` (the first ``nruns`` of them) and
+        ``commit`` (none if empty), built, tagged and sent by C in one call."""
+        channel = self._channel
+        kinds = ("EPOCH_BEGIN", "PAGE_RUN/RESENT") + (("EPOCH_COMMIT",) if commit else ())
+        begin = wire.EpochBegin(epoch=self.epoch).encode()
+        pairs = ffi.from_buffer("uint64_t[]", plan.runs)
+        before = channel.bytes_sent
+        try:
+            with channel.native_send(*kinds) as link:
+                rc = lib.pc_ckpt_send_epoch(link, begin, len(begin), plan.src, plan.packed, self._pages.mem.page_size,
+                                            pairs, plan.nruns if nruns is None else nruns,
+                                            self._pages.max_run_pages, int(wire.Cause.RESENT), commit, len(commit))
+        finally:
+            self.bytes_sent += channel.bytes_sent - before
+        if rc < 0:
+            raise ChannelClosed(f"{channel.name}: send failed: {os.strerror(-rc)}")
 
     def _send(self, parts: list) -> None:
         """Send messages and (header, payload) frames in one go (each checked against

@@ -5,10 +5,13 @@ the primary's epochs to it (:mod:`postcopy.checkpoint.primary` sends them). An e
 only once all of it has arrived: its pages are staged in a buffer as they come and
 copied into the image when the epoch's commit arrives, then acknowledged. So the image
 is always exactly the last complete epoch: a connection cut in the middle of an epoch
-leaves the staged half unapplied (it is counted and dropped).
+leaves the staged half unapplied (it is counted and dropped). An epoch's page runs are
+received, verified and staged in C (:mod:`postcopy.checkpoint.epochstage`: every frame
+checked as the decoder checks it, anything else left to it), the rest in Python.
 
-When the primary is lost (connection closed or broken, silent for ``timeout`` seconds,
-or the primary reports that its guest died) the standby can fail over: it starts an
+When the primary is lost (connection closed or broken, silent for ``timeout`` seconds
+between epochs (within one, a dead link is noticed by its keepalive,
+:data:`postcopy.protocol.channel.LINK_TIMEOUT_S`), or the primary reports that its guest died) the standby can fail over: it starts an
 incoming guest (``postcopy guest --incoming``), installs the image into it with
 UFFDIO_COPY (as the destination agent installs migrated pages), unregisters the range
 so untouched pages read as zero, and resumes it. The guest continues from the step
@@ -58,6 +61,8 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report
+from postcopy._native import ffi
+from postcopy.checkpoint.epochstage import EpochStage
 
 from postcopy.protocol import wire
 from postcopy.guest.control import GuestClient, GuestError, GuestParams, parse_final_hash, wait_for_control
@@ -227,14 +232,14 @@ class Standby:
 
     def _receive(self, channel: Channel) -> None:
         """The receive loop: stage, commit, acknowledge. Runs of epoch 0 go straight
-        into the image; a later epoch's runs are copied into a staging arena as they
-        arrive and into the image at the epoch's commit."""
+        into the image; a later epoch's runs are staged (received by C right after its
+        EpochBegin) and copied into the image at the epoch's commit."""
         image = memoryview(self._image)
+        image_ptr = ffi.from_buffer("uint8_t[]", self._image)
         ps = self._layout.page_size
-        arena = bytearray(0)
-        staged: list[tuple[int, int, int]] = []  # (first page, npages, offset in the arena)
-        used = 0  # arena bytes staged
+        stage = EpochStage(self._layout)
         expect = 0  # next epoch
+        in_epoch = False  # between an EpochBegin and its commit
         try:
             while True:
                 message = channel.recv()
@@ -243,21 +248,18 @@ class Standby:
                     if expect == 0:
                         image[first * ps:(first + npages) * ps] = message.data
                         self._initial_pages += npages
-                        continue
-                    length = npages * ps
-                    if len(arena) < used + length:
-                        arena.extend(bytes(max(used + length, 2 * len(arena)) - len(arena)))
-                    arena[used:used + length] = message.data
-                    staged.append((first, npages, used))
-                    used += length
+                    else:  # one C did not take (it takes every valid one: not expected)
+                        stage.add(first, npages, message.data)
                 elif isinstance(message, wire.EpochBegin):
                     if message.epoch != expect:
                         raise wire.ProtocolError(f"epoch {message.epoch} begins where epoch {expect} was expected")
+                    in_epoch = True
+                    stage.receive(channel)
                 elif isinstance(message, wire.EpochCommit):
-                    self._commit(channel, message.info, expect, staged, arena)
-                    staged.clear()
-                    used = 0
+                    self._commit(channel, message.info, expect, stage, image_ptr)
+                    stage.clear()
                     expect += 1
+                    in_epoch = False
                 elif isinstance(message, wire.CheckpointEnd):
                     self._end("primary-stopped", f"the primary stopped after epoch {message.epoch}")
                     break
@@ -266,6 +268,8 @@ class Standby:
                     break
                 elif isinstance(message, wire.Ping):
                     channel.send(wire.Pong(token=message.token))
+                    if in_epoch:  # the epoch's other runs, in C again
+                        stage.receive(channel)
         except ChannelClosed as exc:
             self._end("connection-lost", str(exc))
         except TimeoutError:
@@ -278,10 +282,11 @@ class Standby:
                 pass
         finally:
             image.release()
-        if staged:
-            self.discarded = {"epoch": expect, "pages": sum(n for _, n, _ in staged)}
+            del image_ptr
+        if stage.nruns:
+            self.discarded = {"epoch": expect, "pages": stage.pages}
 
-    def _commit(self, channel: Channel, info: dict, expect: int, staged: list, arena: bytearray) -> None:
+    def _commit(self, channel: Channel, info: dict, expect: int, stage: EpochStage, image) -> None:
         """Epoch ``expect`` is whole: apply what was staged and acknowledge it (epoch 0,
         the initial sync, is already in the image)."""
         epoch = info.get("epoch")
@@ -293,14 +298,11 @@ class Standby:
             if self.config.failover:
                 self._prestart()
             return
-        pages = sum(n for _, n, _ in staged)
+        pages = stage.pages
         if info.get("pages") != pages:
             raise wire.ProtocolError(f"epoch {epoch} announces {info.get('pages')} pages, {pages} arrived")
         t0 = time.perf_counter()
-        ps = self._layout.page_size
-        with memoryview(self._image) as image, memoryview(arena) as source:
-            for first, npages, offset in staged:
-                image[first * ps:(first + npages) * ps] = source[offset:offset + npages * ps]
+        stage.apply(image)
         steps = tuple(info.get("steps") or ())
         self.committed = CommittedEpoch(epoch, steps, info.get("paused_ns"), pages)
         self._apply_us.append((time.perf_counter() - t0) * 1e6)

@@ -82,3 +82,10 @@ def decode_runs(encoded: str) -> list[tuple[int, int]]:
     flat = array("Q")
     flat.frombytes(base64.b64decode(encoded))
     return list(zip(flat[0::2], flat[1::2]))
+
+
+def decode_flat(encoded: str) -> array:
+    """A ``dirty_runs`` reply field as flat ``first page, count`` pairs (an array of u64)."""
+    flat = array("Q")
+    flat.frombytes(base64.b64decode(encoded))
+    return flat
