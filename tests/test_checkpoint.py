@@ -397,11 +397,15 @@ def test_user_errors_are_one_clear_line(tmp_path):
     assert r.returncode == 2 and "not allowed with" in r.stderr
 
 
-def test_a_wrong_key_is_refused_and_leaves_the_guest_alone(tmp_path):
+def test_strangers_cannot_stop_the_standby_and_a_wrong_key_leaves_the_guest_alone(tmp_path):
+    """Garbage from a raw TCP client and a primary with the wrong key are dropped (the
+    wrong-key primary fails cleanly, its guest untouched); the standby keeps listening
+    and then protects the right primary's guest."""
     _require_dirty_log()
     params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=2, steps=100_000)
     control = str(tmp_path / "g.sock")
     guest = _start_guest(params, control, start_paused=True)
+    standby = None
     try:
         for name in "ab":
             (tmp_path / name).write_bytes(wire.new_key())
@@ -413,15 +417,28 @@ def test_a_wrong_key_is_refused_and_leaves_the_guest_alone(tmp_path):
                                              str(tmp_path / "a")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         assert standby.stdout.readline().startswith("listening")
-        primary = subprocess.run(_postcopy("checkpoint", "--guest", control, "--connect", f"127.0.0.1:{port}",
-                                           "--key-file", str(tmp_path / "b")), capture_output=True, text=True,
-                                 timeout=60)
-        _, s_err = standby.communicate(timeout=30)
-        assert primary.returncode == 1 and "handshake with the standby failed" in primary.stderr
-        assert standby.returncode == 1 and "authentication failed" in s_err
-        assert "Traceback" not in primary.stderr + s_err
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"\xff" * 4096)  # not a frame: dropped, whatever it says
+            assert raw.recv(1 << 16) == b""  # the standby closed it
+        wrong = subprocess.run(_postcopy("checkpoint", "--guest", control, "--connect", f"127.0.0.1:{port}",
+                                         "--key-file", str(tmp_path / "b")), capture_output=True, text=True,
+                               timeout=60)
+        assert wrong.returncode == 1 and "handshake with the standby failed" in wrong.stderr, wrong.stderr
+        assert "Traceback" not in wrong.stderr
         with GuestClient(control) as client:
             status = client.status()
         assert status["state"] == "paused" and not status["dirty_tracking"] and status["steps"] == [0]
+        assert standby.poll() is None  # still listening
+        right = subprocess.run(_postcopy("checkpoint", "--guest", control, "--connect", f"127.0.0.1:{port}",
+                                         "--key-file", str(tmp_path / "a"), "--epochs", "3"),
+                               capture_output=True, text=True, timeout=120)
+        assert right.returncode == 0, right.stderr
+        _, s_err = standby.communicate(timeout=60)
+        assert standby.returncode == 0, s_err
+        assert s_err.count("dropped connection") == 2 and "authentication failed" in s_err, s_err
+        assert "Traceback" not in s_err
     finally:
+        if standby is not None and standby.poll() is None:
+            standby.kill()
+            standby.communicate()
         _kill(guest)

@@ -67,7 +67,8 @@ from postcopy.checkpoint.epochstage import EpochStage
 from postcopy.protocol import wire
 from postcopy.guest.control import GuestClient, GuestError, GuestParams, parse_final_hash, wait_for_control
 from postcopy.protocol.endpoint import listen_socket
-from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed
+from postcopy.migration.listener import AcceptTimeout, Listener
 
 # Why the stream ended -> whether that means the primary is lost (failover).
 PRIMARY_LOST = {"connection-lost": True, "primary-silent": True, "primary-guest-lost": True,
@@ -111,6 +112,7 @@ class Standby:
     def __init__(self, config: StandbyConfig, listener: socket.socket | None = None):
         self.config = config
         self.listener = listener
+        self._acceptor: Listener | None = None  # authenticates connections, from bind on
         self.committed: CommittedEpoch | None = None
         self.guest_info: dict = {}
         self.end_reason: str | None = None
@@ -132,32 +134,27 @@ class Standby:
 
     # -- connection --------------------------------------------------------------------
     def bind(self) -> socket.socket:
-        """Listen on the configured endpoint."""
+        """Listen on the configured endpoint; from then on connections are accepted and
+        authenticated in the background (a stranger is dropped, a second primary told
+        "busy": neither can stop the standby; :mod:`postcopy.migration.listener`)."""
         if self.listener is None:
             try:
-                sock = listen_socket(self.config.listen)  # IPv4 or IPv6
+                self.listener = listen_socket(self.config.listen)  # IPv4 or IPv6
             except OSError as exc:
                 raise StandbyError(f"cannot listen on {self.config.listen[0]}:{self.config.listen[1]}: "
                                    f"{exc.strerror or exc}") from None
-            self.listener = sock
+        if self._acceptor is None:
+            self._acceptor = Listener(self.listener, self.config.key, protocol=wire.Session(wire.CHECKPOINT, "standby"),
+                                      role="standby")
         return self.listener
 
     def _accept(self) -> tuple[Channel, wire.Layout]:
-        listener = self.bind()
-        listener.settimeout(self.config.accept_timeout)
+        self.bind()
         try:
-            sock, _ = listener.accept()
-        except TimeoutError:
+            channel, peer = self._acceptor.accept("main", None, self.config.accept_timeout)
+        except AcceptTimeout:
             raise StandbyError(f"no primary connected within {self.config.accept_timeout:g} s") from None
-        sock.settimeout(self.config.timeout)
-        tune(sock, urgent=False)
-        channel = Channel(sock, "main", session=wire.Session(wire.CHECKPOINT, "standby"))
-        hello = wire.make_hello("standby", "main", os.sysconf("SC_PAGE_SIZE"))
-        try:
-            peer = handshake(channel, "server", self.config.key, hello)
-        except (wire.ProtocolError, ChannelClosed, TimeoutError) as exc:
-            channel.close()
-            raise StandbyError(f"handshake with the primary failed: {exc}") from None
+        channel.sock.settimeout(self.config.timeout)
         layout = peer.layout
         if len(layout.regions) != 1 or layout.regions[0][0] != 0:
             channel.close()
@@ -198,6 +195,9 @@ class Standby:
         if self._image_fd is not None:
             os.close(self._image_fd)
             self._image_fd = None
+        if self._acceptor is not None:
+            self._acceptor.close()  # closes the listening socket too
+            self._acceptor = None
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -45,8 +45,8 @@ class _Pending:
     shake: wire.Handshake | None = None
 
 
-def _log(message: str) -> None:
-    print(f"postcopy dest: {message}", file=sys.stderr, flush=True)
+def _log(role: str, message: str) -> None:
+    print(f"postcopy {role}: {message}", file=sys.stderr, flush=True)
 
 
 class Listener:
@@ -55,8 +55,9 @@ class Listener:
 
     def __init__(self, sock: socket.socket, key: bytes, page_size: int | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT_S, *, protocol: wire.Session | None = None,
-                 frame_auth: bool = True):
+                 frame_auth: bool = True, role: str = "dest"):
         self.sock = sock
+        self.role = role  # this end's Hello role ("dest", or "standby" for a checkpoint stream)
         self.key = key
         self.protocol = protocol  # checks every frame after the handshake, on every channel
         self.frame_auth = frame_auth  # False is UNSAFE: only to measure what authentication costs
@@ -146,7 +147,7 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: keep listening
-                _log(f"accept failed: {exc}")
+                _log(self.role, f"accept failed: {exc}")
                 return
             sock.setblocking(False)
             if len(self._pending) >= MAX_PENDING:
@@ -190,7 +191,7 @@ class Listener:
             if refusal:
                 self._refuse(pending, refusal)
                 return True
-            hello = wire.make_hello("dest", message.channel, self.page_size, (), message.session,
+            hello = wire.make_hello(self.role, message.channel, self.page_size, (), message.session,
                                     unauthenticated=not self.frame_auth)
             pending.shake = wire.Handshake("server", self.key, hello)
             pending.shake.start()
@@ -251,7 +252,7 @@ class Listener:
 
     def _drop(self, pending: _Pending, reason: str) -> None:
         self.dropped += 1
-        _log(f"dropped connection from {pending.peer}: {reason}; still listening")
+        _log(self.role, f"dropped connection from {pending.peer}: {reason}; still listening")
         self._forget(pending)
 
     def _forget(self, pending: _Pending) -> None:
