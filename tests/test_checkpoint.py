@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -441,4 +442,50 @@ def test_strangers_cannot_stop_the_standby_and_a_wrong_key_leaves_the_guest_alon
         if standby is not None and standby.poll() is None:
             standby.kill()
             standby.communicate()
+        _kill(guest)
+
+
+def test_a_checkpointed_guest_is_not_taken_by_a_second_primary_or_a_migration_source(tmp_path):
+    """The primary holds the guest's lease: a second primary and a migration source are
+    refused with a clear error while it checkpoints, and it goes on untouched."""
+    _require_dirty_log()
+    params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=4, steps=50_000_000, rate=20_000)
+    control = str(tmp_path / "g.sock")
+    guest = _start_guest(params, control)
+    key_file = tmp_path / "key"
+    key_file.write_bytes(wire.new_key())
+    key_file.chmod(0o600)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    standby = primary = None
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        standby = subprocess.Popen(_postcopy("standby", "--listen", f"127.0.0.1:{port}", "--key-file",
+                                             str(key_file)), **pipes)
+        assert standby.stdout.readline().startswith("listening")
+        primary = subprocess.Popen(_postcopy("checkpoint", "--guest", control, "--connect", f"127.0.0.1:{port}",
+                                             "--key-file", str(key_file)), **pipes)
+        line = primary.stdout.readline()
+        assert line.startswith("protected: epoch 1 committed"), (line, primary.stderr.read() if not line else "")
+        second = subprocess.run(_postcopy("checkpoint", "--guest", control, "--connect", f"127.0.0.1:{port}",
+                                          "--key-file", str(key_file)), capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "already being migrated or checkpointed" in second.stderr, second.stderr
+        assert str(primary.pid) in second.stderr, second.stderr
+        source = subprocess.run(_postcopy("source", "--guest", control, "--connect", "127.0.0.1:9",
+                                          "--key-file", str(key_file)), capture_output=True, text=True, timeout=60)
+        assert source.returncode == 1 and "already being migrated or checkpointed" in source.stderr, source.stderr
+        assert "Traceback" not in second.stderr + source.stderr
+        primary.send_signal(signal.SIGINT)  # a clean end after the current epoch
+        p_out, p_err = primary.communicate(timeout=60)
+        assert primary.returncode == 0, p_err
+        _, s_err = standby.communicate(timeout=60)
+        assert standby.returncode == 0, s_err
+        with GuestClient(control) as client:
+            assert client.status()["state"] == "running"  # left as it was found
+    finally:
+        for proc in (primary, standby):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
         _kill(guest)

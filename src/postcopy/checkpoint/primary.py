@@ -143,15 +143,16 @@ class Checkpointer:
         mem = dirty = runner = None
         try:
             try:
+                state = guest.status()["state"]
+                if state not in ("running", "paused"):  # checked first: an incoming guest stops when a lease ends
+                    raise CheckpointError(f"the guest is {state}: only a running or paused guest can be checkpointed")
+                # One agent at a time: a migration source or a second primary is refused
+                # while this one checkpoints (the lease ends with this connection).
+                guest.lease()
                 info, fds = guest.take_fds()
                 status = guest.status()
             except GuestError as exc:
                 raise CheckpointError(f"cannot attach to the guest: {exc}") from None
-            if status["state"] not in ("running", "paused"):
-                for fd in fds.values():
-                    os.close(fd)
-                raise CheckpointError(f"the guest is {status['state']}: only a running or paused guest "
-                                      f"can be checkpointed")
             mem = GuestMemory(info, fds)
             threads = status["threads"]
             free_fraction = status.get("free_fraction") or 0.0

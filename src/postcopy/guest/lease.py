@@ -56,8 +56,8 @@ class Lease:
         with self._lock:
             if cmd == "lease":
                 if self._holder is not None and self._holder is not conn:
-                    raise GuestStateError(f"the guest is already being migrated (its lease is held by pid "
-                                          f"{self._holder_pid}): one migration at a time")
+                    raise GuestStateError(f"the guest is already being migrated or checkpointed (its lease is "
+                                          f"held by pid {self._holder_pid}): one agent at a time")
                 self.check_unfenced("lease")
                 if self._holder is None:
                     self._holder, self._holder_pid = conn, _peer_pid(conn)
