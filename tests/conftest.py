@@ -26,6 +26,15 @@ if os.path.abspath(postcopy.__file__).startswith(_TREE + os.sep) and not os.envi
 SLOWDOWN = 10 if os.environ.get("POSTCOPY_KERNEL_MATRIX") else 1
 
 
+def pid_gone(pid: int) -> bool:
+    """True if ``pid`` is dead: gone, or a zombie nobody reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (CAP_SYS_ADMIN for userfaultfd of kernel faults, netns, pagemap PFNs)")

@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 
-from conftest import SLOWDOWN, require_netns, require_uffd
+from conftest import SLOWDOWN, pid_gone, require_netns, require_uffd
 from postcopy.protocol import wire
 from postcopy.kernel.dirtylog import available_backends
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
@@ -115,14 +115,6 @@ class Migration:
         assert sum(after["steps"]) > sum(before["steps"])
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.precopy
 def test_dest_killed_during_precopy_guest_keeps_running(bed, tmp_path):
     if not any(reason is None for reason in available_backends().values()):
@@ -176,7 +168,7 @@ def test_source_killed_during_postcopy_dest_guest_never_runs_on(bed, tmp_path):
     assert dest.returncode == 1
     assert "incoming guest was stopped" in err, err
     pid = int(re.search(r"incoming guest pid (\d+)", err).group(1))
-    assert _pid_gone(pid)
+    assert pid_gone(pid)
     # The source still holds the paused guest and all its RAM.
     assert m.status()["state"] == "paused"
 
@@ -211,7 +203,7 @@ def test_sigterm_to_demo_leaves_nothing_behind(tmp_path):
     left = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not (left & ours), left & ours
     # No process the demo started is left.
-    assert all(_pid_gone(pid) for pid in children), children
+    assert all(pid_gone(pid) for pid in children), children
 
 
 def _children(ppid: int) -> list[int]:

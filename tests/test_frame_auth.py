@@ -16,7 +16,7 @@ import pytest
 from postcopy.guest import GuestClient, GuestParams
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel, handshake
-from conftest import require_uffd
+from conftest import pid_gone, require_uffd
 
 PS = 4096
 LAYOUT = wire.Layout(PS, ((0, 64 * PS),))
@@ -282,21 +282,13 @@ def test_relay_flipping_one_pushed_byte_fails_loudly_and_the_source_keeps_its_gu
     assert re.search(r"frame \d+ \(PAGE_RUN, \d+ payload bytes\) failed authentication", dest_err), dest_err
     assert "incoming guest was stopped" in dest_err, dest_err
     incoming = int(re.search(r"incoming guest pid (\d+)", dest_err).group(1))
-    assert not os.path.exists(f"/proc/{incoming}") or _zombie(incoming)
+    assert pid_gone(incoming)
     # The source fails loudly and keeps its paused guest, with all its RAM.
     assert source.returncode == 1, source.stderr
     assert "kept paused on the source" in source.stderr, source.stderr
     with GuestClient(control) as client:
         assert client.status()["state"] == "paused"
     assert guest.poll() is None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_unsafe_option_is_labelled_as_such():

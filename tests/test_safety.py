@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from test_failures import PARAMS, Migration, _pid_gone
+from conftest import pid_gone
+from test_failures import PARAMS, Migration
 from postcopy.guest import GuestClient, GuestError, GuestParams, reference_hash, wait_for_control
 from postcopy.kernel.dirtylog import available_backends
 from postcopy.kernel.process import die_with_parent as _die_with
@@ -102,7 +103,7 @@ def test_source_killed_after_switchover_no_second_copy_until_dest_stopped(bed, t
             client.resume()
     # The fence ends only after the old destination has stopped its guest.
     m.wait_unfenced()
-    assert _pid_gone(dest_guest), "the old destination's guest outlived the fence"
+    assert pid_gone(dest_guest), "the old destination's guest outlived the fence"
     _, dest_err = dest.communicate(timeout=60)
     assert dest.returncode == 1 and "incoming guest was stopped" in dest_err, dest_err
     # Then, and only then, the guest moves again, and verifies.
@@ -126,7 +127,7 @@ def test_dest_killed_leaves_no_guest_and_no_work_folder(bed, tmp_path):
     assert [p.name for p in workdir.iterdir()] == [p.name for p in workdir.glob(f"postcopy-dest-{dest.pid}-*")]
     os.kill(dest.pid, signal.SIGKILL)
     dest.communicate()
-    _wait_for(lambda: _pid_gone(dest_guest), "the incoming guest to die with its agent")
+    _wait_for(lambda: pid_gone(dest_guest), "the incoming guest to die with its agent")
     source.kill()
     source.communicate()
     # The next destination agent removes the dead one's work folder before it listens.
@@ -183,7 +184,7 @@ def test_child_dies_with_the_agent_that_started_it(tmp_path):
     child = int(agent.stdout.readline())
     os.kill(agent.pid, signal.SIGKILL)
     agent.communicate()
-    _wait_for(lambda: _pid_gone(child), "the child to die with its parent")
+    _wait_for(lambda: pid_gone(child), "the child to die with its parent")
     # A parent that is not the child's parent any more (it died before the prctl).
     orphan = subprocess.run(["true"], preexec_fn=_die_with(os.getppid()))
     assert orphan.returncode == 1
@@ -212,7 +213,7 @@ def test_stopped_destination_agent_its_guest_stops_before_the_fence_ends(bed, tm
         os.kill(source.pid, signal.SIGKILL)
         source.communicate()
         m.wait_unfenced()
-        assert _pid_gone(dest_guest), "the stopped destination's guest outlived the fence"
+        assert pid_gone(dest_guest), "the stopped destination's guest outlived the fence"
     finally:
         os.kill(dest.pid, signal.SIGCONT)
         dest.kill()

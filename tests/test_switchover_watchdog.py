@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from conftest import require_uffd
+from conftest import pid_gone, require_uffd
 from postcopy.guest import GuestClient
 from postcopy.migration.fence import WATCHDOG_SLACK_S
 from postcopy.protocol import wire
@@ -30,14 +30,6 @@ def _wait_for(predicate, what: str, timeout: float = 120.0):
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
     return value
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _open(port: int, key: bytes, session: wire.Session, layout: wire.Layout, name: str, sid: bytes) -> Channel:
@@ -88,7 +80,7 @@ def test_destination_stopped_before_acting_on_the_switchover_never_runs_its_gues
             main.send(wire.Switchover(info={"recovery_timeout_s": 1.0, "mode": "postcopy", "paused_ns": 0,
                                             "last_heartbeat_ns": 0, "steps": [0], "guest": {}}))
             # Nobody renews the watchdog: the guest stops itself, never having run here.
-            _wait_for(lambda: _gone(guest_pid), "the incoming guest to stop itself while its agent is stopped",
+            _wait_for(lambda: pid_gone(guest_pid), "the incoming guest to stop itself while its agent is stopped",
                       timeout=60 * WATCHDOG_SLACK_S)
         finally:
             os.kill(dest.pid, signal.SIGCONT)
