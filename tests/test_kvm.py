@@ -319,6 +319,22 @@ def test_kvm_bench_tables_smoke():
     assert all(name in text for name in logs) and "steps/s" in text
 
 
+def test_a_failing_log_is_a_failed_row_and_the_logs_after_it_are_still_measured():
+    require_kvm()
+    from postcopy.bench.kvm import format_kvm, harvest_rows, usable_logs
+
+    logs = usable_logs()
+    if not logs:
+        pytest.skip("no KVM dirty log on this host (see postcopy doctor)")
+    said: list[str] = []
+    rows = harvest_rows(16 << 20, ["no-such-log", logs[0]], (0,), repeats=1, say=said.append)
+    assert rows[0]["method"] == "no-such-log" and "no-such-log" in rows[0]["error"], rows
+    assert rows[1]["method"] == logs[0] and "error" not in rows[1] and rows[1]["reported_pages"] <= 1, rows
+    assert any("no-such-log" in m and "FAILED" in m for m in said), said
+    text = format_kvm({"harvest": rows, "rates": []})
+    assert "no-such-log" in text and "FAILED" in text
+
+
 def test_kvm_bench_covers_every_log_of_the_kernel_and_names_the_missing_ones():
     """Every log a KVM guest's RAM can be harvested with is either measured or named
     with its reason (here soft-dirty: CONFIG_MEM_SOFT_DIRTY is off)."""
