@@ -25,7 +25,9 @@ struct pc_doorbell_server {
     struct pc_doorbell *db;
     struct pc_vcpu_local *locals;
     int threads, pagemap_fd;
-    uint32_t seen; /* the request word when the session started: requests come after it */
+    uint32_t seen;    /* the request word when the session started: requests come after it */
+    uint32_t current; /* the request of the epoch under way */
+    int harvest, over; /* over: a final answer was given (set by the park hook) */
     uint64_t target, ram, ram_size;
     uint64_t limits[PC_GUEST_MAX_THREADS];
     struct pc_page_region vec[VEC_LEN];
@@ -76,22 +78,11 @@ static void answer(struct pc_doorbell *db, uint32_t req, int state, int error)
     futex(&db->done, FUTEX_WAKE, INT_MAX, NULL);
 }
 
-/* One epoch: run, park, harvest. Returns the answer's state (PC_DB_*), *error set on ERROR. */
-static int epoch(struct pc_doorbell_server *s, int *error)
+/* The epoch's end, on the last vCPU to park (its park hook): steps, results, harvest.
+ * Returns the answer's state (PC_DB_*), *error set on ERROR. */
+static int epoch_end(struct pc_doorbell_server *s, int *error)
 {
     struct pc_doorbell *db = s->db;
-    const uint64_t steps = db->steps;
-    for (int t = 0; t < s->threads; t++) {
-        const uint64_t done = __atomic_load_n(&s->locals[t].steps_done, __ATOMIC_RELAXED);
-        const uint64_t want = steps > UINT64_MAX - done ? UINT64_MAX : done + steps;
-        s->limits[t] = s->target && want > s->target ? s->target : want;
-    }
-    int rc = pc_vm_resume(s->vm, s->limits, 0);
-    if (rc) {
-        *error = rc;
-        return PC_DB_ERROR;
-    }
-    pc_vm_wait_parked(s->vm, -1);
     int finished = s->target != 0;
     for (int t = 0; t < s->threads; t++) {
         const int result = pc_vm_result(s->vm, t);
@@ -104,7 +95,8 @@ static int epoch(struct pc_doorbell_server *s, int *error)
     }
     db->paused_ns = pc_vm_parked_ns(s->vm);
     db->nruns = 0;
-    if (db->harvest) {
+    db->harvest_ns = 0;
+    if (s->harvest) {
         uint64_t next;
         const uint64_t t0 = pc_monotonic_ns();
         const int64_t n = pc_wp_harvest(s->pagemap_fd, s->ram, s->ram + s->ram_size, s->ram, s->vec, VEC_LEN,
@@ -119,25 +111,65 @@ static int epoch(struct pc_doorbell_server *s, int *error)
     return finished ? PC_DB_FINISHED : PC_DB_PARKED;
 }
 
+/* The vCPUs' park hook: the answer goes to the primary straight from the last vCPU to
+ * park, with no hop through the server thread. A final answer unhooks first (the
+ * vCPUs are parked: no other run is under way) and tells the server to end. */
+static void on_parked(void *ctx)
+{
+    struct pc_doorbell_server *s = ctx;
+    int error = 0;
+    const int state = epoch_end(s, &error);
+    if (state != PC_DB_PARKED) {
+        pc_vm_set_park_hook(s->vm, NULL, NULL);
+        __atomic_store_n(&s->over, 1, __ATOMIC_RELEASE);
+    }
+    answer(s->db, s->current, state, error);
+}
+
+/* Releases the vCPUs for request req; 0 or -errno. */
+static int epoch_start(struct pc_doorbell_server *s, uint32_t req)
+{
+    struct pc_doorbell *db = s->db;
+    const uint64_t steps = db->steps;
+    s->current = req;
+    s->harvest = db->harvest; /* a STOP of the guest's own may overwrite the request mid-epoch */
+    for (int t = 0; t < s->threads; t++) {
+        const uint64_t done = __atomic_load_n(&s->locals[t].steps_done, __ATOMIC_RELAXED);
+        const uint64_t want = steps > UINT64_MAX - done ? UINT64_MAX : done + steps;
+        s->limits[t] = s->target && want > s->target ? s->target : want;
+    }
+    return pc_vm_resume(s->vm, s->limits, 0);
+}
+
 static void *serve(void *arg)
 {
     struct pc_doorbell_server *s = arg;
     struct pc_doorbell *db = s->db;
     uint32_t seen = s->seen;
-    for (;;) {
-        uint32_t req;
-        while ((req = __atomic_load_n(&db->req, __ATOMIC_ACQUIRE)) == seen)
-            futex(&db->req, FUTEX_WAIT, seen, NULL);
+    /* A final answer from the park hook comes without a request: look for it between
+     * waits (only the session's end waits for the slice). */
+    const struct timespec slice = {.tv_sec = 0, .tv_nsec = 50 * 1000 * 1000};
+    while (!__atomic_load_n(&s->over, __ATOMIC_ACQUIRE)) {
+        const uint32_t req = __atomic_load_n(&db->req, __ATOMIC_ACQUIRE);
+        if (req == seen) {
+            futex(&db->req, FUTEX_WAIT, seen, &slice);
+            continue;
+        }
         seen = req;
         if (db->cmd != PC_DB_RUN) {
+            pc_vm_wait_parked(s->vm, -1); /* a run under way is answered by its park first */
+            pc_vm_set_park_hook(s->vm, NULL, NULL);
             answer(db, req, PC_DB_ENDED, 0);
             break;
         }
-        int error = 0, state = epoch(s, &error);
-        answer(db, req, state, error);
-        if (state != PC_DB_PARKED)
+        const int rc = epoch_start(s, req);
+        if (rc) {
+            pc_vm_set_park_hook(s->vm, NULL, NULL);
+            answer(db, req, PC_DB_ERROR, rc);
             break;
+        }
     }
+    pc_vm_wait_parked(s->vm, -1); /* the last park hook has returned */
     return NULL;
 }
 
@@ -162,12 +194,14 @@ struct pc_doorbell_server *pc_doorbell_start(struct pc_vm *vm, struct pc_doorbel
     *s = (struct pc_doorbell_server){.vm = vm, .db = db, .locals = locals, .threads = threads,
                                      .pagemap_fd = pagemap_fd, .target = steps_target, .ram = ram,
                                      .ram_size = ram_size, .seen = __atomic_load_n(&db->req, __ATOMIC_ACQUIRE)};
+    pc_vm_set_park_hook(vm, on_parked, s); /* the vCPUs are parked (checked above) */
     sigset_t all, old; /* signals go to the guest's other threads */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     const int rc = pthread_create(&s->thread, NULL, serve, s);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
+        pc_vm_set_park_hook(vm, NULL, NULL);
         free(s);
         *err = -rc;
         return NULL;

@@ -6,15 +6,17 @@
  * primary. A C thread of the guest (the server) waits on the doorbell's request word
  * (a futex in shared memory: the two processes wake each other directly); each request
  * is one epoch: every vCPU does exactly `steps` more steps (fewer at its target) and
- * parks, the server harvests the guest's dirty log (PAGEMAP_SCAN of its own pagemap,
- * WP_MATCHING: reported and re-protected) into the doorbell and answers. So an epoch
- * costs two cross-process wakes (primary -> server, server -> primary) plus the
- * vCPUs' own, and no control line, JSON or Python on the guest's side.
+ * parks. The last vCPU to park (a park hook, vcpu_threads.h) harvests the guest's dirty
+ * log right there (PAGEMAP_SCAN of its own pagemap, WP_MATCHING: reported and
+ * re-protected) into the doorbell and wakes the primary. So an epoch costs three wakes
+ * (primary -> server -> vCPU -> primary) and no control line, JSON or Python on the
+ * guest's side.
  *
  * The answer is written while every vCPU is parked and the guest stays parked until the
  * next request: the primary reads the runs and the RAM at one step boundary. A session
- * ends on a STOP request, when the guest reaches its step target (FINISHED) or a vCPU
- * fails (ERROR): the server answers, then exits.
+ * ends on a STOP request (the server answers it once the vCPUs are parked), when the
+ * guest reaches its step target (FINISHED) or a vCPU fails (ERROR); then the park hook
+ * is removed and the server thread exits.
  */
 #ifndef PC_EPOCH_DOORBELL_H
 #define PC_EPOCH_DOORBELL_H
