@@ -50,4 +50,4 @@ def test_bench_table_shows_the_floor_and_the_ratio():
     text = format_bench(result)
     assert "| floor/s | vs floor |" in text
     assert f"| 64 | {row['checkpoints_per_s']:.0f} | {floor['epochs_per_s']:.0f} | 0.50 |" in text
-    assert "| write | harvest | copy | send | ack | apply |" in text
+    assert "| window | write | harvest | copy | send | ack | apply |" in text

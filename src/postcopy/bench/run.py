@@ -275,6 +275,20 @@ def _times(v) -> str:
     return _num(v, "{:.2f}x")
 
 
+def checkpoint_table(checkpoint: dict) -> list[str]:
+    """The continuous-checkpointing section: rate per dirty bound beside the C floor of
+    one epoch, then where the floor's epoch goes."""
+    lines = ["", "## Continuous checkpointing", "",
+             "| dirty bound | checkpoints/s | floor/s | vs floor | pause p50 ms | pause p99 ms |", "|---|---|---|---|---|---|"]
+    rows = checkpoint.get("bounds", {})
+    for bound, row in rows.items():
+        pause = row.get("pause_ms") or {}
+        lines.append(f"| {bound} | {_num(row.get('checkpoints_per_s'), '{:.0f}')} | "
+                     f"{_num(row.get('floor_per_s'), '{:.0f}')} | {_num(row.get('vs_floor'))} | "
+                     f"{_num(pause.get('p50'), '{:.3f}')} | {_num(pause.get('p99'), '{:.3f}')} |")
+    return lines + _floor_parts_rows(rows)
+
+
 def _floor_parts_rows(checkpoint_rows: dict) -> list[str]:
     """Where the C floor's epoch goes (µs per epoch), per dirty bound."""
     from postcopy.bench.ckptfloor import PARTS
@@ -282,10 +296,11 @@ def _floor_parts_rows(checkpoint_rows: dict) -> list[str]:
     floors = {bound: row["floor"] for bound, row in checkpoint_rows.items() if row.get("floor")}
     if not floors:
         return []
-    lines = ["", "C floor of one epoch (native/ckpt_floor.c), µs per epoch:", "",
-             "| dirty pages | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 1) + "|"]
+    lines = ["", "C floor of one epoch (native/ckpt_floor.c), µs per epoch (ack window: unacknowledged epochs "
+             "allowed; apply: the receiver's):", "",
+             "| dirty pages | window | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 2) + "|"]
     for bound, floor in floors.items():
-        lines.append(f"| {bound} | " + " | ".join(f"{floor['parts_us'][p]:.1f}" for p in PARTS) + " |")
+        lines.append(f"| {bound} | {floor['window']} | " + " | ".join(f"{floor['parts_us'][p]:.1f}" for p in PARTS) + " |")
     return lines
 
 
@@ -335,14 +350,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['mode']} | {row['dirty_log']} | {row['steps_per_s']} | {row['rounds']} | "
                      f"{row['sent_per_ram']:.2f} | {num(row['downtime_ms'])} | {row.get('faults_first_s')} | "
                      f"{row['verified']} |")
-    lines += ["", "## Continuous checkpointing", "",
-              "| dirty bound | checkpoints/s | floor/s | vs floor | pause p50 ms | pause p99 ms |", "|---|---|---|---|---|---|"]
-    checkpoint_rows = (result.get("checkpoint") or {}).get("bounds", {})
-    for bound, row in checkpoint_rows.items():
-        pause = row.get("pause_ms") or {}
-        lines.append(f"| {bound} | {num(row.get('checkpoints_per_s'), '{:.0f}')} | {num(row.get('floor_per_s'), '{:.0f}')} | "
-                     f"{num(row.get('vs_floor'))} | {num(pause.get('p50'), '{:.3f}')} | {num(pause.get('p99'), '{:.3f}')} |")
-    lines += _floor_parts_rows(checkpoint_rows)
+    lines += checkpoint_table(result.get("checkpoint") or {})
     pr = result.get("pause_resume") or {}
     if pr:
         lines += ["", f"## Guest pause and resume ({pr['rounds']} rounds, {pr['threads_created']} threads created)", "",
