@@ -290,8 +290,8 @@ def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
         sb.close()
 
 
-@pytest.mark.parametrize("max_unacked", [0, 2])
-def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked):
+@pytest.mark.parametrize("max_unacked,doorbell", [(0, True), (2, True), (2, False)])
+def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, doorbell):
     """At most max_unacked epochs go unacknowledged while the guest runs (0: every epoch
     is committed before the guest runs on), whichever side reads the acknowledgements."""
     _require_dirty_log()
@@ -307,7 +307,8 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked):
         thread.start()
         lag: list[int] = []  # epochs sent but unacknowledged whenever the guest was let run
         primary = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
-                                                max_dirty=64, epochs=40, max_unacked=max_unacked))
+                                                max_dirty=64, epochs=40, max_unacked=max_unacked,
+                                                doorbell=doorbell))
         for runner_class in (EpochRunner, DoorbellRunner):  # whichever lets the guest run
             def watched_start(runner, steps, harvest, start=runner_class.start):
                 lag.append(primary.epoch - primary.acked)
@@ -318,6 +319,7 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked):
         thread.join(timeout=30)
         assert figures["ok"] and figures["committed_epoch"] == 40
         assert len(lag) == 39 and max(lag) <= max_unacked
+        assert figures["epoch_driver"] == ("doorbell" if doorbell else "run")
         assert result["committed_epoch"] == 40
     finally:
         _kill(guest)
