@@ -12,7 +12,7 @@ from typing import Callable
 
 from postcopy._native import ffi, lib
 from postcopy.guest.control import GuestClient, GuestError
-from postcopy.guest.doorbell import STATES, Doorbell
+from postcopy.guest.doorbell import FINAL, STATES, Doorbell
 
 # The answer is waited for in slices this long; between them the control connection
 # tells whether the guest is still there (a killed guest never answers).
@@ -32,6 +32,7 @@ class DoorbellRunner:
         self._doorbell: Doorbell | None = None
         self._req = 0
         self._threads = 0
+        self._over = False
         self.pending = False
         self._started = 0.0
 
@@ -60,6 +61,7 @@ class DoorbellRunner:
                 beat = time.monotonic() + every
         self.pending = False
         db = self._doorbell.db
+        self._over = db.state in FINAL  # the guest's server has ended the session
         if db.state == lib.PC_DB_ERROR:
             raise GuestError(f"the guest's doorbell failed: error {db.error}")
         runs = None
@@ -84,9 +86,10 @@ class DoorbellRunner:
         """End the session (the guest is left parked); idempotent, never raises."""
         if self._doorbell is not None:
             self.settle()
-            req = self._doorbell.ring(lib.PC_DB_STOP)
-            if not self._client.peer_gone():  # a dead guest never answers
-                self._doorbell.wait(req, 2.0)
+            if not self._over:
+                req = self._doorbell.ring(lib.PC_DB_STOP)
+                if not self._client.peer_gone():  # a dead guest never answers
+                    self._doorbell.wait(req, 2.0)
             self._doorbell.close()
             self._doorbell = None
         self._client.close()
