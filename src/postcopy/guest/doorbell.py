@@ -3,12 +3,12 @@
 The control command ``doorbell`` starts a session on a paused guest with dirty tracking
 on: the guest maps a small memfd, starts a C server thread on it and hands the memfd to
 the caller (SCM_RIGHTS). From then on each epoch is a request in that memory: every vCPU
-does N more steps and parks, the server harvests the dirty log and answers there, with
-no control line, JSON or Python on the guest's side. While a session lasts the guest's
-state is ``checkpointing`` (its vCPUs are driven by the doorbell: resume, run and
-run_until are refused); the session ends when the caller rings STOP, when the
-connection that started it closes, when the guest reaches its step target or a vCPU
-fails. Then the guest is ``paused`` (or ``finished``) as after a ``run``.
+does N more steps and parks, the last one to park harvests the dirty log and answers
+there, with no control line, JSON or Python on the guest's side. While a session lasts
+the guest's state is ``checkpointing`` (``running`` with ``doorbell: true`` in
+``status``); resume, run and run_until are refused. The session ends when the caller
+rings STOP, when the connection that started it closes, when the guest reaches its step
+target or a vCPU fails; then the guest is ``paused`` (or ``finished``) as after a ``run``.
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ blocked while holding the GIL would stop the whole process, control socket inclu
 States: ``incoming`` (empty RAM waiting for pages and ``resume``), ``running``,
 ``paused`` (every vCPU parked at a step boundary), ``finished`` (every vCPU reached
 the step target), ``checkpointing`` (a doorbell session of a checkpointer drives the
-vCPUs epoch by epoch: :mod:`postcopy.guest.doorbell`).
+vCPUs epoch by epoch: :mod:`postcopy.guest.doorbell`; replies and ``status`` call it
+``running``, with ``doorbell: true``: to anyone else the guest runs, and its lease
+says who drives it).
 """
 from __future__ import annotations
 
@@ -240,8 +242,12 @@ class Guest(RamCommands):
 
     # ---- commands ---------------------------------------------------------------------
 
+    def _visible_state(self) -> str:
+        """The state as replies give it: a doorbell session's guest is running."""
+        return "running" if self._state == "checkpointing" else self._state
+
     def _pause_reply(self) -> dict:
-        return {"state": self._state, "paused_ns": self._paused_ns,
+        return {"state": self._visible_state(), "paused_ns": self._paused_ns,
                 "last_heartbeat_ns": self.last_heartbeat_ns(), "steps": self.steps(),
                 "resume_to_first_step_ns": self._resume_to_first_step_ns()}
 
@@ -407,7 +413,8 @@ class Guest(RamCommands):
             self._settle()
             info = self._info
             return {
-                "state": self._state,
+                "state": self._visible_state(),
+                "doorbell": self._doorbell is not None,
                 "pid": os.getpid(),
                 "ram_size": self.ram_size,
                 "page_size": self.page_size,
