@@ -28,6 +28,8 @@ struct pc_vm {
     uint32_t running; /* futex: vCPUs not parked yet; pc_vm_wait_parked waits for 0 */
     uint32_t events;  /* futex: bumped when a run released with notify ends, or by pc_vm_notify */
     int notify;       /* the current run bumps events when its last vCPU parks */
+    pc_vm_park_hook park_hook; /* run by the last vCPU to park, before the waiters wake */
+    void *park_ctx;
     uint64_t resumed_ns, pause_requested_ns;
     uint64_t *limits;   /* per vCPU, written by resume before the generation moves */
     uint64_t *park_ns;  /* per vCPU: when it last parked */
@@ -49,6 +51,9 @@ static void parked(struct pc_vm *vm, int t)
 {
     __atomic_store_n(&vm->park_ns[t], pc_monotonic_ns(), __ATOMIC_RELAXED);
     if (__atomic_sub_fetch(&vm->running, 1, __ATOMIC_ACQ_REL) == 0) {
+        pc_vm_park_hook hook = __atomic_load_n(&vm->park_hook, __ATOMIC_ACQUIRE);
+        if (hook)
+            hook(vm->park_ctx);
         futex(&vm->running, FUTEX_WAKE, INT_MAX, NULL);
         if (__atomic_load_n(&vm->notify, __ATOMIC_RELAXED))
             pc_vm_notify(vm);
@@ -184,6 +189,15 @@ int pc_vm_set_runner(struct pc_vm *vm, pc_vcpu_runner runner, void *ctx, int *pa
     vm->pause_flag = flag;
     vm->runner = runner;
     vm->runner_ctx = ctx;
+    return 0;
+}
+
+int pc_vm_set_park_hook(struct pc_vm *vm, pc_vm_park_hook hook, void *ctx)
+{
+    if (__atomic_load_n(&vm->running, __ATOMIC_ACQUIRE))
+        return -EBUSY;
+    vm->park_ctx = ctx;
+    __atomic_store_n(&vm->park_hook, hook, __ATOMIC_RELEASE);
     return 0;
 }
 

@@ -38,6 +38,12 @@ void pc_vm_request_pause(struct pc_vm *vm);
  * the vm's own) as the pause word from the next resume; the flag's value carries over.
  * 0, or -EBUSY while some vCPU runs. */
 int pc_vm_set_runner(struct pc_vm *vm, pc_vcpu_runner runner, void *ctx, int *pause_flag);
+/* What the last vCPU to park runs, on its own thread, before anyone waiting in
+ * pc_vm_wait_parked wakes (an epoch's harvest and answer, without a thread hop); NULL:
+ * nothing. The vCPUs may be resumed from inside the hook's effects: it must not assume
+ * they stay parked after it returns. 0, or -EBUSY while some vCPU runs. */
+typedef void (*pc_vm_park_hook)(void *ctx);
+int pc_vm_set_park_hook(struct pc_vm *vm, pc_vm_park_hook hook, void *ctx);
 /* Run-time pacing of pc_vcpu_run (not guest state): park percent (0..99) of the time;
  * cap each vCPU at steps_per_s (0 lifts it). 0, or -EINVAL. Seen at the next step. */
 int pc_vm_set_throttle(struct pc_vm *vm, int percent);

@@ -19,6 +19,7 @@ from conftest import require_netns, require_uffd
 from postcopy.protocol import wire
 from postcopy.checkpoint.primary import CheckpointConfig, Checkpointer, bound_problem, steps_per_epoch
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
+from postcopy.checkpoint.epochdoorbell import DoorbellRunner
 from postcopy.checkpoint.epochrun import EpochRunner
 from postcopy.checkpoint.standby import Standby, StandbyConfig, reference_hash_at
 from postcopy.protocol.channel import Channel, handshake
@@ -225,6 +226,7 @@ def test_failover_after_a_cut_mid_epoch_starts_from_the_previous_epoch(tmp_path,
         assert failover["epoch"] == 20 and failover["guest_exit_code"] == 0 and failover["backing"] == backing
         assert failover["final_hash"] == reference
         assert figures["dirty_pages"]["max"] <= 128 and figures["bound_exceeded"] == 0
+        assert figures["epoch_driver"] == "doorbell"  # pagemap-scan, no interval: epochs in shared memory
     finally:
         _kill(guest)
         sb.close()
@@ -249,6 +251,7 @@ def test_interval_and_overlap_epochs_then_a_clean_stop_does_not_fail_over(tmp_pa
         assert figures["ok"] and figures["end_reason"] == "epochs"
         assert figures["epochs"] == figures["committed_epoch"] == 15
         assert figures["interval_pauses"] >= 10
+        assert figures["epoch_driver"] == "run"  # an interval pauses from outside: a request per epoch
         assert figures["dirty_pages"]["max"] < 1024
         assert result["end_reason"] == "primary-stopped" and "failover" not in result
         assert sb.failover_proc is not None  # the warm standby guest, stopped by close()
@@ -288,8 +291,8 @@ def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
         sb.close()
 
 
-@pytest.mark.parametrize("max_unacked", [0, 2])
-def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked):
+@pytest.mark.parametrize("max_unacked,doorbell", [(0, True), (2, True), (2, False)])
+def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, doorbell):
     """At most max_unacked epochs go unacknowledged while the guest runs (0: every epoch
     is committed before the guest runs on), whichever side reads the acknowledgements."""
     _require_dirty_log()
@@ -305,18 +308,19 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked):
         thread.start()
         lag: list[int] = []  # epochs sent but unacknowledged whenever the guest was let run
         primary = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
-                                                max_dirty=64, epochs=40, max_unacked=max_unacked))
-        start = EpochRunner.start
+                                                max_dirty=64, epochs=40, max_unacked=max_unacked,
+                                                doorbell=doorbell))
+        for runner_class in (EpochRunner, DoorbellRunner):  # whichever lets the guest run
+            def watched_start(runner, steps, harvest, start=runner_class.start):
+                lag.append(primary.epoch - primary.acked)
+                start(runner, steps, harvest)
 
-        def watched_start(runner, steps, harvest):
-            lag.append(primary.epoch - primary.acked)
-            start(runner, steps, harvest)
-
-        monkeypatch.setattr(EpochRunner, "start", watched_start)
+            monkeypatch.setattr(runner_class, "start", watched_start)
         figures = primary.run()
         thread.join(timeout=30)
         assert figures["ok"] and figures["committed_epoch"] == 40
         assert len(lag) == 39 and max(lag) <= max_unacked
+        assert figures["epoch_driver"] == ("doorbell" if doorbell else "run")
         assert result["committed_epoch"] == 40
     finally:
         _kill(guest)

@@ -72,6 +72,9 @@ def register(subparsers) -> None:
     p.add_argument("--overlap", action="store_true",
                    help="send each epoch while the guest runs the next (copies the pages first; pays "
                         "with spare cores) instead of while it is parked")
+    p.add_argument("--no-doorbell", dest="doorbell", action="store_false",
+                   help="one control request per epoch instead of the guest's doorbell in shared memory "
+                        "(pagemap-scan without --interval-ms uses the doorbell by default)")
     p.add_argument("--dirty-log", choices=DIRTY_LOG_KINDS, default="auto",
                    help="dirty log backend (auto: whichever this kernel offers; a KVM guest's own log "
                         "on a --vm kvm guest)")
@@ -116,7 +119,8 @@ def run_primary(args) -> int:
     agent = Checkpointer(CheckpointConfig(
         guest_control=args.guest, endpoint=args.connect, key=key, max_dirty=args.max_dirty,
         epochs=args.epochs, seconds=args.seconds, interval_ms=args.interval_ms,
-        max_unacked=args.max_unacked, overlap=args.overlap, dirty_log=args.dirty_log, on_commit=committed))
+        max_unacked=args.max_unacked, overlap=args.overlap, dirty_log=args.dirty_log, doorbell=args.doorbell,
+        on_commit=committed))
     # The first SIGINT/SIGTERM ends checkpointing cleanly after the current epoch (the
     # standby then does not fail over); a second one forces the exit.
     previous = {}

@@ -37,6 +37,9 @@ class CheckpointConfig:
     # competition with the running guest cost more than they hide.
     overlap: bool = False
     dirty_log: str = "auto"
+    # pagemap-scan without an interval: epochs through the guest's doorbell (shared
+    # memory) instead of a control request each; False keeps the request (A/B, tests).
+    doorbell: bool = True
     run_pages: int = 256  # pages per frame of the initial sync
     connect_timeout: float = 15.0
     ack_timeout: float = 30.0  # how long to wait for the standby's acknowledgements at the end

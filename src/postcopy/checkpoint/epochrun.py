@@ -108,5 +108,8 @@ class EpochRunner:
             except (GuestError, ValueError):
                 pass
 
+    def end(self) -> None:
+        """Nothing to end: each epoch is a request of its own."""
+
     def close(self) -> None:
         self.line.close()

@@ -52,6 +52,7 @@ from postcopy.checkpoint.config import (CheckpointConfig, CheckpointError, Guest
                                         steps_per_epoch)
 from postcopy.checkpoint.epochlog import EpochLog, primary_report
 from postcopy.checkpoint.epochpages import EpochPages, EpochPlan, flat_runs
+from postcopy.checkpoint.epochdoorbell import DoorbellRunner
 from postcopy.checkpoint.epochrun import EpochRunner
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.guest.dirtytrack import decode_flat
@@ -167,7 +168,11 @@ class Checkpointer:
             self._channel = self._connect(mem, socket_factory)
             self._pages = EpochPages(mem)
             try:
-                runner = EpochRunner(cfg.guest_control, guest, cfg.interval_ms)
+                if dirty.name == "pagemap-scan" and cfg.interval_ms is None and cfg.doorbell:
+                    # most runs one epoch can report: every other page dirty
+                    runner = DoorbellRunner(guest, info["ram_size"] // info["page_size"] // 2 + 1)
+                else:
+                    runner = EpochRunner(cfg.guest_control, guest, cfg.interval_ms)
             except GuestError as exc:
                 raise CheckpointError(f"cannot open a second control connection: {exc}") from None
             return self._run(guest, mem, dirty, runner, status, budget)
@@ -231,6 +236,7 @@ class Checkpointer:
             loop_ended = time.monotonic()
             if end_reason != "guest-lost":
                 runner.settle()
+        runner.end()  # a doorbell session ends: the guest is parked, and its own again
         if error is not None and end_reason in ("stopped", "epochs", "seconds", "guest-finished"):
             ok = False  # a clean end whose last epochs were not acknowledged
         if end_reason not in ("guest-lost", "guest-finished") and paused_by_us:
@@ -242,6 +248,7 @@ class Checkpointer:
         figures = primary_report(self, mem, dirty, runner, status, budget, sync, started, loop_started,
                                  loop_ended)
         figures.update(end_reason=end_reason, ok=ok, error=error,
+                       epoch_driver="doorbell" if isinstance(runner, DoorbellRunner) else "run",
                        cpu_us_per_epoch=round(cpu / self.epoch * 1e6, 1) if cpu is not None and self.epoch else None)
         return figures
 
@@ -308,9 +315,10 @@ class Checkpointer:
             paused_ns = parked.get("paused_ns") or mono_ns()  # none for a guest that never ran
             steps = parked["steps"]
             t1 = perf()
-            encoded = parked.get("dirty_runs")
+            runs, encoded = parked.get("runs"), parked.get("dirty_runs")  # from the doorbell, the run reply
             try:
-                runs = flat_runs(dirty.harvest()) if encoded is None else decode_flat(encoded)
+                if runs is None:
+                    runs = flat_runs(dirty.harvest()) if encoded is None else decode_flat(encoded)
             except (OSError, GuestError) as exc:  # its pagemap (or, KVM logs, its control socket) went with it
                 raise GuestLost(exc) from None
             t2 = perf()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 import subprocess
 import time
@@ -119,6 +120,23 @@ class GuestClient:
         """One epoch: every vCPU does exactly ``steps`` more steps, then parks; with
         ``harvest`` the reply's ``dirty_runs`` holds the guest's dirty log."""
         return self.request("run", steps=steps, harvest=harvest)
+
+    def peer_gone(self) -> bool:
+        """With no request outstanding: whether the guest closed this connection (it
+        died or quit). Never blocks."""
+        if self._sock is None:
+            return True
+        return bool(select.select([self._sock], [], [], 0)[0])
+
+    def doorbell(self, runs_cap: int) -> tuple[dict, int]:
+        """Start a checkpoint doorbell session (:mod:`postcopy.guest.doorbell`): the
+        reply and the doorbell memfd. The session lasts as long as this connection."""
+        reply, fds = self._roundtrip("doorbell", {"runs_cap": runs_cap})
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise GuestError(f"guest sent {len(fds)} descriptors for its doorbell")
+        return reply, fds[0]
 
     def hash(self) -> str:
         return self.request("hash")["hash"]

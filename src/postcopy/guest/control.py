@@ -25,6 +25,9 @@ fds          memfd / uffd over SCM_RIGHTS plus RAM address, size, page size, pid
 discard      ``{"ranges": [[offset, length], ...]}``: the ranges read as missing or zero
 dirty_track  ``{"on": true}``: async write-protect dirty tracking of the RAM by a
              userfaultfd of the guest's own (for PAGEMAP_SCAN); ``{"on": false}`` ends it
+doorbell     ``{"runs_cap": N}``: start a checkpoint doorbell session on a paused,
+             dirty-tracked guest (epochs through shared memory, the memfd over
+             SCM_RIGHTS; see :mod:`postcopy.guest.doorbell`); it ends with its connection
 free_ranges  ``{"ranges": [[offset, length], ...], "free_pages": N}``: pages free now
 touch        ``{"pages": [i, ...]}`` or ``{"spread": {"first", "count", "n", "seed"}}``:
              write to pages without changing them (dirty-log tests and benchmarks)
@@ -92,6 +95,7 @@ class ControlServer:
         self._lease = Lease()
         self._watchdog: threading.Thread | None = None
         self._watchdog_lock = threading.Lock()
+        self._doorbell_conns: set = set()  # connections that started a doorbell session
 
     def start(self) -> None:
         self._thread.start()
@@ -116,6 +120,9 @@ class ControlServer:
         try:
             self._serve_lines(conn)
         finally:
+            if conn in self._doorbell_conns:  # its checkpointer went away: the session ends
+                self._doorbell_conns.discard(conn)
+                self.guest.stop_doorbell()
             if self._lease.drop(conn):
                 self._lease_ended()
 
@@ -218,6 +225,10 @@ class ControlServer:
                 if not isinstance(on, bool):
                     raise GuestStateError("dirty_track wants a boolean 'on'")
                 reply = g.dirty_track(on)
+            elif cmd == "doorbell":
+                self._lease.check_unfenced("doorbell")
+                reply, fds = g.start_doorbell(req.get("runs_cap"))
+                self._doorbell_conns.add(conn)
             elif cmd == "free_ranges":
                 reply = g.free_ranges()
             elif cmd == "touch":

@@ -78,7 +78,7 @@ class RamCommands:
         with self._op:
             with self._cond:
                 self._settle()
-                if self._state == "running" or self._starting or self._running:
+                if self._state in ("running", "checkpointing") or self._starting or self._running:
                     raise GuestStateError("discard needs parked vCPUs (pause first)")
             if self._dirty is not None:
                 raise GuestStateError("discard while dirty tracking is on would go unreported (a punched "
@@ -104,6 +104,8 @@ class RamCommands:
         userfaultfd (incoming): one VMA takes one userfaultfd context, and that one
         lacks WP_ASYNC. Off: unregister and close (idempotent)."""
         with self._op:
+            if self._doorbell is not None:
+                raise GuestStateError("dirty tracking cannot change during a checkpoint doorbell session")
             if not on:
                 tracker, self._dirty = self._dirty, None
                 if tracker is not None:

@@ -9,7 +9,10 @@ blocked while holding the GIL would stop the whole process, control socket inclu
 
 States: ``incoming`` (empty RAM waiting for pages and ``resume``), ``running``,
 ``paused`` (every vCPU parked at a step boundary), ``finished`` (every vCPU reached
-the step target).
+the step target), ``checkpointing`` (a doorbell session of a checkpointer drives the
+vCPUs epoch by epoch: :mod:`postcopy.guest.doorbell`; replies and ``status`` call it
+``running``, with ``doorbell: true``: to anyone else the guest runs, and its lease
+says who drives it).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import time
 
 from postcopy._native import ffi, lib
 from postcopy.guest.dirtytrack import DirtyTracker
+from postcopy.guest.doorbell import DoorbellServer
 from postcopy.guest.incoming import StagingArea, open_incoming_uffd
 from postcopy.guest.params import (_CHECK_ERRORS, _UNLIMITED, BACKINGS, MAX_THREADS, PAGE_SIZE, WORKLOAD_NAMES,
                                    WORKLOADS, BootParams, GuestStateError, incoming_options_error, layout_error)
@@ -82,6 +86,7 @@ class Guest(RamCommands):
         self._rate_cap = 0.0
         self.uffd = None  # missing mode, incoming guests only; handed out by fds
         self._dirty: DirtyTracker | None = None  # async write-protect tracking; never leaves the guest
+        self._doorbell: DoorbellServer | None = None  # a checkpoint session drives the vCPUs
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
         self.uffd_minor = uffd_minor
         self.staging_pages = staging_pages
@@ -179,6 +184,11 @@ class Guest(RamCommands):
 
     def _settle(self) -> None:
         """Take note of the vCPUs having parked (cond held); idempotent."""
+        if self._doorbell is not None:  # a doorbell session drives the vCPUs until its last answer
+            if not self._doorbell.ended:
+                return
+            self._doorbell = None
+            self._running = True
         if not self._running or not self._vcpus.parked:
             return
         self._running = False
@@ -232,8 +242,12 @@ class Guest(RamCommands):
 
     # ---- commands ---------------------------------------------------------------------
 
+    def _visible_state(self) -> str:
+        """The state as replies give it: a doorbell session's guest is running."""
+        return "running" if self._state == "checkpointing" else self._state
+
     def _pause_reply(self) -> dict:
-        return {"state": self._state, "paused_ns": self._paused_ns,
+        return {"state": self._visible_state(), "paused_ns": self._paused_ns,
                 "last_heartbeat_ns": self.last_heartbeat_ns(), "steps": self.steps(),
                 "resume_to_first_step_ns": self._resume_to_first_step_ns()}
 
@@ -249,6 +263,8 @@ class Guest(RamCommands):
             raise GuestStateError("guest is already running")
         if self._state == "finished":
             raise GuestStateError("guest has finished its steps")
+        if self._state == "checkpointing":
+            raise GuestStateError("a checkpoint doorbell session drives the guest: resume refused")
         if self._state == "incoming" and not self._fds_taken:
             raise GuestStateError("resume of an incoming guest before its userfaultfd was handed "
                                   "out (fds): the first page would never arrive")
@@ -324,6 +340,37 @@ class Guest(RamCommands):
         with self._cond:
             return {**self._pause_reply(), **reply}
 
+    def start_doorbell(self, runs_cap: int) -> tuple[dict, list[int]]:
+        """Start a doorbell session (:mod:`postcopy.guest.doorbell`) on this paused,
+        dirty-tracked guest; returns the reply and the doorbell memfd to send with it.
+        ``runs_cap``: the most dirty runs one epoch may report."""
+        if not isinstance(runs_cap, int) or isinstance(runs_cap, bool) or not 1 <= runs_cap <= 1 << 24:
+            raise GuestStateError("doorbell wants an integer 'runs_cap' 1..16777216")
+        with self._op, self._cond:
+            if self._dirty is None:
+                raise GuestStateError("doorbell needs dirty tracking on (dirty_track)")
+            self._check_paused("doorbell")
+            for p in self._local_ptrs:
+                p.first_step_ns = 0
+            self._doorbell = DoorbellServer(self._vcpus.vm, self._locals, self.threads, self.steps_target or 0,
+                                            self.address, self.ram_size, runs_cap, self._doorbell_ended)
+            self._state = "checkpointing"
+            return ({"doorbell_bytes": self._doorbell.doorbell.size, "runs_cap": runs_cap, "threads": self.threads},
+                    [self._doorbell.fd])
+
+    def stop_doorbell(self) -> None:
+        """End the doorbell session, if one runs (its caller went away)."""
+        with self._cond:
+            server = self._doorbell
+        if server is not None:
+            server.stop()
+
+    def _doorbell_ended(self, server: DoorbellServer) -> None:
+        """The doorbell's server thread ended: the guest is parked (or finished)."""
+        with self._cond:
+            if self._doorbell is server:
+                self._settle()
+
     def set_throttle(self, percent: int) -> dict:
         """Park each vCPU ``percent`` (0..99) of its time from its next step on (QEMU's
         auto-converge throttle); 0 lifts it. Timing only: not guest state, not migrated."""
@@ -366,7 +413,8 @@ class Guest(RamCommands):
             self._settle()
             info = self._info
             return {
-                "state": self._state,
+                "state": self._visible_state(),
+                "doorbell": self._doorbell is not None,
                 "pid": os.getpid(),
                 "ram_size": self.ram_size,
                 "page_size": self.page_size,

@@ -28,6 +28,11 @@ class Vcpus:
         self.threads = threads
         self._limits = ffi.new("uint64_t[]", threads)
 
+    @property
+    def vm(self):
+        """The native ``struct pc_vm *`` (for C that drives the vCPUs itself)."""
+        return self._vm
+
     def release(self, limits: list[int], *, notify: bool = False) -> None:
         """Let every vCPU t run until it has done ``limits[t]`` steps (or a pause);
         with ``notify`` the end of this run is an event (:meth:`wait_event`)."""

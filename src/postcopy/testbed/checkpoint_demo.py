@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     d.add_argument("--backing", choices=("memfd", "anon"), default="memfd")
     d.add_argument("--port", type=int, default=DEFAULT_PORT)
     d.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    d.add_argument("--primary-flag", action="append", default=[], metavar="FLAG", dest="primary_flags",
+                   help="pass FLAG to postcopy checkpoint (repeatable; e.g. --primary-flag=--overlap)")
     d.set_defaults(func=run_demo_command)
 
 
@@ -65,7 +67,7 @@ def _read_line(proc: subprocess.Popen, expect: str, what: str, timeout: float) -
 def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: float = 2.0, *,
                         threads: int = 1, backing: str = "memfd", port: int = DEFAULT_PORT,
                         seed: int = 7, verify: bool = True, timeout: float = 300.0, vm: str = "process",
-                        dirty_log: str = "auto") -> dict:
+                        dirty_log: str = "auto", primary_flags: tuple[str, ...] = ()) -> dict:
     """For each dirty bound: checkpoint a random-write guest from the source namespace to
     a standby in the dest namespace for ``seconds``, kill the guest (SIGKILL), let the
     standby fail over, and verify. Returns ``{"bounds": {N: figures}, ...}`` with, per
@@ -74,7 +76,8 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
     guest's final hash equals the reference; the standby image's hash equals the
     reference parked at the committed step count). With ``vm="kvm"`` the guest is a KVM
     guest and ``dirty_log`` may name one of KVM's logs; references are run by the process
-    guest, whose hash after the same steps is the same."""
+    guest, whose hash after the same steps is the same. ``primary_flags`` go to
+    ``postcopy checkpoint`` as they are (e.g. ``--overlap``, ``--no-doorbell``)."""
     from postcopy.guest import GuestParams, reference_hash
     from postcopy.testbed.netns import Testbed
     from postcopy.checkpoint.standby import reference_hash_at
@@ -93,7 +96,7 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
         reference = reference_hash(reference_params, timeout=timeout) if verify else None
         for n, bound in enumerate(dirty_bounds):
             prim, stby, guest_cpu = _checkpoint_and_kill(bed, params, work, n, bound, endpoint, key_file,
-                                                         seconds, timeout, dirty_log)
+                                                         seconds, timeout, dirty_log, primary_flags)
             image_ref = None
             if verify and stby.get("committed_steps"):
                 image_ref = reference_hash_at(reference_params, min(stby["committed_steps"]), work, timeout=timeout)
@@ -115,7 +118,8 @@ def _write_key(work: str) -> str:
 
 
 def _checkpoint_and_kill(bed, params, work: str, n: int, bound: int, endpoint: str, key_file: str,
-                         seconds: float, timeout: float, dirty_log: str = "auto") -> tuple[dict, dict, float]:
+                         seconds: float, timeout: float, dirty_log: str = "auto",
+                         primary_flags: tuple[str, ...] = ()) -> tuple[dict, dict, float]:
     """One bound: a guest checkpointed for ``seconds``, then killed so that the standby
     fails over. Returns the primary's and the standby's figures and the guest's CPU
     seconds while checkpointed."""
@@ -133,7 +137,7 @@ def _checkpoint_and_kill(bed, params, work: str, n: int, bound: int, endpoint: s
     _read_line(standby, "listening", "postcopy standby", STARTUP_TIMEOUT)
     primary = bed.popen(bed.source, _agent("checkpoint", "--guest", control, "--connect", endpoint,
                                            "--key-file", key_file, "--max-dirty", str(bound),
-                                           "--dirty-log", dirty_log, "--json", pjson), **pipes)
+                                           "--dirty-log", dirty_log, "--json", pjson, *primary_flags), **pipes)
     _read_line(primary, "protected", "postcopy checkpoint", STARTUP_TIMEOUT)
     guest_cpu = _cpu_seconds(guest.pid)
     time.sleep(seconds)
@@ -172,6 +176,7 @@ def _bound_figures(prim: dict, stby: dict, guest_cpu: float, reference: str | No
         "cpu_us_per_epoch": {"guest": round(guest_cpu / max(1, prim["epochs"] - 1) * 1e6, 1),
                              "primary": prim["cpu_us_per_epoch"], "standby": stby["cpu_us_per_epoch"]},
         "epochs": prim["epochs"],
+        "epoch_driver": prim.get("epoch_driver"),
         "committed_epoch_primary": prim["committed_epoch"],
         "committed_epoch_standby": stby["committed_epoch"],
         "primary_end": prim["end_reason"],
@@ -215,7 +220,7 @@ def run_demo_command(args) -> int:
 
     try:
         result = run_checkpoint_demo(args.ram, args.bounds, args.seconds, threads=args.threads,
-                                     backing=args.backing, port=args.port)
+                                     backing=args.backing, port=args.port, primary_flags=tuple(args.primary_flags))
     except (CheckpointDemoError, TestbedError) as exc:
         print(f"postcopy checkpoint-demo: {exc}", file=sys.stderr)
         return 1
