@@ -15,7 +15,7 @@ import pytest
 from postcopy._native import ffi, lib
 from postcopy.bench import baselines, floors, net
 from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib, push_window_ns
-from postcopy.bench.run import baseline_ratios, format_bench
+from postcopy.bench.run import baseline_ratios, format_bench, push_figures
 from postcopy.guest import GuestParams
 from conftest import require_netns, require_uffd
 
@@ -182,3 +182,21 @@ def test_ratios_are_taken_against_the_c_floor_of_each_placement():
            "5.00x / 2.00x |" in text
     assert "| dest agent CPU s per GiB pushed | n/a | TCP receiver 0.25 | n/a |" in text
     assert "| TCP bulk | across_cpus | 2.00 GB/s | 0.50 / 0.25 |" in text
+
+
+def test_the_push_figure_is_the_best_install_path_and_names_it():
+    def run(rate, source_cpu):
+        return {"result": {"dest": {"push_bytes_per_s": rate}}, "cpu": {"source": {"cpu_s_per_gib": source_cpu}}}
+    figures = push_figures({"copy": run(4e8, 2.0), "continue": run(1e9, 1.0)})
+    assert (figures["push_bytes_per_s"], figures["push_install"]) == (1e9, "continue")
+    assert figures["push_cpu"] == {"source": {"cpu_s_per_gib": 1.0}}
+    assert figures["push_by_install"]["copy"] == {"push_bytes_per_s": 4e8, "source_cpu_s_per_gib": 2.0,
+                                                  "dest_cpu_s_per_gib": None}
+    result = _synthetic_bench()
+    result["postcopy"].update(figures)
+    result["ratios"] = baseline_ratios(result["baselines"], result["postcopy"])
+    text = format_bench(result)
+    assert "| push throughput (install continue, the best of 2) | 1.00 GB/s | TCP bulk 2.00 GB/s (across_cpus) | " \
+           "0.50x |" in text
+    assert "| push, install copy (CPU s/GiB source 2.00, dest n/a) | 0.40 GB/s | TCP bulk | 0.20x |" in text
+    assert "| source agent CPU s per GiB pushed (install continue, the best of 2) | 1.00 |" in text
