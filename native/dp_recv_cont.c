@@ -72,9 +72,27 @@ static int to_cache(struct pc_dp_cont_sink *s, struct pc_dp_table *t, uint64_t f
 	return w == DP_IN_CACHE;
 }
 
-/* Receives the run's payload (gated pieces, what has arrived each time). 0 or a reason. */
-static int receive(struct pc_dp_cont_sink *s, struct pc_dp_table *t, uint64_t first, uint64_t npages,
-                   struct pc_dp_stream *in)
+/* Writes len bytes at off of the memfd (the page cache). 0 or -errno. */
+static int write_cache(struct pc_dp_table *t, const uint8_t *src, uint64_t len, uint64_t off)
+{
+	while (len) {
+		ssize_t n = pwrite(t->memfd, src, len, (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return dp_fail(n < 0 ? -errno : -EIO, "writing the page cache at %#lx: %s", (unsigned long)off,
+			               strerror(n < 0 ? errno : EIO));
+		src += n;
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+/* In place: receives the run's payload straight into the page cache through the agent's
+ * mapping, in gated pieces, what has arrived each time. 0 or a reason. */
+static int receive_in_place(struct pc_dp_cont_sink *s, struct pc_dp_table *t, uint64_t first, uint64_t npages,
+                            struct pc_dp_stream *in)
 {
 	uint64_t ps = t->ps, total = npages * ps, off = 0;
 	uint64_t piece = (uint64_t)PC_DP_GATED_PAGES * ps;
@@ -104,6 +122,43 @@ static int receive(struct pc_dp_cont_sink *s, struct pc_dp_table *t, uint64_t fi
 	return 0;
 }
 
+/* Staged: receives each gated piece into scratch (the piece stays in the CPU's cache),
+ * then writes its pages that are the run's to take into the page cache, gate held.
+ * 0, a reason, or SINK (*sink_rc set). */
+static int receive_staged(struct pc_dp_cont_sink *s, struct pc_dp_table *t, uint64_t first, uint64_t npages,
+                          struct pc_dp_stream *in, int *sink_rc)
+{
+	uint64_t ps = t->ps, total = npages * ps, off = 0;
+	uint64_t piece = (uint64_t)PC_DP_GATED_PAGES * ps;
+	while (off < total) {
+		uint64_t start = off, piece_end = min_u64(total, off + piece);
+		while (off < piece_end) {
+			size_t got;
+			int rc = pc_dp_stream_read(in, s->scratch + off, piece_end - off, &got);
+			off += got;
+			if (rc || (off < piece_end && (rc = pc_dp_stream_wait(in))))
+				return rc;
+		}
+		int rc = 0;
+		pthread_mutex_lock(&t->gate);
+		for (uint64_t i = start / ps; i < piece_end / ps && !rc;) {
+			uint64_t j = i;
+			while (j < piece_end / ps && to_cache(s, t, first, j))
+				j++;
+			if (j > i)
+				rc = write_cache(t, s->scratch + i * ps, (j - i) * ps, (first + i) * ps);
+			i = j + (j == i); /* a page not the run's stays in scratch */
+		}
+		pthread_mutex_unlock(&t->gate);
+		if (rc) {
+			s->base->failed = PC_DP_SINK_INSTALL;
+			*sink_rc = rc;
+			return PC_DP_RECV_SINK;
+		}
+	}
+	return 0;
+}
+
 /* Run page i can be mapped now (gate held): its bytes in the page cache and the page
  * still fresh; or its bytes in scratch (copied in place here) and the page fresh and
  * unclaimed, or installed already and the run's cause overwrites (a precopy resend). */
@@ -116,8 +171,7 @@ static int mappable(struct pc_dp_cont_sink *s, struct pc_dp_table *t, uint64_t f
 	if (w != DP_IN_SCRATCH || dp_claimed(t, p, s->slot) ||
 	    !(fresh(state) || (over && (state == DP_PRESENT || state == DP_ZERO))))
 		return 0;
-	memcpy(s->cache + p * t->ps, s->scratch + i * t->ps, t->ps);
-	return 1;
+	return write_cache(t, s->scratch + i * t->ps, t->ps, p * t->ps) == 0;
 }
 
 /* Maps the mappable pages from run page i on (up to hi), gate held: pages handled,
@@ -190,7 +244,7 @@ static int cont_place(void *ctx, uint64_t first, uint64_t npages, uint8_t cause,
 	pthread_mutex_lock(&t->gate);
 	t->claims[s->slot] = (struct dp_claim){first, npages, s->where};
 	pthread_mutex_unlock(&t->gate);
-	int rc = receive(s, t, first, npages, in);
+	int rc = s->cache ? receive_in_place(s, t, first, npages, in) : receive_staged(s, t, first, npages, in, sink_rc);
 	if (!rc)
 		rc = pc_dp_stream_finish(in);
 	if (!rc) {

@@ -104,10 +104,11 @@ def memfd_guest():
 
 class Link:
     """A channel pair (tagged or not), the receiver's session in ``phase``, and a C
-    receiver into the guest through the continue sink (claim slot ``slot``)."""
+    receiver into the guest through the continue sink (claim slot ``slot``; staged, or
+    ``in_place``)."""
 
     def __init__(self, g: MemfdGuest, authenticated: bool = True, phase: Phase = Phase.POSTCOPY,
-                 slot: int = 0) -> None:
+                 slot: int = 0, in_place: bool = False) -> None:
         a, b = socket.socketpair()
         self.sender = Channel(a, "main", layout=LAYOUT)
         session = wire.Session(MIGRATION, "dest")
@@ -118,7 +119,8 @@ class Link:
             self.channel.secure(RECV_KEY, SEND_KEY)
         self.authenticated = authenticated
         stop = lib.pc_dp_table_stop_flag(g.table.native)
-        self.receiver = dp_recv.PageReceiver(LAYOUT, dp_recv.continue_sink(g.table, g.memfd, slot, PS), stop)
+        sink = dp_recv.continue_sink(g.table, g.memfd, slot, PS, in_place=in_place)
+        self.receiver = dp_recv.PageReceiver(LAYOUT, sink, stop)
         self._sending: threading.Thread | None = None
 
     def frame(self, message) -> bytes:
@@ -177,8 +179,13 @@ def _apply_in_python(g: MemfdGuest, messages) -> None:
             server.mark_zero(m.first_page, m.npages)
 
 
+MODES = pytest.mark.parametrize("in_place", [False, True], ids=["staged", "in-place"])
+PIECE = 16  # pages per gated piece (PC_DP_GATED_PAGES): staged, a piece is written once it is all in
+
+
+@MODES
 @pytest.mark.parametrize("authenticated", [True, False], ids=["tagged", "plain"])
-def test_c_and_python_continue_paths_give_the_same_table_and_bytes(memfd_guest, link, authenticated):
+def test_c_and_python_continue_paths_give_the_same_table_and_bytes(memfd_guest, link, authenticated, in_place):
     in_c, in_python = memfd_guest(), memfd_guest()
     messages = [wire.PageRun(0, 8, wire.Cause.PUSHED, _pattern(0, 8)),
                 wire.PageRun(10, 4, wire.Cause.DEMAND, _pattern(10, 4)),
@@ -189,7 +196,7 @@ def test_c_and_python_continue_paths_give_the_same_table_and_bytes(memfd_guest, 
         g.table.removed(3, 5, by_guest=True)
         g.path.install(12, 1, _pattern(12, 1, salt=5), wire.Cause.DEMAND)  # there first: kept
         g.path.install(40, 2, _pattern(40, 2, salt=6), wire.Cause.DEMAND)
-    lk = link(in_c, authenticated=authenticated)
+    lk = link(in_c, authenticated=authenticated, in_place=in_place)
     lk.send(*messages, wire.PushDone(pages=8))
     assert lk.receiver.receive(lk.channel) == dp_recv.FRAME
     assert lk.channel.recv() == wire.PushDone(pages=8)  # sequence numbers in step
@@ -204,9 +211,10 @@ def test_c_and_python_continue_paths_give_the_same_table_and_bytes(memfd_guest, 
     assert lk.receiver.counts.frames == len(messages)
 
 
-def test_a_precopy_resend_overwrites_in_place(memfd_guest, link):
+@MODES
+def test_a_precopy_resend_overwrites_in_place(memfd_guest, link, in_place):
     g = memfd_guest()
-    lk = link(g, phase=Phase.PRECOPY)
+    lk = link(g, phase=Phase.PRECOPY, in_place=in_place)
     lk.send(wire.PageRun(4, 2, wire.Cause.PRECOPY, _pattern(4, 2, salt=1)), wire.ZeroRange(6, 1),
             wire.PageRun(4, 3, wire.Cause.RESENT, _pattern(4, 3, salt=2)), wire.ReadyCheck())
     assert lk.receiver.receive(lk.channel) == dp_recv.FRAME
@@ -224,11 +232,12 @@ def _blocked_waiter(g: MemfdGuest, page: int) -> Reader:
     return reader
 
 
+@MODES
 @pytest.mark.parametrize("damage", ["tag", "last payload byte", "cut"])
-def test_a_forged_or_cut_run_is_never_mapped_nor_left_in_the_page_cache(memfd_guest, link, damage):
+def test_a_forged_or_cut_run_is_never_mapped_nor_left_in_the_page_cache(memfd_guest, link, damage, in_place):
     g = memfd_guest()  # no fault loop: the fault is read by hand
     reader = _blocked_waiter(g, 9)
-    lk = link(g)
+    lk = link(g, in_place=in_place)
     run = wire.PageRun(8, 4, wire.Cause.DEMAND, _pattern(8, 4))
     frame = bytearray(lk.frame(run))
     if damage == "cut":
@@ -250,55 +259,60 @@ def test_a_forged_or_cut_run_is_never_mapped_nor_left_in_the_page_cache(memfd_gu
     assert reader.sum == _pattern(9, 1)[0] and [g.page(p) for p in range(8, 12)] == [_pattern(p, 1) for p in range(8, 12)]
 
 
-def test_the_other_channel_does_not_write_pages_claimed_by_a_run_in_flight(memfd_guest, link):
+@MODES
+def test_the_other_channel_does_not_write_pages_claimed_by_a_run_in_flight(memfd_guest, link, in_place):
     g = memfd_guest()
-    main, urgent = link(g, slot=0), link(g, slot=1)
-    run = main.frame(wire.PageRun(16, 8, wire.Cause.PUSHED, _pattern(16, 8)))
-    main.send(run[:16 + 2 * PS])  # two pages in place, the rest still on its way
+    main, urgent = link(g, slot=0, in_place=in_place), link(g, slot=1)
+    run = main.frame(wire.PageRun(16, 2 * PIECE, wire.Cause.PUSHED, _pattern(16, 2 * PIECE)))
+    main.send(run[:16 + (PIECE + 2) * PS])  # the first piece and two pages of the next, the rest on its way
     receiving = threading.Thread(target=main.receiver.receive, args=(main.channel,), daemon=True)
     receiving.start()
-    _until(lambda: g.cached(17) and main.unread() == 0)
-    # Demand runs arrive on the other channel meanwhile, with other bytes: pages 17, 18 are
-    # claimed (the piece in flight, received or not yet), 30 is not.
+    _until(lambda: g.cached(16 + PIECE - 1) and main.unread() == 0)
+    # Demand runs arrive on the other channel meanwhile, with other bytes: pages of the
+    # first piece are claimed (in the page cache, not authenticated), 60 is not.
     urgent.send(wire.PageRun(17, 2, wire.Cause.DEMAND, _pattern(17, 2, salt=3)),
-                wire.PageRun(30, 1, wire.Cause.DEMAND, _pattern(30, 1, salt=3)), wire.PushDone(pages=0))
+                wire.PageRun(60, 1, wire.Cause.DEMAND, _pattern(60, 1, salt=3)), wire.PushDone(pages=0))
     assert urgent.receiver.receive(urgent.channel) == dp_recv.FRAME
-    assert (g.table[17], g.table[18], g.table[30]) == (MISSING, MISSING, PRESENT)
-    main.send(run[16 + 2 * PS:], wire.PushDone(pages=8))
+    assert (g.table[17], g.table[18], g.table[60]) == (MISSING, MISSING, PRESENT)
+    main.send(run[16 + (PIECE + 2) * PS:], wire.PushDone(pages=8))
     receiving.join()
-    assert [g.page(p) for p in range(16, 24)] == [_pattern(p, 1) for p in range(16, 24)]
-    assert g.page(30) == _pattern(30, 1, salt=3)
-    assert g.table.pages == {"precopy": 0, "resent": 0, "demand": 1, "pushed": 8, "zero": 0}
+    assert [g.page(p) for p in range(16, 16 + 2 * PIECE)] == [_pattern(p, 1) for p in range(16, 16 + 2 * PIECE)]
+    assert g.page(60) == _pattern(60, 1, salt=3)
+    assert g.table.pages == {"precopy": 0, "resent": 0, "demand": 1, "pushed": 2 * PIECE, "zero": 0}
 
 
-def test_a_remove_during_a_run_wins(memfd_guest, link):
+@MODES
+def test_a_remove_during_a_run_wins(memfd_guest, link, in_place):
     if not supported_features() & Feature.EVENT_REMOVE:
         pytest.skip("kernel does not offer UFFD_FEATURE_EVENT_REMOVE")
     g = memfd_guest(Feature.EVENT_REMOVE)
     g.table.switched()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    lk = link(g)
-    run = lk.frame(wire.PageRun(40, 8, wire.Cause.PUSHED, _pattern(40, 8)))
+    lk = link(g, in_place=in_place)
+    first = 32
+    run = lk.frame(wire.PageRun(first, 2 * PIECE, wire.Cause.PUSHED, _pattern(first, 2 * PIECE)))
     with Server(g) as server:
-        lk.send(run[:16 + 4 * PS])  # pages 40..43 in the page cache, not yet authenticated
+        lk.send(run[:16 + (PIECE + 1) * PS])  # the first piece in the page cache, not yet authenticated
         done: list[int] = []
         receiving = threading.Thread(target=lambda: done.append(lk.receiver.receive(lk.channel)), daemon=True)
         receiving.start()
-        _until(lambda: g.cached(43) and lk.unread() == 0)
+        _until(lambda: g.cached(first + PIECE - 1) and lk.unread() == 0)
         # A shared mapping's DONTNEED keeps the page cache; madvise returns once the
         # loop read the REMOVE event (and punched the claimed pages).
-        assert libc.madvise(g.base + 40 * PS, 4 * PS, mmap.MADV_DONTNEED) == 0
-        assert not any(g.cached(p) for p in range(40, 44))
-        lk.send(run[16 + 4 * PS:], wire.PushDone(pages=8))
+        assert libc.madvise(g.base + (first + 4) * PS, 4 * PS, mmap.MADV_DONTNEED) == 0
+        assert not any(g.cached(p) for p in range(first + 4, first + 8))
+        lk.send(run[16 + (PIECE + 1) * PS:], wire.PushDone(pages=8))
         receiving.join()
-        reader = Reader(g, 40, 8)
+        reader = Reader(g, first, 2 * PIECE)
         reader.start()
         reader.join()
     assert done == [dp_recv.FRAME] and server.requests == []
-    assert [g.table[p] for p in range(40, 48)] == [REMOVED] * 4 + [PRESENT] * 4
-    assert reader.sum == sum(_pattern(p, 1)[0] for p in range(44, 48))  # the removed pages read zeros
-    assert g.table.pages["pushed"] == 4
+    states = [g.table[p] for p in range(first, first + 2 * PIECE)]
+    assert states == [PRESENT] * 4 + [REMOVED] * 4 + [PRESENT] * (2 * PIECE - 8)
+    kept = [p for p in range(first, first + 2 * PIECE) if not first + 4 <= p < first + 8]
+    assert reader.sum == sum(_pattern(p, 1)[0] for p in kept)  # the removed pages read zeros
+    assert g.table.pages["pushed"] == 2 * PIECE - 4
 
 
 # -- fuzz -----------------------------------------------------------------------------------
@@ -372,7 +386,7 @@ def test_fuzz_mutated_frames_land_exactly_as_the_decoder_accepts_them(memfd_gues
     for case in range(FUZZ_CASES):
         g = MemfdGuest()
         authenticated = rng.random() < 0.7
-        lk = Link(g, authenticated=authenticated)
+        lk = Link(g, authenticated=authenticated, in_place=rng.random() < 0.5)
         try:
             # Tagged at the sender's sequence numbers, then mutated.
             frames = [rng.choice(corpus) for _ in range(rng.randint(1, 3))]
@@ -393,14 +407,15 @@ def _decoded(frame: bytes):
     return decoder.next_message()
 
 
+@MODES
 @pytest.mark.parametrize("authenticated", [True, False], ids=["tagged", "plain"])
-def test_a_stream_cut_at_random_points_lands_as_the_rules_say(memfd_guest, link, authenticated):
+def test_a_stream_cut_at_random_points_lands_as_the_rules_say(memfd_guest, link, authenticated, in_place):
     """Overlapping runs of every size (gated pieces, the small buffer's refills, runs
     arriving a few bytes at a time) and zero ranges, written in pieces of random sizes."""
     seed = secrets.randbits(32)
     rng = random.Random(seed)
     g = memfd_guest()
-    lk = link(g, authenticated=authenticated)
+    lk = link(g, authenticated=authenticated, in_place=in_place)
     messages = []
     for _ in range(60):
         first = rng.randrange(NPAGES)

@@ -81,23 +81,26 @@ def table_sink(table: PageTable) -> Sink:
     return Sink(sink, (ctx, table), _table_error(ctx))
 
 
-def continue_sink(table: PageTable, memfd: int, slot: int, page_size: int) -> Sink:
+def continue_sink(table: PageTable, memfd: int, slot: int, page_size: int, in_place: bool = False) -> Sink:
     """The continue install path as a sink (see native/dp_recv_cont.h): each page run
-    received straight into the guest's memfd (this agent's own mapping of it), mapped
-    with UFFDIO_CONTINUE once its tag checks out; zero ranges as :func:`table_sink`.
-    ``slot``: this channel's claim slot (0 or 1), one per receiving channel. The table
-    must be attached to the guest with its memfd (InstallTarget)."""
+    written into the guest's memfd (staged: each gated piece received into a buffer the
+    CPU's cache holds, then pwrite; ``in_place``: received straight into this agent's own
+    mapping of the memfd), mapped with UFFDIO_CONTINUE once its tag checks out; zero
+    ranges as :func:`table_sink`. ``slot``: this channel's claim slot (0 or 1), one per
+    receiving channel. The table must be attached to the guest with its memfd."""
     if slot not in (0, 1):
         raise ValueError(f"claim slot {slot} (a channel's is 0 or 1)")
     base = _table_ctx(table)
-    cache = mmap.mmap(memfd, table.npages * page_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    cache.madvise(mmap.MADV_NOHUGEPAGE)  # page granularity, as the guest's own mapping
     run_pages = wire.MAX_PAYLOAD // page_size
-    scratch = ffi.new("uint8_t[]", wire.MAX_PAYLOAD)  # pages only touched when a run lands off place
+    scratch = ffi.new("uint8_t[]", wire.MAX_PAYLOAD)  # pages only touched where runs pass
     where = ffi.new("uint8_t[]", run_pages)
     ctx = ffi.new("struct pc_dp_cont_sink *")
-    ctx.base, ctx.cache, ctx.scratch, ctx.where = base, ffi.from_buffer(cache), scratch, where
-    ctx.max_run_pages, ctx.slot = run_pages, slot
+    ctx.base, ctx.scratch, ctx.where, ctx.max_run_pages, ctx.slot = base, scratch, where, run_pages, slot
+    cache = None
+    if in_place:
+        cache = mmap.mmap(memfd, table.npages * page_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        cache.madvise(mmap.MADV_NOHUGEPAGE)  # page granularity, as the guest's own mapping
+        ctx.cache = ffi.from_buffer(cache)
     sink = ffi.new("struct pc_dp_sink *")
     lib.pc_dp_sink_cont(sink, ctx)
     return Sink(sink, (ctx, base, cache, scratch, where, table), _table_error(base))
