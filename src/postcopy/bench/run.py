@@ -1,7 +1,8 @@
 """``postcopy bench``: postcopy figures as ratios to baselines measured in C in the same
 run on the same machine (TCP bulk and 4 KiB round trips over the same veth, the uffd
 round trip with a C handler; each with both ends on one CPU and across two CPUs), and
-the agents' CPU seconds per GiB pushed beside the C sender's and receiver's."""
+the agents' CPU seconds per GiB moved in the push window (pushed and demand pages)
+beside the C sender's and receiver's."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def push_runs() -> dict[str, dict]:
     before the move, the guest still running lightly while the pusher streams it) on each
     install path this kernel offers for memfd RAM (copy, continue): the path is the
     user's choice (--install), so the bench reports the best beside each. Per path: the
-    report and the agents' CPU per GiB pushed."""
+    report and the agents' CPU per GiB moved in the push window."""
     from postcopy.migration.install import supported_paths
 
     runs = {}
@@ -228,7 +229,7 @@ def _ratio(value, base):
 def baseline_ratios(base: dict, figures: dict) -> dict:
     """Every postcopy figure against its C floor of the same run: push against the
     faster C TCP bulk placement, demand faults against C RTT + C uffd round trip of
-    each placement, the agents' CPU per GiB pushed against the C sender's (source)
+    each placement, the agents' CPU per GiB moved in the push window against the C sender's (source)
     and receiver's (dest) on that bulk placement."""
     no_push, with_push = figures["fault_us_without_pusher"], figures["fault_us_with_pusher"]
     ratios = {"push_vs_tcp_bulk": _ratio(figures["push_bytes_per_s"], base["tcp_bulk_bytes_per_s"])}
@@ -313,7 +314,8 @@ def _headline_rows(result: dict) -> list[str]:
                     f"{_times(_ratio(push, tcp))} |")
     for role, side, name in (("source", "client", "sender"), ("dest", "server", "receiver")):
         agent = push_cpu.get(role) or {}
-        rows.append(f"| {role} agent CPU s per GiB pushed{best} | {_num(agent.get('cpu_s_per_gib'))} | "
+        rows.append(f"| {role} agent CPU s per GiB moved in the push window{best} | "
+                    f"{_num(agent.get('cpu_s_per_gib'))} | "
                     f"TCP {name} {bulk['cpu'][side]['cpu_s_per_gib']:.2f} | {_times(r[f'{role}_cpu_per_gib_vs_c'])} |")
     for p in ("p50", "p99"):
         rows.append(f"| demand fault {p}, no pusher | {_num(f['fault_us_without_pusher'][p], us)} µs | RTT+uffd "
@@ -401,7 +403,7 @@ def format_bench(result: dict) -> str:
         *(f"    install {path:<9}           {num(row['push_bytes_per_s'] and row['push_bytes_per_s'] / 1e9)} GB/s"
           f"   ({_times(_ratio(row['push_bytes_per_s'], b['tcp_bulk_bytes_per_s']))} C TCP bulk)"
           for path, row in (f.get("push_by_install") or {}).items()),
-        *(f"  {role} CPU per GiB pushed   {num((f['push_cpu'].get(role) or {}).get('cpu_s_per_gib'))} s"
+        *(f"  {role} CPU per GiB moved while pushing   {num((f['push_cpu'].get(role) or {}).get('cpu_s_per_gib'))} s"
           f"   ({_times(r[f'{role}_cpu_per_gib_vs_c'])} C {side})"
           for role, side in (("source", "sender"), ("dest", "receiver"))),
         f"  demand fault, no pusher     p50 {num(f['fault_us_without_pusher']['p50'], '{:.1f}')} µs"
