@@ -18,6 +18,19 @@ struct dp_waiter {
 	int64_t ns; /* when its fault was read */
 };
 
+/* A page run being received straight into the page cache (the continue path's one-copy
+ * receive, dp_recv_cont.c): page first + i holds bytes not yet authenticated while
+ * where[i] & DP_IN_CACHE. Such a page is claimed: no other install writes it, and
+ * whatever takes it out of MISSING/REQUESTED meanwhile (a REMOVE, a zero range) punches
+ * it out of the page cache first. Read and written under the gate. */
+#define DP_CLAIM_SLOTS 2
+#define DP_IN_CACHE 1
+#define DP_IN_SCRATCH 2
+struct dp_claim {
+	uint64_t first, npages; /* npages 0: the slot is free */
+	const uint8_t *where;
+};
+
 struct dp_fault {
 	int64_t ns;
 	double us;
@@ -45,6 +58,7 @@ struct pc_dp_table {
 	int uffd, ram_fd, memfd;
 	uint64_t base, ps, ram_fd_base;
 	atomic_int stop, switched;
+	struct dp_claim claims[DP_CLAIM_SLOTS]; /* under the gate */
 	/* the urgent channel's send side, while lent (fd -1: Python's) */
 	pthread_mutex_t urgent_lock;
 	int urgent_fd;
@@ -54,6 +68,11 @@ struct pc_dp_table {
 };
 
 int64_t dp_now_ns(void);
+/* Page p is claimed (see struct dp_claim) by a slot other than `except` (-1: any). Gate held. */
+int dp_claimed(const struct pc_dp_table *t, uint64_t p, int except);
+/* Punches the pages of [lo, hi) claimed by slot (-1: any) that are MISSING or REQUESTED out of the page
+ * cache (their bytes are not authenticated: nothing may map them). Gate held. 0 or < 0. */
+int dp_punch_claimed(struct pc_dp_table *t, uint64_t lo, uint64_t hi, int slot);
 /* Sets this thread's error line; returns code. */
 int dp_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

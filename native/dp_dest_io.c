@@ -147,7 +147,10 @@ static int mark_removed(struct pc_dp_table *t, uint64_t start, uint64_t end)
 		last = t->npages;
 	if (first >= last)
 		return 0;
-	return pc_dp_removed(t, first, last, atomic_load(&t->switched));
+	/* Bytes received into the page cache for these pages and not yet mapped go first:
+	 * after the kernel's zap, nothing of them may be found there. */
+	int rc = dp_punch_claimed(t, first, last, -1);
+	return rc < 0 ? rc : pc_dp_removed(t, first, last, atomic_load(&t->switched));
 }
 
 static int cmp_u64(const void *a, const void *b)

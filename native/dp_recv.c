@@ -10,6 +10,7 @@
 
 #define MAGIC 0x5043
 #define GREEDY_READ (64u << 10) /* small frames are read several per call */
+#define PLACE_GREEDY_READ 4096u /* with a placing sink: little of a payload goes through the buffer */
 #define WAIT_MS 100             /* how often a quiet wait looks at the stop flag */
 
 static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
@@ -126,7 +127,7 @@ static int take(const struct pc_dp_recv_rules *r, const struct pc_dp_sink *sink,
 /* Receives more bytes for a frame that needs `need` bytes from *start: the rest of a
  * large frame exactly (nothing after it ever moves), small ones greedily. 0, or why to return. */
 static int fill(const struct pc_dp_recv_rules *r, int fd, uint8_t *buf, size_t cap, size_t *start, size_t *end,
-                size_t need, struct pc_dp_recv_counts *counts)
+                size_t need, size_t greedy, struct pc_dp_recv_counts *counts)
 {
     if (*start == *end)
         *start = *end = 0;
@@ -136,7 +137,7 @@ static int fill(const struct pc_dp_recv_rules *r, int fd, uint8_t *buf, size_t c
         *start = 0;
     }
     size_t have = *end - *start;
-    size_t want = need > GREEDY_READ ? need - have : GREEDY_READ;
+    size_t want = need > GREEDY_READ ? need - have : greedy;
     if (want > cap - *end)
         want = cap - *end;
     /* The rest of a large frame is on its way (its sender writes it whole): wait for all
@@ -165,18 +166,75 @@ static int fill(const struct pc_dp_recv_rules *r, int fd, uint8_t *buf, size_t c
     }
 }
 
+/* A page run's header that a placing sink takes (the payload is not read yet, so its
+ * tag is checked later, by the sink): OK, MORE, or OTHER (not a page run the decoder
+ * would accept by its header, or one outside RAM: the whole-frame parse decides). */
+static int parse_run_header(const uint8_t *buf, size_t len, const struct pc_dp_recv_rules *rules,
+                            struct pc_dp_frame *out)
+{
+    uint32_t length;
+    out->bytes = PC_DP_RECV_HEADER_BYTES;
+    if (len < PC_DP_RECV_HEADER_BYTES)
+        return PC_DP_RECV_MORE;
+    if (!data_header(buf, rules, &length) || buf[2] != rules->page_run_type)
+        return PC_DP_RECV_OTHER;
+    out->type = buf[2];
+    out->cause = buf[3];
+    out->first = get64(buf + 8);
+    out->npages = length / rules->page_size;
+    return inside(rules, out->first, out->npages) ? PC_DP_RECV_OK : PC_DP_RECV_OTHER;
+}
+
+/* Hands the page run whose header is at *start to the placing sink (taken: consumed,
+ * its sequence number used, whatever the sink says). */
+static int place(const struct pc_dp_recv_rules *r, const struct pc_dp_sink *sink, int fd, struct pc_frame_auth *verify,
+                 uint64_t *seq, uint8_t *buf, size_t *start, size_t *end, const struct pc_dp_frame *f,
+                 struct pc_dp_recv_counts *counts)
+{
+    uint8_t header[PC_DP_RECV_HEADER_BYTES];
+    memcpy(header, buf + *start, sizeof(header));
+    *start += sizeof(header);
+    counts->frames++;
+    uint64_t frame_seq = (*seq)++;
+    if (verify && pc_frame_auth_begin(verify, frame_seq, header, sizeof(header))) {
+        counts->sink_rc = -EIO; /* libcrypto failed */
+        return PC_DP_RECV_SINK;
+    }
+    if (!counts->first_ns[f->cause])
+        counts->first_ns[f->cause] = now_ns();
+    struct pc_dp_stream in = {.fd = fd, .buf = buf, .start = start, .end = end, .verify = verify,
+                              .left = f->npages * r->page_size, .bytes_received = &counts->bytes_received};
+    int sink_rc = 0;
+    int rc = sink->place(sink->ctx, f->first, f->npages, f->cause, &in, &sink_rc);
+    if (rc == PC_DP_RECV_SINK)
+        counts->sink_rc = sink_rc;
+    else if (!rc)
+        counts->pages[f->cause] += f->npages;
+    return rc;
+}
+
 int pc_dp_recv(const struct pc_dp_recv_rules *rules, const struct pc_dp_sink *sink, int fd,
                struct pc_frame_auth *verify, uint64_t *seq, uint8_t *buf, size_t cap, size_t *start, size_t *end,
                struct pc_dp_recv_counts *counts)
 {
     if (cap < pc_dp_recv_min_buffer(rules) || *start > *end || *end > cap || !rules->page_size)
         return -EINVAL;
+    size_t greedy = sink->place ? PLACE_GREEDY_READ : GREEDY_READ;
     for (;;) {
         struct pc_dp_frame f;
-        int verdict = pc_dp_recv_parse(buf + *start, *end - *start, verify, *seq, rules, &f);
+        int rc, verdict = PC_DP_RECV_OTHER;
+        if (sink->place) {
+            verdict = parse_run_header(buf + *start, *end - *start, rules, &f);
+            if (verdict == PC_DP_RECV_OK) {
+                if ((rc = hand_back(rules, &f)) || (rc = place(rules, sink, fd, verify, seq, buf, start, end, &f, counts)))
+                    return rc;
+                continue;
+            }
+        }
+        if (verdict == PC_DP_RECV_OTHER)
+            verdict = pc_dp_recv_parse(buf + *start, *end - *start, verify, *seq, rules, &f);
         if (verdict == PC_DP_RECV_OTHER)
             return PC_DP_RECV_FRAME;
-        int rc;
         if (verdict == PC_DP_RECV_OK) {
             if ((rc = hand_back(rules, &f)))
                 return rc;
@@ -187,9 +245,77 @@ int pc_dp_recv(const struct pc_dp_recv_rules *rules, const struct pc_dp_sink *si
                 return rc;
             continue;
         }
-        if ((rc = fill(rules, fd, buf, cap, start, end, f.bytes, counts)))
+        if ((rc = fill(rules, fd, buf, cap, start, end, f.bytes, greedy, counts)))
             return rc;
     }
+}
+
+/* ---- the payload stream of a placing sink ---- */
+
+/* Reads into dst from the buffer, then the socket (flags: MSG_DONTWAIT), until len bytes
+ * or nothing more has arrived. 0, CLOSED or -errno; *got: bytes read. */
+static int stream_recv(struct pc_dp_stream *s, uint8_t *dst, size_t len, size_t *got)
+{
+    size_t have = *s->end - *s->start, n = have < len ? have : len;
+    memcpy(dst, s->buf + *s->start, n);
+    *s->start += n;
+    *got = n;
+    while (*got < len) {
+        ssize_t r = recv(s->fd, dst + *got, len - *got, MSG_DONTWAIT);
+        if (r > 0) {
+            *got += (size_t)r;
+            *s->bytes_received += (uint64_t)r;
+            continue;
+        }
+        if (r == 0)
+            return PC_DP_RECV_CLOSED;
+        if (errno == EINTR)
+            continue;
+        return errno == EAGAIN ? 0 : -errno;
+    }
+    return 0;
+}
+
+int pc_dp_stream_read(struct pc_dp_stream *s, uint8_t *dst, size_t len, size_t *got)
+{
+    if (len > s->left)
+        len = (size_t)s->left;
+    int rc = stream_recv(s, dst, len, got);
+    s->left -= *got;
+    if (*got && s->verify && pc_frame_auth_update(s->verify, dst, *got))
+        return -EIO; /* libcrypto failed */
+    return rc;
+}
+
+int pc_dp_stream_wait(struct pc_dp_stream *s)
+{
+    if (*s->end > *s->start)
+        return 0;
+    struct pollfd p = {.fd = s->fd, .events = POLLIN};
+    if (poll(&p, 1, WAIT_MS) < 0 && errno != EINTR)
+        return -errno;
+    return 0;
+}
+
+int pc_dp_stream_finish(struct pc_dp_stream *s)
+{
+    if (s->left)
+        return -EINVAL; /* the sink's bug: the payload is not read yet */
+    if (!s->verify)
+        return 0;
+    uint8_t tag[PC_AUTH_TAG_BYTES];
+    size_t have = 0;
+    while (have < sizeof(tag)) {
+        size_t got;
+        int rc = stream_recv(s, tag + have, sizeof(tag) - have, &got);
+        have += got;
+        if (rc)
+            return rc;
+        if (have < sizeof(tag) && (rc = pc_dp_stream_wait(s)))
+            return rc;
+    }
+    int bad = pc_frame_auth_end_check(s->verify, tag);
+    return bad < 0 ? -EIO : bad ? PC_DP_RECV_FORGED : 0;
 }
 
 /* ---- a sink into plain memory ---- */

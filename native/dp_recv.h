@@ -36,6 +36,7 @@
 #define PC_DP_RECV_STOPPED 3 /* the stop flag was raised */
 #define PC_DP_RECV_CLOSED 4  /* the peer closed the stream */
 #define PC_DP_RECV_SINK 5    /* the sink failed: its code is in counts->sink_rc (the frame was consumed) */
+#define PC_DP_RECV_FORGED 6  /* a page run placed by the sink failed authentication (consumed; nothing of it used) */
 
 /* What the decoder accepts and the session lets through, handed in by Python. */
 struct pc_dp_recv_rules {
@@ -59,12 +60,43 @@ struct pc_dp_frame {
     size_t bytes; /* header, payload and tag; with PC_DP_RECV_MORE: bytes the frame needs */
 };
 
+/*
+ * The rest of a page run whose header was taken, for a sink that places the payload
+ * itself (one copy: the socket's, straight into place): the payload, then the tag. The
+ * bytes dp_recv had buffered come first, then the socket's. Every payload byte read is
+ * fed to the frame's MAC as it is read, so the tag can be checked at the end without
+ * reading the payload again from a buffer.
+ */
+struct pc_dp_stream {
+    int fd;
+    uint8_t *buf;        /* dp_recv's buffer, [*start, *end) not consumed */
+    size_t *start, *end;
+    struct pc_frame_auth *verify; /* NULL: frames carry no tag */
+    uint64_t left;       /* payload bytes not read yet */
+    uint64_t *bytes_received;
+};
+
+/* Reads up to len payload bytes (at most left) into dst: what has arrived, without
+ * waiting (*got may be 0). 0, PC_DP_RECV_CLOSED, or -errno. */
+int pc_dp_stream_read(struct pc_dp_stream *s, uint8_t *dst, size_t len, size_t *got);
+/* Waits (up to ~100 ms) for more bytes to arrive: 0 or -errno. The sender writes a frame
+ * whole, so this ignores the stop flag; a shut down channel ends it (a read then says CLOSED). */
+int pc_dp_stream_wait(struct pc_dp_stream *s);
+/* After the whole payload: reads the tag and checks the MAC (waiting for it). 0 if the
+ * frame is authentic (or carries no tag), PC_DP_RECV_FORGED, PC_DP_RECV_CLOSED or -errno. */
+int pc_dp_stream_finish(struct pc_dp_stream *s);
+
 /* Where frames go. run: npages pages at data (the received payload); zero: pages that
- * hold only zeros. Each returns 0 or a negative code (then the call returns SINK). */
+ * hold only zeros. Each returns 0 or a negative code (then the call returns SINK).
+ * place (NULL: page runs go to run): the sink reads a page run's payload and tag itself
+ * from the stream (pc_dp_stream_*) and puts it in place; returns 0 once it is in, a
+ * reason of pc_dp_recv's (FORGED, CLOSED, -errno of a receive), or SINK with its code
+ * in *sink_rc. Whatever it returns, the frame was consumed. */
 struct pc_dp_sink {
     int (*run)(void *ctx, uint64_t first, uint64_t npages, const uint8_t *data, uint8_t cause);
     int (*zero)(void *ctx, uint64_t first, uint64_t npages);
     void *ctx;
+    int (*place)(void *ctx, uint64_t first, uint64_t npages, uint8_t cause, struct pc_dp_stream *in, int *sink_rc);
 };
 
 /* What one call did (added to). */

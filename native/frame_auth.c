@@ -65,22 +65,46 @@ static int aad(EVP_CIPHER_CTX *evp, const uint8_t *p, size_t len)
     return 0;
 }
 
-int pc_frame_auth_tag(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen,
-                      const uint8_t *b, size_t blen, uint8_t *tag)
+int pc_frame_auth_begin(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen)
 {
     uint8_t iv[12] = {0};
-    int outl;
     for (int i = 0; i < 8; i++)
         iv[4 + i] = (uint8_t)(seq >> (56 - 8 * i));
     if (EVP_EncryptInit_ex(ctx->evp, NULL, NULL, NULL, iv) != 1)
         return -1;
-    if (aad(ctx->evp, a, alen) || aad(ctx->evp, b, blen))
-        return -1;
+    return aad(ctx->evp, a, alen);
+}
+
+int pc_frame_auth_update(struct pc_frame_auth *ctx, const uint8_t *p, size_t len)
+{
+    return aad(ctx->evp, p, len);
+}
+
+/* The tag of what begin and update fed. */
+static int finish(struct pc_frame_auth *ctx, uint8_t *tag)
+{
+    int outl;
     if (EVP_EncryptFinal_ex(ctx->evp, NULL, &outl) != 1)
         return -1;
     if (EVP_CIPHER_CTX_ctrl(ctx->evp, PC_EVP_CTRL_GCM_GET_TAG, PC_AUTH_TAG_BYTES, tag) != 1)
         return -1;
     return 0;
+}
+
+int pc_frame_auth_end_check(struct pc_frame_auth *ctx, const uint8_t *tag)
+{
+    uint8_t expected[PC_AUTH_TAG_BYTES];
+    if (finish(ctx, expected))
+        return -1;
+    return CRYPTO_memcmp(expected, tag, PC_AUTH_TAG_BYTES) ? 1 : 0;
+}
+
+int pc_frame_auth_tag(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen,
+                      const uint8_t *b, size_t blen, uint8_t *tag)
+{
+    if (pc_frame_auth_begin(ctx, seq, a, alen) || aad(ctx->evp, b, blen))
+        return -1;
+    return finish(ctx, tag);
 }
 
 int pc_frame_auth_check(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen,

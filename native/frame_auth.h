@@ -35,6 +35,14 @@ int pc_frame_auth_tag(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a,
 int pc_frame_auth_check(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen,
                         const uint8_t *b, size_t blen, const uint8_t *tag);
 
+/* The tag of one frame computed piece by piece, for bytes that arrive in pieces (a
+ * page run received straight into place): begin with the header, update with each
+ * piece of payload in order, then end_check with the received tag (0 authentic, 1 not,
+ * -1 on a libcrypto error; so does begin and update return -1 on an error, else 0). */
+int pc_frame_auth_begin(struct pc_frame_auth *ctx, uint64_t seq, const uint8_t *a, size_t alen);
+int pc_frame_auth_update(struct pc_frame_auth *ctx, const uint8_t *p, size_t len);
+int pc_frame_auth_end_check(struct pc_frame_auth *ctx, const uint8_t *tag);
+
 /* Tags `rounds` times a buffer of len bytes (seq 0, 1, ...): CPU nanoseconds of this thread, or -1.
  * The MAC's own speed, for the bench's comparison with HMAC-SHA256. */
 int64_t pc_frame_auth_bench(struct pc_frame_auth *ctx, const uint8_t *buf, size_t len, uint32_t rounds);

@@ -14,8 +14,8 @@ import pytest
 
 from postcopy._native import ffi, lib
 from postcopy.bench import baselines, floors, net
-from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib, push_window_ns
-from postcopy.bench.run import baseline_ratios, format_bench
+from postcopy.bench.agentcpu import AgentCpu, pages_moved_in_push_window, push_cpu_per_gib, push_window_ns
+from postcopy.bench.run import baseline_ratios, format_bench, push_figures
 from postcopy.guest import GuestParams
 from conftest import require_netns, require_uffd
 
@@ -122,12 +122,28 @@ def test_agent_cpu_is_read_over_the_push_window_of_a_real_migration():
     assert window is not None and window[0] < window[1]
     cpu = push_cpu_per_gib(monitor, result, 4096)
     assert cpu["pushed_bytes"] == result["pages"]["pushed"] * 4096 > 0
+    assert cpu["moved_bytes"] >= cpu["pushed_bytes"]
     for role in ("source", "dest"):
         total = cpu[f"{role}_total"]
         assert total is not None and total["user_s"] + total["sys_s"] > 0  # Python start-up alone costs CPU
         during = cpu[role]
         assert during is not None and 0 <= during["user_s"] <= total["user_s"]
         assert during["cpu_s_per_gib"] >= 0
+
+
+def test_cpu_per_gib_counts_the_demand_pages_moved_within_the_push_window():
+    # Buckets of 10 ms: pushed pages in buckets 2..3, demand pages in 1, 3 and 5.
+    result = {"pages": {"pushed": 300, "demand": 70},
+              "timeline": {"bucket_ms": 10.0, "start_ns": 0,
+                           "installed": {"pushed": [0, 0, 100, 200, 0, 0], "demand": [30, 10, 0, 20, 0, 40]}}}
+    assert push_window_ns(result) == (20_000_000, 40_000_000)
+    assert pages_moved_in_push_window(result) == 320  # the 20 demand pages of bucket 3 are in the window
+    monitor = AgentCpu()
+    monitor.samples["source"] = [(10_000_000, 1.0, 1.0), (40_000_000, 1.1, 1.3)]
+    cpu = push_cpu_per_gib(monitor, result, 4096)
+    assert cpu["moved_bytes"] == 320 * 4096 and cpu["pushed_bytes"] == 300 * 4096
+    assert cpu["source"]["cpu_s_per_gib"] == pytest.approx(0.4 / (320 * 4096 / (1 << 30)))
+    assert cpu["dest"] is None
 
 
 def test_floor_summary_takes_each_percentile_from_the_calmest_stretch():
@@ -180,5 +196,23 @@ def test_ratios_are_taken_against_the_c_floor_of_each_placement():
     text = format_bench(result)
     assert "| demand fault p50, no pusher | 200.0 µs | RTT+uffd 40.0 µs (same_cpu) / 100.0 µs (across_cpus) | " \
            "5.00x / 2.00x |" in text
-    assert "| dest agent CPU s per GiB pushed | n/a | TCP receiver 0.25 | n/a |" in text
+    assert "| dest agent CPU s per GiB moved in the push window | n/a | TCP receiver 0.25 | n/a |" in text
     assert "| TCP bulk | across_cpus | 2.00 GB/s | 0.50 / 0.25 |" in text
+
+
+def test_the_push_figure_is_the_best_install_path_and_names_it():
+    def run(rate, source_cpu):
+        return {"result": {"dest": {"push_bytes_per_s": rate}}, "cpu": {"source": {"cpu_s_per_gib": source_cpu}}}
+    figures = push_figures({"copy": run(4e8, 2.0), "continue": run(1e9, 1.0)})
+    assert (figures["push_bytes_per_s"], figures["push_install"]) == (1e9, "continue")
+    assert figures["push_cpu"] == {"source": {"cpu_s_per_gib": 1.0}}
+    assert figures["push_by_install"]["copy"] == {"push_bytes_per_s": 4e8, "source_cpu_s_per_gib": 2.0,
+                                                  "dest_cpu_s_per_gib": None}
+    result = _synthetic_bench()
+    result["postcopy"].update(figures)
+    result["ratios"] = baseline_ratios(result["baselines"], result["postcopy"])
+    text = format_bench(result)
+    assert "| push throughput (install continue, the best of 2) | 1.00 GB/s | TCP bulk 2.00 GB/s (across_cpus) | " \
+           "0.50x |" in text
+    assert "| push, install copy (CPU s/GiB source 2.00, dest n/a) | 0.40 GB/s | TCP bulk | 0.20x |" in text
+    assert "| source agent CPU s per GiB moved in the push window (install continue, the best of 2) | 1.00 |" in text

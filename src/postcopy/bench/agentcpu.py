@@ -91,12 +91,17 @@ class AgentCpu:
         return {"user_s": samples[-1][1], "sys_s": samples[-1][2]} if samples else None
 
 
+def _push_buckets(result: dict) -> tuple[dict, list[int]]:
+    """The report's timeline and the indices of its buckets with pushed pages."""
+    timeline = result.get("timeline") or {}
+    pushed = (timeline.get("installed") or {}).get("pushed") or []
+    return timeline, [i for i, pages in enumerate(pushed) if pages]
+
+
 def push_window_ns(result: dict) -> tuple[int, int] | None:
     """When the pusher's pages were installed on the destination (monotonic ns, to the
     timeline's bucket), from a migration report; None if nothing was pushed."""
-    timeline = result.get("timeline") or {}
-    pushed = (timeline.get("installed") or {}).get("pushed") or []
-    buckets = [i for i, pages in enumerate(pushed) if pages]
+    timeline, buckets = _push_buckets(result)
     if not buckets:
         return None
     bucket_ns = int(timeline["bucket_ms"] * 1e6)
@@ -104,15 +109,31 @@ def push_window_ns(result: dict) -> tuple[int, int] | None:
     return start + buckets[0] * bucket_ns, start + (buckets[-1] + 1) * bucket_ns
 
 
+def pages_moved_in_push_window(result: dict) -> int:
+    """Pages pushed, plus the demand pages installed within the push window: the agents
+    serve both in that window (a guest that faults more while the pusher runs costs the
+    source more CPU; counted against pushed bytes alone, that would read as a slower
+    pusher)."""
+    timeline, buckets = _push_buckets(result)
+    pushed = (result.get("pages") or {}).get("pushed", 0)
+    if not buckets:
+        return pushed
+    demand = (timeline.get("installed") or {}).get("demand") or []
+    return pushed + sum(demand[buckets[0]:buckets[-1] + 1])
+
+
 def push_cpu_per_gib(monitor: AgentCpu, result: dict, page_size: int) -> dict:
-    """Each agent's user+sys CPU seconds per GiB pushed, over the push window."""
+    """Each agent's user+sys CPU seconds per GiB moved (pushed, and demand pages in the
+    same window) over the push window."""
     window = push_window_ns(result)
     pushed = (result.get("pages") or {}).get("pushed", 0) * page_size
-    out: dict = {"pushed_bytes": pushed, "window_s": window and (window[1] - window[0]) / 1e9}
+    moved = pages_moved_in_push_window(result) * page_size
+    out: dict = {"pushed_bytes": pushed, "moved_bytes": moved,
+                 "window_s": window and (window[1] - window[0]) / 1e9}
     for role in ROLES:
         cpu = monitor.between(role, *window) if window else None
-        if cpu is not None and pushed:
-            cpu["cpu_s_per_gib"] = (cpu["user_s"] + cpu["sys_s"]) / (pushed / (1 << 30))
+        if cpu is not None and moved:
+            cpu["cpu_s_per_gib"] = (cpu["user_s"] + cpu["sys_s"]) / (moved / (1 << 30))
         out[role] = cpu
         out[f"{role}_total"] = monitor.total(role)
     return out

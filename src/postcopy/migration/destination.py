@@ -18,7 +18,7 @@ from postcopy import report
 
 from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper, watchdog_seconds
-from postcopy.migration.dp_recv import PageReceiver, table_sink
+from postcopy.migration.dp_recv import PageReceiver, channel_sinks
 from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
@@ -54,7 +54,7 @@ class DestConfig:
     guest_vm: str = "process"  # the guest this agent starts: process, or kvm (postcopy guest --vm)
     fault_poll: str = "sleep"  # the fault loop: sleep in poll(2), or spin (busy-poll; experiments)
     requests_in_c: bool = True  # the fault loop sends its requests itself (False: through Python)
-    data_in_c: bool = True  # copy path: page runs and zero ranges received and installed in C
+    data_in_c: bool = True  # copy and continue paths: page runs and zero ranges received and installed in C
 
 
 class DestinationAgent:
@@ -440,11 +440,11 @@ class DestinationAgent:
 
     # -- receiving pages -----------------------------------------------------------------
     def _make_receivers(self, layout: wire.Layout) -> None:
-        """One C receiver per channel for the copy path (continue and move: Python)."""
-        if not self.config.data_in_c or self._path.name != "copy":
-            return
-        stop = native.pc_dp_table_stop_flag(self.table.native)
-        self._receivers = {name: PageReceiver(layout, table_sink(self.table), stop) for name in ("main", "urgent")}
+        """One C receiver per channel for the copy and continue paths (move: Python)."""
+        if self.config.data_in_c and self._path.name in ("copy", "continue"):
+            stop = native.pc_dp_table_stop_flag(self.table.native)
+            sinks = channel_sinks(self._path.name, self.table, self._memfd, self.page_size)
+            self._receivers = {name: PageReceiver(layout, sink, stop) for name, sink in sinks.items()}
 
     def _receive_data(self, channel: Channel) -> None:
         """Page runs and zero ranges received and installed in C until a frame is Python's."""

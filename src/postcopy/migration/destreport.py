@@ -26,7 +26,7 @@ class ReceiveFacts:
     first_step_ns: int | None
     max_gap_ns: int | None
     recoveries_ms: list
-    frames_in_c: dict  # per channel: data frames received and installed in C (copy path)
+    frames_in_c: dict  # per channel: data frames received and installed in C (copy, continue)
 
 
 def receive_figures(f: ReceiveFacts) -> dict:

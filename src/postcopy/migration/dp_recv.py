@@ -1,8 +1,10 @@
 """The receive side of the data plane in C: a :class:`PageReceiver` takes a channel's
 PAGE_RUN and ZERO_RANGE frames straight from its socket (``pc_dp_recv`` in
 native/dp_recv.c, without the GIL) and hands each to a sink: the destination's page
-table (:func:`table_sink`: the copy path's gated UFFDIO_COPY and zero marks), or plain
-memory (:func:`memory_sink`). Every other frame, and anything the decoder would refuse,
+table (:func:`table_sink`: the copy path's gated UFFDIO_COPY and zero marks;
+:func:`continue_sink`: the continue path, each run received straight into the memfd's
+page cache and mapped with UFFDIO_CONTINUE once authenticated), or plain memory
+(:func:`memory_sink`). Every other frame, and anything the decoder would refuse,
 goes back to the channel, whose next ``recv`` decodes it and checks it against the
 session as before.
 
@@ -12,6 +14,7 @@ C re-reads the session's phase word before taking each frame and hands back as s
 another thread changed the phase."""
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,10 +24,11 @@ from postcopy.migration.install import CAUSE_NAMES, OVERWRITE_CAUSES, install_er
 from postcopy.migration.pagetable import PageTable, native_error
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel
+from postcopy.protocol.errors import IntegrityError
 
 DATA_KINDS = (*(f"PAGE_RUN/{cause.name}" for cause in wire.Cause), "ZERO_RANGE")
-FRAME, PHASE, STOPPED, CLOSED, SINK = (lib.PC_DP_RECV_FRAME, lib.PC_DP_RECV_PHASE, lib.PC_DP_RECV_STOPPED,
-                                       lib.PC_DP_RECV_CLOSED, lib.PC_DP_RECV_SINK)
+FRAME, PHASE, STOPPED, CLOSED, SINK, FORGED = (lib.PC_DP_RECV_FRAME, lib.PC_DP_RECV_PHASE, lib.PC_DP_RECV_STOPPED,
+                                               lib.PC_DP_RECV_CLOSED, lib.PC_DP_RECV_SINK, lib.PC_DP_RECV_FORGED)
 
 
 @dataclass
@@ -47,25 +51,69 @@ class ReceiveCounts:
     first_ns: dict[wire.Cause, int] = field(default_factory=dict)  # the first run of each cause
 
 
-def table_sink(table: PageTable) -> Sink:
-    """The destination's copy install path as a sink: pages counted under the causes
-    :class:`postcopy.migration.install.CopyPath` counts them under; precopy resends
-    overwrite; zero ranges marked, their waiters zero-filled (as FaultServer.mark_zero)."""
+def _table_ctx(table: PageTable):
+    """The copy path's sink context: pages counted under the causes
+    :class:`postcopy.migration.install.CopyPath` counts them under; precopy resends overwrite."""
     ctx = ffi.new("struct pc_dp_table_sink *")
     ctx.table = table.native
     for cause in wire.Cause:
         ctx.cause_index[cause] = table.cause_index(CAUSE_NAMES.get(cause, "pushed"))
     ctx.overwrite = sum(1 << cause for cause in OVERWRITE_CAUSES)
-    sink = ffi.new("struct pc_dp_sink *")
-    lib.pc_dp_sink_table(sink, ctx)
+    return ctx
 
+
+def _table_error(ctx):
     def error(rc: int) -> Exception:
-        if ctx.failed == lib.PC_DP_SINK_INSTALL:
+        if ctx.failed in (lib.PC_DP_SINK_INSTALL, lib.PC_DP_SINK_CONTINUE):
             return install_error(rc)
         if ctx.failed == lib.PC_DP_SINK_ZERO_FILL:
             return UffdError(-rc, "UFFDIO_ZEROPAGE", ffi.string(lib.pc_dp_error()).decode(errors="replace"))
         return native_error(rc)
-    return Sink(sink, (ctx, table), error)
+    return error
+
+
+def table_sink(table: PageTable) -> Sink:
+    """The destination's copy install path as a sink: runs installed with gated
+    UFFDIO_COPY, zero ranges marked, their waiters zero-filled (as FaultServer.mark_zero)."""
+    ctx = _table_ctx(table)
+    sink = ffi.new("struct pc_dp_sink *")
+    lib.pc_dp_sink_table(sink, ctx)
+    return Sink(sink, (ctx, table), _table_error(ctx))
+
+
+def continue_sink(table: PageTable, memfd: int, slot: int, page_size: int, in_place: bool = False) -> Sink:
+    """The continue install path as a sink (see native/dp_recv_cont.h): each page run
+    written into the guest's memfd (staged: each gated piece received into a buffer the
+    CPU's cache holds, then pwrite; ``in_place``: received straight into this agent's own
+    mapping of the memfd), mapped with UFFDIO_CONTINUE once its tag checks out; zero
+    ranges as :func:`table_sink`. ``slot``: this channel's claim slot (0 or 1), one per
+    receiving channel. The table must be attached to the guest with its memfd."""
+    if slot not in (0, 1):
+        raise ValueError(f"claim slot {slot} (a channel's is 0 or 1)")
+    base = _table_ctx(table)
+    run_pages = wire.MAX_PAYLOAD // page_size
+    scratch = ffi.new("uint8_t[]", wire.MAX_PAYLOAD)  # pages only touched where runs pass
+    where = ffi.new("uint8_t[]", run_pages)
+    ctx = ffi.new("struct pc_dp_cont_sink *")
+    ctx.base, ctx.scratch, ctx.where, ctx.max_run_pages, ctx.slot = base, scratch, where, run_pages, slot
+    cache = None
+    if in_place:
+        cache = mmap.mmap(memfd, table.npages * page_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        cache.madvise(mmap.MADV_NOHUGEPAGE)  # page granularity, as the guest's own mapping
+        ctx.cache = ffi.from_buffer(cache)
+    sink = ffi.new("struct pc_dp_sink *")
+    lib.pc_dp_sink_cont(sink, ctx)
+    return Sink(sink, (ctx, base, cache, scratch, where, table), _table_error(base))
+
+
+def channel_sinks(path: str, table: PageTable, memfd: int | None, page_size: int) -> dict[str, Sink]:
+    """The destination's sink for each channel (main, urgent) on install path ``path``
+    (copy or continue; continue: one claim slot per channel)."""
+    if path == "copy":
+        return {name: table_sink(table) for name in ("main", "urgent")}
+    if path != "continue" or memfd is None:
+        raise ValueError(f"no C receive for install path {path!r} (without a memfd: {memfd is None})")
+    return {name: continue_sink(table, memfd, slot, page_size) for slot, name in enumerate(("main", "urgent"))}
 
 
 def memory_sink(memory, page_size: int) -> Sink:
@@ -129,6 +177,10 @@ class PageReceiver:
         channel.bytes_received += counts.bytes_received - before
         if rc == SINK:
             raise self.sink.error(counts.sink_rc)
+        if rc == FORGED:
+            raise IntegrityError(f"{channel.name}: frame {counts.frames} of this receiver (a PAGE_RUN received "
+                                 f"in place) failed authentication: altered, replayed, reordered or not from the "
+                                 f"peer; none of its pages was mapped")
         return rc
 
     @property
