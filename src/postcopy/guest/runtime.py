@@ -73,6 +73,8 @@ class Guest(RamCommands):
         self._state = "incoming" if incoming else "paused"
         self._resumed_ns: int | None = None
         self._paused_ns: int | None = None
+        # An incoming guest's start, CLOCK_MONOTONIC ns (the downtime's breakdown).
+        self._start_marks: dict[str, int] = {}
         self._fatal: str | None = None
         self._quit = False
         self._fds_taken = False
@@ -123,6 +125,7 @@ class Guest(RamCommands):
         rc = lib.pc_guest_check(self._ram, self.ram_size, self.page_size, info)
         if rc:
             raise GuestStateError(_CHECK_ERRORS.get(rc, f"state page check failed ({rc})"))
+        self._start_marks["state_loaded"] = time.monotonic_ns()
         if self._vcpus is not None:
             raise GuestStateError("the state page was loaded already")
         locals_ = ffi.gc(lib.pc_vcpu_locals_new(info.threads), lib.pc_vcpu_locals_free)
@@ -132,6 +135,7 @@ class Guest(RamCommands):
         except OSError as exc:
             raise GuestStateError(str(exc)) from None
         vcpus.set_pacing(throttle=self._throttle, rate_cap=self._rate_cap)
+        self._start_marks["vcpus_ready"] = time.monotonic_ns()
         with self._cond:
             self._info = info
             self._locals = locals_
@@ -212,6 +216,7 @@ class Guest(RamCommands):
             self._settle()
 
     def _start_incoming(self) -> None:
+        self._start_marks["start_thread"] = time.monotonic_ns()
         try:
             self._load()  # faults on the state page: served by whoever holds the uffd
         except GuestStateError as exc:
@@ -227,7 +232,7 @@ class Guest(RamCommands):
                 self._state = "paused"
             else:
                 self._spawn()
-                self._resumed_ns = self._vcpus.resumed_ns
+                self._start_marks["released"] = self._vcpus.resumed_ns
             self._cond.notify_all()
 
     # ---- commands ---------------------------------------------------------------------
@@ -386,6 +391,7 @@ class Guest(RamCommands):
                 "first_step_after_resume_ns": self.first_step_after_resume_ns(),
                 "resumed_ns": self._resumed_ns,
                 "paused_ns": self._paused_ns,
+                "incoming_start_ns": dict(self._start_marks),
                 "uffd": self.uffd is not None,
                 "uffd_minor": self.uffd_minor,
                 "staging_address": self.staging_address,

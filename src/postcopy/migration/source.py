@@ -92,6 +92,7 @@ class _Migration:
     prediction: dict | None = None
     stale: list[tuple[int, int]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)
+    steps_ns: dict[str, int] = field(default_factory=dict)  # the switchover's steps (report.DOWNTIME_STEPS)
     switchover_sent: bool = False
     complete: dict = field(default_factory=dict)
 
@@ -248,11 +249,15 @@ class SourceAgent:
         # Connected before the pause, armed before the Switchover: the connection is not downtime.
         self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
+        m.steps_ns["pause_asked"] = time.monotonic_ns()
         paused = m.guest.pause()
         marks["pause"] = time.monotonic()
+        m.steps_ns.update(last_step=paused["last_heartbeat_ns"], parked=paused["paused_ns"],
+                          pause_replied=time.monotonic_ns())
         if m.dirty_log is not None:
             m.stale = m.dirty_log.harvest()  # stopped after the switchover: not downtime
             marks["final_harvest"] = time.monotonic()
+            m.steps_ns["final_harvest"] = time.monotonic_ns()
             if cfg.mode == "precopy":
                 m.sender.send_precopy(m.main, m.stale, True)
                 m.stale = []
@@ -260,9 +265,12 @@ class SourceAgent:
                 for i in range(0, len(m.stale), DISCARD_BATCH):
                     m.main.send(wire.Discard(ranges=tuple(m.stale[i:i + DISCARD_BATCH])))
             marks["final_send"] = time.monotonic()
+            m.steps_ns["final_send"] = time.monotonic_ns()
         m.sender.send_state(m.main)
+        m.steps_ns["state_sent"] = time.monotonic_ns()
         # From the Switchover on, the destination may run the guest: fence it here first.
         self._fence.arm()
+        m.steps_ns["fence_armed"] = time.monotonic_ns()
         m.main.send(wire.Switchover(info={
             "recovery_timeout_s": cfg.recovery_timeout,
             "mode": cfg.mode,
@@ -273,6 +281,7 @@ class SourceAgent:
         }))
         m.switchover_sent = True
         marks["switchover"] = time.monotonic()
+        m.steps_ns["switchover_sent"] = time.monotonic_ns()
         self.progress.event("switchover", stale_pages=ranges.total(m.stale))
         m.controls.lift()  # the paused guest here keeps no throttle (the destination's never had one)
         if m.dirty_log is not None:
@@ -295,6 +304,7 @@ class SourceAgent:
             # The first faults come right after the switchover: the pusher's planning in
             # Python must not keep the server from its C loop (the GIL's 5 ms switch interval).
             m.sender.serving.wait(SERVER_START_S)
+            m.steps_ns.setdefault("server_ready", time.monotonic_ns())
             try:
                 if push_delay and m.sender.link_lost.wait(push_delay):
                     raise ChannelClosed("urgent channel broke")
@@ -342,6 +352,7 @@ class SourceAgent:
             # Where the source's part of the downtime went, ms after the pause request.
             "switchover_breakdown_ms": {k: (t - pause_started) * 1e3 for k, t in marks.items()
                                         if k in ("pause", "final_harvest", "final_send", "switchover")},
+            "switchover_marks_ns": m.steps_ns,
             "final_stale_pages": ranges.total(m.stale) if self.config.mode == "hybrid" else 0,
             "push_ms": (marks["push_done"] - marks["switchover"]) * 1e3,
             "rounds": [r.as_dict() for r in m.rounds],
