@@ -34,6 +34,7 @@ struct pc_dp_send {
     uint64_t *regions;
     size_t nregions;
     _Atomic int64_t hint;
+    _Atomic uint64_t served; /* demand requests answered, ever (the pusher waits for the first) */
     _Atomic int stop;
     _Atomic int refuse_requests; /* the session takes no more requests: Python decodes them */
     uint8_t *scratch[2]; /* anonymous RAM: the pusher's and the demand server's buffer */
@@ -134,6 +135,8 @@ void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse)
 }
 
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s) { return atomic_exchange(&s->hint, -1); }
+
+uint64_t pc_dp_send_served(struct pc_dp_send *s) { return atomic_load(&s->served); }
 
 void pc_dp_send_mark(struct pc_dp_send *s, uint64_t first, uint64_t end, uint8_t value)
 {
@@ -533,6 +536,7 @@ int pc_dp_serve(struct pc_dp_send *s, struct pc_dp_link *link, int in_fd, struct
                 return rc;
             pc_dp_send_mark(s, first, first + npages, 1);
             atomic_store(&s->hint, (int64_t)(first + npages));
+            atomic_fetch_add(&s->served, 1);
             continue;
         }
         if (*start == *end) {

@@ -88,6 +88,9 @@ void pc_dp_send_stop(struct pc_dp_send *s, int stop);
 void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse);
 /* The end page of the last demand request since the last call, or -1. */
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s);
+/* Demand requests answered since the context was made (the pusher holds back until the
+ * first: the destination's guest runs). */
+uint64_t pc_dp_send_served(struct pc_dp_send *s);
 /* Marks [first, end) sent (or unsent), under the claims' lock. */
 void pc_dp_send_mark(struct pc_dp_send *s, uint64_t first, uint64_t end, uint8_t value);
 

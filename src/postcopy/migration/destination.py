@@ -335,15 +335,15 @@ class DestinationAgent:
         """The source stopped its guest: widen the watchdog to the agreed recovery time
         and resume ours here."""
         self._source_recovery_timeout = switchover.get("recovery_timeout_s")
-        # Stopped or cut off, this agent stops renewing, and the guest stops itself; a
-        # guest that already did refuses the resume below.
-        self._watchdog.arm(watchdog_seconds(self._recovery_timeout()))
-        self._timeline.mark("watchdog_widened")
         # Every event of the discard was read (madvise waits for that): what the guest
         # removes from now on is its own.
         self.table.switched()
         self._timeline.mark("switched")
-        resumed = guest.resume()
+        # The guest widens its watchdog, then resumes (one request). Stopped or cut off,
+        # this agent stops renewing, and the guest stops itself; a guest whose watchdog
+        # lapsed already refuses this resume.
+        resumed = self._watchdog.arm_with(lambda watchdog: guest.resume(watchdog=watchdog),
+                                          watchdog_seconds(self._recovery_timeout()))
         self._timeline.mark("resume_replied")
         self._switched = True
         self._timeline.switchover_ns = time.monotonic_ns()

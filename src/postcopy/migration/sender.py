@@ -6,6 +6,7 @@ order and pre-paging; after the switchover the per-page work runs in C
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,10 @@ from postcopy.protocol.wire import MAX_RUN_BYTES
 
 PREPAGE_PAGES = 16  # pages pushed right behind each demand fault
 PUSH_BATCH_PAGES = 4096  # pages per native push call; the plan is revised between calls
+# The pusher's first start (see PageSender._hold_for_first_faults).
+PUSH_HOLD_S = 0.05  # at most this long after the switchover
+FIRST_FAULTS_GRACE_S = 0.005  # after the first demand request
+HOLD_POLL_S = 0.0005
 
 
 class UrgentChannelFailed(RuntimeError):
@@ -75,6 +80,7 @@ class PageSender:
         self._priority: ranges.Runs = []  # pushed before the sweep (hybrid: the stale set)
         self._plane: SendPlane | None = None  # the native push loop and demand server, from the switchover
         self._extents_set = False
+        self._held_for_first_faults = False  # the pusher's first start waits for them (once)
         self._scratch = GuestMemory.scratch() if mem.memfd is None else None
 
     # -- precopy -----------------------------------------------------------------------
@@ -106,8 +112,13 @@ class PageSender:
             sent[first:first + count] = bytes(count)
         sent[0] = 1  # the state page went with the switchover
         self._priority = list(stale)
+        self.make_plane()
+
+    def make_plane(self) -> None:
+        """The native push loop and demand server (idempotent; may come before the
+        pause: it maps the RAM, it does not read it)."""
         if self._plane is None:
-            self._plane = SendPlane(self.mem, sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
+            self._plane = SendPlane(self.mem, self._sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
 
     def outstanding_after_recovery(self, missing: ranges.Runs) -> None:
         """After a reconnect: exactly what the destination says it lacks is unsent."""
@@ -141,6 +152,9 @@ class PageSender:
         sent = self._sent
         if sent.find(0) < 0:
             return  # precopy sent it all
+        if not self._held_for_first_faults:
+            self._held_for_first_faults = True
+            self._hold_for_first_faults()
         if not self._extents_set:
             self._plane.set_extents(self.mem.populated_extents())
             self._extents_set = True
@@ -156,6 +170,22 @@ class PageSender:
             end = min(first + PUSH_BATCH_PAGES, npages)
             self._push_batch(main, [(first, end)])
             pos = end
+
+    def _hold_for_first_faults(self) -> None:
+        """The downtime ends at the destination guest's first step, which waits for its
+        first faults; a bulk push that starts at the same moment takes the CPUs and the
+        link from them (its first sweep of the populated extents alone is ~13 ms of CPU
+        per GiB). So the pusher waits for the first demand request (the guest runs
+        there) and FIRST_FAULTS_GRACE_S more, but never longer than PUSH_HOLD_S (a
+        guest that does not fault at once)."""
+        plane, deadline = self._plane, time.monotonic() + PUSH_HOLD_S
+        if plane.served():
+            return  # it ran there long ago (a push delay)
+        while not plane.served() and time.monotonic() < deadline:
+            if self.link_lost.wait(HOLD_POLL_S):
+                return
+        if plane.served():
+            self.link_lost.wait(FIRST_FAULTS_GRACE_S)
 
     def _push_batch(self, main: Channel, batch: list[tuple[int, int]]) -> None:
         """Push the unsent pages of the [first, end) ranges of ``batch``; a demand

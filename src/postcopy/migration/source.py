@@ -246,11 +246,13 @@ class SourceAgent:
             # so the downtime (the guest's heartbeat gap) is not the nap's length.
             m.controls.lift()
             time.sleep(THROTTLE_SLICE_S)
-        # Connected before the pause, armed before the Switchover: the connection is not downtime.
+        # Connected before the pause, armed by the pause itself (the guest sets the fence,
+        # then parks): before any Switchover, and no round trip of its own in the downtime.
         self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
+        m.sender.make_plane()  # the demand server's (mapping the RAM is not downtime)
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
         m.steps_ns["pause_asked"] = time.monotonic_ns()
-        paused = m.guest.pause()
+        paused = self._fence.arm_with(lambda fence: m.guest.pause(fence=fence))
         marks["pause"] = time.monotonic()
         m.steps_ns.update(last_step=paused["last_heartbeat_ns"], parked=paused["paused_ns"],
                           pause_replied=time.monotonic_ns())
@@ -268,9 +270,7 @@ class SourceAgent:
             m.steps_ns["final_send"] = time.monotonic_ns()
         m.sender.send_state(m.main)
         m.steps_ns["state_sent"] = time.monotonic_ns()
-        # From the Switchover on, the destination may run the guest: fence it here first.
-        self._fence.arm()
-        m.steps_ns["fence_armed"] = time.monotonic_ns()
+        m.sender.prepare_postcopy(m.stale, precopied=m.dirty_log is not None)
         m.main.send(wire.Switchover(info={
             "recovery_timeout_s": cfg.recovery_timeout,
             "mode": cfg.mode,
@@ -282,11 +282,12 @@ class SourceAgent:
         m.switchover_sent = True
         marks["switchover"] = time.monotonic()
         m.steps_ns["switchover_sent"] = time.monotonic_ns()
+        # The guest's first faults there come within a millisecond: serve before anything else.
+        self._start_server(m)
         self.progress.event("switchover", stale_pages=ranges.total(m.stale))
         m.controls.lift()  # the paused guest here keeps no throttle (the destination's never had one)
         if m.dirty_log is not None:
             m.dirty_log.stop()  # the guest stays paused here; write-protection is moot
-        m.sender.prepare_postcopy(m.stale, precopied=m.dirty_log is not None)
 
     def _postcopy(self, m: _Migration) -> None:
         """Serve demand requests and push the rest until the destination confirms;
@@ -297,14 +298,8 @@ class SourceAgent:
             self.progress.event("postcopy")
         push_delay = cfg.push_delay
         while True:
-            m.server = threading.Thread(target=m.sender.serve_urgent, args=(m.urgent,), name="urgent-server",
-                                        daemon=True)
-            m.sender.serving.clear()
-            m.server.start()
-            # The first faults come right after the switchover: the pusher's planning in
-            # Python must not keep the server from its C loop (the GIL's 5 ms switch interval).
-            m.sender.serving.wait(SERVER_START_S)
-            m.steps_ns.setdefault("server_ready", time.monotonic_ns())
+            if m.server is None:  # started at the switchover; again after a recovery
+                self._start_server(m)
             try:
                 if push_delay and m.sender.link_lost.wait(push_delay):
                     raise ChannelClosed("urgent channel broke")
@@ -319,11 +314,24 @@ class SourceAgent:
                     raise
                 self.progress.event("recovery", error=str(exc))
                 self._recover(m, exc)
+                m.server = None
                 self.progress.event("postcopy")
         m.marks["push_done"] = time.monotonic()
         m.guest.quit()  # the destination holds every page now
         m.urgent.close()
         m.server.join(timeout=5)
+
+    @staticmethod
+    def _start_server(m: _Migration) -> None:
+        """Start the demand server on the urgent channel and wait until it is in its C
+        loop: Python work right after (the pusher's planning, events) must not keep it
+        from there (the GIL's 5 ms switch interval)."""
+        m.server = threading.Thread(target=m.sender.serve_urgent, args=(m.urgent,), name="urgent-server",
+                                    daemon=True)
+        m.sender.serving.clear()
+        m.server.start()
+        m.sender.serving.wait(SERVER_START_S)
+        m.steps_ns.setdefault("server_ready", time.monotonic_ns())
 
     def _close(self, m: _Migration, status_server: StatusServer | None) -> None:
         if self._fence is not None:
@@ -438,6 +446,7 @@ class SourceAgent:
         goes on running here (unthrottled)."""
         if not m.switchover_sent:
             try:
+                self._unfence()
                 m.controls.lift()
                 if m.guest.status().get("state") == "paused":
                     m.guest.resume()
@@ -450,6 +459,13 @@ class SourceAgent:
         remaining = self._fence.remaining() if self._fence is not None else None
         return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
                 f"all its RAM (control socket {self.config.guest_control}). {fence_note(remaining)}")
+
+    def _unfence(self) -> None:
+        """Before the Switchover went out no destination can run the guest: the fence
+        the pause set ends here (renewals first), so the guest may run on here."""
+        if self._fence is not None:
+            self._fence.close()
+            self._fence.lift()
 
     def _free_hint(self, guest: GuestClient, mem: GuestMemory) -> list[tuple[int, int]]:
         """Pages the guest reports free right now (skipped: their content is undefined)."""
