@@ -262,6 +262,7 @@ def test_demand_server_answers_requests_and_hands_other_frames_back(mem, extents
     assert (counts.requests, counts.pages_sent, counts.pages_zero) == (3, len(data), len(zero))
     assert {p for p in range(NPAGES) if sent[p]} == asked
     assert plane.take_hint() == 68
+    assert plane.served() == 3  # what the pusher's first start waits for (the hint is taken, this stays)
 
 
 def test_demand_server_leaves_a_request_outside_ram_to_the_decoder(mem):

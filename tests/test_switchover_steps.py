@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import threading
 import time
 from types import SimpleNamespace
 
@@ -132,3 +133,31 @@ def test_the_breakdown_adds_up_to_the_downtime_in_the_order_of_the_steps():
     assert breakdown["marks_ms"]["server_ready"] == pytest.approx(0.95)  # off the path, still shown
     assert "server_ready 0.950" in report.format_breakdown(breakdown)
     assert report.downtime_breakdown({"last_step": t0}) is None  # no first step there: nothing to say
+
+
+class _Plane:
+    """A send plane whose demand server answers its first request after ``after`` polls."""
+
+    def __init__(self, after: int):
+        self.polls, self.after = 0, after
+
+    def served(self) -> int:
+        self.polls += 1
+        return int(self.polls > self.after)
+
+
+def _held(plane):
+    from postcopy.migration.sender import PageSender
+
+    sender = PageSender.__new__(PageSender)  # only what the hold reads
+    sender._plane, sender.link_lost = plane, threading.Event()
+    return sender
+
+
+def test_the_pushers_first_start_waits_for_the_first_demand_request():
+    plane = _Plane(after=3)
+    _held(plane)._hold_for_first_faults()
+    assert plane.polls > 3  # it returned only once a request was answered
+    again = _Plane(after=0)
+    _held(again)._hold_for_first_faults()
+    assert again.polls == 1  # answered already (a push delay): no wait at all

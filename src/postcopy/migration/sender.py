@@ -24,7 +24,7 @@ PREPAGE_PAGES = 16  # pages pushed right behind each demand fault
 PUSH_BATCH_PAGES = 4096  # pages per native push call; the plan is revised between calls
 # The pusher's first start (see PageSender._hold_for_first_faults).
 PUSH_HOLD_S = 0.05  # at most this long after the switchover
-FIRST_FAULTS_GRACE_S = 0.005  # after the first demand request
+FIRST_FAULTS_GRACE_S = 0.02  # after the first demand request: its first step needs a few more
 HOLD_POLL_S = 0.0005
 
 
@@ -60,6 +60,20 @@ _CAUSE_COUNTERS = {
 }
 
 
+class StampedEvent(threading.Event):
+    """An event that notes when it was set (CLOCK_MONOTONIC ns; 0 while clear)."""
+
+    at_ns = 0
+
+    def set(self) -> None:
+        self.at_ns = time.monotonic_ns()
+        super().set()
+
+    def clear(self) -> None:
+        self.at_ns = 0
+        super().clear()
+
+
 class PageSender:
     """Sends the pages of one guest (``mem``). ``precopy_limit`` bounds precopy
     rounds, ``push_limit`` the postcopy pusher; demand pages are never held back.
@@ -73,7 +87,8 @@ class PageSender:
         self.precopy_limit = precopy_limit or RateLimiter(0)
         self.push_limit = push_limit or RateLimiter(0)
         self.link_lost = threading.Event()  # set by the demand server when its channel closes
-        self.serving = threading.Event()  # the demand server went into its C loop
+        self.serving = StampedEvent()  # the demand server went into its C loop
+        self.server_started_ns = 0  # its thread's latest start (the downtime's breakdown)
         self.urgent_error: BaseException | None = None
         self._on_progress = on_progress
         self._sent = bytearray(mem.npages)  # per page: sent once already (claimed under the plane's lock)
@@ -154,7 +169,8 @@ class PageSender:
             return  # precopy sent it all
         if not self._held_for_first_faults:
             self._held_for_first_faults = True
-            self._hold_for_first_faults()
+            if not self._priority:  # hybrid's stale pages are the guest's next touches: they go at once
+                self._hold_for_first_faults()
         if not self._extents_set:
             self._plane.set_extents(self.mem.populated_extents())
             self._extents_set = True
@@ -174,10 +190,13 @@ class PageSender:
     def _hold_for_first_faults(self) -> None:
         """The downtime ends at the destination guest's first step, which waits for its
         first faults; a bulk push that starts at the same moment takes the CPUs and the
-        link from them (its first sweep of the populated extents alone is ~13 ms of CPU
-        per GiB). So the pusher waits for the first demand request (the guest runs
-        there) and FIRST_FAULTS_GRACE_S more, but never longer than PUSH_HOLD_S (a
-        guest that does not fault at once)."""
+        link from them. Worse, its first act, the sweep of the populated extents
+        (memfd: SEEK_DATA/SEEK_HOLE), holds the memfd's inode lock while it walks (~13
+        ms per populated GiB), and the demand server's own lseek of a requested page
+        waits behind it: the 2 GiB downtime was ~2x the 256 MiB one for that alone. So
+        the pusher waits for the first demand request (the guest runs there) and
+        FIRST_FAULTS_GRACE_S more, never longer than PUSH_HOLD_S (a guest that does
+        not fault at once)."""
         plane, deadline = self._plane, time.monotonic() + PUSH_HOLD_S
         if plane.served():
             return  # it ran there long ago (a push delay)
@@ -242,6 +261,7 @@ class PageSender:
         bandwidth limit holds them back. Run in a thread of its own: the native plane
         serves every request; a frame it does not take comes back here to be decoded
         (and refused: nothing else may arrive on the urgent channel)."""
+        self.server_started_ns = time.monotonic_ns()
         make_current_thread_urgent()
         try:
             while True:

@@ -331,7 +331,8 @@ class SourceAgent:
         m.sender.serving.clear()
         m.server.start()
         m.sender.serving.wait(SERVER_START_S)
-        m.steps_ns.setdefault("server_ready", time.monotonic_ns())
+        m.steps_ns.setdefault("server_thread", m.sender.server_started_ns)
+        m.steps_ns.setdefault("server_ready", m.sender.serving.at_ns or time.monotonic_ns())
 
     def _close(self, m: _Migration, status_server: StatusServer | None) -> None:
         if self._fence is not None:
