@@ -332,16 +332,20 @@ static int populated(struct pc_dp_send *s, uint64_t first, uint64_t end, uint64_
     uint64_t entries[PAGEMAP_CHUNK];
     for (uint64_t page = first; page < end;) {
         uint64_t chunk = end - page < PAGEMAP_CHUNK ? end - page : PAGEMAP_CHUNK;
-        if (s->memfd < 0) {
+        int mapped = 0; /* memfd RAM: entries tell which pages the guest has mapped */
+        if (s->pagemap_fd >= 0) {
             ssize_t got = pread(s->pagemap_fd, entries, chunk * 8, (off_t)((s->base / s->page_size + page) * 8));
-            if (got != (ssize_t)(chunk * 8))
+            if (s->memfd < 0 && got != (ssize_t)(chunk * 8))
                 return got < 0 ? -errno : -EIO;
+            mapped = s->memfd >= 0 && got == (ssize_t)(chunk * 8);
         }
         for (uint64_t i = 0; i < chunk; i++) {
             int present;
             if (s->memfd < 0) {
                 present = (entries[i] & (PM_PRESENT | PM_SWAP)) != 0;
-            } else {
+            } else if (mapped && (entries[i] & PM_PRESENT)) {
+                present = 1; /* mapped by the guest: in the page cache, so data */
+            } else { /* a hole, or swapped out (SEEK_DATA counts those as data) */
                 off_t offset = (off_t)((page + i) * s->page_size);
                 present = lseek(s->memfd, offset, SEEK_DATA) == offset; /* returns at once on data */
             }

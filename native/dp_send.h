@@ -72,8 +72,10 @@ struct pc_dp_rate {
 
 /* memfd >= 0: memfd RAM. Otherwise anonymous RAM of process pid at address base, read
  * with process_vm_readv (mem_fd, /proc/PID/mem, when that is refused), populated pages
- * found with pagemap_fd. sent points to npages bytes that outlive the context. NULL on
- * failure (errno set). */
+ * found with pagemap_fd. For memfd RAM pagemap_fd (or -1) is the guest's mapping of it
+ * at base: a page mapped there is data without asking the memfd (whose lseek waits
+ * while the pusher's sweep holds its inode lock). sent points to npages bytes that
+ * outlive the context. NULL on failure (errno set). */
 struct pc_dp_send *pc_dp_send_new(int memfd, int mem_fd, int pagemap_fd, int pid, uint64_t base, uint64_t size,
                                   uint32_t page_size, uint8_t *sent, uint64_t npages);
 void pc_dp_send_free(struct pc_dp_send *s);
