@@ -116,19 +116,25 @@ DOWNTIME_STEPS = (
 
 
 def downtime_breakdown(marks: dict[str, int]) -> dict | None:
-    """Where the downtime went: each step of :data:`DOWNTIME_STEPS` that has a mark, in
-    ms since the previous one, and every mark (also those off the path, such as the
-    source's demand server being ready) in ms since the source guest's last step."""
-    start = marks.get("last_step")
-    if start is None or marks.get("first_step") is None:
+    """Where the downtime went: the marks of :data:`DOWNTIME_STEPS` between the source
+    guest's last step and the incoming guest's first, in the order they happened (steps
+    overlap: vCPU threads made running are released before they are ready), each with
+    the ms since the previous one; and every mark (also those off the path, such as the
+    source's demand server being ready) in ms since the last step."""
+    start, end = marks.get("last_step"), marks.get("first_step")
+    if start is None or end is None:
         return None
+    order = {name: i for i, (name, _) in enumerate(DOWNTIME_STEPS)}
+    labels = dict(DOWNTIME_STEPS)
+    path = sorted((t, order[name], name) for name, t in marks.items()
+                  if name in order and t is not None and start <= t <= end and name != "last_step")
     steps, previous = [], start
-    for name, label in DOWNTIME_STEPS[1:]:
-        if marks.get(name) is not None:
-            steps.append({"step": name, "what": label, "ms": (marks[name] - previous) / 1e6})
-            previous = marks[name]
-    return {"total_ms": (marks["first_step"] - start) / 1e6, "steps": steps,
-            "marks_ms": {name: (t - start) / 1e6 for name, t in sorted(marks.items(), key=lambda kv: kv[1])}}
+    for t, _, name in path:
+        steps.append({"step": name, "what": labels[name], "ms": (t - previous) / 1e6})
+        previous = t
+    return {"total_ms": (end - start) / 1e6, "steps": steps,
+            "marks_ms": {name: (t - start) / 1e6 for name, t in sorted(marks.items(), key=lambda kv: kv[1])
+                         if t is not None}}
 
 
 def format_breakdown(breakdown: dict | None, indent: str = "  ") -> str:
@@ -136,7 +142,8 @@ def format_breakdown(breakdown: dict | None, indent: str = "  ") -> str:
     if not breakdown:
         return f"{indent}(no breakdown)"
     lines = [f"{indent}{step['ms']:8.3f} ms  {step['what']}" for step in breakdown["steps"]]
-    off_path = {k: v for k, v in breakdown["marks_ms"].items() if k not in dict(DOWNTIME_STEPS)}
+    on_path = {step["step"] for step in breakdown["steps"]} | {"last_step"}
+    off_path = {k: v for k, v in breakdown["marks_ms"].items() if k not in on_path}
     if off_path:
         lines.append(f"{indent}off the path (ms after the last step): "
                      + "  ".join(f"{k} {v:.3f}" for k, v in off_path.items()))
