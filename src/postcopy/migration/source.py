@@ -16,8 +16,8 @@ from typing import IO
 
 from postcopy import ranges
 from postcopy.guest.control import GuestClient, GuestError
-from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, open_dirty_log
+from postcopy.migration.demandserver import DemandServer
 from postcopy.migration.dirtyrate import predict
 from postcopy.migration.fence import LeaseKeeper, fence_keeper, fence_note
 from postcopy.migration.guestmem import GuestMemory
@@ -58,7 +58,6 @@ class SourceConfig:
 MODES = ("postcopy", "precopy", "hybrid")
 DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
 THROTTLE_SLICE_S = 0.012  # a vCPU throttle's nap ends within one slice (10 ms) of its lifting
-SERVER_START_S = 1.0  # how long the pusher waits for the demand server to reach its C loop
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -86,8 +85,7 @@ class _Migration:
     dirty_log: DirtyLog | None = None
     main: Channel | None = None
     urgent: Channel | None = None
-    server: threading.Thread | None = None
-    server_go: threading.Event = field(default_factory=threading.Event)  # releases the first demand server
+    server: DemandServer | None = None
     controls: GuestControls = field(default_factory=GuestControls)
     rounds: list[RoundStats] = field(default_factory=list)
     stop_reason: str | None = None
@@ -252,7 +250,7 @@ class SourceAgent:
         # then parks): before any Switchover, and no round trip of its own in the downtime.
         self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
         m.sender.make_plane()  # the demand server's (mapping the RAM is not downtime)
-        self._prepare_server(m)  # its thread too: released right after the Switchover
+        m.server = DemandServer(m.sender, lambda: m.urgent, held=True)  # released right after the Switchover
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
         m.steps_ns["pause_asked"] = time.monotonic_ns()
         paused = self._fence.arm_with(lambda fence: m.guest.pause(fence=fence))
@@ -286,8 +284,8 @@ class SourceAgent:
         marks["switchover"] = time.monotonic()
         m.steps_ns["switchover_sent"] = time.monotonic_ns()
         # The guest's first faults there come within a millisecond: serve before anything else.
-        m.server_go.set()
-        self._wait_serving(m)
+        m.server.release()
+        m.server.wait_serving(m.steps_ns)
         self.progress.event("switchover", stale_pages=ranges.total(m.stale))
         m.controls.lift()  # the paused guest here keeps no throttle (the destination's never had one)
         if m.dirty_log is not None:
@@ -302,8 +300,9 @@ class SourceAgent:
             self.progress.event("postcopy")
         push_delay = cfg.push_delay
         while True:
-            if m.server is None:  # started at the switchover; again after a recovery
-                self._start_server(m)
+            if m.server is None:  # released at the switchover; a new one after a recovery
+                m.server = DemandServer(m.sender, lambda: m.urgent, held=False)
+                m.server.wait_serving(m.steps_ns)
             try:
                 if push_delay and m.sender.link_lost.wait(push_delay):
                     raise ChannelClosed("urgent channel broke")
@@ -325,43 +324,9 @@ class SourceAgent:
         m.urgent.close()
         m.server.join(timeout=5)
 
-    @staticmethod
-    def _prepare_server(m: _Migration) -> None:
-        """The first demand server's thread, made before the pause: it takes its
-        real-time priority and waits for ``server_go`` (set right after the Switchover,
-        or at the end if none went out). Woken then, it preempts whatever runs; a thread
-        made then would first wait for a CPU as an ordinary one."""
-        def serve() -> None:
-            make_current_thread_urgent()
-            m.server_go.wait()
-            if m.switchover_sent:
-                m.sender.serve_urgent(m.urgent)
-
-        m.sender.serving.clear()
-        m.server = threading.Thread(target=serve, name="urgent-server", daemon=True)
-        m.server.start()
-
-    @staticmethod
-    def _start_server(m: _Migration) -> None:
-        """Start a demand server on the urgent channel (after a recovery) and wait until
-        it is in its C loop."""
-        m.server = threading.Thread(target=m.sender.serve_urgent, args=(m.urgent,), name="urgent-server",
-                                    daemon=True)
-        m.sender.serving.clear()
-        m.server.start()
-        SourceAgent._wait_serving(m)
-
-    @staticmethod
-    def _wait_serving(m: _Migration) -> None:
-        """Until the demand server is in its C loop: Python work right after (the
-        pusher's planning, events) must not keep it from there (the GIL's 5 ms switch
-        interval)."""
-        m.sender.serving.wait(SERVER_START_S)
-        m.steps_ns.setdefault("server_thread", m.sender.server_started_ns)
-        m.steps_ns.setdefault("server_ready", m.sender.serving.at_ns or time.monotonic_ns())
-
     def _close(self, m: _Migration, status_server: StatusServer | None) -> None:
-        m.server_go.set()  # a demand server still waiting for a Switchover returns
+        if m.server is not None:
+            m.server.abandon()  # one still waiting for a Switchover returns
         if self._fence is not None:
             self._fence.close()
         if m.dirty_log is not None:
