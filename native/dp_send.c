@@ -34,6 +34,7 @@ struct pc_dp_send {
     uint64_t *regions;
     size_t nregions;
     _Atomic int64_t hint;
+    _Atomic uint64_t served; /* demand requests answered, ever (the pusher waits for the first) */
     _Atomic int stop;
     _Atomic int refuse_requests; /* the session takes no more requests: Python decodes them */
     uint8_t *scratch[2]; /* anonymous RAM: the pusher's and the demand server's buffer */
@@ -134,6 +135,8 @@ void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse)
 }
 
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s) { return atomic_exchange(&s->hint, -1); }
+
+uint64_t pc_dp_send_served(struct pc_dp_send *s) { return atomic_load(&s->served); }
 
 void pc_dp_send_mark(struct pc_dp_send *s, uint64_t first, uint64_t end, uint8_t value)
 {
@@ -329,16 +332,20 @@ static int populated(struct pc_dp_send *s, uint64_t first, uint64_t end, uint64_
     uint64_t entries[PAGEMAP_CHUNK];
     for (uint64_t page = first; page < end;) {
         uint64_t chunk = end - page < PAGEMAP_CHUNK ? end - page : PAGEMAP_CHUNK;
-        if (s->memfd < 0) {
+        int mapped = 0; /* memfd RAM: entries tell which pages the guest has mapped */
+        if (s->pagemap_fd >= 0) {
             ssize_t got = pread(s->pagemap_fd, entries, chunk * 8, (off_t)((s->base / s->page_size + page) * 8));
-            if (got != (ssize_t)(chunk * 8))
+            if (s->memfd < 0 && got != (ssize_t)(chunk * 8))
                 return got < 0 ? -errno : -EIO;
+            mapped = s->memfd >= 0 && got == (ssize_t)(chunk * 8);
         }
         for (uint64_t i = 0; i < chunk; i++) {
             int present;
             if (s->memfd < 0) {
                 present = (entries[i] & (PM_PRESENT | PM_SWAP)) != 0;
-            } else {
+            } else if (mapped && (entries[i] & PM_PRESENT)) {
+                present = 1; /* mapped by the guest: in the page cache, so data */
+            } else { /* a hole, or swapped out (SEEK_DATA counts those as data) */
                 off_t offset = (off_t)((page + i) * s->page_size);
                 present = lseek(s->memfd, offset, SEEK_DATA) == offset; /* returns at once on data */
             }
@@ -533,6 +540,7 @@ int pc_dp_serve(struct pc_dp_send *s, struct pc_dp_link *link, int in_fd, struct
                 return rc;
             pc_dp_send_mark(s, first, first + npages, 1);
             atomic_store(&s->hint, (int64_t)(first + npages));
+            atomic_fetch_add(&s->served, 1);
             continue;
         }
         if (*start == *end) {

@@ -72,8 +72,10 @@ struct pc_dp_rate {
 
 /* memfd >= 0: memfd RAM. Otherwise anonymous RAM of process pid at address base, read
  * with process_vm_readv (mem_fd, /proc/PID/mem, when that is refused), populated pages
- * found with pagemap_fd. sent points to npages bytes that outlive the context. NULL on
- * failure (errno set). */
+ * found with pagemap_fd. For memfd RAM pagemap_fd (or -1) is the guest's mapping of it
+ * at base: a page mapped there is data without asking the memfd (whose lseek waits
+ * while the pusher's sweep holds its inode lock). sent points to npages bytes that
+ * outlive the context. NULL on failure (errno set). */
 struct pc_dp_send *pc_dp_send_new(int memfd, int mem_fd, int pagemap_fd, int pid, uint64_t base, uint64_t size,
                                   uint32_t page_size, uint8_t *sent, uint64_t npages);
 void pc_dp_send_free(struct pc_dp_send *s);
@@ -88,6 +90,9 @@ void pc_dp_send_stop(struct pc_dp_send *s, int stop);
 void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse);
 /* The end page of the last demand request since the last call, or -1. */
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s);
+/* Demand requests answered since the context was made (the pusher holds back until the
+ * first: the destination's guest runs). */
+uint64_t pc_dp_send_served(struct pc_dp_send *s);
 /* Marks [first, end) sent (or unsent), under the claims' lock. */
 void pc_dp_send_mark(struct pc_dp_send *s, uint64_t first, uint64_t end, uint8_t value);
 

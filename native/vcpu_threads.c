@@ -40,6 +40,7 @@ struct pc_vm {
 struct vcpu_start {
     struct pc_vm *vm;
     int index;
+    int running; /* created in its first run (pc_vm_new_running): not parked first */
 };
 
 static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
@@ -67,8 +68,11 @@ static void *vcpu_main(void *arg)
     struct pc_vm *vm = start.vm;
     const int t = start.index;
     __atomic_store_n(&vm->tids[t], (int)syscall(SYS_gettid), __ATOMIC_RELAXED);
-    uint32_t seen = __atomic_load_n(&vm->gen, __ATOMIC_ACQUIRE);
-    parked(vm, t); /* started: counts as parked */
+    /* No resume can come before the creator returns: the generation is 0 here, or 1
+     * for threads created running (so they find it moved at once). */
+    uint32_t seen = 0;
+    if (!start.running)
+        parked(vm, t); /* started: counts as parked */
     for (;;) {
         uint32_t g;
         while ((g = __atomic_load_n(&vm->gen, __ATOMIC_ACQUIRE)) == seen)
@@ -92,7 +96,25 @@ static void vm_free(struct pc_vm *vm)
     free(vm);
 }
 
+static struct pc_vm *vm_create(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals,
+                               const uint64_t *limits, int notify, int *err);
+
 struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals, int *err)
+{
+    struct pc_vm *vm = vm_create(ram, ram_size, threads, locals, NULL, 0, err);
+    if (vm)
+        pc_vm_wait_parked(vm, -1);
+    return vm;
+}
+
+struct pc_vm *pc_vm_new_running(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals,
+                                const uint64_t *limits, int notify, int *err)
+{
+    return vm_create(ram, ram_size, threads, locals, limits, notify, err);
+}
+
+static struct pc_vm *vm_create(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals,
+                               const uint64_t *limits, int notify, int *err)
 {
     *err = 0;
     if (threads < 1 || threads > PC_GUEST_MAX_THREADS) {
@@ -119,6 +141,12 @@ struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcp
         return NULL;
     }
     vm->running = (uint32_t)threads;
+    if (limits) { /* the first run, as pc_vm_resume sets it up, before any thread exists */
+        memcpy(vm->limits, limits, (size_t)threads * sizeof(uint64_t));
+        vm->notify = notify;
+        vm->resumed_ns = pc_monotonic_ns();
+        vm->gen = 1;
+    }
     /* Block every signal in the vCPUs (they inherit the creator's mask). */
     sigset_t all, old;
     sigfillset(&all);
@@ -136,6 +164,7 @@ struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcp
         }
         s->vm = vm;
         s->index = started;
+        s->running = limits != NULL;
         pthread_t handle;
         rc = pthread_create(&handle, &attr, vcpu_main, s);
         if (rc) {
@@ -149,12 +178,14 @@ struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcp
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
-        /* The threads that did start wait for a generation that never comes: leak the
-         * vm to them rather than free memory they read. */
+        /* The threads that did start wait for a generation that never comes (or, created
+         * running, park at their next step boundary): leak the vm to them rather than
+         * free memory they read. */
+        if (limits)
+            pc_vm_request_pause(vm);
         *err = -rc;
         return NULL;
     }
-    pc_vm_wait_parked(vm, -1);
     return vm;
 }
 

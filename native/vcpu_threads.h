@@ -27,6 +27,12 @@ typedef int (*pc_vcpu_runner)(void *ctx, int tid, uint64_t limit, struct pc_vcpu
 /* Start `threads` vCPU threads on this RAM, parked; returns once all are parked. locals
  * (threads records) must outlive the vm. NULL with *err = -errno on failure. */
 struct pc_vm *pc_vm_new(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals, int *err);
+/* As pc_vm_new followed by pc_vm_resume(limits, notify), without the wait for the new
+ * threads to park and the wake-up after it: each thread starts in its first run (an
+ * incoming guest's resume: two scheduling rounds fewer inside a migration's downtime).
+ * Returns at once; the threads run on the vm's own step loop and pacing (none yet). */
+struct pc_vm *pc_vm_new_running(void *ram, uint64_t ram_size, int threads, struct pc_vcpu_local *locals,
+                                const uint64_t *limits, int notify, int *err);
 /* Release every parked vCPU t to run until its steps_done reaches limits[t]; with
  * notify, the end of this run is an event (pc_vm_wait_event). 0, or -EBUSY while some
  * vCPU has not parked yet. */

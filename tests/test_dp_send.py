@@ -262,6 +262,37 @@ def test_demand_server_answers_requests_and_hands_other_frames_back(mem, extents
     assert (counts.requests, counts.pages_sent, counts.pages_zero) == (3, len(data), len(zero))
     assert {p for p in range(NPAGES) if sent[p]} == asked
     assert plane.take_hint() == 68
+    assert plane.served() == 3  # what the pusher's first start waits for (the hint is taken, this stays)
+
+
+def test_demand_server_of_memfd_ram_the_guest_maps_answers_mapped_unmapped_and_holes_alike():
+    """The guest's mapping of its memfd tells which pages are data without the memfd's
+    lseek (which waits while a sweep holds the inode lock); a page in the memfd but not
+    mapped (written with pwrite here, or swapped out) and a hole are still asked."""
+    fd = os.memfd_create("dp-send-mapped")
+    os.ftruncate(fd, NPAGES * PS)
+    ram = mmap.mmap(fd, NPAGES * PS, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    mapped = POPULATED[::2]
+    for p in POPULATED:
+        if p in mapped:
+            ram[p * PS:(p + 1) * PS] = _page(p)  # through the mapping: present in pagemap
+        else:
+            os.pwrite(fd, _page(p), p * PS)  # in the memfd only
+    address = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    mem = GuestMemory({"pid": os.getpid(), "ram_size": NPAGES * PS, "page_size": PS, "ram_address": address},
+                      {"memfd": fd})
+    try:
+        assert mem.native_handles()[2] >= 0  # the guest's mapping is consulted
+        plane = dp_send.SendPlane(mem, bytearray(NPAGES))
+        requests = [(0, 12), (28, 8), (60, 8), (90, 6)]
+        _, counts, replies, _ = _serve_requests(mem, plane, requests)
+        data, zero = _pages_of(replies, wire.Cause.DEMAND)
+        asked = {p for first, n in requests for p in range(first, first + n)}
+        assert data == {p: _page(p) for p in asked & set(POPULATED)} and zero == asked - set(POPULATED)
+    finally:
+        mem.close()
+        del address
+        ram.close()
 
 
 def test_demand_server_leaves_a_request_outside_ram_to_the_decoder(mem):

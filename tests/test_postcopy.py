@@ -41,6 +41,19 @@ def test_every_workload_migrates_verified(workload):
     report = migrate(workload=workload, steps=1_500, rate=0) if workload == "idle" else migrate(workload=workload)
     assert_verified(report)
     assert report["downtime_ms"] is not None and report["downtime_ms"] > 0
+    assert_downtime_broken_down(report)
+
+
+def assert_downtime_broken_down(report: dict) -> None:
+    """The report says where the downtime went: the source's, the destination's and the
+    incoming guest's steps, in order, adding up to the downtime."""
+    breakdown = report["downtime_breakdown"]
+    steps = [step["step"] for step in breakdown["steps"]]
+    for name in ("parked", "state_sent", "switchover_sent", "switchover_read", "resume_received", "released",
+                 "first_step"):
+        assert name in steps, (name, steps)
+    assert steps[-1] == "first_step"
+    assert sum(step["ms"] for step in breakdown["steps"]) == pytest.approx(report["downtime_ms"], abs=1e-3)
 
 
 @pytest.mark.loaded

@@ -70,6 +70,8 @@ def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, so
         "ram_bytes": ram_bytes,
         "workload": workload,
         "downtime_ms": dest.get("downtime_ms"),
+        "downtime_breakdown": downtime_breakdown({**(source.get("switchover_marks_ns") or {}),
+                                                  **((dest.get("timeline") or {}).get("marks_ns") or {})}),
         "total_ms": source.get("total_ms"),
         "precopy_rounds": source.get("rounds", []),
         "bytes_sent": source.get("bytes_sent"),
@@ -88,6 +90,64 @@ def build_report(*, mode: str, dirty_log: str, ram_bytes: int, workload: str, so
         "source": source,
         "dest": {k: v for k, v in dest.items() if k not in ("fault_latency_histogram", "timeline")},
     }
+
+
+# The switchover's steps in the order they happen, each with what the time up to it went
+# on; the downtime is last_step -> first_step (DESIGN.md). Marks are CLOCK_MONOTONIC ns
+# (one clock on one host; both agents and both guests read it).
+DOWNTIME_STEPS = (
+    ("last_step", None),
+    ("pause_asked", "source: until it asks the guest to pause"),
+    ("parked", "source guest: fence set, vCPUs park"),
+    ("pause_replied", "source: pause reply read"),
+    ("final_harvest", "source: final dirty-log harvest"),
+    ("final_send", "source: final pages (or their discard list) sent"),
+    ("state_sent", "source: state page sent"),
+    ("switchover_sent", "source: Switchover sent"),
+    ("switchover_read", "destination: Switchover read"),
+    ("switched", "destination: page table switched"),
+    ("resume_received", "incoming guest: resume (and watchdog) request read"),
+    ("start", "incoming guest: its start begins (in a thread if the state page is not in yet)"),
+    ("state_loaded", "incoming guest: state page read"),
+    ("vcpus_ready", "incoming guest: vCPU threads ready"),
+    ("released", "incoming guest: vCPUs released"),
+    ("first_step", "incoming guest: first step done (its first faults)"),
+)
+
+
+def downtime_breakdown(marks: dict[str, int]) -> dict | None:
+    """Where the downtime went: the marks of :data:`DOWNTIME_STEPS` between the source
+    guest's last step and the incoming guest's first, in the order they happened (steps
+    overlap: vCPU threads made running are released before they are ready), each with
+    the ms since the previous one; and every mark (also those off the path, such as the
+    source's demand server being ready) in ms since the last step."""
+    start, end = marks.get("last_step"), marks.get("first_step")
+    if start is None or end is None:
+        return None
+    order = {name: i for i, (name, _) in enumerate(DOWNTIME_STEPS)}
+    labels = dict(DOWNTIME_STEPS)
+    path = sorted((t, order[name], name) for name, t in marks.items()
+                  if name in order and t is not None and start <= t <= end and name != "last_step")
+    steps, previous = [], start
+    for t, _, name in path:
+        steps.append({"step": name, "what": labels[name], "ms": (t - previous) / 1e6})
+        previous = t
+    return {"total_ms": (end - start) / 1e6, "steps": steps,
+            "marks_ms": {name: (t - start) / 1e6 for name, t in sorted(marks.items(), key=lambda kv: kv[1])
+                         if t is not None}}
+
+
+def format_breakdown(breakdown: dict | None, indent: str = "  ") -> str:
+    """One line per step of the downtime."""
+    if not breakdown:
+        return f"{indent}(no breakdown)"
+    lines = [f"{indent}{step['ms']:8.3f} ms  {step['what']}" for step in breakdown["steps"]]
+    on_path = {step["step"] for step in breakdown["steps"]} | {"last_step"}
+    off_path = {k: v for k, v in breakdown["marks_ms"].items() if k not in on_path}
+    if off_path:
+        lines.append(f"{indent}off the path (ms after the last step): "
+                     + "  ".join(f"{k} {v:.3f}" for k, v in off_path.items()))
+    return "\n".join(lines)
 
 
 _VERDICT = {True: "VERIFIED", False: "MISMATCH", None: "not verified (no reference hash here)"}
@@ -117,6 +177,8 @@ def format_summary(report: dict) -> str:
         f"  workload {report['workload']}",
         f"downtime {fmt(report['downtime_ms'], ' ms', 2)}  total {fmt(report['total_ms'], ' ms')}"
         f"  sent {(report['bytes_sent'] or 0) / 2**20:.1f} MiB",
+        "downtime breakdown:",
+        format_breakdown(report.get("downtime_breakdown")),
         "pages: " + "  ".join(f"{cause} {pages[cause]}" for cause in PAGE_CAUSES),
         f"guest view: first step {fmt(view.get('first_step_ms'), ' ms', 2)} after resume, longest step gap "
         f"after the switchover {fmt(view.get('max_step_gap_ms'), ' ms', 2)}",
@@ -147,6 +209,11 @@ class Timeline:
         self.start_ns = start_ns if start_ns is not None else time.monotonic_ns()
         self.series: dict[str, list[int]] = {cause: [] for cause in PAGE_CAUSES}
         self.switchover_ns: int | None = None
+        self.marks: dict[str, int] = {}  # the destination's steps of the switchover (monotonic ns)
+
+    def mark(self, name: str) -> None:
+        """Note when a step of the switchover ended (see :func:`downtime_breakdown`)."""
+        self.marks[name] = time.monotonic_ns()
 
     def add(self, cause: str, pages: int, now_ns: int | None = None) -> None:
         bucket = max(0, ((now_ns or time.monotonic_ns()) - self.start_ns) // self.bucket_ns)
@@ -162,4 +229,5 @@ class Timeline:
             "start_ns": self.start_ns,
             "installed": self.series,
             "switchover_ms": None if self.switchover_ns is None else (self.switchover_ns - self.start_ns) / 1e6,
+            "marks_ns": dict(self.marks),
         }

@@ -273,6 +273,8 @@ def run_bench(quick: bool) -> dict:
         "fault_us_with_pusher": with_push,
         "downtime_ms_256M": small["downtime_ms"],
         "downtime_ms_2G": large["downtime_ms"],
+        "downtime_breakdown_256M": small.get("downtime_breakdown"),
+        "downtime_breakdown_2G": large.get("downtime_breakdown"),
         "agent_max_rss_mib_2G": {"source": large["source"]["max_rss_kib"] / 1024,
                                  "dest": large["source"]["dest"]["max_rss_kib"] / 1024},
         "verified": all(r["verified"] for r in (demand, large, *(run["result"] for run in pushes.values()))),
@@ -450,6 +452,9 @@ def format_bench(result: dict) -> str:
         f"  demand fault, pusher on     p50 {num(f['fault_us_with_pusher']['p50'], '{:.1f}')} µs"
         f"  p99 {num(f['fault_us_with_pusher']['p99'], '{:.1f}')} µs ({num(r['fault_p99_with_vs_without_pusher'])}x without)",
         f"  downtime                    256 MiB {num(f['downtime_ms_256M'])} ms, 2 GiB {num(f['downtime_ms_2G'])} ms",
+        *(line for size in ("256M", "2G")
+          for line in (f"    where the {size} downtime went:",
+                       report.format_breakdown(f.get(f"downtime_breakdown_{size}"), "      "))),
         f"  agent max RSS at 2 GiB      source {f['agent_max_rss_mib_2G']['source']:.0f} MiB,"
         f" dest {f['agent_max_rss_mib_2G']['dest']:.0f} MiB",
         f"  all migrations verified     {f['verified']}",

@@ -105,12 +105,17 @@ class GuestClient:
     def status(self) -> dict:
         return self.request("status")
 
-    def pause(self) -> dict:
-        return self.request("pause")
+    def pause(self, fence: dict | None = None) -> dict:
+        """Park the vCPUs; with ``fence`` (``{"token", "seconds"}``) the fence is set
+        first, in the same round trip (see the ``fence`` command)."""
+        return self.request("pause") if fence is None else self.request("pause", fence=fence)
 
-    def resume(self, stop_at: int | None = None) -> dict:
-        """Let the vCPUs run; with ``stop_at`` they park again at that step."""
-        return self.request("resume") if stop_at is None else self.request("resume", stop_at=stop_at)
+    def resume(self, stop_at: int | None = None, watchdog: dict | None = None) -> dict:
+        """Let the vCPUs run; with ``stop_at`` they park again at that step; with
+        ``watchdog`` (``{"token", "seconds"}``) the watchdog is renewed first, in the
+        same round trip (see the ``watchdog`` command)."""
+        fields = {k: v for k, v in (("stop_at", stop_at), ("watchdog", watchdog)) if v is not None}
+        return self.request("resume", **fields)
 
     def run_until(self, steps: int) -> dict:
         """Resume a paused guest and wait until every vCPU has done exactly ``steps``."""

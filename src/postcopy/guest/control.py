@@ -10,9 +10,13 @@ status       state, pid, RAM geometry, threads, workload, steps, timing fields, 
              dirty_tracking, free_fraction, free_pages, vcpu_thread_ids
 pause        parks every vCPU at a step boundary, replies once all are parked; ``was``
              (the state before) and ``stop_at`` let a brief pauser resume what it stopped;
-             ``pause_to_parked_ns`` and ``resume_to_first_step_ns`` time the guest's side
+             ``pause_to_parked_ns`` and ``resume_to_first_step_ns`` time the guest's side;
+             optional ``{"fence": {"token": T, "seconds": S}}``: set the fence first (one
+             round trip for both: a switchover's downtime holds no extra request)
 resume       lets the vCPUs run (an incoming guest then faults in its state page);
-             optional ``{"stop_at": N}``: park again at step N
+             optional ``{"stop_at": N}``: park again at step N; optional ``{"watchdog":
+             {"token": T, "seconds": S}}``: renew the watchdog first (refused, and no
+             resume, if it lapsed already)
 run_until    ``{"steps": N}``: resume, park when every vCPU has done exactly N steps
 run          ``{"steps": N, "harvest": bool}``: one epoch: every vCPU does exactly N more
              steps and parks; with harvest the guest's dirty log is harvested at the park
@@ -185,12 +189,17 @@ class ControlServer:
             if cmd == "status":
                 reply = {**g.status(), **self._lease.status()}
             elif cmd == "pause":
+                if "fence" in req:
+                    self._lease.command("fence", _promise(req, "fence"), conn)
                 reply = g.pause()
             elif cmd == "resume":
                 stop_at = req.get("stop_at")
                 if stop_at is not None and (not _is_count(stop_at)):
                     raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
                 self._lease.check_unfenced("resume")
+                if "watchdog" in req:
+                    self._lease.command("watchdog", _promise(req, "watchdog"), conn)
+                    self._start_watchdog()
                 reply = g.resume(stop_at=stop_at)
             elif cmd == "run_until":
                 steps = req.get("steps")
@@ -247,6 +256,16 @@ class ControlServer:
             print(f"guest: {cmd} failed: {exc!r}", file=sys.stderr)
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, [], False
         return {"ok": True, **reply}, fds, False
+
+
+def _promise(req: dict, name: str) -> dict:
+    """The fence or watchdog a pause or resume carries (checked by the lease)."""
+    from postcopy.guest.params import GuestStateError
+
+    value = req[name]
+    if not isinstance(value, dict):
+        raise GuestStateError(f"{req['cmd']}: {name!r} wants an object with 'token' and 'seconds'")
+    return {"token": value.get("token"), "seconds": value.get("seconds")}
 
 
 def _is_count(x) -> bool:

@@ -143,7 +143,9 @@ class KvmGuest(Guest):
             raise ValueError("the KVM guest has no free pages: leave out --free-fraction")
         super().boot(params)
 
-    def _load(self) -> None:
+    _RUN_AT_CREATION = False  # the VM is made under parked vCPU threads
+
+    def _load(self, run: bool = False) -> None:
         super()._load()
         if float(self._info.free_fraction) > 0:
             raise GuestStateError("the KVM guest cannot run a state page with free pages (--free-fraction)")

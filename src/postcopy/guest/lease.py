@@ -76,6 +76,9 @@ class Lease:
                 raise GuestStateError(f"{cmd} wants 'seconds' in [0, 1e6)" + (" or 'lift': true" if cmd == "fence"
                                                                               else ""))
             if cmd == "watchdog":
+                if self.watchdog_expired():  # the guest stops (or stopped): too late to renew
+                    raise GuestStateError("watchdog refused: it lapsed already (the agent was stopped or cut off "
+                                          "too long); this incoming guest must not run on")
                 self._watchdog_until = time.monotonic() + seconds
                 return {"watchdog_s": seconds}
             self._fence_until = max(self._fence_until, time.monotonic() + seconds)

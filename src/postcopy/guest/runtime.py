@@ -77,6 +77,8 @@ class Guest(RamCommands):
         self._state = "incoming" if incoming else "paused"
         self._resumed_ns: int | None = None
         self._paused_ns: int | None = None
+        # An incoming guest's start, CLOCK_MONOTONIC ns (the downtime's breakdown).
+        self._start_marks: dict[str, int] = {}
         self._fatal: str | None = None
         self._quit = False
         self._fds_taken = False
@@ -122,26 +124,37 @@ class Guest(RamCommands):
             raise ValueError(_CHECK_ERRORS.get(rc, f"boot error {rc}"))
         self._load()
 
-    def _load(self) -> None:
-        """Read and check the state page (may block on a userfaultfd fault)."""
+    # An incoming guest's vCPU threads may start in their first run, made running (see
+    # Vcpus); a guest kind that sets its vCPUs up while they are parked says False.
+    _RUN_AT_CREATION = True
+
+    def _load(self, run: bool = False) -> None:
+        """Read and check the state page (may block on a userfaultfd fault); with
+        ``run`` the vCPU threads are made already in a free run (no pacing set)."""
         info = ffi.new("struct pc_guest_info *")
         rc = lib.pc_guest_check(self._ram, self.ram_size, self.page_size, info)
         if rc:
             raise GuestStateError(_CHECK_ERRORS.get(rc, f"state page check failed ({rc})"))
+        self._start_marks["state_loaded"] = time.monotonic_ns()
         if self._vcpus is not None:
             raise GuestStateError("the state page was loaded already")
         locals_ = ffi.gc(lib.pc_vcpu_locals_new(info.threads), lib.pc_vcpu_locals_free)
         lib.pc_guest_load_locals(self._ram, locals_, info.threads)
+        threads = int(info.threads)
+        limits = self._free_run_limits(int(info.steps_target), threads) if run else None
         try:
-            vcpus = Vcpus(self._ram, self.ram_size, int(info.threads), locals_)
+            vcpus = Vcpus(self._ram, self.ram_size, threads, locals_, run=limits, notify=True)
         except OSError as exc:
             raise GuestStateError(str(exc)) from None
-        vcpus.set_pacing(throttle=self._throttle, rate_cap=self._rate_cap)
+        if not run:
+            vcpus.set_pacing(throttle=self._throttle, rate_cap=self._rate_cap)
+        self._start_marks["vcpus_ready"] = time.monotonic_ns()
         with self._cond:
             self._info = info
             self._locals = locals_
             self._local_ptrs = [locals_ + t for t in range(info.threads)]
             self._vcpus = vcpus
+            self._running = run
 
     # ---- bookkeeping ----------------------------------------------------------------
 
@@ -174,13 +187,16 @@ class Guest(RamCommands):
         all to the stop point (or the step target)."""
         notify = limits is None  # a free run: its end wakes the main thread (wait)
         if limits is None:
-            target = self.steps_target or _UNLIMITED
-            limit = min(target, self._stop_at) if self._stop_at is not None else target
-            limits = [limit] * len(self._local_ptrs)
+            limits = self._free_run_limits(self.steps_target or 0, len(self._local_ptrs))
         for p in self._local_ptrs:
             p.first_step_ns = 0
         self._running = True
         self._vcpus.release(limits, notify=notify)
+
+    def _free_run_limits(self, steps_target: int, threads: int) -> list[int]:
+        """Each vCPU's limit for a free run: the stop point, or the step target."""
+        target = steps_target or _UNLIMITED
+        return [min(target, self._stop_at) if self._stop_at is not None else target] * threads
 
     def _settle(self) -> None:
         """Take note of the vCPUs having parked (cond held); idempotent."""
@@ -221,7 +237,37 @@ class Guest(RamCommands):
         with self._cond:
             self._settle()
 
+    def _state_page_mapped(self) -> bool:
+        """Whether the state page is mapped here (it arrived: reading it cannot fault)."""
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                entry = os.pread(fd, 8, self.address // self.page_size * 8)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return len(entry) == 8 and bool(int.from_bytes(entry, "little") >> 63)
+
+    def _start_incoming_now(self) -> bool:
+        """An incoming guest's start inside its resume (cond held; its state page is
+        here): no thread of its own, and its vCPU threads are made running when no
+        pacing needs setting first. This is inside a migration's downtime. False if
+        the state page was refused (the guest is fatal then, as after the thread's)."""
+        self._start_marks["start"] = time.monotonic_ns()
+        try:
+            self._load(run=not self._throttle and not self._rate_cap)
+        except GuestStateError as exc:
+            self._fatal = f"incoming RAM: {exc}"
+            self._cond.notify_all()
+            return False
+        if not self._running:
+            self._spawn()
+        self._start_marks["released"] = self._vcpus.resumed_ns
+        return True
+
     def _start_incoming(self) -> None:
+        self._start_marks["start"] = time.monotonic_ns()
         try:
             self._load()  # faults on the state page: served by whoever holds the uffd
         except GuestStateError as exc:
@@ -237,7 +283,7 @@ class Guest(RamCommands):
                 self._state = "paused"
             else:
                 self._spawn()
-                self._resumed_ns = self._vcpus.resumed_ns
+                self._start_marks["released"] = self._vcpus.resumed_ns
             self._cond.notify_all()
 
     # ---- commands ---------------------------------------------------------------------
@@ -270,17 +316,22 @@ class Guest(RamCommands):
                                   "out (fds): the first page would never arrive")
         self._stop_at = stop_at
         self._pause_requested = False
+        started = True  # the vCPUs were released by this request
         if self._state == "incoming":
             self._resumed_ns = time.monotonic_ns()
             self._state = "running"
-            self._starting = True
-            threading.Thread(target=self._start_incoming, name="incoming", daemon=True).start()
+            if self._RUN_AT_CREATION and self._state_page_mapped():
+                started = self._start_incoming_now()
+            else:  # reading it may fault: the reply must not wait for the page
+                started = False
+                self._starting = True
+                threading.Thread(target=self._start_incoming, name="incoming", daemon=True).start()
         else:
             self._state = "running"
             self._spawn(limits)
             self._resumed_ns = self._vcpus.resumed_ns
         self._cond.notify_all()
-        return {"resumed_ns": self._resumed_ns}
+        return {"resumed_ns": self._resumed_ns, "vcpus_started": started}
 
     def pause(self) -> dict:
         """Park every vCPU at a step boundary; returns once all are parked (so it waits
@@ -434,6 +485,7 @@ class Guest(RamCommands):
                 "first_step_after_resume_ns": self.first_step_after_resume_ns(),
                 "resumed_ns": self._resumed_ns,
                 "paused_ns": self._paused_ns,
+                "incoming_start_ns": dict(self._start_marks),
                 "uffd": self.uffd is not None,
                 "uffd_minor": self.uffd_minor,
                 "staging_address": self.staging_address,

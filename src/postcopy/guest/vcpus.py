@@ -18,9 +18,16 @@ class Vcpus:
     :meth:`release` (one control command at a time); the waits and reads may run from
     any thread."""
 
-    def __init__(self, ram, ram_size: int, threads: int, locals_) -> None:
+    def __init__(self, ram, ram_size: int, threads: int, locals_, *, run: list[int] | None = None,
+                 notify: bool = False) -> None:
+        """Threads parked; with ``run``, threads already in their first run, as if
+        :meth:`release` (``run``, ``notify``) had come at once (no wait for them to park
+        and no wake-up after: an incoming guest's resume is inside a downtime)."""
         err = ffi.new("int *")
-        vm = lib.pc_vm_new(ram, ram_size, threads, locals_, err)
+        if run is None:
+            vm = lib.pc_vm_new(ram, ram_size, threads, locals_, err)
+        else:
+            vm = lib.pc_vm_new_running(ram, ram_size, threads, locals_, ffi.new("uint64_t[]", run), notify, err)
         if vm == ffi.NULL:
             raise OSError(-err[0], f"cannot start {threads} vCPU thread(s): {os.strerror(-err[0])}")
         self._vm = vm

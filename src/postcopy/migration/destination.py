@@ -292,6 +292,7 @@ class DestinationAgent:
             elif isinstance(message, wire.Discard):
                 self._discard(guest, message.ranges)
             elif isinstance(message, wire.Switchover):
+                self._timeline.mark("switchover_read")
                 switchover = message.info
                 resumed = self._switch_over(guest, switchover)
             elif isinstance(message, wire.ReadyCheck):
@@ -334,26 +335,34 @@ class DestinationAgent:
         """The source stopped its guest: widen the watchdog to the agreed recovery time
         and resume ours here."""
         self._source_recovery_timeout = switchover.get("recovery_timeout_s")
-        # Stopped or cut off, this agent stops renewing, and the guest stops itself; a
-        # guest that already did refuses the resume below.
-        self._watchdog.arm(watchdog_seconds(self._recovery_timeout()))
         # Every event of the discard was read (madvise waits for that): what the guest
         # removes from now on is its own.
         self.table.switched()
-        resumed = guest.resume()
+        self._timeline.mark("switched")
+        # The guest widens its watchdog, then resumes (one request). Stopped or cut off,
+        # this agent stops renewing, and the guest stops itself; a guest whose watchdog
+        # lapsed already refuses this resume.
+        resumed = self._watchdog.arm_with(lambda watchdog: guest.resume(watchdog=watchdog),
+                                          watchdog_seconds(self._recovery_timeout()))
+        self._timeline.mark("resume_replied")
         self._switched = True
         self._timeline.switchover_ns = time.monotonic_ns()
         return resumed
 
     def _first_step(self, guest: GuestClient) -> int | None:
-        """When the guest completed its first step after resume (polls briefly)."""
+        """When the guest completed its first step after resume (polls briefly); its
+        start's steps go into the timeline's marks."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                value = guest.status().get("first_step_after_resume_ns")
+                status = guest.status()
             except Exception:
                 return None  # the guest already finished and left
+            value = status.get("first_step_after_resume_ns")
             if value:
+                marks = self._timeline.marks
+                marks.update(status.get("incoming_start_ns") or {}, resume_received=status.get("resumed_ns"),
+                             first_step=value)
                 return value
             time.sleep(0.001)
         return None

@@ -62,6 +62,9 @@ def receive_figures(f: ReceiveFacts) -> dict:
         # first: then its last output line gives it, see DestinationAgent.run()).
         "first_step_ms": (f.first_step_ns - resumed_ns) / 1e6 if f.first_step_ns and resumed_ns else None,
         "max_step_gap_ms": f.max_gap_ns / 1e6 if f.max_gap_ns is not None else None,
+        # Inside the downtime: the faults read between the resume and the first step.
+        "faults_before_first_step_us": [round(us, 1) for t, us in fault_times
+                                        if resumed_ns and f.first_step_ns and resumed_ns <= t < f.first_step_ns],
         "receive_ms": (f.all_in - f.started) * 1e3,
         "timeline": f.timeline.as_dict(),
         "pages_removed_by_guest": f.table.removed_by_guest,

@@ -80,6 +80,10 @@ class SendPlane:
         session decides (after the destination's Complete it takes no request)."""
         lib.pc_dp_send_refuse_requests(self._ctx, 1)
 
+    def served(self) -> int:
+        """Demand requests answered since this plane was made."""
+        return int(lib.pc_dp_send_served(self._ctx))
+
     def take_hint(self) -> int | None:
         """The end page of the last demand request since the last call, if any."""
         hint = lib.pc_dp_send_take_hint(self._ctx)

@@ -26,9 +26,18 @@ by ``t + LINK_TIMEOUT_S + 1 + R + WATCHDOG_SLACK_S``, which FENCE_MARGIN_S excee
 The watchdog is armed as soon as the destination holds its incoming guest, before any
 frame can carry the Switchover, with R = 0 (it does not know the source's R yet; 0 is
 the smallest, so the bound holds whatever the source's is), and widened to the agreed R
-when the Switchover is acted on. So an agent stopped between reading the Switchover and
-acting on it cannot wake after the fence ended and run its guest: the guest stopped
-itself meanwhile, and the agent's resume fails.
+when the Switchover is acted on, in the resume request itself (the guest renews it,
+then resumes; a watchdog that lapsed already is not renewed, and the guest does not
+resume). So an agent stopped between reading the Switchover and acting on it cannot
+wake after the fence ended and run its guest: the guest stopped itself meanwhile, and
+the agent's resume fails.
+
+The source sets its fence in the pause request itself (the guest sets it, then parks):
+before the state leaves, so before any Switchover, as the rule wants, and with no round
+trip of its own inside the downtime. Arming it earlier only makes it end earlier by as
+much, which the renewals every FENCE_PERIOD_S (counted in the fence's length) cover. A
+migration that fails before the Switchover was sent lifts it again (nobody else can
+run the guest), so the guest goes on running on the source.
 """
 from __future__ import annotations
 
@@ -72,6 +81,19 @@ class LeaseKeeper:
         self.refresh()
         self._armed.set()
 
+    def arm_with(self, request, seconds: float | None = None):
+        """:meth:`arm` inside another request to the same guest, which carries the
+        promise (one round trip for both, inside a switchover's downtime): the source's
+        pause sets its fence, the destination's resume renews its watchdog. Calls
+        ``request(promise)`` with ``promise = {"token", "seconds"}`` and returns its
+        reply; renewals wait meanwhile, so none goes out with the old seconds after it."""
+        with self._lock:
+            if seconds is not None:
+                self._seconds = seconds
+            reply = request({"token": self._token, "seconds": self._seconds})
+        self._armed.set()
+        return reply
+
     def refresh(self) -> None:
         with self._lock:
             self._client.request(self._command, token=self._token, seconds=self._seconds)
@@ -83,6 +105,12 @@ class LeaseKeeper:
                 return self._client.status()["fence_remaining_s"]
         except GuestError:
             return None
+
+    def lift(self) -> None:
+        """End the fence now (a migration that failed before its Switchover), on a
+        connection of its own (the keeper's may be closed)."""
+        with GuestClient(self._client.path) as client:
+            client.request(self._command, token=self._token, lift=True)
 
     def close(self) -> None:
         self._stop.set()

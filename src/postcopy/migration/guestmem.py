@@ -41,9 +41,16 @@ class GuestMemory:
         self._map: mmap.mmap | None = None  # memfd, read-only: what tags are computed over
         self._map_lock = threading.Lock()
         self._copy: bytearray | None = None  # precopy runs of memfd RAM, read before tagging
+        # memfd: the guest's own mapping of it, for the demand server (see native_handles).
+        self._mapping: Pagemap | None = None
         if self.memfd is None:
             self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
             self._pagemap = Pagemap(self.pid)
+        else:
+            try:
+                self._mapping = Pagemap(self.pid)
+            except OSError:
+                self._mapping = None  # the memfd alone answers (slower beside a sweep)
 
     @property
     def layout(self) -> wire.Layout:
@@ -129,8 +136,11 @@ class GuestMemory:
 
     def native_handles(self) -> tuple[int, int, int]:
         """(memfd, /proc/PID/mem, pagemap) descriptors for the native data plane, -1
-        for those this backing lacks."""
-        pagemap = self._pagemap.fileno() if self._pagemap is not None else -1
+        for those this backing lacks. With memfd RAM the pagemap is of the guest's
+        mapping of it: a page mapped there is data without asking the memfd, whose
+        lseek waits while the pusher's sweep holds its inode lock (see pc_dp_send_new)."""
+        view = self._pagemap or self._mapping
+        pagemap = view.fileno() if view is not None else -1
         return (-1 if self.memfd is None else self.memfd, -1 if self._mem_fd is None else self._mem_fd, pagemap)
 
     @staticmethod
@@ -149,7 +159,8 @@ class GuestMemory:
             if fd is not None:
                 os.close(fd)
         self.memfd = self._mem_fd = None
-        if self._pagemap is not None:
-            self._pagemap.close()
-            self._pagemap = None
+        for view in (self._pagemap, self._mapping):
+            if view is not None:
+                view.close()
+        self._pagemap = self._mapping = None
 

@@ -6,6 +6,7 @@ order and pre-paging; after the switchover the per-page work runs in C
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,10 @@ from postcopy.protocol.wire import MAX_RUN_BYTES
 
 PREPAGE_PAGES = 16  # pages pushed right behind each demand fault
 PUSH_BATCH_PAGES = 4096  # pages per native push call; the plan is revised between calls
+# The pusher's first start (see PageSender._hold_for_first_faults).
+PUSH_HOLD_S = 0.05  # at most this long after the switchover
+FIRST_FAULTS_GRACE_S = 0.02  # after the first demand request: its first step needs a few more
+HOLD_POLL_S = 0.0005
 
 
 class UrgentChannelFailed(RuntimeError):
@@ -55,6 +60,20 @@ _CAUSE_COUNTERS = {
 }
 
 
+class StampedEvent(threading.Event):
+    """An event that notes when it was set (CLOCK_MONOTONIC ns; 0 while clear)."""
+
+    at_ns = 0
+
+    def set(self) -> None:
+        self.at_ns = time.monotonic_ns()
+        super().set()
+
+    def clear(self) -> None:
+        self.at_ns = 0
+        super().clear()
+
+
 class PageSender:
     """Sends the pages of one guest (``mem``). ``precopy_limit`` bounds precopy
     rounds, ``push_limit`` the postcopy pusher; demand pages are never held back.
@@ -68,13 +87,15 @@ class PageSender:
         self.precopy_limit = precopy_limit or RateLimiter(0)
         self.push_limit = push_limit or RateLimiter(0)
         self.link_lost = threading.Event()  # set by the demand server when its channel closes
-        self.serving = threading.Event()  # the demand server went into its C loop
+        self.serving = StampedEvent()  # the demand server went into its C loop
+        self.server_started_ns = 0  # its thread's latest start (the downtime's breakdown)
         self.urgent_error: BaseException | None = None
         self._on_progress = on_progress
         self._sent = bytearray(mem.npages)  # per page: sent once already (claimed under the plane's lock)
         self._priority: ranges.Runs = []  # pushed before the sweep (hybrid: the stale set)
         self._plane: SendPlane | None = None  # the native push loop and demand server, from the switchover
         self._extents_set = False
+        self._held_for_first_faults = False  # the pusher's first start waits for them (once)
         self._scratch = GuestMemory.scratch() if mem.memfd is None else None
 
     # -- precopy -----------------------------------------------------------------------
@@ -106,8 +127,13 @@ class PageSender:
             sent[first:first + count] = bytes(count)
         sent[0] = 1  # the state page went with the switchover
         self._priority = list(stale)
+        self.make_plane()
+
+    def make_plane(self) -> None:
+        """The native push loop and demand server (idempotent; may come before the
+        pause: it maps the RAM, it does not read it)."""
         if self._plane is None:
-            self._plane = SendPlane(self.mem, sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
+            self._plane = SendPlane(self.mem, self._sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
 
     def outstanding_after_recovery(self, missing: ranges.Runs) -> None:
         """After a reconnect: exactly what the destination says it lacks is unsent."""
@@ -141,6 +167,10 @@ class PageSender:
         sent = self._sent
         if sent.find(0) < 0:
             return  # precopy sent it all
+        if not self._held_for_first_faults:
+            self._held_for_first_faults = True
+            if not self._priority:  # hybrid's stale pages are the guest's next touches: they go at once
+                self._hold_for_first_faults()
         if not self._extents_set:
             self._plane.set_extents(self.mem.populated_extents())
             self._extents_set = True
@@ -156,6 +186,25 @@ class PageSender:
             end = min(first + PUSH_BATCH_PAGES, npages)
             self._push_batch(main, [(first, end)])
             pos = end
+
+    def _hold_for_first_faults(self) -> None:
+        """The downtime ends at the destination guest's first step, which waits for its
+        first faults; a bulk push that starts at the same moment takes the CPUs and the
+        link from them. Worse, its first act, the sweep of the populated extents
+        (memfd: SEEK_DATA/SEEK_HOLE), holds the memfd's inode lock while it walks (~13
+        ms per populated GiB), and the demand server's own lseek of a requested page
+        waits behind it: the 2 GiB downtime was ~2x the 256 MiB one for that alone. So
+        the pusher waits for the first demand request (the guest runs there) and
+        FIRST_FAULTS_GRACE_S more, never longer than PUSH_HOLD_S (a guest that does
+        not fault at once)."""
+        plane, deadline = self._plane, time.monotonic() + PUSH_HOLD_S
+        if plane.served():
+            return  # it ran there long ago (a push delay)
+        while not plane.served() and time.monotonic() < deadline:
+            if self.link_lost.wait(HOLD_POLL_S):
+                return
+        if plane.served():
+            self.link_lost.wait(FIRST_FAULTS_GRACE_S)
 
     def _push_batch(self, main: Channel, batch: list[tuple[int, int]]) -> None:
         """Push the unsent pages of the [first, end) ranges of ``batch``; a demand
@@ -212,6 +261,7 @@ class PageSender:
         bandwidth limit holds them back. Run in a thread of its own: the native plane
         serves every request; a frame it does not take comes back here to be decoded
         (and refused: nothing else may arrive on the urgent channel)."""
+        self.server_started_ns = time.monotonic_ns()
         make_current_thread_urgent()
         try:
             while True:

@@ -17,6 +17,7 @@ from typing import IO
 from postcopy import ranges
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, open_dirty_log
+from postcopy.migration.demandserver import DemandServer
 from postcopy.migration.dirtyrate import predict
 from postcopy.migration.fence import LeaseKeeper, fence_keeper, fence_note
 from postcopy.migration.guestmem import GuestMemory
@@ -57,7 +58,6 @@ class SourceConfig:
 MODES = ("postcopy", "precopy", "hybrid")
 DISCARD_BATCH = 4096  # runs per Discard frame (well inside the frame size limit)
 THROTTLE_SLICE_S = 0.012  # a vCPU throttle's nap ends within one slice (10 ms) of its lifting
-SERVER_START_S = 1.0  # how long the pusher waits for the demand server to reach its C loop
 
 
 def connect(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -85,13 +85,14 @@ class _Migration:
     dirty_log: DirtyLog | None = None
     main: Channel | None = None
     urgent: Channel | None = None
-    server: threading.Thread | None = None
+    server: DemandServer | None = None
     controls: GuestControls = field(default_factory=GuestControls)
     rounds: list[RoundStats] = field(default_factory=list)
     stop_reason: str | None = None
     prediction: dict | None = None
     stale: list[tuple[int, int]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)
+    steps_ns: dict[str, int] = field(default_factory=dict)  # the switchover's steps (report.DOWNTIME_STEPS)
     switchover_sent: bool = False
     complete: dict = field(default_factory=dict)
 
@@ -245,14 +246,21 @@ class SourceAgent:
             # so the downtime (the guest's heartbeat gap) is not the nap's length.
             m.controls.lift()
             time.sleep(THROTTLE_SLICE_S)
-        # Connected before the pause, armed before the Switchover: the connection is not downtime.
+        # Connected before the pause, armed by the pause itself (the guest sets the fence,
+        # then parks): before any Switchover, and no round trip of its own in the downtime.
         self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
+        m.sender.make_plane()  # the demand server's (mapping the RAM is not downtime)
+        m.server = DemandServer(m.sender, lambda: m.urgent, held=True)  # released right after the Switchover
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
-        paused = m.guest.pause()
+        m.steps_ns["pause_asked"] = time.monotonic_ns()
+        paused = self._fence.arm_with(lambda fence: m.guest.pause(fence=fence))
         marks["pause"] = time.monotonic()
+        m.steps_ns.update(last_step=paused["last_heartbeat_ns"], parked=paused["paused_ns"],
+                          pause_replied=time.monotonic_ns())
         if m.dirty_log is not None:
             m.stale = m.dirty_log.harvest()  # stopped after the switchover: not downtime
             marks["final_harvest"] = time.monotonic()
+            m.steps_ns["final_harvest"] = time.monotonic_ns()
             if cfg.mode == "precopy":
                 m.sender.send_precopy(m.main, m.stale, True)
                 m.stale = []
@@ -260,9 +268,10 @@ class SourceAgent:
                 for i in range(0, len(m.stale), DISCARD_BATCH):
                     m.main.send(wire.Discard(ranges=tuple(m.stale[i:i + DISCARD_BATCH])))
             marks["final_send"] = time.monotonic()
+            m.steps_ns["final_send"] = time.monotonic_ns()
         m.sender.send_state(m.main)
-        # From the Switchover on, the destination may run the guest: fence it here first.
-        self._fence.arm()
+        m.steps_ns["state_sent"] = time.monotonic_ns()
+        m.sender.prepare_postcopy(m.stale, precopied=m.dirty_log is not None)
         m.main.send(wire.Switchover(info={
             "recovery_timeout_s": cfg.recovery_timeout,
             "mode": cfg.mode,
@@ -273,11 +282,14 @@ class SourceAgent:
         }))
         m.switchover_sent = True
         marks["switchover"] = time.monotonic()
+        m.steps_ns["switchover_sent"] = time.monotonic_ns()
+        # The guest's first faults there come within a millisecond: serve before anything else.
+        m.server.release()
+        m.server.wait_serving(m.steps_ns)
         self.progress.event("switchover", stale_pages=ranges.total(m.stale))
         m.controls.lift()  # the paused guest here keeps no throttle (the destination's never had one)
         if m.dirty_log is not None:
             m.dirty_log.stop()  # the guest stays paused here; write-protection is moot
-        m.sender.prepare_postcopy(m.stale, precopied=m.dirty_log is not None)
 
     def _postcopy(self, m: _Migration) -> None:
         """Serve demand requests and push the rest until the destination confirms;
@@ -288,13 +300,9 @@ class SourceAgent:
             self.progress.event("postcopy")
         push_delay = cfg.push_delay
         while True:
-            m.server = threading.Thread(target=m.sender.serve_urgent, args=(m.urgent,), name="urgent-server",
-                                        daemon=True)
-            m.sender.serving.clear()
-            m.server.start()
-            # The first faults come right after the switchover: the pusher's planning in
-            # Python must not keep the server from its C loop (the GIL's 5 ms switch interval).
-            m.sender.serving.wait(SERVER_START_S)
+            if m.server is None:  # released at the switchover; a new one after a recovery
+                m.server = DemandServer(m.sender, lambda: m.urgent, held=False)
+                m.server.wait_serving(m.steps_ns)
             try:
                 if push_delay and m.sender.link_lost.wait(push_delay):
                     raise ChannelClosed("urgent channel broke")
@@ -309,6 +317,7 @@ class SourceAgent:
                     raise
                 self.progress.event("recovery", error=str(exc))
                 self._recover(m, exc)
+                m.server = None
                 self.progress.event("postcopy")
         m.marks["push_done"] = time.monotonic()
         m.guest.quit()  # the destination holds every page now
@@ -316,6 +325,8 @@ class SourceAgent:
         m.server.join(timeout=5)
 
     def _close(self, m: _Migration, status_server: StatusServer | None) -> None:
+        if m.server is not None:
+            m.server.abandon()  # one still waiting for a Switchover returns
         if self._fence is not None:
             self._fence.close()
         if m.dirty_log is not None:
@@ -342,6 +353,7 @@ class SourceAgent:
             # Where the source's part of the downtime went, ms after the pause request.
             "switchover_breakdown_ms": {k: (t - pause_started) * 1e3 for k, t in marks.items()
                                         if k in ("pause", "final_harvest", "final_send", "switchover")},
+            "switchover_marks_ns": m.steps_ns,
             "final_stale_pages": ranges.total(m.stale) if self.config.mode == "hybrid" else 0,
             "push_ms": (marks["push_done"] - marks["switchover"]) * 1e3,
             "rounds": [r.as_dict() for r in m.rounds],
@@ -427,6 +439,7 @@ class SourceAgent:
         goes on running here (unthrottled)."""
         if not m.switchover_sent:
             try:
+                self._unfence()
                 m.controls.lift()
                 if m.guest.status().get("state") == "paused":
                     m.guest.resume()
@@ -439,6 +452,13 @@ class SourceAgent:
         remaining = self._fence.remaining() if self._fence is not None else None
         return (f"migration failed after the switchover: {exc}. The guest is kept paused on the source with "
                 f"all its RAM (control socket {self.config.guest_control}). {fence_note(remaining)}")
+
+    def _unfence(self) -> None:
+        """Before the Switchover went out no destination can run the guest: the fence
+        the pause set ends here (renewals first), so the guest may run on here."""
+        if self._fence is not None:
+            self._fence.close()
+            self._fence.lift()
 
     def _free_hint(self, guest: GuestClient, mem: GuestMemory) -> list[tuple[int, int]]:
         """Pages the guest reports free right now (skipped: their content is undefined)."""
