@@ -109,3 +109,8 @@ def positive_rate_arg(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"rate {text!r} must be above 0 (leave the option out for no limit)")
     return value
+
+
+def format_num(value: float | None, fmt: str = "{:.2f}") -> str:
+    """``value`` in ``fmt``, or "n/a" for a figure that was not measured."""
+    return "n/a" if value is None else fmt.format(value)

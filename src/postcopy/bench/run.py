@@ -15,7 +15,9 @@ import time
 from postcopy import report
 
 from postcopy import svg
+from postcopy.units import format_num
 from postcopy.bench.agentcpu import AgentCpu, push_cpu_per_gib
+from postcopy.bench.checkpointing import checkpoint_figures, checkpoint_table
 from postcopy.testbed.demo import DemoOptions, run_demo
 from postcopy.guest import GuestParams
 
@@ -105,24 +107,6 @@ def precopy_rows(quick: bool) -> list[dict]:
                          "faults_first_s": result["dest"].get("faults_first_second"),
                          "verified": result["verified"]})
     return rows
-
-
-def checkpoint_figures(quick: bool) -> dict:
-    """Checkpoints per second at each dirty bound, beside the C floor of one epoch
-    (bench/ckptfloor.py), measured right before and right after (the best of both)."""
-    from postcopy.bench.ckptfloor import FloorUnavailable, attach_floors, measure_floors
-    from postcopy.testbed.checkpoint_demo import run_checkpoint_demo
-
-    bounds = (64,) if quick else (64, 256, 1024)
-    try:
-        floors = measure_floors(bounds)
-    except FloorUnavailable:
-        floors = None
-    result = run_checkpoint_demo(ram=32 << 20, dirty_bounds=bounds, seconds=1.0 if quick else 3.0,
-                                 port=BENCH_PORT + 3)
-    if floors is not None:
-        attach_floors(result, measure_floors(bounds, floors))
-    return result
 
 
 def pause_resume(quick: bool) -> dict:
@@ -289,7 +273,7 @@ def run_bench(quick: bool) -> dict:
         "ratios": ratios,
         "harvest": _experiment("harvest", harvest_rows, quick, []),
         "precopy": _experiment("precopy", precopy_rows, quick, []),
-        "checkpoint": _experiment("checkpoint", checkpoint_figures, quick, {}),
+        "checkpoint": _experiment("checkpoint", lambda q: checkpoint_figures(q, BENCH_PORT + 3), quick, {}),
         "pause_resume": _experiment("pause-resume", pause_resume, quick, {}),
         "install_paths": _experiment("install paths", install_paths, quick, []),
         "frame_auth": _experiment("frame auth", frame_auth_figures, quick, {}),
@@ -299,41 +283,8 @@ def run_bench(quick: bool) -> dict:
     }
 
 
-def _num(v, fmt="{:.2f}") -> str:
-    return "n/a" if v is None else fmt.format(v)
-
-
 def _times(v) -> str:
-    return _num(v, "{:.2f}x")
-
-
-def checkpoint_table(checkpoint: dict) -> list[str]:
-    """The continuous-checkpointing section: rate per dirty bound beside the C floor of
-    one epoch, then where the floor's epoch goes."""
-    lines = ["", "## Continuous checkpointing", "",
-             "| dirty bound | checkpoints/s | floor/s | vs floor | pause p50 ms | pause p99 ms |", "|---|---|---|---|---|---|"]
-    rows = checkpoint.get("bounds", {})
-    for bound, row in rows.items():
-        pause = row.get("pause_ms") or {}
-        lines.append(f"| {bound} | {_num(row.get('checkpoints_per_s'), '{:.0f}')} | "
-                     f"{_num(row.get('floor_per_s'), '{:.0f}')} | {_num(row.get('vs_floor'))} | "
-                     f"{_num(pause.get('p50'), '{:.3f}')} | {_num(pause.get('p99'), '{:.3f}')} |")
-    return lines + _floor_parts_rows(rows)
-
-
-def _floor_parts_rows(checkpoint_rows: dict) -> list[str]:
-    """Where the C floor's epoch goes (µs per epoch), per dirty bound."""
-    from postcopy.bench.ckptfloor import PARTS
-
-    floors = {bound: row["floor"] for bound, row in checkpoint_rows.items() if row.get("floor")}
-    if not floors:
-        return []
-    lines = ["", "C floor of one epoch (native/ckpt_floor.c), µs per epoch (ack window: unacknowledged epochs "
-             "allowed; apply: the receiver's):", "",
-             "| dirty pages | window | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 2) + "|"]
-    for bound, floor in floors.items():
-        lines.append(f"| {bound} | {floor['window']} | " + " | ".join(f"{floor['parts_us'][p]:.1f}" for p in PARTS) + " |")
-    return lines
+    return format_num(v, "{:.2f}x")
 
 
 def _headline_rows(result: dict) -> list[str]:
@@ -349,25 +300,25 @@ def _headline_rows(result: dict) -> list[str]:
     by_install = f.get("push_by_install") or {}
     best = f" (install {f['push_install']}, the best of {len(by_install)})" if len(by_install) > 1 else ""
     rows = ["| figure | value | C floor (same run) | ratio |", "|---|---|---|---|",
-            f"| push throughput{best} | {_num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s | "
+            f"| push throughput{best} | {format_num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s | "
             f"TCP bulk {tcp / 1e9:.2f} GB/s ({b['tcp_bulk_placement']}) | {_times(r['push_vs_tcp_bulk'])} |"]
     for path, row in by_install.items() if len(by_install) > 1 else ():
         push = row["push_bytes_per_s"]
-        rows.append(f"| push, install {path} (CPU s/GiB source {_num(row['source_cpu_s_per_gib'])}, dest "
-                    f"{_num(row['dest_cpu_s_per_gib'])}) | {_num(push and push / 1e9)} GB/s | TCP bulk | "
+        rows.append(f"| push, install {path} (CPU s/GiB source {format_num(row['source_cpu_s_per_gib'])}, dest "
+                    f"{format_num(row['dest_cpu_s_per_gib'])}) | {format_num(push and push / 1e9)} GB/s | TCP bulk | "
                     f"{_times(_ratio(push, tcp))} |")
     for role, side, name in (("source", "client", "sender"), ("dest", "server", "receiver")):
         agent = push_cpu.get(role) or {}
         rows.append(f"| {role} agent CPU s per GiB moved in the push window{best} | "
-                    f"{_num(agent.get('cpu_s_per_gib'))} | "
+                    f"{format_num(agent.get('cpu_s_per_gib'))} | "
                     f"TCP {name} {bulk['cpu'][side]['cpu_s_per_gib']:.2f} | {_times(r[f'{role}_cpu_per_gib_vs_c'])} |")
     for p in ("p50", "p99"):
-        rows.append(f"| demand fault {p}, no pusher | {_num(f['fault_us_without_pusher'][p], us)} µs | RTT+uffd "
-                    + " / ".join(f"{_num(floor[n][p], us)} µs ({n})" for n in placements) + " | "
+        rows.append(f"| demand fault {p}, no pusher | {format_num(f['fault_us_without_pusher'][p], us)} µs | RTT+uffd "
+                    + " / ".join(f"{format_num(floor[n][p], us)} µs ({n})" for n in placements) + " | "
                     + " / ".join(_times(r[f"fault_{p}_vs_floor_{n}"]) for n in placements) + " |")
-    rows += [f"| demand fault p99, pusher on | {_num(f['fault_us_with_pusher']['p99'], us)} µs | "
+    rows += [f"| demand fault p99, pusher on | {format_num(f['fault_us_with_pusher']['p99'], us)} µs | "
              f"p99 without pusher | {_times(r['fault_p99_with_vs_without_pusher'])} |",
-             f"| downtime 256 MiB / 2 GiB | {_num(f['downtime_ms_256M'])} / {_num(f['downtime_ms_2G'])} ms | | |",
+             f"| downtime 256 MiB / 2 GiB | {format_num(f['downtime_ms_256M'])} / {format_num(f['downtime_ms_2G'])} ms | | |",
              "", *baselines.markdown_rows(b)]
     return rows
 
@@ -376,9 +327,7 @@ def markdown(result: dict) -> str:
     """The headline figures as Markdown tables."""
     from postcopy.bench.harvest import format_table
 
-    def num(v, fmt="{:.2f}"):
-        return "n/a" if v is None else fmt.format(v)
-
+    num = format_num
     lines = [f"# postcopy bench ({'quick' if result['quick'] else 'full'}), kernel {result['kernel']}, "
              f"{result['cpus']} CPUs", "",
              *_headline_rows(result),
@@ -429,9 +378,7 @@ def format_bench(result: dict) -> str:
 
     b, f, r = result["baselines"], result["postcopy"], result["ratios"]
 
-    def num(v, fmt="{:.2f}"):
-        return "n/a" if v is None else fmt.format(v)
-
+    num = format_num
     lines = [
         f"kernel {result['kernel']}, {result['cpus']} CPUs, {'quick' if result['quick'] else 'full'} run",
         "C baselines (same run; placements: " + ", ".join(f"{n} {c}" for n, c in b["placements"].items()) + "):",

@@ -174,6 +174,20 @@ class ControlServer:
                     self.on_quit()
                     return
 
+    def _resume(self, req: dict, conn: socket.socket | None) -> dict:
+        """resume, with the destination's widened watchdog in the same request (one
+        round trip inside the downtime): renewed first, refused if it lapsed already."""
+        from postcopy.guest.params import GuestStateError
+
+        stop_at = req.get("stop_at")
+        if stop_at is not None and not _is_count(stop_at):
+            raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
+        self._lease.check_unfenced("resume")
+        if "watchdog" in req:
+            self._lease.command("watchdog", _promise(req, "watchdog"), conn)
+            self._start_watchdog()
+        return self.guest.resume(stop_at=stop_at)
+
     def _dispatch(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict, list[int], bool]:
         from postcopy.guest.params import GuestStateError
 
@@ -193,14 +207,7 @@ class ControlServer:
                     self._lease.command("fence", _promise(req, "fence"), conn)
                 reply = g.pause()
             elif cmd == "resume":
-                stop_at = req.get("stop_at")
-                if stop_at is not None and (not _is_count(stop_at)):
-                    raise GuestStateError("resume wants a non-negative integer 'stop_at' (or none)")
-                self._lease.check_unfenced("resume")
-                if "watchdog" in req:
-                    self._lease.command("watchdog", _promise(req, "watchdog"), conn)
-                    self._start_watchdog()
-                reply = g.resume(stop_at=stop_at)
+                reply = self._resume(req, conn)
             elif cmd == "run_until":
                 steps = req.get("steps")
                 if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:

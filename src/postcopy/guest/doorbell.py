@@ -18,6 +18,7 @@ import threading
 from typing import Callable
 
 from postcopy._native import ffi, lib
+from postcopy.guest.params import GuestStateError
 
 STATES = {lib.PC_DB_PARKED: "paused", lib.PC_DB_FINISHED: "finished", lib.PC_DB_ENDED: "paused",
           lib.PC_DB_ERROR: "error"}
@@ -105,3 +106,39 @@ class DoorbellServer:
             os.close(self._pagemap)
             self.doorbell.close()
         self._on_end(self)
+
+
+class DoorbellCommands:
+    """The guest's doorbell commands, mixed into :class:`~postcopy.guest.runtime.Guest`
+    (which provides the vCPUs, the locks, ``_check_paused`` and ``_settle``)."""
+
+    def start_doorbell(self, runs_cap: int) -> tuple[dict, list[int]]:
+        """Start a doorbell session (:mod:`postcopy.guest.doorbell`) on this paused,
+        dirty-tracked guest; returns the reply and the doorbell memfd to send with it.
+        ``runs_cap``: the most dirty runs one epoch may report."""
+        if not isinstance(runs_cap, int) or isinstance(runs_cap, bool) or not 1 <= runs_cap <= 1 << 24:
+            raise GuestStateError("doorbell wants an integer 'runs_cap' 1..16777216")
+        with self._op, self._cond:
+            if self._dirty is None:
+                raise GuestStateError("doorbell needs dirty tracking on (dirty_track)")
+            self._check_paused("doorbell")
+            for p in self._local_ptrs:
+                p.first_step_ns = 0
+            self._doorbell = DoorbellServer(self._vcpus.vm, self._locals, self.threads, self.steps_target or 0,
+                                            self.address, self.ram_size, runs_cap, self._doorbell_ended)
+            self._state = "checkpointing"
+            return ({"doorbell_bytes": self._doorbell.doorbell.size, "runs_cap": runs_cap, "threads": self.threads},
+                    [self._doorbell.fd])
+
+    def stop_doorbell(self) -> None:
+        """End the doorbell session, if one runs (its caller went away)."""
+        with self._cond:
+            server = self._doorbell
+        if server is not None:
+            server.stop()
+
+    def _doorbell_ended(self, server: DoorbellServer) -> None:
+        """The doorbell's server thread ended: the guest is parked (or finished)."""
+        with self._cond:
+            if self._doorbell is server:
+                self._settle()

@@ -23,12 +23,14 @@ import time
 
 from postcopy._native import ffi, lib
 from postcopy.guest.dirtytrack import DirtyTracker
-from postcopy.guest.doorbell import DoorbellServer
+from postcopy.guest.doorbell import DoorbellCommands
+from postcopy.guest.pacing import PacingCommands
 from postcopy.guest.incoming import StagingArea, open_incoming_uffd
 from postcopy.guest.params import (_CHECK_ERRORS, _UNLIMITED, BACKINGS, MAX_THREADS, PAGE_SIZE, WORKLOAD_NAMES,
                                    WORKLOADS, BootParams, GuestStateError, incoming_options_error, layout_error)
 from postcopy.guest.ramcommands import RamCommands
 from postcopy.guest.vcpus import Vcpus
+from postcopy.kernel.pagemap import Pagemap
 
 # The guest's parameters stay importable from here, beside the guest they make.
 __all__ = ["BACKINGS", "MAX_THREADS", "PAGE_SIZE", "WORKLOADS", "WORKLOAD_NAMES", "BootParams", "Guest",
@@ -37,7 +39,7 @@ __all__ = ["BACKINGS", "MAX_THREADS", "PAGE_SIZE", "WORKLOADS", "WORKLOAD_NAMES"
 
 
 
-class Guest(RamCommands):
+class Guest(RamCommands, DoorbellCommands, PacingCommands):
     """Guest RAM and its vCPUs. Thread safe; the control server calls in from its
     threads, the vCPU threads report back, the main thread waits in :meth:`wait_exit`."""
 
@@ -88,7 +90,7 @@ class Guest(RamCommands):
         self._rate_cap = 0.0
         self.uffd = None  # missing mode, incoming guests only; handed out by fds
         self._dirty: DirtyTracker | None = None  # async write-protect tracking; never leaves the guest
-        self._doorbell: DoorbellServer | None = None  # a checkpoint session drives the vCPUs
+        self._doorbell = None  # a DoorbellServer while a checkpoint session drives the vCPUs
         self._free_cap = 64  # runs buffer of free_ranges, grown on demand
         self.uffd_minor = uffd_minor
         self.staging_pages = staging_pages
@@ -240,14 +242,10 @@ class Guest(RamCommands):
     def _state_page_mapped(self) -> bool:
         """Whether the state page is mapped here (it arrived: reading it cannot fault)."""
         try:
-            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                entry = os.pread(fd, 8, self.address // self.page_size * 8)
-            finally:
-                os.close(fd)
+            with Pagemap() as pagemap:
+                return bool(pagemap.read(self.address, 1)[0] >> 63)
         except OSError:
             return False
-        return len(entry) == 8 and bool(int.from_bytes(entry, "little") >> 63)
 
     def _start_incoming_now(self) -> bool:
         """An incoming guest's start inside its resume (cond held; its state page is
@@ -390,59 +388,6 @@ class Guest(RamCommands):
                 reply["harvest_ns"] = time.monotonic_ns() - t0
         with self._cond:
             return {**self._pause_reply(), **reply}
-
-    def start_doorbell(self, runs_cap: int) -> tuple[dict, list[int]]:
-        """Start a doorbell session (:mod:`postcopy.guest.doorbell`) on this paused,
-        dirty-tracked guest; returns the reply and the doorbell memfd to send with it.
-        ``runs_cap``: the most dirty runs one epoch may report."""
-        if not isinstance(runs_cap, int) or isinstance(runs_cap, bool) or not 1 <= runs_cap <= 1 << 24:
-            raise GuestStateError("doorbell wants an integer 'runs_cap' 1..16777216")
-        with self._op, self._cond:
-            if self._dirty is None:
-                raise GuestStateError("doorbell needs dirty tracking on (dirty_track)")
-            self._check_paused("doorbell")
-            for p in self._local_ptrs:
-                p.first_step_ns = 0
-            self._doorbell = DoorbellServer(self._vcpus.vm, self._locals, self.threads, self.steps_target or 0,
-                                            self.address, self.ram_size, runs_cap, self._doorbell_ended)
-            self._state = "checkpointing"
-            return ({"doorbell_bytes": self._doorbell.doorbell.size, "runs_cap": runs_cap, "threads": self.threads},
-                    [self._doorbell.fd])
-
-    def stop_doorbell(self) -> None:
-        """End the doorbell session, if one runs (its caller went away)."""
-        with self._cond:
-            server = self._doorbell
-        if server is not None:
-            server.stop()
-
-    def _doorbell_ended(self, server: DoorbellServer) -> None:
-        """The doorbell's server thread ended: the guest is parked (or finished)."""
-        with self._cond:
-            if self._doorbell is server:
-                self._settle()
-
-    def set_throttle(self, percent: int) -> dict:
-        """Park each vCPU ``percent`` (0..99) of its time from its next step on (QEMU's
-        auto-converge throttle); 0 lifts it. Timing only: not guest state, not migrated."""
-        if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 99:
-            raise GuestStateError("throttle wants an integer 'percent' 0..99 (0 lifts it)")
-        return self._set_pacing(percent, self._rate_cap)
-
-    def set_rate_cap(self, steps_per_s: float) -> dict:
-        """Cap each vCPU at ``steps_per_s`` steps/s from its next step on (as ``--rate``,
-        the slower of the two holds); 0 lifts it. Not one of the guest's parameters."""
-        if (not isinstance(steps_per_s, (int, float)) or isinstance(steps_per_s, bool)
-                or not 0 <= steps_per_s <= 1e18):
-            raise GuestStateError("rate_cap wants a number 'steps_per_s' >= 0 (0 lifts the cap)")
-        return self._set_pacing(self._throttle, float(steps_per_s))
-
-    def _set_pacing(self, throttle: int, rate_cap: float) -> dict:
-        with self._cond:
-            if self._vcpus is not None:
-                self._vcpus.set_pacing(throttle=throttle, rate_cap=rate_cap)
-            self._throttle, self._rate_cap = throttle, rate_cap
-            return {"throttle_pct": throttle, "rate_cap": rate_cap}
 
     def _check_paused(self, what: str) -> None:
         self._settle()

@@ -106,11 +106,11 @@ class DestinationAgent:
                                       frame_auth=self.config.frame_auth)
         return self.listener
 
-    def _accept(self, name: str, session: bytes | None) -> tuple[Channel, PeerInfo]:
-        """The next authenticated channel of this migration (strangers and other
-        sources are dealt with by the listener; see :mod:`postcopy.migration.listener`)."""
+    def _accept(self, name: str, session: bytes | None, timeout: float | None = None) -> tuple[Channel, PeerInfo]:
+        """The next authenticated channel of this migration within ``timeout`` (default:
+        the configured one; strangers and other sources are the listener's business)."""
         try:
-            return self._listener.accept(name, session, self.config.accept_timeout)
+            return self._listener.accept(name, session, self.config.accept_timeout if timeout is None else timeout)
         except AcceptTimeout as exc:
             if session is None:  # no migration began: nothing else will close it
                 self._listener.close()
@@ -202,17 +202,13 @@ class DestinationAgent:
             self._lender.lend(urgent)  # the fault loop sends its requests itself
             figures = self._receive(guest, uffd)
             self._main.send(wire.Complete(info=figures))
-        except (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError, InstallError) as exc:
+        except BaseException as exc:  # Ctrl-C and SIGTERM too: the incoming guest must not run on
             self._stop.set()
             self.stop_guest()
-            raise DestinationError(f"incoming migration failed: {exc}. {self._stopped_note()}") from exc
-        except DestinationError as exc:
-            self._stop.set()
-            self.stop_guest()
-            raise DestinationError(f"{exc}. {self._stopped_note()}") from exc
-        except BaseException:  # Ctrl-C, SIGTERM: the same, loudly
-            self._stop.set()
-            self.stop_guest()
+            if isinstance(exc, DestinationError):
+                raise DestinationError(f"{exc}. {self._stopped_note()}") from exc
+            if isinstance(exc, (ChannelClosed, wire.ProtocolError, UffdError, OSError, GuestError, InstallError)):
+                raise DestinationError(f"incoming migration failed: {exc}. {self._stopped_note()}") from exc
             raise
         finally:
             self._stop.set()
@@ -360,9 +356,8 @@ class DestinationAgent:
                 return None  # the guest already finished and left
             value = status.get("first_step_after_resume_ns")
             if value:
-                marks = self._timeline.marks
-                marks.update(status.get("incoming_start_ns") or {}, resume_received=status.get("resumed_ns"),
-                             first_step=value)
+                self._timeline.marks.update(status.get("incoming_start_ns") or {},
+                                            resume_received=status.get("resumed_ns"), first_step=value)
                 return value
             time.sleep(0.001)
         return None
@@ -414,17 +409,12 @@ class DestinationAgent:
         self.protocol.link_lost()
         print(f"link to the source lost; waiting up to {timeout:g} s for it to reconnect",
               file=sys.stderr, flush=True)
-        saved = self.config.accept_timeout
         try:
-            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
-            main, _ = self._accept("main", self._session)
-            self.config.accept_timeout = max(0.01, noticed + timeout - time.monotonic())
-            urgent, _ = self._accept("urgent", self._session)
+            main, _ = self._accept("main", self._session, max(0.01, noticed + timeout - time.monotonic()))
+            urgent, _ = self._accept("urgent", self._session, max(0.01, noticed + timeout - time.monotonic()))
         except DestinationError as exc:
             raise DestinationError(f"the link to the source stayed down longer than the recovery timeout "
                                    f"({timeout:g} s)") from exc
-        finally:
-            self.config.accept_timeout = saved
         # Everything not in yet: the pusher sends it again; what threads wait on goes
         # first, on the urgent channel.
         outstanding, waiting = self.table.outstanding()
