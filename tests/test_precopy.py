@@ -22,8 +22,13 @@ def needs_precopy():
         pytest.skip(f"needs a dirty log: {available_backends()}")
 
 
+# Under emulation (scripts/kernel-matrix) a guest of 25 M steps ran ~290 s of the demo's
+# 300 s (the migration, then its reference run): a fifth still writes through every round.
+STEPS = 25_000_000 if SLOWDOWN == 1 else 5_000_000
+
+
 def migrate(mode: str, hold_at: int | None = None, **params) -> dict:
-    defaults = dict(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=25_000_000, working_set=0.25)
+    defaults = dict(ram=16 << 20, threads=2, workload="random-write", seed=5, steps=STEPS, working_set=0.25)
     defaults.update(params)
     # A guest not migrated near its end (a busy host) parks there rather than finish;
     # with hold_at it waits at that step until migrated.
@@ -64,6 +69,6 @@ def test_idle_guest_precopy_sends_about_its_populated_ram():
 
 @pytest.mark.parametrize("mode", ["precopy", "hybrid"])
 def test_free_page_hints_are_skipped_and_reuse_verifies(mode):
-    report = migrate(mode, workload="random-write", working_set=1.0, free_fraction=0.5, steps=20_000_000)
+    report = migrate(mode, workload="random-write", working_set=1.0, free_fraction=0.5, steps=STEPS * 4 // 5)
     assert report["verified"], report
     assert report["pages_skipped_free"] > 0
