@@ -16,6 +16,7 @@
 
 #include "bench_util.h"
 #include "dirtylog_ops.h"
+#include "fd_io.h"
 #include "uffd_ops.h"
 
 #define VEC_LEN 512
@@ -32,24 +33,6 @@ struct receiver {
     uint64_t page_size, max_pages, apply_ns;
     int rc;
 };
-
-static int read_full(int fd, void *buf, size_t len)
-{
-    uint8_t *p = buf;
-    while (len) {
-        ssize_t n = recv(fd, p, len, 0);
-        if (n == 0)
-            return -ECONNRESET;
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
 
 static int write_iov(int fd, struct iovec *iov, int n)
 {
@@ -79,15 +62,15 @@ static void *receive_loop(void *arg)
     struct receiver *r = arg;
     for (;;) {
         struct floor_head h;
-        int rc = read_full(r->fd, &h, sizeof(h));
+        int rc = pc_recv_full(r->fd, &h, sizeof(h));
         if (rc == -ECONNRESET)
             break; /* the sender is done */
         if (!rc && (h.nruns > r->max_pages || h.npages > r->max_pages))
             rc = -EPROTO;
         if (!rc)
-            rc = read_full(r->fd, r->runs, h.nruns * 16);
+            rc = pc_recv_full(r->fd, r->runs, h.nruns * 16);
         if (!rc)
-            rc = read_full(r->fd, r->stage, h.npages * r->page_size);
+            rc = pc_recv_full(r->fd, r->stage, h.npages * r->page_size);
         if (rc) {
             r->rc = rc;
             break;
@@ -190,7 +173,7 @@ static int take_acks(int fd, uint64_t sent, uint64_t *acked, uint64_t window)
 {
     while (sent - *acked > window) {
         uint64_t epoch;
-        int rc = read_full(fd, &epoch, sizeof(epoch));
+        int rc = pc_recv_full(fd, &epoch, sizeof(epoch));
         if (rc)
             return rc;
         if (epoch != *acked + 1)

@@ -9,6 +9,7 @@
 #include "dp_dest.h"
 #include "dp_dest_internal.h"
 #include "frame_auth.h"
+#include "fd_io.h"
 #include "uffd_ops.h"
 
 #define RETRY_PIECE (-1)
@@ -296,20 +297,6 @@ uint64_t pc_dp_requests_sent(struct pc_dp_table *t)
 	return n;
 }
 
-static int send_all(int fd, const uint8_t *buf, size_t len)
-{
-	while (len) {
-		ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		buf += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /* Sends the runs on the lent channel: 1 if sent, 0 if not lent (Python sends them),
  * PC_DP_LINK_LOST if a send failed (the channel is taken back). */
 static int dp_send_requests(struct pc_dp_table *t, const uint64_t *req, int nruns)
@@ -331,7 +318,7 @@ static int dp_send_requests(struct pc_dp_table *t, const uint64_t *req, int nrun
 			}
 			len += PC_AUTH_TAG_BYTES;
 		}
-		if (send_all(t->urgent_fd, frame, len) < 0) {
+		if (pc_send_full(t->urgent_fd, frame, len) < 0) {
 			t->urgent_fd = -1;
 			rc = dp_fail(PC_DP_LINK_LOST, "urgent: send failed: %s", strerror(errno));
 			goto out;

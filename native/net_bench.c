@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "net_bench.h"
 #include "bench_util.h"
+#include "fd_io.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -56,40 +57,6 @@ static void unplace(struct placement *p)
 {
 	pc_sched_restore(&p->sched);
 	pc_unpin_thread(&p->affinity);
-}
-
-static int send_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-	while (len) {
-		ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-static int recv_all(int fd, void *buf, size_t len)
-{
-	char *p = buf;
-	while (len) {
-		ssize_t n = recv(fd, p, len, 0);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -EPIPE;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
 }
 
 /* The agents' options (protocol/channel.py tune): no Nagle; big buffers for bulk. */
@@ -149,9 +116,9 @@ static int serve_data(int fd, const struct hello *h, char *buf)
 		return 0;
 	}
 	for (uint64_t i = 0; i < h->count; i++) {
-		int r = recv_all(fd, buf, PC_NET_RTT_REQUEST);
+		int r = pc_recv_full(fd, buf, PC_NET_RTT_REQUEST);
 		if (r == 0)
-			r = send_all(fd, buf + PC_NET_RTT_REQUEST, PC_NET_RTT_REPLY);
+			r = pc_send_full(fd, buf + PC_NET_RTT_REQUEST, PC_NET_RTT_REPLY);
 		if (r < 0)
 			return r;
 	}
@@ -164,7 +131,7 @@ static int serve_one(int fd, char *buf)
 	struct verdict v = { .magic = MAGIC };
 	struct placement saved;
 	uint64_t u0, s0, u1, s1;
-	int r = recv_all(fd, &h, sizeof(h));
+	int r = pc_recv_full(fd, &h, sizeof(h));
 	if (r < 0)
 		return r;
 	if (h.magic != MAGIC || (h.kind != KIND_BULK && h.kind != KIND_RTT))
@@ -172,7 +139,7 @@ static int serve_one(int fd, char *buf)
 	if ((r = tune(fd, h.kind == KIND_BULK)) < 0)
 		return r;
 	v.status = place(h.server_cpu, h.rt_priority, &saved);
-	if ((r = send_all(fd, &v, sizeof(v))) < 0 || v.status < 0) {
+	if ((r = pc_send_full(fd, &v, sizeof(v))) < 0 || v.status < 0) {
 		if (v.status == 0)
 			unplace(&saved);
 		return r < 0 ? r : 0; /* the client reports a failed pin; go on serving */
@@ -187,7 +154,7 @@ static int serve_one(int fd, char *buf)
 		return r;
 	v.user_ns = u1 - u0;
 	v.sys_ns = s1 - s0;
-	return send_all(fd, &v, sizeof(v));
+	return pc_send_full(fd, &v, sizeof(v));
 }
 
 int pc_net_serve(int listen_fd, int sessions)
@@ -239,7 +206,7 @@ static int open_session(const char *host, int port, uint32_t kind, uint64_t coun
 		r = -errno;
 		goto fail;
 	}
-	if ((r = send_all(fd, &h, sizeof(h))) < 0 || (r = recv_all(fd, &v, sizeof(v))) < 0)
+	if ((r = pc_send_full(fd, &h, sizeof(h))) < 0 || (r = pc_recv_full(fd, &v, sizeof(v))) < 0)
 		goto fail;
 	r = v.magic != MAGIC ? -EPROTO : v.status;
 	if (r < 0)
@@ -257,7 +224,7 @@ static int close_session(int fd, struct placement *saved, uint64_t count, uint64
 			 uint64_t s0, struct pc_net_result *out)
 {
 	struct verdict v;
-	int r = recv_all(fd, &v, sizeof(v));
+	int r = pc_recv_full(fd, &v, sizeof(v));
 	uint64_t t1 = pc_now_ns(), u1, s1;
 	pc_thread_cpu_ns(&u1, &s1);
 	out->client_cpu = sched_getcpu();
@@ -298,7 +265,7 @@ int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int
 	int r = 0;
 	for (uint64_t left = nbytes; left && r == 0;) {
 		size_t n = left < PC_NET_BULK_CHUNK ? (size_t)left : PC_NET_BULK_CHUNK;
-		r = send_all(fd, buf, n);
+		r = pc_send_full(fd, buf, n);
 		left -= n;
 	}
 	free(buf);
@@ -324,9 +291,9 @@ int pc_net_rtt(const char *host, int port, uint64_t count, int client_cpu, int s
 	int r = 0;
 	for (uint64_t i = 0; i < count && r == 0; i++) {
 		uint64_t start = pc_now_ns();
-		r = send_all(fd, request, sizeof(request));
+		r = pc_send_full(fd, request, sizeof(request));
 		if (r == 0)
-			r = recv_all(fd, reply, sizeof(reply));
+			r = pc_recv_full(fd, reply, sizeof(reply));
 		lat_ns[i] = pc_now_ns() - start;
 	}
 	if (r < 0) {
