@@ -22,6 +22,14 @@
 #define WHO_PUSH 0   /* which scratch buffer: the pusher's */
 #define WHO_DEMAND 1 /* or the demand server's */
 
+/* A run of pre-paging windows following one sequential toucher (a vCPU streaming
+ * through RAM): its last window [start, end) and that window's size. */
+#define PREPAGE_STREAMS 8
+struct prepage_stream {
+    uint64_t start, end, used;
+    uint32_t size;
+};
+
 struct pc_dp_send {
     int memfd, mem_fd, pagemap_fd, pid;
     uint64_t base, size, npages;
@@ -38,6 +46,8 @@ struct pc_dp_send {
     _Atomic int stop;
     _Atomic int refuse_requests; /* the session takes no more requests: Python decodes them */
     uint8_t *scratch[2]; /* anonymous RAM: the pusher's and the demand server's buffer */
+    struct prepage_stream streams[PREPAGE_STREAMS]; /* the pusher's own: its recent pre-paging windows */
+    uint64_t stream_clock;
 };
 
 static void put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = (uint8_t)v; }
@@ -451,28 +461,69 @@ static uint64_t claim(struct pc_dp_send *s, uint64_t *first, uint64_t end, uint6
     return b - a;
 }
 
-int pc_dp_push(struct pc_dp_send *s, struct pc_dp_link *link, const uint64_t *ranges, size_t nranges,
-               uint32_t run_pages, uint8_t cause, struct pc_dp_rate *rate, struct pc_dp_counts *counts)
+/* The pre-paging window after a demand request that ended at page hint (readahead's
+ * rule): a request at most one window past a stream's last window (the guest ran
+ * through it before it all arrived, or right after) doubles that stream's window, up to
+ * max; any other request starts a stream (in place of the least recently used) at min. */
+static uint64_t prepage_window(struct pc_dp_send *s, uint64_t hint, uint32_t min, uint32_t max)
 {
-    if (!run_pages || (uint64_t)run_pages * s->page_size > PC_DP_MAX_RUN_BYTES)
-        return -EINVAL;
-    int sent_some = 0;
-    for (size_t r = 0; r < nranges; r++) {
-        uint64_t first = ranges[2 * r], end = ranges[2 * r + 1] < s->npages ? ranges[2 * r + 1] : s->npages;
-        while (first < end) {
-            if (atomic_load(&s->stop))
-                return PC_DP_STOPPED;
-            if (sent_some && atomic_load(&s->hint) >= 0)
-                return PC_DP_HINTED;
-            uint64_t count = claim(s, &first, end, run_pages);
-            if (!count)
-                break;
-            int rc = send_range(s, link, first, first + count, run_pages, cause, rate, counts, WHO_PUSH);
+    struct prepage_stream *st = NULL, *lru = &s->streams[0];
+    for (int i = 0; i < PREPAGE_STREAMS; i++) {
+        struct prepage_stream *c = &s->streams[i];
+        if (c->size && hint > c->start && hint <= c->end + c->size) {
+            st = c;
+            break;
+        }
+        if (c->used < lru->used)
+            lru = c;
+    }
+    uint32_t size = st ? (st->size > max / 2 ? max : 2 * st->size) : min;
+    if (!st)
+        st = lru;
+    uint64_t end = s->npages - hint < size ? s->npages : hint + size;
+    *st = (struct prepage_stream){.start = hint, .end = end, .used = ++s->stream_clock, .size = size};
+    return end;
+}
+
+/* Sends the unsent pages of [first, end) in runs of at most run_pages: 0, STOPPED, or
+ * a send's error. With a pre-paging window (min > 0), a demand request's hint taken
+ * between two runs sends its window first (the window's own hints wait for the next run). */
+static int push_range(struct pc_dp_send *s, struct pc_dp_link *link, uint64_t first, uint64_t end, uint32_t run_pages,
+                      uint32_t prepage_min, uint32_t prepage_max, uint8_t cause, struct pc_dp_rate *rate,
+                      struct pc_dp_counts *counts)
+{
+    while (first < end) {
+        if (atomic_load(&s->stop))
+            return PC_DP_STOPPED;
+        int64_t hint = prepage_min ? atomic_exchange(&s->hint, -1) : -1;
+        if (hint >= 0 && (uint64_t)hint < s->npages) {
+            uint64_t window_end = prepage_window(s, (uint64_t)hint, prepage_min, prepage_max);
+            int rc = push_range(s, link, (uint64_t)hint, window_end, run_pages, 0, 0, cause, rate, counts);
             if (rc)
                 return rc;
-            first += count;
-            sent_some = 1;
         }
+        uint64_t count = claim(s, &first, end, run_pages);
+        if (!count)
+            break;
+        int rc = send_range(s, link, first, first + count, run_pages, cause, rate, counts, WHO_PUSH);
+        if (rc)
+            return rc;
+        first += count;
+    }
+    return 0;
+}
+
+int pc_dp_push(struct pc_dp_send *s, struct pc_dp_link *link, const uint64_t *ranges, size_t nranges,
+               uint32_t run_pages, uint32_t prepage_min, uint32_t prepage_max, uint8_t cause,
+               struct pc_dp_rate *rate, struct pc_dp_counts *counts)
+{
+    if (!run_pages || (uint64_t)run_pages * s->page_size > PC_DP_MAX_RUN_BYTES || prepage_max < prepage_min)
+        return -EINVAL;
+    for (size_t r = 0; r < nranges; r++) {
+        uint64_t end = ranges[2 * r + 1] < s->npages ? ranges[2 * r + 1] : s->npages;
+        int rc = push_range(s, link, ranges[2 * r], end, run_pages, prepage_min, prepage_max, cause, rate, counts);
+        if (rc)
+            return rc;
     }
     return PC_DP_DONE;
 }

@@ -2,8 +2,9 @@
  * dp_send: the source's data plane, run without the GIL (cffi releases it for the
  * whole call): the pusher's send loop and the demand server of the urgent channel.
  *
- * Python keeps the policy (what to push next, the pre-paging window, rates, phases)
- * and calls in with batches of page ranges; C does the per-page work. Frames are
+ * Python keeps the policy (what to push next, the size of the pre-paging window, rates,
+ * phases) and calls in with batches of page ranges; C does the per-page work, the
+ * pre-paging after each demand request included (no return to Python per fault). Frames are
  * built and parsed here exactly as postcopy/protocol/frames.py and decode.py do
  * (16-byte header "!HBBIQ": magic 0x5043, type, flags, payload length, arg; after the
  * handshake a 16-byte AES-GMAC tag over header || payload, see frame_auth.h), and the
@@ -33,7 +34,6 @@
 /* Return codes (negative: -errno of a failed send or receive: the link is lost). */
 #define PC_DP_DONE 0      /* every range of the batch is sent */
 #define PC_DP_STOPPED 1   /* the stop flag was raised */
-#define PC_DP_HINTED 2    /* a demand request left a hint: Python pre-pages, then calls again */
 #define PC_DP_CLOSED 3    /* serve: the peer closed the channel */
 #define PC_DP_FRAME 4     /* serve: the next frame is not a valid page request: Python decodes it */
 #define PC_DP_SHORT_FILE 5 /* push: sendfile reached the end of the guest RAM file */
@@ -88,7 +88,7 @@ void pc_dp_send_stop(struct pc_dp_send *s, int stop);
 /* From now on the demand server hands requests to Python (the session left the phases
  * that take them, e.g. the destination confirmed completion). */
 void pc_dp_send_refuse_requests(struct pc_dp_send *s, int refuse);
-/* The end page of the last demand request since the last call, or -1. */
+/* The end page of the last demand request since the last call (or push's), or -1. */
 int64_t pc_dp_send_take_hint(struct pc_dp_send *s);
 /* Demand requests answered since the context was made (the pusher holds back until the
  * first: the destination's guest runs). */
@@ -98,10 +98,16 @@ void pc_dp_send_mark(struct pc_dp_send *s, uint64_t first, uint64_t end, uint8_t
 
 /* Pushes the unsent pages of each [first, end) range (pairs) in order, as PAGE_RUN
  * frames of at most run_pages pages with this cause, and the unpopulated ones as
- * ZERO_RANGE frames. Claims pages in the sent map first. Stops between runs when the
- * stop flag is raised or a demand request left a hint. */
+ * ZERO_RANGE frames. Claims pages in the sent map first. Between two runs, a demand
+ * request's hint (prepage_min > 0) sends the unsent pages of its pre-paging window
+ * first: the guest's next touches, right behind its fault. The window follows
+ * readahead's rule: prepage_min pages, doubled (up to prepage_max) each time the guest
+ * faults again within a window past the last one of the same stream (a sequential
+ * toucher outrunning it); up to 8 streams are followed (one per streaming vCPU). Stops
+ * between runs when the stop flag is raised (PC_DP_STOPPED). */
 int pc_dp_push(struct pc_dp_send *s, struct pc_dp_link *link, const uint64_t *ranges, size_t nranges,
-               uint32_t run_pages, uint8_t cause, struct pc_dp_rate *rate, struct pc_dp_counts *counts);
+               uint32_t run_pages, uint32_t prepage_min, uint32_t prepage_max, uint8_t cause,
+               struct pc_dp_rate *rate, struct pc_dp_counts *counts);
 
 /* Parses the next frame of buf as an authenticated page request (verify may be NULL,
  * then no tag): PC_DP_REQUEST_OK with *first, *npages, *frame_bytes when it is one that

@@ -3,6 +3,7 @@
 #include "net_bench.h"
 #include "bench_util.h"
 #include "fd_io.h"
+#include "ram_floor.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -17,6 +18,8 @@
 #define MAGIC 0x50434e42u /* "PCNB" */
 #define KIND_BULK 'B'
 #define KIND_RTT 'R'
+#define KIND_INTO_RAM_COPY 'C'     /* bulk, each chunk installed with UFFDIO_COPY into fresh RAM */
+#define KIND_INTO_RAM_PREFAULT 'P' /* bulk, received in place into populated RAM */
 
 /* Both ends run the same build on one machine: host byte order. */
 struct hello {          /* client -> server, opens a session */
@@ -34,6 +37,7 @@ struct verdict {        /* server -> client: ready (after pinning), then its fig
 	int32_t fifo;
 	uint64_t user_ns;
 	uint64_t sys_ns;
+	uint64_t prep_ns;   /* into RAM, prefaulted: populating it took this long (before the data phase) */
 };
 
 /* Where a thread runs for a session, and how to put it back. */
@@ -100,9 +104,34 @@ int pc_net_listen(const char *addr, int port)
 	return fd;
 }
 
-/* The data phase of one session on the server's side. */
-static int serve_data(int fd, const struct hello *h, char *buf)
+static int is_bulk(uint32_t kind)
 {
+	return kind == KIND_BULK || kind == KIND_INTO_RAM_COPY || kind == KIND_INTO_RAM_PREFAULT;
+}
+
+/* Bulk into a new guest's RAM: chunks received whole, then installed (copy), or
+ * received straight into their place (prefaulted). */
+static int serve_into_ram(int fd, const struct hello *h, char *buf, struct pc_ram_target *ram)
+{
+	size_t ps = (size_t)sysconf(_SC_PAGESIZE);
+	for (uint64_t off = 0; off < h->count;) {
+		size_t want = h->count - off < PC_NET_BULK_CHUNK ? (size_t)(h->count - off) : PC_NET_BULK_CHUNK;
+		char *into = ram->kind == PC_RAM_PREFAULT ? (char *)ram->ram + off : buf;
+		int r = pc_recv_full(fd, into, want);
+		if (r == 0 && ram->kind == PC_RAM_COPY) /* a short last chunk: its page's tail is junk, as RAM allows */
+			r = pc_ram_target_install(ram, off, buf, (want + ps - 1) / ps * ps);
+		if (r < 0)
+			return r;
+		off += want;
+	}
+	return 0;
+}
+
+/* The data phase of one session on the server's side. */
+static int serve_data(int fd, const struct hello *h, char *buf, struct pc_ram_target *ram)
+{
+	if (ram)
+		return serve_into_ram(fd, h, buf, ram);
 	if (h->kind == KIND_BULK) {
 		for (uint64_t left = h->count; left;) {
 			size_t want = left < PC_NET_BULK_CHUNK ? (size_t)left : PC_NET_BULK_CHUNK;
@@ -134,19 +163,32 @@ static int serve_one(int fd, char *buf)
 	int r = pc_recv_full(fd, &h, sizeof(h));
 	if (r < 0)
 		return r;
-	if (h.magic != MAGIC || (h.kind != KIND_BULK && h.kind != KIND_RTT))
+	if (h.magic != MAGIC || (!is_bulk(h.kind) && h.kind != KIND_RTT))
 		return -EPROTO;
-	if ((r = tune(fd, h.kind == KIND_BULK)) < 0)
+	if ((r = tune(fd, is_bulk(h.kind))) < 0)
 		return r;
-	v.status = place(h.server_cpu, h.rt_priority, &saved);
+	/* The guest RAM stand-in is made (and populated) before the data phase. */
+	struct pc_ram_target ram, *into = NULL;
+	if (h.kind == KIND_INTO_RAM_COPY || h.kind == KIND_INTO_RAM_PREFAULT) {
+		v.status = pc_ram_target_open(&ram, h.kind == KIND_INTO_RAM_COPY ? PC_RAM_COPY : PC_RAM_PREFAULT,
+					      h.count);
+		into = v.status == 0 ? &ram : NULL;
+		v.prep_ns = into ? ram.prep_ns : 0;
+	}
+	if (v.status == 0)
+		v.status = place(h.server_cpu, h.rt_priority, &saved);
 	if ((r = pc_send_full(fd, &v, sizeof(v))) < 0 || v.status < 0) {
 		if (v.status == 0)
 			unplace(&saved);
-		return r < 0 ? r : 0; /* the client reports a failed pin; go on serving */
+		if (into)
+			pc_ram_target_close(into);
+		return r < 0 ? r : 0; /* the client reports the failure; go on serving */
 	}
 	pc_thread_cpu_ns(&u0, &s0);
-	r = serve_data(fd, &h, buf);
+	r = serve_data(fd, &h, buf, into);
 	pc_thread_cpu_ns(&u1, &s1);
+	if (into)
+		pc_ram_target_close(into);
 	v.cpu = sched_getcpu();
 	v.fifo = saved.fifo;
 	unplace(&saved);
@@ -184,7 +226,7 @@ int pc_net_serve(int listen_fd, int sessions)
 
 /* Connect, pin, open the session and wait until the server is placed. */
 static int open_session(const char *host, int port, uint32_t kind, uint64_t count, int client_cpu,
-			int server_cpu, int rt_priority, struct placement *saved)
+			int server_cpu, int rt_priority, struct placement *saved, uint64_t *prep_ns)
 {
 	struct sockaddr_in sa;
 	struct hello h = { .magic = MAGIC, .kind = kind, .server_cpu = server_cpu, .rt_priority = rt_priority,
@@ -200,7 +242,7 @@ static int open_session(const char *host, int port, uint32_t kind, uint64_t coun
 		r = -errno;
 		goto fail;
 	}
-	if ((r = tune(fd, kind == KIND_BULK)) < 0)
+	if ((r = tune(fd, is_bulk(kind))) < 0)
 		goto fail;
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		r = -errno;
@@ -211,6 +253,8 @@ static int open_session(const char *host, int port, uint32_t kind, uint64_t coun
 	r = v.magic != MAGIC ? -EPROTO : v.status;
 	if (r < 0)
 		goto fail;
+	if (prep_ns)
+		*prep_ns = v.prep_ns;
 	return fd;
 fail:
 	if (fd >= 0)
@@ -249,17 +293,27 @@ static int close_session(int fd, struct placement *saved, uint64_t count, uint64
 int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int server_cpu,
 		int rt_priority, struct pc_net_result *out)
 {
+	return pc_net_bulk_into(host, port, nbytes, PC_NET_INTO_BUFFER, client_cpu, server_cpu, rt_priority, out);
+}
+
+int pc_net_bulk_into(const char *host, int port, uint64_t nbytes, int into, int client_cpu, int server_cpu,
+		     int rt_priority, struct pc_net_result *out)
+{
+	uint32_t kind = into == PC_NET_INTO_RAM_COPY ? KIND_INTO_RAM_COPY
+		      : into == PC_NET_INTO_RAM_PREFAULT ? KIND_INTO_RAM_PREFAULT : KIND_BULK;
+	uint64_t prep_ns = 0;
 	struct placement saved;
 	uint64_t u0, s0;
 	char *buf = malloc(PC_NET_BULK_CHUNK);
 	if (!buf)
 		return -ENOMEM;
 	memset(buf, 0xa5, PC_NET_BULK_CHUNK);
-	int fd = open_session(host, port, KIND_BULK, nbytes, client_cpu, server_cpu, rt_priority, &saved);
+	int fd = open_session(host, port, kind, nbytes, client_cpu, server_cpu, rt_priority, &saved, &prep_ns);
 	if (fd < 0) {
 		free(buf);
 		return fd;
 	}
+	out->server_prep_ns = prep_ns;
 	uint64_t t0 = pc_now_ns();
 	pc_thread_cpu_ns(&u0, &s0);
 	int r = 0;
@@ -283,7 +337,7 @@ int pc_net_rtt(const char *host, int port, uint64_t count, int client_cpu, int s
 	struct placement saved;
 	char request[PC_NET_RTT_REQUEST] = { 0 }, reply[PC_NET_RTT_REPLY];
 	uint64_t u0, s0;
-	int fd = open_session(host, port, KIND_RTT, count, client_cpu, server_cpu, rt_priority, &saved);
+	int fd = open_session(host, port, KIND_RTT, count, client_cpu, server_cpu, rt_priority, &saved, NULL);
 	if (fd < 0)
 		return fd;
 	uint64_t t0 = pc_now_ns();

@@ -4,7 +4,8 @@
  *
  *   server: pc_net_listen() then pc_net_serve() answers a fixed number of sessions;
  *   client: pc_net_bulk() sends N bytes in 1 MiB send(2) calls (the server recv(2)s
- *           them into a 1 MiB buffer), pc_net_rtt() times N round trips of a 16-byte
+ *           them into a 1 MiB buffer; pc_net_bulk_into(): into a new guest's RAM,
+ *           see ram_floor.h), pc_net_rtt() times N round trips of a 16-byte
  *           request and a 4 KiB reply (a demand fault's shape).
  *
  * Socket options are the agents' (protocol/channel.py `tune`): TCP_NODELAY on both
@@ -42,6 +43,7 @@ struct pc_net_result {
 	int32_t server_cpu;
 	int32_t client_fifo;     /* 1 if that side ran SCHED_FIFO */
 	int32_t server_fifo;
+	uint64_t server_prep_ns; /* bulk into prefaulted RAM: the server populated it in this long, before */
 };
 
 /* A listening TCP socket on IPv4 address addr ("0.0.0.0": any), port. */
@@ -53,6 +55,15 @@ int pc_net_serve(int listen_fd, int sessions);
 /* Send nbytes to the server at host:port; out gets the figures of both sides. */
 int pc_net_bulk(const char *host, int port, uint64_t nbytes, int client_cpu, int server_cpu,
 		int rt_priority, struct pc_net_result *out);
+
+/* Where the server puts bulk bytes: one reused buffer (the raw link), or a new guest's
+ * RAM (see ram_floor.h): each chunk installed with UFFDIO_COPY into fresh pages, or
+ * received in place into RAM populated before the data phase (out->server_prep_ns). */
+#define PC_NET_INTO_BUFFER 0
+#define PC_NET_INTO_RAM_COPY 1
+#define PC_NET_INTO_RAM_PREFAULT 2
+int pc_net_bulk_into(const char *host, int port, uint64_t nbytes, int into, int client_cpu, int server_cpu,
+		     int rt_priority, struct pc_net_result *out);
 
 /* count round trips; lat_ns[i] gets the i-th round trip's nanoseconds. */
 int pc_net_rtt(const char *host, int port, uint64_t count, int client_cpu, int server_cpu,

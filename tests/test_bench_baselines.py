@@ -56,6 +56,7 @@ def test_tcp_bulk_and_rtt_run_between_the_hosts_on_the_cpus_asked(bed):
     result = net.measure(bed, placements, bulk_bytes=3 << 20, rtt_count=50, port=PORT,
                          bulk_runs=2)
     assert set(result["bulk"]) == set(result["rtt"]) == set(placements)
+    assert set(result["into_ram"]) == {"ram-copy", "ram-prefault"}
     for name, (client_cpu, server_cpu) in placements.items():
         bulk, rtt = result["bulk"][name], result["rtt"][name]
         assert bulk["bytes"] == 3 << 20 and len(bulk["runs_bytes_per_s"]) == 2
@@ -69,6 +70,11 @@ def test_tcp_bulk_and_rtt_run_between_the_hosts_on_the_cpus_asked(bed):
             assert "cpu_s_per_gib" not in rtt["cpu"][side]  # round trips move no bulk
         _sane_latency(rtt["latency_us"], 50)
         assert rtt["latency_us"]["stretches"] == floors.STRETCHES
+        for into, row in result["into_ram"].items():  # bulk into a new guest's RAM, placed the same
+            assert row[name]["bytes"] == 3 << 20 and row[name]["bytes_per_s"] > 0
+            assert row[name]["cpus"] == {"client": client_cpu, "server": server_cpu}
+            assert ("prefault_s_per_gib" in row[name]) == (into == "ram-prefault")
+        assert result["into_ram"]["ram-prefault"][name]["prefault_s_per_gib"] > 0
 
 
 def test_tcp_client_refuses_a_cpu_the_server_may_not_use(bed):
@@ -98,6 +104,17 @@ def test_uffd_roundtrip_placed_sleeping_and_spinning():
     baselines.uffd_roundtrip(10, min(before), min(before), rt_priority=10)
     assert os.sched_getaffinity(0) == before
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_guest_ram_floor_times_each_step_on_whole_pages():
+    require_uffd()
+    ps = os.sysconf("SC_PAGESIZE")
+    floor = baselines.ram_floor(3 * ps + 1)
+    assert floor["bytes"] == 4 * ps  # rounded up to whole pages
+    for step in ("uffdio_copy_fresh", "populate_fresh", "uffdio_continue", "copy_into_populated"):
+        assert floor[step]["bytes_per_s"] > 0 and floor[step]["cpu_s_per_gib"] >= 0
+    with pytest.raises(OSError, match="guest RAM floor failed"):
+        baselines.ram_floor(0)
 
 
 def test_uffd_roundtrip_refuses_a_forbidden_cpu():
@@ -172,7 +189,13 @@ def _synthetic_bench() -> dict:
             "tcp_rtt_4k": {"same_cpu": {"latency_us": lat}, "across_cpus": {"latency_us": lat}},
             "uffd_roundtrip_by_placement_us": {"same_cpu": lat}, "uffd_roundtrip_us": lat,
             "fault_floor_us": {"same_cpu": {"p50": 40.0, "p99": 100.0}, "across_cpus": {"p50": 100.0, "p99": 400.0}},
-            "tcp_bulk_placement": "across_cpus", "tcp_bulk_bytes_per_s": 2e9, "tcp_rtt_4k_us": lat}
+            "tcp_bulk_placement": "across_cpus", "tcp_bulk_bytes_per_s": 2e9, "tcp_rtt_4k_us": lat,
+            "tcp_into_ram": {"ram-copy": {"bytes_per_s": 8e8, "placement": "same_cpu",
+                                          "by_placement": {"same_cpu": {**bulk, "bytes_per_s": 8e8}}},
+                             "ram-prefault": {"bytes_per_s": 1.6e9, "placement": "across_cpus",
+                                              "by_placement": {"across_cpus": {**bulk, "bytes_per_s": 1.6e9,
+                                                                               "prefault_s_per_gib": 0.6}}}},
+            "ram_floor": {"bytes": 1 << 20, "uffdio_copy_fresh": {"cpu_s_per_gib": 0.3, "bytes_per_s": 3e9}}}
     figures = {"push_bytes_per_s": 5e8, "fault_us_without_pusher": {"p50": 200.0, "p99": 800.0},
                "fault_us_with_pusher": {"p50": 300.0, "p99": 1600.0},
                "push_cpu": {"source": {"cpu_s_per_gib": 1.0}, "dest": None},
@@ -201,18 +224,31 @@ def test_ratios_are_taken_against_the_c_floor_of_each_placement():
 
 
 def test_the_push_figure_is_the_best_install_path_and_names_it():
-    def run(rate, source_cpu):
-        return {"result": {"dest": {"push_bytes_per_s": rate}}, "cpu": {"source": {"cpu_s_per_gib": source_cpu}}}
-    figures = push_figures({"copy": run(4e8, 2.0), "continue": run(1e9, 1.0)})
-    assert (figures["push_bytes_per_s"], figures["push_install"]) == (1e9, "continue")
+    def run(rate, source_cpu, prealloc_ms=None):
+        return {"result": {"dest": {"push_bytes_per_s": rate, "prealloc_ms": prealloc_ms}},
+                "cpu": {"source": {"cpu_s_per_gib": source_cpu}}}
+    figures = push_figures({"copy": run(4e8, 2.0), "continue": run(2e8, 3.0),
+                            "continue+prealloc": run(1e9, 1.0, prealloc_ms=150.0)})
+    assert (figures["push_bytes_per_s"], figures["push_install"]) == (1e9, "continue+prealloc")
     assert figures["push_cpu"] == {"source": {"cpu_s_per_gib": 1.0}}
-    assert figures["push_by_install"]["copy"] == {"push_bytes_per_s": 4e8, "source_cpu_s_per_gib": 2.0,
-                                                  "dest_cpu_s_per_gib": None}
+    assert figures["push_by_install"]["copy"] == {"push_bytes_per_s": 4e8, "ram_floor": "ram-copy", "prealloc_ms": None,
+                                                  "source_cpu_s_per_gib": 2.0, "dest_cpu_s_per_gib": None}
+    assert figures["push_by_install"]["continue+prealloc"]["ram_floor"] == "ram-prefault"
     result = _synthetic_bench()
     result["postcopy"].update(figures)
     result["ratios"] = baseline_ratios(result["baselines"], result["postcopy"])
+    # Each variant against bulk into RAM the same way: fresh pages, or populated first.
+    assert result["ratios"]["push_copy_vs_tcp_into_ram-copy"] == 0.5
+    assert result["ratios"]["push_continue_vs_tcp_into_ram-copy"] == 0.25
+    assert result["ratios"]["push_continue+prealloc_vs_tcp_into_ram-prefault"] == 0.625
     text = format_bench(result)
-    assert "| push throughput (install continue, the best of 2) | 1.00 GB/s | TCP bulk 2.00 GB/s (across_cpus) | " \
-           "0.50x |" in text
-    assert "| push, install copy (CPU s/GiB source 2.00, dest n/a) | 0.40 GB/s | TCP bulk | 0.20x |" in text
-    assert "| source agent CPU s per GiB moved in the push window (install continue, the best of 2) | 1.00 |" in text
+    assert "| push throughput (install continue+prealloc, the best of 3) | 1.00 GB/s | TCP bulk 2.00 GB/s " \
+           "(across_cpus) | 0.50x |" in text
+    assert "| push, install copy (CPU s/GiB source 2.00, dest n/a) | 0.40 GB/s | TCP bulk / TCP bulk into ram-copy " \
+           "0.80 GB/s | 0.20x / 0.50x |" in text
+    assert "| push, install continue+prealloc (CPU s/GiB source 1.00, dest n/a, RAM allocated first in 150 ms) | " \
+           "1.00 GB/s | TCP bulk / TCP bulk into ram-prefault 1.60 GB/s | 0.50x / 0.62x |" in text
+    assert "| TCP bulk into ram-prefault (populated first: 0.60 s/GiB) | across_cpus | 1.60 GB/s |" in text
+    assert "| guest RAM: uffdio_copy_fresh | one thread | 3.00 GB/s | 0.30 s/GiB |" in text
+    assert "| source agent CPU s per GiB moved in the push window (install continue+prealloc, the best of 3) | " \
+           "1.00 |" in text

@@ -191,7 +191,12 @@ def test_tags_equal_python_for_random_sequence_numbers_and_runs(mem):
         peer.close()
 
 
-def test_push_returns_at_once_when_stopped_and_after_a_run_when_hinted(mem):
+def _pages_in_order(messages) -> list[int]:
+    return [p for m in messages if isinstance(m, (wire.PageRun, wire.ZeroRange))
+            for p in range(m.first_page, m.first_page + m.npages)]
+
+
+def test_push_returns_at_once_when_stopped_and_sends_each_demand_window_first(mem):
     sent = bytearray(NPAGES)
     plane = dp_send.SendPlane(mem, sent)
     plane.set_extents(mem.populated_extents())
@@ -199,18 +204,58 @@ def test_push_returns_at_once_when_stopped_and_after_a_run_when_hinted(mem):
     raw = bytearray()
     reader = _drain(peer, raw)
     plane.stop(True)
-    assert plane.push(channel, [(0, NPAGES)], run_pages=4)[0] == dp_send.STOPPED
+    assert plane.push(channel, [(0, NPAGES)], run_pages=4, prepage=(8, 8))[0] == dp_send.STOPPED
     assert sent == bytes(NPAGES)  # nothing claimed
     plane.stop(False)
-    _serve_requests(mem, plane, [(30, 2)])  # a demand request leaves its hint
-    status, counts = plane.push(channel, [(0, NPAGES)], run_pages=4)
-    assert status == dp_send.HINTED and counts.pages_sent + counts.pages_zero == 4
-    assert plane.take_hint() == 32 and plane.take_hint() is None
-    assert plane.push(channel, [(0, NPAGES)], run_pages=4)[0] == dp_send.DONE
+    _serve_requests(mem, plane, [(30, 2)])  # a demand request leaves its hint: page 32
+    status, counts = plane.push(channel, [(0, 16)], run_pages=4, prepage=(8, 8))
+    assert status == dp_send.DONE and plane.take_hint() is None  # taken by the push
+    _serve_requests(mem, plane, [(NPAGES - 4, 2)])  # near the end: the window stops at the last page
+    assert plane.push(channel, [(16, NPAGES)], run_pages=4, prepage=(8, 8))[0] == dp_send.DONE
     channel.close()
     reader.join()
-    data, zero = _pages_of(_received(peer, True, bytes(raw)), wire.Cause.PUSHED)
-    assert set(data) | zero == set(range(NPAGES)) - {30, 31}  # the demand pages are not pushed again
+    messages = _received(peer, True, bytes(raw))
+    # The window behind the fault went before the batch, then the batch; each page once.
+    assert _pages_in_order(messages) == [*range(32, 40), *range(16), NPAGES - 2, NPAGES - 1, *range(16, 30),
+                                         *range(40, NPAGES - 4)]
+    data, zero = _pages_of(messages, wire.Cause.PUSHED)
+    assert set(data) | zero == set(range(NPAGES)) - {30, 31, NPAGES - 4, NPAGES - 3}  # demand pages: not again
+    assert {p: data[p] for p in data} == {p: _page(p) for p in data}
+    peer.close()
+
+
+def test_the_window_doubles_while_one_stream_keeps_faulting_past_it(mem):
+    """Readahead's rule: a fault within a window past the stream's last window doubles it
+    (up to the maximum); a fault elsewhere starts a stream at the minimum."""
+    plane = dp_send.SendPlane(mem, bytearray(NPAGES))
+    plane.set_extents(mem.populated_extents())
+    channel, peer = _channel_pair(True)
+    raw = bytearray()
+    reader = _drain(peer, raw)
+    order = []
+    for request, batch in (((10, 2), (0, 2)),     # hint 12: a new stream, 4 pages
+                           ((16, 1), (2, 4)),     # hint 17, past its window [12, 16): 8 pages
+                           ((26, 1), (4, 6)),     # hint 27, past [17, 25): 16 pages, capped at 12
+                           ((70, 1), (6, 8))):    # elsewhere: a new stream, 4 pages
+        _serve_requests(mem, plane, [request])
+        assert plane.push(channel, [batch], run_pages=4, prepage=(4, 12))[0] == dp_send.DONE
+    channel.close()
+    reader.join()
+    assert _pages_in_order(_received(peer, True, bytes(raw))) == [
+        *range(12, 16), 0, 1, *range(17, 25), 2, 3, *range(27, 39), 4, 5, *range(71, 75), 6, 7]
+    peer.close()
+
+
+def test_push_without_a_window_leaves_the_hint(mem):
+    plane = dp_send.SendPlane(mem, bytearray(NPAGES))
+    plane.set_extents(mem.populated_extents())
+    channel, peer = _channel_pair(True)
+    reader = _drain(peer, bytearray())
+    _serve_requests(mem, plane, [(30, 2)])
+    assert plane.push(channel, [(0, 8)], run_pages=4)[0] == dp_send.DONE
+    assert plane.take_hint() == 32
+    channel.close()
+    reader.join()
     peer.close()
 
 

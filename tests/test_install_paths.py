@@ -1,7 +1,7 @@
 """Install paths besides UFFDIO_COPY: ``continue`` (memfd page cache + UFFDIO_CONTINUE
-on minor faults) and ``move`` (staging in the guest + UFFDIO_MOVE), each migrating a
-running guest verified against the reference hash; and the refusals of combinations
-that cannot work."""
+on minor faults; also with the destination's RAM allocated first, ``--prealloc``) and
+``move`` (staging in the guest + UFFDIO_MOVE), each migrating a running guest verified
+against the reference hash; and the refusals of combinations that cannot work."""
 from __future__ import annotations
 
 import subprocess
@@ -26,21 +26,25 @@ def require_path(path: str) -> None:
         pytest.skip(error)  # names the missing userfaultfd feature
 
 
-def migrate(install: str, mode: str, port: int) -> dict:
+def migrate(install: str, mode: str, port: int, prealloc: bool = False) -> dict:
     params = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=7, steps=300_000, rate=100_000,
                          backing=BACKING[install])
     # park_at: on a busy host the guest parks near its end rather than finish before the switchover.
     return run_demo(DemoOptions(params=params, migrate_after=0.2, port=port, mode=mode, install=install,
-                                park_at=params.steps - 1000))
+                                prealloc=prealloc, park_at=params.steps - 1000))
 
 
-@pytest.mark.parametrize("install", ["continue", "move"])
+@pytest.mark.parametrize("variant", ["continue", "continue+prealloc", "move"])
 @pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
-def test_install_path_migrates_verified(install, mode):
+def test_install_path_migrates_verified(variant, mode):
+    install, prealloc = variant.split("+")[0], variant.endswith("+prealloc")
     require_path(install)
-    report = migrate(install, mode, port=7030)
+    report = migrate(install, mode, port=7030, prealloc=prealloc)
     assert report["install"] == install
     assert report["dest"]["install"] == install
+    # --prealloc: the guest's RAM was populated (before the pause); the pages it held as
+    # zeros were never shown to the guest before their bytes arrived (the hash says so).
+    assert (report["dest"]["prealloc_ms"] is not None) == prealloc
     received = report["dest"]["data_frames_received_in_c"]
     if install == "continue":  # received in C (native/dp_recv_cont.c): pushed runs, and demand runs
         assert received["main"] > 0 and (mode == "hybrid" or received["urgent"] > 0), received
@@ -76,6 +80,14 @@ def test_demo_refuses_wrong_backing_before_starting(install, backing, needs):
         run_demo(DemoOptions(params=params, install=install))
 
 
+@pytest.mark.parametrize("install, backing", [("copy", "memfd"), ("move", "anon")])
+def test_prealloc_is_refused_off_the_continue_path_before_starting(install, backing):
+    params = GuestParams(ram=8 << 20, threads=1, workload="idle", seed=1, steps=10, backing=backing)
+    with pytest.raises(DemoError, match=f"--prealloc needs --install continue, not {install}"):
+        run_demo(DemoOptions(params=params, install=install, prealloc=True))
+    assert install_path_error("continue", "memfd", Feature.MINOR_SHMEM, prealloc=True) is None
+
+
 @pytest.mark.parametrize("install, feature", [("continue", "MINOR_SHMEM"), ("move", "MOVE")])
 def test_kernel_without_the_feature_is_refused_by_name(install, feature):
     everything_but = Feature(sum(int(f) for f in Feature)) & ~Feature[feature]
@@ -95,6 +107,10 @@ def test_dest_cli_refuses_with_a_clear_error(tmp_path):
     assert proc.returncode == 1
     assert "install path 'continue' needs memfd backing" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "postcopy", "dest", "--listen", "127.0.0.1:1", "--key-file",
+                           str(key), "--prealloc"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--prealloc needs --install continue, not copy" in proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -180,6 +180,7 @@ def format_summary(report: dict) -> str:
         "downtime breakdown:",
         format_breakdown(report.get("downtime_breakdown")),
         "pages: " + "  ".join(f"{cause} {pages[cause]}" for cause in PAGE_CAUSES),
+        _install_line(report.get("dest") or {}),
         f"guest view: first step {fmt(view.get('first_step_ms'), ' ms', 2)} after resume, longest step gap "
         f"after the switchover {fmt(view.get('max_step_gap_ms'), ' ms', 2)}",
         f"faults {lat.get('count', 0)}: p50 {fmt(lat.get('p50'), ' µs')}  p99 {fmt(lat.get('p99'), ' µs')}"
@@ -192,6 +193,15 @@ def format_summary(report: dict) -> str:
     if (report.get("guest") or {}).get("reference_command"):
         lines.append(f"reference: {report['guest']['reference_command']}")
     return "\n".join(lines)
+
+
+def _install_line(dest: dict) -> str:
+    """How the destination installed pages, the push rate, and its RAM allocated first."""
+    push = dest.get("push_bytes_per_s")
+    line = f"install {dest.get('install', 'n/a')}  push {'n/a' if push is None else f'{push / 1e9:.2f} GB/s'}"
+    if dest.get("prealloc_ms") is not None:
+        line += f"  (RAM allocated first, before the pause: {dest['prealloc_ms']:.0f} ms)"
+    return line
 
 
 def write_json(path: str, data: dict) -> None:

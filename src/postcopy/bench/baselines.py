@@ -2,7 +2,11 @@
 run on the same machine: TCP bulk and 4 KiB round trips over the testbed's veth
 (bench/net.py), and the userfaultfd fault round trip with a C handler thread, each with
 both ends on one CPU and on two CPUs, plus the busy-polling handler across CPUs (what
-a spinning fault loop could reach). Python plays no part in any of these figures. They
+a spinning fault loop could reach). Beside the raw link, bulk into a new guest's RAM
+(fresh pages installed with UFFDIO_COPY, or RAM populated first and received in place)
+and the RAM steps alone (native/ram_floor.c): on a VM, a page the host has not backed
+costs a trip to the hypervisor on first touch, which a push pays and the raw link's
+reused buffer does not. Python plays no part in any of these figures. They
 run at the real-time priorities the agents give their own threads (kernel/priority.py),
 so a busy host slows the floors no more than it slows the agents.
 
@@ -48,6 +52,26 @@ def uffd_roundtrip(npages: int, fault_cpu: int = -1, handler_cpu: int = -1, *, s
     return floor_summary([lat[i] / 1e3 for i in range(npages)])
 
 
+def ram_floor(nbytes: int) -> dict:
+    """The steps of filling a new guest's RAM alone, each on fresh RAM, in 1 MiB chunks
+    (native/ram_floor.h): CPU seconds per GiB and GB/s of UFFDIO_COPY into fresh pages,
+    populating fresh pages (MADV_POPULATE_WRITE), UFFDIO_CONTINUE of populated pages and
+    a plain copy into populated pages."""
+    from postcopy._native import ffi, lib
+
+    out = ffi.new("struct pc_ram_floor *")
+    rc = lib.pc_ram_floor(nbytes, out)
+    if rc != 0:
+        raise OSError(-rc, f"guest RAM floor failed: {os.strerror(-rc)}")
+    gib = out.bytes / (1 << 30)
+    steps = {"uffdio_copy_fresh": (out.copy_cpu_ns, out.copy_wall_ns),
+             "populate_fresh": (out.populate_cpu_ns, out.populate_wall_ns),
+             "uffdio_continue": (out.continue_cpu_ns, out.continue_wall_ns),
+             "copy_into_populated": (out.rewrite_cpu_ns, out.rewrite_wall_ns)}
+    return {"bytes": out.bytes, **{name: {"cpu_s_per_gib": cpu / 1e9 / gib, "bytes_per_s": out.bytes / (wall / 1e9)}
+                                    for name, (cpu, wall) in steps.items()}}
+
+
 def _sum_latency(a: dict, b: dict) -> dict:
     return {p: None if a.get(p) is None or b.get(p) is None else a[p] + b[p] for p in ("p50", "p99")}
 
@@ -68,6 +92,10 @@ def measure(*, bulk_bytes: int, rtt_count: int, uffd_faults: int, port: int) -> 
     if ACROSS_CPUS in placements:
         uffd[ACROSS_CPUS + "_spin"] = uffd_roundtrip(uffd_faults, *placements[ACROSS_CPUS], spin=True, rt_priority=RT)
     best_bulk = max(tcp["bulk"], key=lambda name: tcp["bulk"][name]["bytes_per_s"])
+    into_ram = {into: {"by_placement": rows, "placement": max(rows, key=lambda name: rows[name]["bytes_per_s"])}
+                for into, rows in tcp["into_ram"].items()}
+    for row in into_ram.values():
+        row["bytes_per_s"] = row["by_placement"][row["placement"]]["bytes_per_s"]
     return {
         "placements": {name: list(cpus) for name, cpus in placements.items()},
         "tcp_bulk": tcp["bulk"],
@@ -79,6 +107,9 @@ def measure(*, bulk_bytes: int, rtt_count: int, uffd_faults: int, port: int) -> 
         "tcp_bulk_placement": best_bulk,
         "tcp_bulk_bytes_per_s": tcp["bulk"][best_bulk]["bytes_per_s"],
         "tcp_rtt_4k_us": tcp["rtt"][SAME_CPU]["latency_us"],
+        # Bulk into a new guest's RAM (the best placement of each), and the RAM steps alone.
+        "tcp_into_ram": into_ram,
+        "ram_floor": ram_floor(bulk_bytes),
     }
 
 
@@ -93,6 +124,13 @@ def format_lines(base: dict) -> list[str]:
         cpu = row["cpu"]
         lines.append(f"  C TCP bulk, {name:<12}     {row['bytes_per_s'] / 1e9:.2f} GB/s   CPU s/GiB sender "
                      f"{cpu['client']['cpu_s_per_gib']:.2f}, receiver {cpu['server']['cpu_s_per_gib']:.2f}")
+    for into, row in base["tcp_into_ram"].items():
+        best = row["by_placement"][row["placement"]]
+        prefault = f", populated first at {best['prefault_s_per_gib']:.2f} s/GiB" if "prefault_s_per_gib" in best else ""
+        lines.append(f"  C TCP bulk into {into:<12} {row['bytes_per_s'] / 1e9:.2f} GB/s   ({row['placement']}; receiver "
+                     f"CPU s/GiB {best['cpu']['server']['cpu_s_per_gib']:.2f}{prefault})")
+    for step, row in _ram_steps(base):
+        lines.append(f"  C guest RAM, {step:<22} {row['bytes_per_s'] / 1e9:.2f} GB/s   CPU s/GiB {row['cpu_s_per_gib']:.2f}")
     for name, row in base["tcp_rtt_4k"].items():
         lat = row["latency_us"]
         lines.append(f"  C TCP 4 KiB RTT, {name:<12} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs  max {us(lat['max'])} µs")
@@ -101,6 +139,11 @@ def format_lines(base: dict) -> list[str]:
     for name, lat in base["fault_floor_us"].items():
         lines.append(f"  fault floor (RTT+uffd), {name:<12} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs")
     return lines
+
+
+def _ram_steps(base: dict) -> list[tuple[str, dict]]:
+    floor = base.get("ram_floor") or {}
+    return [(step, row) for step, row in floor.items() if isinstance(row, dict)]
 
 
 def markdown_rows(base: dict) -> list[str]:
@@ -113,6 +156,13 @@ def markdown_rows(base: dict) -> list[str]:
         cpu = row["cpu"]
         rows.append(f"| TCP bulk | {name} | {row['bytes_per_s'] / 1e9:.2f} GB/s | "
                     f"{cpu['client']['cpu_s_per_gib']:.2f} / {cpu['server']['cpu_s_per_gib']:.2f} |")
+    for into, row in base.get("tcp_into_ram", {}).items():
+        best = row["by_placement"][row["placement"]]
+        prefault = f" (populated first: {best['prefault_s_per_gib']:.2f} s/GiB)" if "prefault_s_per_gib" in best else ""
+        rows.append(f"| TCP bulk into {into}{prefault} | {row['placement']} | {row['bytes_per_s'] / 1e9:.2f} GB/s | "
+                    f"{best['cpu']['client']['cpu_s_per_gib']:.2f} / {best['cpu']['server']['cpu_s_per_gib']:.2f} |")
+    rows += [f"| guest RAM: {step} | one thread | {row['bytes_per_s'] / 1e9:.2f} GB/s | {row['cpu_s_per_gib']:.2f} s/GiB |"
+             for step, row in _ram_steps(base)]
     rows += [f"| TCP 4 KiB RTT | {name} | {us(row['latency_us'])} | |" for name, row in base["tcp_rtt_4k"].items()]
     rows += [f"| uffd round trip | {name} | {us(lat)} | |"
              for name, lat in base["uffd_roundtrip_by_placement_us"].items()]

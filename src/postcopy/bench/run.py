@@ -39,40 +39,51 @@ def _park_at(params: GuestParams) -> int:
 
 
 def migration(ram: int, *, workload: str, steps: int, rate: float = 0, migrate_after: float = 0.5,
-              push_delay: float = 0.0, threads: int = 2, install: str = "copy") -> dict:
+              push_delay: float = 0.0, threads: int = 2, install: str = "copy", prealloc: bool = False) -> dict:
     params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, rate=rate, working_set=1.0)
     return run_demo(DemoOptions(params=params, park_at=_park_at(params), migrate_after=migrate_after,
                                 port=BENCH_PORT + 1,
-                                push_delay=push_delay, install=install))
+                                push_delay=push_delay, install=install, prealloc=prealloc))
+
+
+# Push variants: (install path, --prealloc, the C floor of the same RAM work: bulk into
+# fresh RAM page by page, or into RAM populated first; see bench/baselines.py).
+PUSH_VARIANTS = {"copy": ("copy", False, "ram-copy"), "continue": ("continue", False, "ram-copy"),
+                 "continue+prealloc": ("continue", True, "ram-prefault")}
 
 
 def push_runs() -> dict[str, dict]:
     """The headline push migration (256 MiB, sequential at a fixed rate: all RAM populated
     before the move, the guest still running lightly while the pusher streams it) on each
-    install path this kernel offers for memfd RAM (copy, continue): the path is the
-    user's choice (--install), so the bench reports the best beside each. Per path: the
-    report and the agents' CPU per GiB moved in the push window."""
+    install path this kernel offers for memfd RAM (copy, continue, and continue with the
+    destination's RAM allocated first): the user's choice (--install, --prealloc), so the
+    bench reports the best beside each. Per variant: the report and the agents' CPU per
+    GiB moved in the push window."""
     from postcopy.migration.install import supported_paths
 
     runs = {}
-    for path in supported_paths("memfd"):
+    offered = supported_paths("memfd")
+    for name, (path, prealloc, _) in PUSH_VARIANTS.items():
+        if path not in offered:
+            continue
         with AgentCpu() as agent_cpu:
             result = migration(256 << 20, workload="sequential", steps=400_000, rate=200_000, migrate_after=0.6,
-                               install=path)
-        runs[path] = {"result": result, "cpu": push_cpu_per_gib(agent_cpu, result, resource.getpagesize())}
+                               install=path, prealloc=prealloc)
+        runs[name] = {"result": result, "cpu": push_cpu_per_gib(agent_cpu, result, resource.getpagesize())}
     return runs
 
 
 def push_figures(runs: dict[str, dict]) -> dict:
-    """The best path's push (named) and each path's, from :func:`push_runs`."""
-    def rate(path: str) -> float:
-        return runs[path]["result"]["dest"]["push_bytes_per_s"] or 0.0
+    """The best variant's push (named) and each variant's, from :func:`push_runs`."""
+    def rate(name: str) -> float:
+        return runs[name]["result"]["dest"]["push_bytes_per_s"] or 0.0
 
     best = max(runs, key=rate)
-    by_install = {path: {"push_bytes_per_s": rate(path) or None,
+    by_install = {name: {"push_bytes_per_s": rate(name) or None, "ram_floor": PUSH_VARIANTS[name][2],
+                         "prealloc_ms": run["result"]["dest"].get("prealloc_ms"),
                          **{f"{role}_cpu_s_per_gib": (run["cpu"].get(role) or {}).get("cpu_s_per_gib")
                             for role in ("source", "dest")}}
-                  for path, run in runs.items()}
+                  for name, run in runs.items()}
     return {"push_bytes_per_s": rate(best) or None, "push_install": best, "push_by_install": by_install,
             "push_cpu": runs[best]["cpu"]}
 
@@ -230,6 +241,9 @@ def baseline_ratios(base: dict, figures: dict) -> dict:
     and receiver's (dest) on that bulk placement."""
     no_push, with_push = figures["fault_us_without_pusher"], figures["fault_us_with_pusher"]
     ratios = {"push_vs_tcp_bulk": _ratio(figures["push_bytes_per_s"], base["tcp_bulk_bytes_per_s"])}
+    for name, row in (figures.get("push_by_install") or {}).items():  # each against bulk into RAM the same way
+        floor = (base.get("tcp_into_ram") or {}).get(row["ram_floor"]) or {}
+        ratios[f"push_{name}_vs_tcp_into_{row['ram_floor']}"] = _ratio(row["push_bytes_per_s"], floor.get("bytes_per_s"))
     for placement, floor in base["fault_floor_us"].items():
         for p in ("p50", "p99"):
             ratios[f"fault_{p}_vs_floor_{placement}"] = _ratio(no_push[p], floor[p])
@@ -302,11 +316,14 @@ def _headline_rows(result: dict) -> list[str]:
     rows = ["| figure | value | C floor (same run) | ratio |", "|---|---|---|---|",
             f"| push throughput{best} | {format_num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s | "
             f"TCP bulk {tcp / 1e9:.2f} GB/s ({b['tcp_bulk_placement']}) | {_times(r['push_vs_tcp_bulk'])} |"]
-    for path, row in by_install.items() if len(by_install) > 1 else ():
-        push = row["push_bytes_per_s"]
+    for path, row in by_install.items():
+        push, into = row["push_bytes_per_s"], row["ram_floor"]
+        floor_rate = ((b.get("tcp_into_ram") or {}).get(into) or {}).get("bytes_per_s")
+        prealloc = f", RAM allocated first in {row['prealloc_ms']:.0f} ms" if row.get("prealloc_ms") else ""
         rows.append(f"| push, install {path} (CPU s/GiB source {format_num(row['source_cpu_s_per_gib'])}, dest "
-                    f"{format_num(row['dest_cpu_s_per_gib'])}) | {format_num(push and push / 1e9)} GB/s | TCP bulk | "
-                    f"{_times(_ratio(push, tcp))} |")
+                    f"{format_num(row['dest_cpu_s_per_gib'])}{prealloc}) | {format_num(push and push / 1e9)} GB/s | "
+                    f"TCP bulk / TCP bulk into {into} {format_num(floor_rate and floor_rate / 1e9)} GB/s | "
+                    f"{_times(_ratio(push, tcp))} / {_times(r.get(f'push_{path}_vs_tcp_into_{into}'))} |")
     for role, side, name in (("source", "client", "sender"), ("dest", "server", "receiver")):
         agent = push_cpu.get(role) or {}
         rows.append(f"| {role} agent CPU s per GiB moved in the push window{best} | "
@@ -321,6 +338,14 @@ def _headline_rows(result: dict) -> list[str]:
              f"| downtime 256 MiB / 2 GiB | {format_num(f['downtime_ms_256M'])} / {format_num(f['downtime_ms_2G'])} ms | | |",
              "", *baselines.markdown_rows(b)]
     return rows
+
+
+def _push_line(name: str, row: dict, base: dict, ratios: dict) -> str:
+    """One push variant's line: GB/s against the raw link and against bulk into RAM."""
+    into, push = row["ram_floor"], row["push_bytes_per_s"]
+    return (f"    install {name:<17}   {format_num(push and push / 1e9)} GB/s   "
+            f"({_times(_ratio(push, base['tcp_bulk_bytes_per_s']))} C TCP bulk, "
+            f"{_times(ratios.get(f'push_{name}_vs_tcp_into_{into}'))} C TCP bulk into {into})")
 
 
 def markdown(result: dict) -> str:
@@ -386,9 +411,7 @@ def format_bench(result: dict) -> str:
         "postcopy:",
         f"  push throughput             {num(f['push_bytes_per_s'] and f['push_bytes_per_s'] / 1e9)} GB/s"
         f"   ({_times(r['push_vs_tcp_bulk'])} C TCP bulk; install {f.get('push_install', 'copy')})",
-        *(f"    install {path:<9}           {num(row['push_bytes_per_s'] and row['push_bytes_per_s'] / 1e9)} GB/s"
-          f"   ({_times(_ratio(row['push_bytes_per_s'], b['tcp_bulk_bytes_per_s']))} C TCP bulk)"
-          for path, row in (f.get("push_by_install") or {}).items()),
+        *(_push_line(name, row, b, r) for name, row in (f.get("push_by_install") or {}).items()),
         *(f"  {role} CPU per GiB moved while pushing   {num((f['push_cpu'].get(role) or {}).get('cpu_s_per_gib'))} s"
           f"   ({_times(r[f'{role}_cpu_per_gib_vs_c'])} C {side})"
           for role, side in (("source", "sender"), ("dest", "receiver"))),

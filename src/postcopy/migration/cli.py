@@ -90,11 +90,15 @@ def add_unsafe_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_install_option(parser: argparse.ArgumentParser) -> None:
-    """``--install``, shared by ``dest`` and ``demo``."""
+    """``--install`` and ``--prealloc``, shared by ``dest`` and ``demo``."""
     parser.add_argument("--install", choices=INSTALL_PATHS, default="copy",
                         help="how pages are installed: copy (UFFDIO_COPY, default), continue (memfd backing: "
                              "write the page cache, UFFDIO_CONTINUE on minor faults), move (anon backing: "
                              "stage in the guest, UFFDIO_MOVE into place)")
+    parser.add_argument("--prealloc", action="store_true",
+                        help="with --install continue: allocate the incoming guest's RAM before any page moves "
+                             "(before the source pauses its guest), then receive pages straight into it: no "
+                             "allocation while pages move (default off)")
 
 
 def add_precopy_options(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +208,7 @@ def run_dest(args) -> int:
                                             recovery_timeout=args.recovery_timeout, install=args.install,
                                             staging_pages=args.staging_pages, guest_vm=args.vm,
                                             frame_auth=not args.unsafe_no_frame_auth,
-                                            fault_poll=args.fault_poll))
+                                            fault_poll=args.fault_poll, prealloc=args.prealloc))
         try:
             agent.bind()
             print(f"listening on {format_endpoint(args.listen)}", flush=True)

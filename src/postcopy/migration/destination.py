@@ -19,6 +19,7 @@ from postcopy import report
 from postcopy.protocol import wire
 from postcopy.migration.fence import LeaseKeeper, watchdog_keeper, watchdog_seconds
 from postcopy.migration.dp_recv import PageReceiver, channel_sinks
+from postcopy.migration.prealloc import preallocated
 from postcopy.migration.faults import FaultServer, UrgentLender
 from postcopy.migration.install import (DEFAULT_STAGING_PAGES, CopyPath, InstallError, InstallTarget, guest_options,
                                         install_path_error, make_install_path)
@@ -27,7 +28,7 @@ from postcopy._native import lib as native
 from postcopy.kernel.meminfo import ram_fit_error
 from postcopy.kernel.priority import make_current_thread_urgent
 from postcopy.kernel.process import die_with_parent
-from postcopy.migration.destreport import ReceiveFacts, receive_figures
+from postcopy.migration.destreport import ReceiveFacts, first_step_ns, max_step_gap_ns, receive_figures
 from postcopy.guest.control import GuestClient, GuestError, wait_for_control
 from postcopy.protocol.channel import Channel, ChannelClosed, PeerInfo
 from postcopy.migration.listener import AcceptTimeout, Listener
@@ -55,6 +56,7 @@ class DestConfig:
     fault_poll: str = "sleep"  # the fault loop: sleep in poll(2), or spin (busy-poll; experiments)
     requests_in_c: bool = True  # the fault loop sends its requests itself (False: through Python)
     data_in_c: bool = True  # copy and continue paths: page runs and zero ranges received and installed in C
+    prealloc: bool = False  # continue path: populate the guest's RAM before any page moves (migration/prealloc.py)
 
 
 class DestinationAgent:
@@ -91,12 +93,13 @@ class DestinationAgent:
         self._urgent_thread: threading.Thread | None = None
         self._lender: UrgentLender | None = None  # lends the urgent channel's send side to the fault loop
         self._receivers: dict[str, PageReceiver] = {}  # per channel name: data frames received in C
+        self._prealloc_ms: float | None = None  # --prealloc: populating the guest's RAM took this long
 
     def bind(self) -> socket.socket:
         """Listen on the configured endpoint (call before run to learn the port).
         Refuses an install path this backing or kernel cannot do before anyone connects."""
         if self.config.guest_control is None:
-            error = install_path_error(self.config.install, self.config.backing)
+            error = install_path_error(self.config.install, self.config.backing, prealloc=self.config.prealloc)
             if error:
                 raise DestinationError(error)
         if self.listener is None:
@@ -311,21 +314,14 @@ class DestinationAgent:
         faults.join()
         uffd.unregister(self.base, self.npages * self.page_size)
         os.close(self._ram_fd)
-        first_step = self._first_step(guest)
-        max_gap_ns = self._max_step_gap(guest)
+        first_step = first_step_ns(guest, self._timeline)
+        max_gap_ns = max_step_gap_ns(guest)
         guest.close()
         return receive_figures(ReceiveFacts(
             table=self.table, timeline=self._timeline, install=self._path.name, page_size=self.page_size,
             started=started, all_in=all_in, first_push_ns=self._first_push_ns, switchover=switchover,
             resumed=resumed, first_step_ns=first_step, max_gap_ns=max_gap_ns, recoveries_ms=self._recoveries,
-            frames_in_c={name: r.counts.frames for name, r in self._receivers.items()}))
-
-    @staticmethod
-    def _max_step_gap(guest: GuestClient) -> int | None:
-        try:
-            return guest.max_step_gap_ns()
-        except Exception:
-            return None  # the guest already finished and left
+            frames_in_c={name: r.counts.frames for name, r in self._receivers.items()}, prealloc_ms=self._prealloc_ms))
 
     def _switch_over(self, guest: GuestClient, switchover: dict) -> dict:
         """The source stopped its guest: widen the watchdog to the agreed recovery time
@@ -344,23 +340,6 @@ class DestinationAgent:
         self._switched = True
         self._timeline.switchover_ns = time.monotonic_ns()
         return resumed
-
-    def _first_step(self, guest: GuestClient) -> int | None:
-        """When the guest completed its first step after resume (polls briefly); its
-        start's steps go into the timeline's marks."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                status = guest.status()
-            except Exception:
-                return None  # the guest already finished and left
-            value = status.get("first_step_after_resume_ns")
-            if value:
-                self._timeline.marks.update(status.get("incoming_start_ns") or {},
-                                            resume_received=status.get("resumed_ns"), first_step=value)
-                return value
-            time.sleep(0.001)
-        return None
 
     def _guard(self, target, *args) -> None:
         try:
@@ -439,10 +418,15 @@ class DestinationAgent:
 
     # -- receiving pages -----------------------------------------------------------------
     def _make_receivers(self, layout: wire.Layout) -> None:
-        """One C receiver per channel for the copy and continue paths (move: Python)."""
+        """One C receiver per channel for the copy and continue paths (move: Python);
+        with --prealloc, the guest's RAM populated first (before the ReadyCheck is
+        answered, so before the source pauses its guest) and received into in place."""
         if self.config.data_in_c and self._path.name in ("copy", "continue"):
+            ram = None  # bind() refused --prealloc on any other path
+            if self.config.prealloc:
+                ram, self._prealloc_ms = preallocated(self._memfd, self.npages * self.page_size)
             stop = native.pc_dp_table_stop_flag(self.table.native)
-            sinks = channel_sinks(self._path.name, self.table, self._memfd, self.page_size)
+            sinks = channel_sinks(self._path.name, self.table, self._memfd, self.page_size, ram=ram)
             self._receivers = {name: PageReceiver(layout, sink, stop) for name, sink in sinks.items()}
 
     def _receive_data(self, channel: Channel) -> None:

@@ -27,6 +27,7 @@ class ReceiveFacts:
     max_gap_ns: int | None
     recoveries_ms: list
     frames_in_c: dict  # per channel: data frames received and installed in C (copy, continue)
+    prealloc_ms: float | None = None  # --prealloc: populating the guest's RAM took this long (before the pause)
 
 
 def receive_figures(f: ReceiveFacts) -> dict:
@@ -70,7 +71,9 @@ def receive_figures(f: ReceiveFacts) -> dict:
         "pages_removed_by_guest": f.table.removed_by_guest,
         "recoveries_ms": f.recoveries_ms,
         "data_frames_received_in_c": f.frames_in_c,
+        # With --prealloc this counts the guest's RAM, mapped here to receive in place.
         "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "prealloc_ms": f.prealloc_ms,
     }
 
 
@@ -79,3 +82,30 @@ def faults_within(fault_times: list[tuple[int, float]], start_ns: int | None, wi
     if start_ns is None:
         return None
     return sum(1 for t, _ in fault_times if start_ns <= t < start_ns + window_ns)
+
+
+def first_step_ns(guest, timeline) -> int | None:
+    """When the resumed guest completed its first step here (polls it briefly); its
+    start's steps go into the timeline's marks. None if it already finished and left."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            status = guest.status()
+        except Exception:
+            return None
+        value = status.get("first_step_after_resume_ns")
+        if value:
+            timeline.marks.update(status.get("incoming_start_ns") or {}, resume_received=status.get("resumed_ns"),
+                                  first_step=value)
+            return value
+        time.sleep(0.001)
+    return None
+
+
+def max_step_gap_ns(guest) -> int | None:
+    """The longest gap between two steps of any vCPU of the guest here (None if it
+    already finished and left: then its last output line says it)."""
+    try:
+        return guest.max_step_gap_ns()
+    except Exception:
+        return None

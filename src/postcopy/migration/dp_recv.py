@@ -22,6 +22,7 @@ from postcopy._native import ffi, lib
 from postcopy.kernel.uffd import UffdError
 from postcopy.migration.install import CAUSE_NAMES, OVERWRITE_CAUSES, install_error
 from postcopy.migration.pagetable import PageTable, native_error
+from postcopy.migration.prealloc import map_guest_ram
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel
 from postcopy.protocol.errors import IntegrityError
@@ -81,13 +82,15 @@ def table_sink(table: PageTable) -> Sink:
     return Sink(sink, (ctx, table), _table_error(ctx))
 
 
-def continue_sink(table: PageTable, memfd: int, slot: int, page_size: int, in_place: bool = False) -> Sink:
+def continue_sink(table: PageTable, memfd: int, slot: int, page_size: int, in_place: bool = False,
+                  ram: mmap.mmap | None = None) -> Sink:
     """The continue install path as a sink (see native/dp_recv_cont.h): each page run
     written into the guest's memfd (staged: each gated piece received into a buffer the
     CPU's cache holds, then pwrite; ``in_place``: received straight into this agent's own
-    mapping of the memfd), mapped with UFFDIO_CONTINUE once its tag checks out; zero
-    ranges as :func:`table_sink`. ``slot``: this channel's claim slot (0 or 1), one per
-    receiving channel. The table must be attached to the guest with its memfd."""
+    mapping of the memfd, ``ram`` if given (e.g. populated by --prealloc, shared by both
+    channels' sinks) or one of its own), mapped with UFFDIO_CONTINUE once its tag checks
+    out; zero ranges as :func:`table_sink`. ``slot``: this channel's claim slot (0 or
+    1), one per receiving channel. The table must be attached to the guest with its memfd."""
     if slot not in (0, 1):
         raise ValueError(f"claim slot {slot} (a channel's is 0 or 1)")
     base = _table_ctx(table)
@@ -98,22 +101,24 @@ def continue_sink(table: PageTable, memfd: int, slot: int, page_size: int, in_pl
     ctx.base, ctx.scratch, ctx.where, ctx.max_run_pages, ctx.slot = base, scratch, where, run_pages, slot
     cache = None
     if in_place:
-        cache = mmap.mmap(memfd, table.npages * page_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        cache.madvise(mmap.MADV_NOHUGEPAGE)  # page granularity, as the guest's own mapping
+        cache = ram if ram is not None else map_guest_ram(memfd, table.npages * page_size)
         ctx.cache = ffi.from_buffer(cache)
     sink = ffi.new("struct pc_dp_sink *")
     lib.pc_dp_sink_cont(sink, ctx)
     return Sink(sink, (ctx, base, cache, scratch, where, table), _table_error(base))
 
 
-def channel_sinks(path: str, table: PageTable, memfd: int | None, page_size: int) -> dict[str, Sink]:
+def channel_sinks(path: str, table: PageTable, memfd: int | None, page_size: int,
+                  ram: mmap.mmap | None = None) -> dict[str, Sink]:
     """The destination's sink for each channel (main, urgent) on install path ``path``
-    (copy or continue; continue: one claim slot per channel)."""
+    (copy or continue; continue: one claim slot per channel, staged, or in place into
+    ``ram``, the guest's RAM populated by --prealloc)."""
     if path == "copy":
         return {name: table_sink(table) for name in ("main", "urgent")}
     if path != "continue" or memfd is None:
         raise ValueError(f"no C receive for install path {path!r} (without a memfd: {memfd is None})")
-    return {name: continue_sink(table, memfd, slot, page_size) for slot, name in enumerate(("main", "urgent"))}
+    return {name: continue_sink(table, memfd, slot, page_size, in_place=ram is not None, ram=ram)
+            for slot, name in enumerate(("main", "urgent"))}
 
 
 def memory_sink(memory, page_size: int) -> Sink:

@@ -14,7 +14,7 @@ from postcopy.migration.guestmem import GuestMemory
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel, ChannelClosed
 
-DONE, STOPPED, HINTED = lib.PC_DP_DONE, lib.PC_DP_STOPPED, lib.PC_DP_HINTED
+DONE, STOPPED = lib.PC_DP_DONE, lib.PC_DP_STOPPED
 CLOSED, FRAME = lib.PC_DP_CLOSED, lib.PC_DP_FRAME
 _PUSH_KINDS = ("ZERO_RANGE",)  # plus the page runs' cause
 
@@ -94,13 +94,17 @@ class SendPlane:
         lib.pc_dp_send_mark(self._ctx, first, end, int(sent))
 
     def push(self, channel: Channel, ranges: list[tuple[int, int]], run_pages: int,
-             cause: wire.Cause = wire.Cause.PUSHED) -> tuple[int, Counts]:
-        """Send the unsent pages of each [first, end) in order (rate limited); returns
-        (DONE | STOPPED | HINTED, counts). Raises ChannelClosed if the link broke."""
+             cause: wire.Cause = wire.Cause.PUSHED, prepage: tuple[int, int] = (0, 0)) -> tuple[int, Counts]:
+        """Send the unsent pages of each [first, end) in order (rate limited); after each
+        demand request the unsent pages of its pre-paging window go first: ``prepage``
+        = (min, max) pages, doubled from min each time the same sequential stream faults
+        again (see native/dp_send.h; (0, 0): none). Returns (DONE | STOPPED, counts).
+        Raises ChannelClosed if the link broke."""
         flat = ffi.new("uint64_t[]", [v for r in ranges for v in r] or [0])
         counts = ffi.new("struct pc_dp_counts *")
         with channel.native_send(f"PAGE_RUN/{wire.Cause(cause).name}", *_PUSH_KINDS) as link:
-            rc = lib.pc_dp_push(self._ctx, link, flat, len(ranges), run_pages, int(cause), self._rate, counts)
+            rc = lib.pc_dp_push(self._ctx, link, flat, len(ranges), run_pages, *prepage, int(cause), self._rate,
+                                counts)
         _raise_for(rc, channel)
         return rc, _counts(counts)
 

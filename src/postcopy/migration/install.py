@@ -88,11 +88,15 @@ _WHY = {"continue": "UFFDIO_CONTINUE resolves minor faults on pages already in a
         "move": "UFFDIO_MOVE moves only private anonymous pages"}
 
 
-def install_path_error(path: str, backing: str, features: Feature | None = None) -> str | None:
+def install_path_error(path: str, backing: str, features: Feature | None = None, prealloc: bool = False) -> str | None:
     """Why install path ``path`` cannot run on ``backing`` RAM with these userfaultfd
-    ``features`` (default: what this kernel offers), or None if it can."""
+    ``features`` (default: what this kernel offers), with the guest's RAM populated
+    first if ``prealloc`` (see postcopy.migration.prealloc), or None if it can."""
     if path not in INSTALL_PATHS:
         return f"unknown install path {path!r} (choose from {', '.join(INSTALL_PATHS)})"
+    if prealloc and path != "continue":
+        return (f"--prealloc needs --install continue, not {path}: the {path} path must find pages missing "
+                f"(it allocates each page as it lands); continue receives into the populated memfd in place")
     if path == "copy":
         return None
     if backing != _BACKING[path]:

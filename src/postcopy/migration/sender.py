@@ -12,7 +12,7 @@ from typing import Callable
 
 from postcopy import ranges
 from postcopy.kernel.priority import make_current_thread_urgent
-from postcopy.migration.dp_send import CLOSED, DONE, STOPPED, SendPlane
+from postcopy.migration.dp_send import CLOSED, STOPPED, SendPlane
 from postcopy.migration.guestmem import GuestMemory
 from postcopy.migration.ratelimit import RateLimiter
 from postcopy.protocol import wire
@@ -20,7 +20,9 @@ from postcopy.protocol.channel import Channel, ChannelClosed
 from postcopy.protocol.state import allowed
 from postcopy.protocol.wire import MAX_RUN_BYTES
 
-PREPAGE_PAGES = 16  # pages pushed right behind each demand fault
+# Pages pushed right behind each demand fault: 16, doubled up to 256 (1 MiB) while one
+# sequential stream keeps faulting past its last window (readahead's rule, in C).
+PREPAGE_PAGES = (16, 256)
 PUSH_BATCH_PAGES = 4096  # pages per native push call; the plan is revised between calls
 # The pusher's first start (see PageSender._hold_for_first_faults).
 PUSH_HOLD_S = 0.05  # at most this long after the switchover
@@ -207,24 +209,18 @@ class PageSender:
             self.link_lost.wait(FIRST_FAULTS_GRACE_S)
 
     def _push_batch(self, main: Channel, batch: list[tuple[int, int]]) -> None:
-        """Push the unsent pages of the [first, end) ranges of ``batch``; a demand
-        request during the call makes it return, and its pre-paging window goes next."""
-        plane, npages = self._plane, self.mem.npages
-        while True:
+        """Push the unsent pages of the [first, end) ranges of ``batch``; after each
+        demand request, its pre-paging window (PREPAGE_PAGES) goes first (in C)."""
+        self._check()
+        status, counts = self._plane.push(main, batch, self.run_pages, prepage=PREPAGE_PAGES)
+        self.stats.add("pages_pushed", counts.pages_sent)
+        self.stats.add("pages_zero", counts.pages_zero)
+        self.push_limit.waited_s += counts.held_back_s
+        if counts.pages_sent:
+            self._on_progress(counts.pages_sent * self.mem.page_size)
+        if status == STOPPED:
             self._check()
-            hint = plane.take_hint()
-            todo = batch if hint is None or hint >= npages else [(hint, min(hint + PREPAGE_PAGES, npages))] + batch
-            status, counts = plane.push(main, todo, self.run_pages)
-            self.stats.add("pages_pushed", counts.pages_sent)
-            self.stats.add("pages_zero", counts.pages_zero)
-            self.push_limit.waited_s += counts.held_back_s
-            if counts.pages_sent:
-                self._on_progress(counts.pages_sent * self.mem.page_size)
-            if status == DONE:
-                return
-            if status == STOPPED:
-                self._check()
-                raise ChannelClosed("the pusher was stopped")
+            raise ChannelClosed("the pusher was stopped")
 
     def _check(self) -> None:
         if self.link_lost.is_set():

@@ -57,6 +57,7 @@ class DemoOptions:
     stall_rounds: int = 3
     free_hints: bool = True
     install: str = "copy"  # destination install path: copy, continue (memfd), move (anon)
+    prealloc: bool = False  # destination: populate the guest's RAM first (continue path; dest --prealloc)
     frame_auth: bool = True  # False is UNSAFE (no tags after the handshake): the bench's baseline only
     # Park the guest at this step until migrated (tests: no race with a wall clock). The
     # downtime figure then includes the time it was parked: not for benchmarks.
@@ -92,7 +93,7 @@ def run_demo(options: DemoOptions) -> dict:
     params = options.params
     if params.steps is None:
         raise DemoError("the demo needs --steps so the guest finishes and can be verified")
-    error = install_path_error(options.install, params.backing)
+    error = install_path_error(options.install, params.backing, prealloc=options.prealloc)
     if error:
         raise DemoError(error)
     deadline = time.monotonic() + options.timeout
@@ -119,7 +120,8 @@ def run_demo(options: DemoOptions) -> dict:
         dest = bed.popen(bed.dest, _agent("dest", "--listen", endpoint, "--key-file", key_file,
                                           "--backing", params.backing, "--install", options.install,
                                           "--vm", params.vm, "--workdir", dest_work,
-                                          "--json", f"{work}/dest.json", *unsafe), **pipes)
+                                          "--json", f"{work}/dest.json", *unsafe,
+                                          *(["--prealloc"] if options.prealloc else [])), **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
                                               "--key-file", key_file, "--json", f"{work}/source.json", "--raw-json",
                                               "--push-delay", str(options.push_delay), "--mode", options.mode,
@@ -355,7 +357,7 @@ def _injection(text: str) -> inject.Injection:
 def _usage_error(args: argparse.Namespace) -> str | None:
     """What argparse cannot check alone, before any namespace or process is made."""
     error = layout_error(args.ram, args.threads, args.workload, args.working_set, args.free_fraction)
-    error = error or install_path_error(args.install, args.backing)
+    error = error or install_path_error(args.install, args.backing, prealloc=args.prealloc)
     for flag, step in (("--park-at", args.park_at), ("--hold-at", args.hold_at)):
         if step is not None and step >= args.steps:
             error = error or f"{flag} {step} must be below --steps {args.steps} (the guest would finish first)"
@@ -377,7 +379,8 @@ def main(args: argparse.Namespace) -> int:
                           port=args.port, progress=sys.stderr.isatty(), dirty_log=args.dirty_log,
                           downtime_limit_ms=args.downtime_limit, max_rounds=args.max_rounds,
                           stall_rounds=args.stall_rounds,
-                          free_hints=not args.no_free_hints, install=args.install, inject=args.inject,
+                          free_hints=not args.no_free_hints, install=args.install, prealloc=args.prealloc,
+                          inject=args.inject,
                           park_at=args.park_at, hold_at=args.hold_at,
                           source_options=(*convergence_argv(args),
                                           *(["--events", os.path.abspath(args.events)] if args.events else [])))
