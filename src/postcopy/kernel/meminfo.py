@@ -29,3 +29,14 @@ def ram_fit_error(ram: int, copies: int = 1) -> str | None:
                 f"({format_bytes(limit)})")
     return (f"{copies} guests of {format_bytes(ram)} (source and destination on this host) need "
             f"{format_bytes(ram * copies)}, more than this host's memory and swap ({format_bytes(limit)})")
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set size since its exec, in KiB (VmHWM: the high
+    water mark of its own address space). Not getrusage's ru_maxrss, which Linux carries
+    across fork and exec: an agent started by a large parent would report the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise OSError("/proc/self/status has no VmHWM")

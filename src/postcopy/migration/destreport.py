@@ -3,11 +3,11 @@ latencies (before and during the push), pages by cause, push rate, downtime and 
 guest's own view after the switchover."""
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 
 from postcopy import report
+from postcopy.kernel.meminfo import peak_rss_kib
 
 
 @dataclass
@@ -72,7 +72,7 @@ def receive_figures(f: ReceiveFacts) -> dict:
         "recoveries_ms": f.recoveries_ms,
         "data_frames_received_in_c": f.frames_in_c,
         # With --prealloc this counts the guest's RAM, mapped here to receive in place.
-        "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "max_rss_kib": peak_rss_kib(),
         "prealloc_ms": f.prealloc_ms,
     }
 

@@ -4,7 +4,6 @@ on the main channel. The guest's RAM stays intact until the destination confirms
 every page is in."""
 from __future__ import annotations
 
-import resource
 import secrets
 import socket
 import sys
@@ -17,6 +16,7 @@ from typing import IO
 from postcopy import ranges
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.kernel.dirtylog import DirtyLog, DirtyLogUnavailable, open_dirty_log
+from postcopy.kernel.meminfo import peak_rss_kib
 from postcopy.migration.demandserver import DemandServer
 from postcopy.migration.dirtyrate import predict
 from postcopy.migration.fence import LeaseKeeper, fence_keeper, fence_note
@@ -369,7 +369,7 @@ class SourceAgent:
             **self.stats.pages(),
             "requests": self.stats.requests,
             "recoveries_ms": self.recoveries,
-            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "max_rss_kib": peak_rss_kib(),
             "dest": m.complete,
         }
 
