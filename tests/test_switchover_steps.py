@@ -154,14 +154,32 @@ def _held(plane):
     from postcopy.migration.sender import PageSender
 
     sender = PageSender.__new__(PageSender)  # only what the hold reads
-    sender._plane, sender.link_lost = plane, threading.Event()
+    sender._plane, sender.link_lost = plane, _Lost()
     return sender
 
 
-def test_the_pushers_first_start_waits_for_the_first_demand_request():
+class _Lost(threading.Event):
+    """The link-lost event, noting every wait the hold makes on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return super().wait(0)
+
+
+def test_the_pushers_first_start_waits_for_the_first_demand_request_and_a_grace():
+    from postcopy.migration.sender import FIRST_FAULTS_GRACE_S, HOLD_POLL_S
+
     plane = _Plane(after=3)
-    _held(plane)._hold_for_first_faults()
+    sender = _held(plane)
+    sender._hold_for_first_faults()
     assert plane.polls > 3  # it returned only once a request was answered
-    again = _Plane(after=0)
-    _held(again)._hold_for_first_faults()
-    assert again.polls == 1  # answered already (a push delay): no wait at all
+    assert sender.link_lost.waits == [HOLD_POLL_S] * 3 + [FIRST_FAULTS_GRACE_S]
+    # Answered before the pusher asked (the common case: the first fault comes within a
+    # millisecond): the grace still applies, or the pusher's first work lands on it.
+    again = _held(_Plane(after=0))
+    again._hold_for_first_faults()
+    assert again.link_lost.waits == [FIRST_FAULTS_GRACE_S]
