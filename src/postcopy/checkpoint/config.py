@@ -40,6 +40,9 @@ class CheckpointConfig:
     # pagemap-scan without an interval: epochs through the guest's doorbell (shared
     # memory) instead of a control request each; False keeps the request (A/B, tests).
     doorbell: bool = True
+    # With the doorbell and memfd RAM, the epochs after the first run in C
+    # (native/ckpt_primary.c); False keeps them in Python (A/B, tests).
+    native_loop: bool = True
     run_pages: int = 256  # pages per frame of the initial sync
     connect_timeout: float = 15.0
     ack_timeout: float = 30.0  # how long to wait for the standby's acknowledgements at the end

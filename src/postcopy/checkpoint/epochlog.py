@@ -20,6 +20,7 @@ class EpochLog:
         self.ack_us: list[float] = []  # acknowledgement handling before resuming
         self.commit_ms: list[float] = []  # marker sent -> acknowledgement read
         self.steps: list[int] = []  # steps per vCPU of the first vCPU at each epoch
+        self.unacked: list[int] = []  # epochs unacknowledged whenever the guest was let run
 
 
 def summary(values: list[float], digits: int = 3) -> dict:
@@ -79,5 +80,6 @@ def primary_report(primary, mem, dirty, runner, status: dict, budget: int, sync:
                         "pause_ms": round(log.pause_us[0] / 1e3, 4) if log.pause_us else None},
         "initial_sync": sync,
         "interval_pauses": runner.interval_pauses if runner is not None else 0,
+        "unacked_at_resume": {"max": max(log.unacked, default=None), "count": len(log.unacked)},
         "bytes_sent": primary.bytes_sent,
     }

@@ -69,6 +69,11 @@ class EpochPages:
         self._buffer_ptr = ffi.from_buffer("uint8_t[]", self._buffer)
 
     @property
+    def ram(self):
+        """memfd RAM's read-only mapping (a cffi pointer), or None (anonymous RAM)."""
+        return self._ram
+
+    @property
     def max_run_pages(self) -> int:
         return MAX_RUN_BYTES // self.mem.page_size
 

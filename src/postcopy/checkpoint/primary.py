@@ -53,13 +53,15 @@ from postcopy.checkpoint.config import (CheckpointConfig, CheckpointError, Guest
 from postcopy.checkpoint.epochlog import EpochLog, primary_report
 from postcopy.checkpoint.epochpages import EpochPages, EpochPlan, flat_runs
 from postcopy.checkpoint.epochdoorbell import DoorbellRunner
+from postcopy.checkpoint.epochloop import NativeEpochLoop, fits
 from postcopy.checkpoint.epochrun import EpochRunner
+from postcopy.checkpoint.standbylink import close_channel, connect_standby
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.guest.dirtytrack import decode_flat
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.migration.guestmem import GuestMemory
 from postcopy.protocol import wire
-from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed
 from postcopy._native import ffi, lib
 from postcopy.protocol.wire import MAX_RUN_BYTES
 
@@ -82,6 +84,8 @@ class Checkpointer:
         self.bytes_sent = 0
         self._marker_sent_ns: dict[int, int] = {}
         self._stop = threading.Event()
+        self._stop_flag = ffi.new("int *")  # the same, for the native epoch loop
+        self.epoch_loop = "python"  # or "native": the epochs after the first ran in C
         self._channel: Channel | None = None
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None
@@ -91,40 +95,9 @@ class Checkpointer:
     def stop(self) -> None:
         """Ask :meth:`run` to end after the current epoch (thread safe)."""
         self._stop.set()
+        self._stop_flag[0] = 1
 
     # -- connection ------------------------------------------------------------------
-    def _connect(self, mem: GuestMemory, socket_factory: Callable[[], socket.socket] | None) -> Channel:
-        """Connect (retrying while the standby is not listening yet) and authenticate."""
-        cfg = self.config
-        factory = socket_factory or (lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        deadline = time.monotonic() + cfg.connect_timeout
-        while True:
-            s = factory()
-            try:
-                s.settimeout(cfg.connect_timeout)
-                s.connect(cfg.endpoint)
-                break
-            except OSError as exc:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise CheckpointError(f"cannot reach the standby at {cfg.endpoint[0]}:{cfg.endpoint[1]}: "
-                                          f"{exc}") from None
-                time.sleep(0.05)
-        s.settimeout(None)
-        tune(s, urgent=False)
-        channel = Channel(s, "main", mem.layout, wire.Session(wire.CHECKPOINT, "primary"))
-        hello = wire.make_hello("primary", "main", mem.page_size, mem.layout.regions)
-        try:
-            handshake(channel, "client", cfg.key, hello)
-        except (wire.ProtocolError, ChannelClosed) as exc:
-            channel.close()
-            raise CheckpointError(f"handshake with the standby failed: {exc}") from None
-        channel.session.established()
-        self._sock = s
-        self._poll = select.poll()
-        self._poll.register(s, select.POLLIN)
-        return channel
-
     # -- the run ----------------------------------------------------------------------
     def run(self, socket_factory: Callable[[], socket.socket] | None = None) -> dict:
         """Checkpoint until the epoch or time limit, :meth:`stop`, the guest finishing
@@ -165,7 +138,10 @@ class Checkpointer:
                 dirty = open_dirty_log(cfg.dirty_log, guest, info)
             except DirtyLogUnavailable as exc:
                 raise CheckpointError(str(exc)) from None
-            self._channel = self._connect(mem, socket_factory)
+            self._channel = connect_standby(cfg, mem, socket_factory)
+            self._sock = self._channel.sock
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN)
             self._pages = EpochPages(mem)
             try:
                 if dirty.name == "pagemap-scan" and cfg.interval_ms is None and cfg.doorbell:
@@ -182,7 +158,7 @@ class Checkpointer:
             if dirty is not None:
                 dirty.stop()
             if self._channel is not None:
-                self._close_channel()
+                close_channel(self._channel)
             if self._pages is not None:
                 self._pages.close()
             if mem is not None:
@@ -249,23 +225,9 @@ class Checkpointer:
                                  loop_ended)
         figures.update(end_reason=end_reason, ok=ok, error=error,
                        epoch_driver="doorbell" if isinstance(runner, DoorbellRunner) else "run",
+                       epoch_loop=self.epoch_loop,
                        cpu_us_per_epoch=round(cpu / self.epoch * 1e6, 1) if cpu is not None and self.epoch else None)
         return figures
-
-    def _close_channel(self) -> None:
-        """Close after reading what the standby still sends (acknowledgements) up to its
-        end of stream: closing with unread data would reset the connection, and a reset
-        can discard our last frames (an Error) before the standby reads them."""
-        sock = self._sock
-        if sock is not None and sock.fileno() >= 0:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-                sock.settimeout(2.0)
-                while sock.recv(65536):
-                    pass
-            except OSError:
-                pass
-        self._channel.close()
 
     def _heartbeat(self) -> None:
         """A Ping during a long epoch (the standby answers with a Pong, read with the
@@ -310,6 +272,9 @@ class Checkpointer:
         # round trip per epoch); other logs are harvested here while it is parked.
         in_guest = dirty.name == "pagemap-scan"
         finished = False
+        # After the first epoch the loop goes on in C where it can (epochloop.py).
+        native = (cfg.native_loop and in_guest and not cfg.overlap and cfg.cut_mid_epoch is None
+                  and fits(runner, self._pages, cfg.max_unacked))
         while True:
             # The guest is parked at a step boundary: take epoch n.
             paused_ns = parked.get("paused_ns") or mono_ns()  # none for a guest that never ran
@@ -344,11 +309,10 @@ class Checkpointer:
             log.send_us.append((t4 - t3) * 1e6)
             log.ack_us.append((t5 - t4) * 1e6)
             if stopping:
-                reason = ("guest-finished" if finished else "stopped" if self._stop.is_set()
-                          else "epochs" if cfg.epochs is not None and self.epoch >= cfg.epochs else "seconds")
-                return reason, True, self._finish()
+                return self._end_reason(finished), True, self._finish()
             resume_ns = mono_ns()
             log.pause_us.append((resume_ns - paused_ns) / 1e3)
+            log.unacked.append(self.epoch - self.acked)
             try:
                 runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
             except GuestError as exc:
@@ -361,6 +325,9 @@ class Checkpointer:
             log.send_us[-1] += (t7 - t6) * 1e6
             log.ack_us[-1] += (perf() - t7) * 1e6
             del plan
+            if native:  # the doorbell is open now
+                loop = NativeEpochLoop(runner, self._pages, len(steps), budget, self._stop_flag)
+                return self._run_native(loop, resume_ns, deadline)
             try:
                 parked = runner.wait(self._heartbeat, cfg.heartbeat)
             except GuestError as exc:
@@ -368,6 +335,59 @@ class Checkpointer:
             log.run_us.append((mono_ns() - resume_ns) / 1e3)
             if parked["state"] == "finished":
                 finished = True  # one more epoch takes the final state, if the guest is still there
+
+    def _end_reason(self, finished: bool) -> str:
+        """Why the last epoch was the last (a clean end)."""
+        cfg = self.config
+        return ("guest-finished" if finished else "stopped" if self._stop.is_set()
+                else "epochs" if cfg.epochs is not None and self.epoch >= cfg.epochs else "seconds")
+
+    def _run_native(self, loop: NativeEpochLoop, resume_ns: int,
+                    deadline: float | None) -> tuple[str, bool, str | None]:
+        """The epochs after the first, in C (native/ckpt_primary.c), from the guest let
+        run at ``resume_ns`` on. Python handles what the loop hands back: a frame it did
+        not take, the guest to look at and heartbeats while an epoch runs long, commits
+        to report (the first at once, later ones when the loop returns), the end."""
+        cfg, runner = self.config, loop.runner
+        self.epoch_loop = "native"
+        loop.configure(epoch=self.epoch, acked=self.acked, resume_ns=resume_ns, max_unacked=cfg.max_unacked,
+                       last_epoch=cfg.epochs, deadline=deadline,
+                       notify_acked=1 if cfg.on_commit is not None and self.acked < 1 else 0)
+        last_beat = 0.0
+        try:
+            while True:
+                acked = self.acked
+                rc = loop.run(self._channel)
+                self.epoch, self.acked = loop.p.epoch, loop.p.acked
+                if cfg.on_commit is not None:
+                    for epoch in range(acked + 1, self.acked + 1):
+                        cfg.on_commit(epoch, loop.steps_of(epoch))
+                if rc == lib.PC_CKPT_LOOP_WAITING:  # an epoch runs long
+                    try:
+                        runner.check_alive()
+                    except GuestError as exc:
+                        raise GuestLost(exc) from None
+                    if time.monotonic() >= max(loop.p.resume_ns / 1e9, last_beat) + cfg.heartbeat:
+                        self._heartbeat()
+                        last_beat = time.monotonic()
+                elif rc == lib.PC_CKPT_LOOP_FRAME:
+                    self._read_ack()  # a Pong, an Error or an acknowledgement C did not take
+                    loop.p.acked = self.acked
+                elif rc == lib.PC_CKPT_LOOP_ACKED:
+                    loop.p.notify_acked = 0
+                elif rc == lib.PC_CKPT_LOOP_LOG_FULL:
+                    loop.drain(self.log)
+                elif rc == lib.PC_CKPT_LOOP_ENDED:
+                    loop.drain(self.log)
+                    return self._end_reason(loop.p.final_state == lib.PC_DB_FINISHED), True, self._finish()
+                elif rc == lib.PC_CKPT_LOOP_GUEST_ERROR:
+                    raise GuestLost(GuestError(f"the guest's doorbell failed: error {loop.p.guest_error}"))
+                elif rc == lib.PC_CKPT_LOOP_CLOSED:
+                    raise ChannelClosed(f"{self._channel.name}: the peer closed the connection")
+                else:
+                    raise ChannelClosed(f"{self._channel.name}: epoch loop failed: {os.strerror(-rc)}")
+        finally:
+            loop.drain(self.log)
 
     def _collect(self, runs, steps: list[int], paused_ns: int, copy: bool) -> tuple[EpochPlan, bytes]:
         """The epoch's pages (:meth:`EpochPages.plan`: the state page always among them)

@@ -80,7 +80,7 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
     ``postcopy checkpoint`` as they are (e.g. ``--overlap``, ``--no-doorbell``)."""
     from postcopy.guest import GuestParams, reference_hash
     from postcopy.testbed.netns import Testbed
-    from postcopy.checkpoint.standby import reference_hash_at
+    from postcopy.checkpoint.reference import reference_hash_at
 
     started = time.monotonic()
     # Enough steps that no guest finishes while checkpointed (~3000 epochs/s at most).

@@ -1,0 +1,201 @@
+/* ckpt_primary: the primary's epoch loop in C (see ckpt_primary.h). */
+#define _GNU_SOURCE
+#include "ckpt_primary.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "ckpt_io.h"
+
+#define WAIT_MS 100 /* a blocked wait for acknowledgements polls this long at a time */
+#define NOTHING 100 /* fill: no byte has arrived (and we were not to wait) */
+
+_Static_assert(PC_CKPT_RING == 64 && PC_GUEST_MAX_THREADS == 56, "ckpt_primary.cdef spells the ring [64][56]");
+
+static int64_t now(void) { return (int64_t)pc_monotonic_ns(); }
+
+/* Receives what has arrived, room made for a frame of `need` bytes; with `block`,
+ * waits until something does. 0, NOTHING, CLOSED or -errno. */
+static int fill(struct pc_ckpt_primary *p, size_t need, int block)
+{
+    if (p->rstart == p->rend)
+        p->rstart = p->rend = 0;
+    if (p->rstart + need > p->rcap) {
+        memmove(p->rbuf, p->rbuf + p->rstart, p->rend - p->rstart);
+        p->rend -= p->rstart;
+        p->rstart = 0;
+    }
+    for (;;) {
+        ssize_t got = recv(p->rfd, p->rbuf + p->rend, p->rcap - p->rend, MSG_DONTWAIT);
+        if (got > 0) {
+            p->rend += (size_t)got;
+            p->bytes_received += (uint64_t)got;
+            return 0;
+        }
+        if (got == 0)
+            return PC_CKPT_LOOP_CLOSED;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN)
+            return -errno;
+        if (!block)
+            return NOTHING;
+        struct pollfd pf = {.fd = p->rfd, .events = POLLIN};
+        if (poll(&pf, 1, WAIT_MS) < 0 && errno != EINTR)
+            return -errno;
+    }
+}
+
+/* Takes the acknowledgements that arrived, waiting while more than block_over epochs
+ * are unacknowledged. 0, or why to return. */
+static int take_acks(struct pc_ckpt_primary *p, uint64_t block_over)
+{
+    uint8_t frame[PC_CKPT_FRAME_MAX];
+    uint64_t built_for = 0;
+    size_t len = 0;
+    for (;;) {
+        const int block = p->epoch - p->acked > block_over;
+        if (p->rstart == p->rend) {
+            int rc = fill(p, PC_DP_HEADER_BYTES, block);
+            if (rc == NOTHING)
+                return 0;
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (p->acked == p->epoch)
+            return PC_CKPT_LOOP_FRAME; /* no acknowledgement is due: this frame is Python's */
+        const uint64_t next = p->acked + 1;
+        if (built_for != next) {
+            len = pc_ckpt_ack_frame(frame, next, p->ring_steps[next % PC_CKPT_RING], p->threads);
+            built_for = next;
+        }
+        size_t used;
+        const int m = pc_ckpt_match(p->rbuf + p->rstart, p->rend - p->rstart, frame, len, p->verify, p->rseq, &used);
+        if (m < 0)
+            return PC_CKPT_LOOP_FRAME;
+        if (m == 0) {
+            int rc = fill(p, used, block);
+            if (rc == NOTHING)
+                return 0;
+            if (rc)
+                return rc;
+            continue;
+        }
+        p->rstart += used;
+        p->rseq++;
+        p->acked = next;
+        if (p->commit_len < p->commit_cap)
+            p->commit_ns[p->commit_len++] = now() - p->ring_sent_ns[next % PC_CKPT_RING];
+        if (p->notify_acked && p->acked >= p->notify_acked)
+            return PC_CKPT_LOOP_ACKED;
+    }
+}
+
+/* The state page (page 0) always among the runs: the guest's harvest into p->runs.
+ * Returns the number of runs; *pages their pages. */
+static size_t with_state_page(struct pc_ckpt_primary *p, uint64_t *pages)
+{
+    const uint64_t *in = p->db->runs;
+    const size_t n = p->db->nruns;
+    uint64_t *out = p->runs;
+    size_t k = 0, i = 0;
+    if (!n || in[0] > 1) {
+        out[0] = 0;
+        out[1] = 1;
+        k = 1;
+    } else if (in[0] == 1) {
+        out[0] = 0;
+        out[1] = in[1] + 1;
+        k = i = 1;
+    }
+    memcpy(out + 2 * k, in + 2 * i, 16 * (n - i));
+    k += n - i;
+    *pages = 0;
+    for (size_t j = 0; j < k; j++)
+        *pages += out[2 * j + 1];
+    return k;
+}
+
+/* The guest answered: send its epoch. 0 (the guest is to run the next one), ENDED (this
+ * was the last), GUEST_ERROR or -errno. */
+static int take_epoch(struct pc_ckpt_primary *p)
+{
+    struct pc_ckpt_epoch_rec *r = &p->log[p->log_len];
+    const struct pc_doorbell *db = p->db;
+    *r = (struct pc_ckpt_epoch_rec){.seen_ns = now(), .prev_resume_ns = p->resume_ns};
+    p->final_state = db->state;
+    if (db->state == PC_DB_ERROR || (db->state != PC_DB_PARKED && db->state != PC_DB_FINISHED)) {
+        p->guest_error = db->state == PC_DB_ERROR ? db->error : 0;
+        return PC_CKPT_LOOP_GUEST_ERROR;
+    }
+    if (!db->harvest)
+        return -EINVAL;
+    uint64_t pages;
+    const size_t nruns = with_state_page(p, &pages);
+    const uint64_t epoch = ++p->epoch;
+    uint64_t *steps = p->ring_steps[epoch % PC_CKPT_RING];
+    for (uint32_t t = 0; t < p->threads; t++)
+        steps[t] = db->steps_done[t];
+    const int64_t paused = db->paused_ns ? (int64_t)db->paused_ns : r->seen_ns;
+    const int stopping = db->state == PC_DB_FINISHED || (p->stop && __atomic_load_n(p->stop, __ATOMIC_ACQUIRE))
+                         || epoch >= p->last_epoch || (p->deadline_ns && r->seen_ns >= p->deadline_ns);
+    uint8_t begin[PC_DP_HEADER_BYTES], commit[PC_CKPT_FRAME_MAX];
+    pc_ckpt_begin_frame(begin, epoch);
+    const size_t commit_len = pc_ckpt_commit_frame(commit, epoch, pages, nruns, steps, p->threads, (uint64_t)paused);
+    *r = (struct pc_ckpt_epoch_rec){.epoch = epoch, .pages = pages, .runs = nruns, .steps0 = steps[0],
+                                    .paused_ns = paused, .harvest_ns = (int64_t)db->harvest_ns,
+                                    .prev_resume_ns = p->resume_ns, .seen_ns = r->seen_ns, .built_ns = now()};
+    p->ring_sent_ns[epoch % PC_CKPT_RING] = r->built_ns;
+    int rc = pc_ckpt_send_epoch(p->link, begin, sizeof(begin), p->ram, 0, p->page_size, p->runs, nruns,
+                                p->max_run_pages, PC_CKPT_CAUSE_RESENT, commit, commit_len);
+    r->sent_ns = now();
+    if (rc)
+        return rc < 0 ? rc : -EIO;
+    if (stopping) {
+        p->log_len++;
+        return PC_CKPT_LOOP_ENDED;
+    }
+    p->resume_due = 1;
+    return 0;
+}
+
+int pc_ckpt_primary_run(struct pc_ckpt_primary *p)
+{
+    if (!p->db || !p->threads || p->threads > PC_GUEST_MAX_THREADS || p->max_unacked >= PC_CKPT_RING - 1
+        || !p->max_run_pages || !p->log_cap)
+        return -EINVAL;
+    const int64_t called = now();
+    for (;;) {
+        int rc;
+        if (!p->resume_due && p->log_len >= p->log_cap)
+            return PC_CKPT_LOOP_LOG_FULL;
+        if (p->req && now() - called >= p->slice_ns)
+            return PC_CKPT_LOOP_WAITING; /* a slice at most per call: Python's signal handlers and stop() run */
+        if (p->req) {
+            if ((rc = take_acks(p, p->max_unacked)))
+                return rc;
+            if (!pc_doorbell_wait(p->db, p->req, p->slice_ns))
+                return PC_CKPT_LOOP_WAITING;
+            p->req = 0;
+            if ((rc = take_epoch(p)))
+                return rc;
+        }
+        if (!p->resume_due)
+            return -EINVAL; /* nothing under way: Python starts the first epoch */
+        struct pc_ckpt_epoch_rec *r = &p->log[p->log_len];
+        if ((rc = take_acks(p, p->max_unacked))) /* a standby lagging this far holds the guest */
+            return rc;
+        r->acked_ns = r->resume_ns = p->resume_ns = now();
+        r->unacked = p->epoch - p->acked;
+        p->req = pc_doorbell_ring(p->db, PC_DB_RUN, p->budget, 1);
+        p->resume_due = 0;
+        p->log_len++;
+        rc = take_acks(p, p->max_unacked); /* those that came, read while the guest runs */
+        r->drained_ns = now();
+        if (rc)
+            return rc;
+    }
+}
