@@ -102,10 +102,10 @@ class _ScriptedPrimary:
         return message.info["epoch"]
 
 
-@pytest.fixture
-def standby():
+@pytest.fixture(params=[True, False], ids=["c-loop", "python-loop"])
+def standby(request):
     key = wire.new_key()
-    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10))
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10, native_loop=request.param))
     port = sb.bind().getsockname()[1]
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
