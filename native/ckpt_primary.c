@@ -119,41 +119,60 @@ static size_t with_state_page(struct pc_ckpt_primary *p, uint64_t *pages)
     return k;
 }
 
-/* The guest answered: send its epoch. 0 (the guest is to run the next one), ENDED (this
- * was the last), GUEST_ERROR or -errno. */
+/* Sends the epoch built in p->frames: its pages from RAM in place, or, packed, from
+ * the copy. 0 or -errno. */
+static int send_epoch(struct pc_ckpt_primary *p, int packed)
+{
+    int rc = pc_ckpt_send_epoch(p->link, p->frames, PC_DP_HEADER_BYTES, packed ? p->copy : p->ram, packed,
+                                p->page_size, p->runs, p->send_runs, p->max_run_pages, PC_CKPT_CAUSE_RESENT,
+                                p->frames + PC_DP_HEADER_BYTES, p->commit_bytes);
+    return rc > 0 ? -EIO : rc;
+}
+
+/* The guest answered: build its epoch and send it now (or, with overlap, copy its
+ * pages to send them once the guest runs again). 0 (the guest is to run the next
+ * epoch), ENDED (this was the last), GUEST_ERROR or -errno. */
 static int take_epoch(struct pc_ckpt_primary *p)
 {
     struct pc_ckpt_epoch_rec *r = &p->log[p->log_len];
     const struct pc_doorbell *db = p->db;
-    *r = (struct pc_ckpt_epoch_rec){.seen_ns = now(), .prev_resume_ns = p->resume_ns};
+    const int64_t seen = now();
     p->final_state = db->state;
-    if (db->state == PC_DB_ERROR || (db->state != PC_DB_PARKED && db->state != PC_DB_FINISHED)) {
+    if (db->state != PC_DB_PARKED && db->state != PC_DB_FINISHED) {
         p->guest_error = db->state == PC_DB_ERROR ? db->error : 0;
         return PC_CKPT_LOOP_GUEST_ERROR;
     }
     if (!db->harvest)
         return -EINVAL;
     uint64_t pages;
-    const size_t nruns = with_state_page(p, &pages);
+    p->send_runs = with_state_page(p, &pages);
     const uint64_t epoch = ++p->epoch;
     uint64_t *steps = p->ring_steps[epoch % PC_CKPT_RING];
     for (uint32_t t = 0; t < p->threads; t++)
         steps[t] = db->steps_done[t];
-    const int64_t paused = db->paused_ns ? (int64_t)db->paused_ns : r->seen_ns;
+    const int64_t paused = db->paused_ns ? (int64_t)db->paused_ns : seen;
     const int stopping = db->state == PC_DB_FINISHED || (p->stop && __atomic_load_n(p->stop, __ATOMIC_ACQUIRE))
-                         || epoch >= p->last_epoch || (p->deadline_ns && r->seen_ns >= p->deadline_ns);
-    uint8_t begin[PC_DP_HEADER_BYTES], commit[PC_CKPT_FRAME_MAX];
-    pc_ckpt_begin_frame(begin, epoch);
-    const size_t commit_len = pc_ckpt_commit_frame(commit, epoch, pages, nruns, steps, p->threads, (uint64_t)paused);
-    *r = (struct pc_ckpt_epoch_rec){.epoch = epoch, .pages = pages, .runs = nruns, .steps0 = steps[0],
+                         || epoch >= p->last_epoch || (p->deadline_ns && seen >= p->deadline_ns);
+    pc_ckpt_begin_frame(p->frames, epoch);
+    p->commit_bytes = pc_ckpt_commit_frame(p->frames + PC_DP_HEADER_BYTES, epoch, pages, p->send_runs, steps,
+                                         p->threads, (uint64_t)paused);
+    *r = (struct pc_ckpt_epoch_rec){.epoch = epoch, .pages = pages, .runs = p->send_runs, .steps0 = steps[0],
                                     .paused_ns = paused, .harvest_ns = (int64_t)db->harvest_ns,
-                                    .prev_resume_ns = p->resume_ns, .seen_ns = r->seen_ns, .built_ns = now()};
-    p->ring_sent_ns[epoch % PC_CKPT_RING] = r->built_ns;
-    int rc = pc_ckpt_send_epoch(p->link, begin, sizeof(begin), p->ram, 0, p->page_size, p->runs, nruns,
-                                p->max_run_pages, PC_CKPT_CAUSE_RESENT, commit, commit_len);
-    r->sent_ns = now();
-    if (rc)
-        return rc < 0 ? rc : -EIO;
+                                    .prev_resume_ns = p->resume_ns, .seen_ns = seen};
+    /* With overlap the pages are copied while the guest is parked and sent while it
+     * runs; an epoch beyond the copy's room goes in place, as the last one does. */
+    p->send_due = p->overlap && !stopping && pages * p->page_size <= p->copy_cap;
+    if (p->send_due)
+        pc_ckpt_gather(p->copy, p->ram, p->page_size, p->runs, p->send_runs);
+    const int64_t built = now();
+    r->build_ns = built - seen;
+    p->ring_sent_ns[epoch % PC_CKPT_RING] = built;
+    if (!p->send_due) {
+        int rc = send_epoch(p, 0);
+        r->send_ns = now() - built;
+        if (rc)
+            return rc;
+    }
     if (stopping) {
         p->log_len++;
         return PC_CKPT_LOOP_ENDED;
@@ -165,7 +184,7 @@ static int take_epoch(struct pc_ckpt_primary *p)
 int pc_ckpt_primary_run(struct pc_ckpt_primary *p)
 {
     if (!p->db || !p->threads || p->threads > PC_GUEST_MAX_THREADS || p->max_unacked >= PC_CKPT_RING - 1
-        || !p->max_run_pages || !p->log_cap)
+        || !p->max_run_pages || !p->log_cap || !p->frames)
         return -EINVAL;
     const int64_t called = now();
     for (;;) {
@@ -186,15 +205,26 @@ int pc_ckpt_primary_run(struct pc_ckpt_primary *p)
         if (!p->resume_due)
             return -EINVAL; /* nothing under way: Python starts the first epoch */
         struct pc_ckpt_epoch_rec *r = &p->log[p->log_len];
+        int64_t t0 = now();
         if ((rc = take_acks(p, p->max_unacked))) /* a standby lagging this far holds the guest */
             return rc;
-        r->acked_ns = r->resume_ns = p->resume_ns = now();
+        r->resume_ns = p->resume_ns = now();
+        r->ack_ns = r->resume_ns - t0;
         r->unacked = p->epoch - p->acked;
         p->req = pc_doorbell_ring(p->db, PC_DB_RUN, p->budget, 1);
         p->resume_due = 0;
         p->log_len++;
+        if (p->send_due) { /* the copied epoch, while the guest runs */
+            p->send_due = 0;
+            t0 = now();
+            rc = send_epoch(p, 1);
+            r->send_ns += now() - t0;
+            if (rc)
+                return rc;
+        }
+        t0 = now();
         rc = take_acks(p, p->max_unacked); /* those that came, read while the guest runs */
-        r->drained_ns = now();
+        r->ack_ns += now() - t0;
         if (rc)
             return rc;
     }

@@ -9,7 +9,8 @@
  * tagged in order) -> read the acknowledgements that came, waiting while more than
  * max_unacked epochs are unacknowledged -> ring the doorbell for the next epoch.
  * The pages go into the socket while the guest is parked (sendmsg copies them), so an
- * epoch is the RAM at one step boundary.
+ * epoch is the RAM at one step boundary; with `overlap` they are copied while it is
+ * parked and the copy is sent right after the ring, while the guest runs.
  *
  * An acknowledgement is taken only when it is byte for byte the EpochAck of the next
  * epoch with the steps that epoch was sent with (ckpt_frames.h), and authentic; any other
@@ -49,10 +50,13 @@
  * run after it, the last epoch). */
 struct pc_ckpt_epoch_rec {
     uint64_t epoch, pages, runs, steps0;
-    int64_t paused_ns;  /* the guest parked (its own clock reading, from the doorbell) */
-    int64_t harvest_ns; /* the guest's harvest */
-    int64_t prev_resume_ns, seen_ns, built_ns, sent_ns, acked_ns, resume_ns, drained_ns;
-    uint64_t unacked; /* epochs unacknowledged when the guest was let run */
+    uint64_t unacked;    /* epochs unacknowledged when the guest was let run */
+    int64_t paused_ns;   /* the guest parked (its own clock reading, from the doorbell) */
+    int64_t prev_resume_ns, seen_ns, resume_ns; /* the guest let run, its answer seen, let run again */
+    int64_t harvest_ns;  /* durations: the guest's harvest, */
+    int64_t build_ns;    /* the frames built (with overlap: the pages copied), */
+    int64_t send_ns;     /* the epoch sent, */
+    int64_t ack_ns;      /* acknowledgements taken (waited for beyond the window, read after the resume) */
 };
 
 struct pc_ckpt_primary {
@@ -71,6 +75,10 @@ struct pc_ckpt_primary {
     const uint8_t *ram;  /* its RAM, mapped (memfd) */
     uint32_t page_size, max_run_pages;
     uint64_t *runs;      /* scratch: 2 * (db->runs_cap + 1) */
+    uint8_t *frames;     /* scratch: PC_DP_HEADER_BYTES + PC_CKPT_FRAME_MAX (the epoch's EpochBegin, EpochCommit) */
+    int overlap;         /* send each epoch while the guest runs the next (its pages copied first) */
+    uint8_t *copy;       /* with overlap: room for copy_cap bytes of pages */
+    uint64_t copy_cap;
     /* policy */
     uint64_t max_unacked;  /* < PC_CKPT_RING - 1 */
     uint64_t last_epoch;   /* the epoch limit (UINT64_MAX: none) */
@@ -81,7 +89,9 @@ struct pc_ckpt_primary {
     /* state, kept across calls */
     uint64_t epoch, acked;
     uint32_t req;          /* the doorbell request under way (0: none) */
-    int resume_due;        /* an epoch is sent, the guest not let run yet */
+    int resume_due;        /* an epoch is taken, the guest not let run yet */
+    int send_due;          /* its copy is to be sent once the guest runs */
+    size_t send_runs, commit_bytes; /* its runs (in runs) and its EpochCommit's length (in frames) */
     int64_t resume_ns;     /* when the guest was last let run */
     int final_state;       /* PC_DB_* of the last answer */
     int guest_error;

@@ -292,12 +292,14 @@ def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
         sb.close()
 
 
-@pytest.mark.parametrize("max_unacked,doorbell,native", [(0, True, True), (2, True, True), (0, True, False),
-                                                         (2, True, False), (2, False, False)])
-def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, doorbell, native):
+@pytest.mark.parametrize("max_unacked,doorbell,native,overlap", [
+    (0, True, True, None), (2, True, True, None), (2, True, True, False), (0, True, False, None),
+    (2, True, False, None), (2, False, False, None)])
+def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, doorbell, native, overlap):
     """At most max_unacked epochs go unacknowledged while the guest runs (0: every epoch
     is committed before the guest runs on), whichever side reads the acknowledgements:
-    the Python loop or the C loop (native/ckpt_primary.c; it logs the lag itself)."""
+    the Python loop or the C loop (native/ckpt_primary.c; it logs the lag itself), the
+    epochs sent while the guest is parked or (the C loop's default) while it runs."""
     _require_dirty_log()
     params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=5, steps=1_000_000)
     control = str(tmp_path / "g.sock")
@@ -312,7 +314,7 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, d
         lag: list[int] = []  # epochs sent but unacknowledged whenever the guest was let run
         primary = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
                                                 max_dirty=64, epochs=40, max_unacked=max_unacked,
-                                                doorbell=doorbell, native_loop=native))
+                                                doorbell=doorbell, native_loop=native, overlap=overlap))
         for runner_class in (EpochRunner, DoorbellRunner):  # whichever lets the guest run
             def watched_start(runner, steps, harvest, start=runner_class.start):
                 lag.append(primary.epoch - primary.acked)
@@ -323,6 +325,7 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, d
         thread.join(timeout=30)
         assert figures["ok"] and figures["committed_epoch"] == 40
         assert figures["epoch_loop"] == ("native" if native else "python")
+        assert figures["overlap"] == (native and max_unacked > 0 and overlap is None)
         if not native:
             assert len(lag) == 39 and max(lag) <= max_unacked
         else:  # the first epoch goes from Python, the rest from C

@@ -69,9 +69,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-unacked", type=int, default=4, metavar="N",
                    help="epochs the standby may lag behind before the guest waits (default 4; 0: every "
                         "epoch is committed before the guest runs on)")
-    p.add_argument("--overlap", action="store_true",
-                   help="send each epoch while the guest runs the next (copies the pages first; pays "
-                        "with spare cores) instead of while it is parked")
+    p.add_argument("--overlap", action="store_true", default=None,
+                   help="send each epoch while the guest runs the next (copies the pages first) instead of "
+                        "while it is parked (default: with the C epoch loop only)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="send each epoch while the guest is parked")
     p.add_argument("--no-doorbell", dest="doorbell", action="store_false",
                    help="one control request per epoch instead of the guest's doorbell in shared memory "
                         "(pagemap-scan without --interval-ms uses the doorbell by default)")

@@ -23,6 +23,11 @@ WAIT_SLICE_S = 0.02
 EPOCH_KINDS = ("EPOCH_BEGIN", "PAGE_RUN/RESENT", "EPOCH_COMMIT")
 
 
+# With overlap, an epoch of up to this many times the dirty bound is copied and sent
+# while the guest runs (a larger one, which only an unforeseen workload makes, in place).
+COPY_BOUNDS = 2
+
+
 def fits(runner, pages: EpochPages, max_unacked: int) -> bool:
     """Whether the native loop can run this checkpoint: epochs through the doorbell,
     memfd RAM read in place, an acknowledgement window that fits the loop's ring."""
@@ -33,12 +38,17 @@ class NativeEpochLoop:
     """The C loop's struct, its log and buffers. Set the policy (:meth:`configure`),
     then :meth:`run` until it returns something Python must handle."""
 
-    def __init__(self, runner: DoorbellRunner, pages: EpochPages, threads: int, budget: int, stop_flag):
+    def __init__(self, runner: DoorbellRunner, pages: EpochPages, threads: int, budget: int, stop_flag,
+                 overlap: bool = False, max_dirty: int = 0):
         p = self.p = ffi.new("struct pc_ckpt_primary *")
         self._log = ffi.new("struct pc_ckpt_epoch_rec[]", LOG_EPOCHS)
         self._commit = ffi.new("int64_t[]", LOG_EPOCHS)
         self._runs = ffi.new("uint64_t[]", 2 * (runner.runs_cap + 1))
         self._rbuf = ffi.new("uint8_t[]", RECEIVE_BUFFER)
+        self._frames = ffi.new("uint8_t[]", 16 + lib.PC_CKPT_FRAME_MAX)
+        copy_cap = COPY_BOUNDS * max_dirty * pages.mem.page_size if overlap else 0
+        self._copy = ffi.new("uint8_t[]", copy_cap) if copy_cap else ffi.NULL
+        p.frames, p.overlap, p.copy, p.copy_cap = self._frames, overlap, self._copy, copy_cap
         self.runner = runner
         db, _ = runner.native
         p.db, p.threads, p.budget = db, threads, budget
@@ -93,14 +103,13 @@ class NativeEpochLoop:
             log.runs.append(r.runs)
             log.steps.append(r.steps0)
             log.harvest_us.append(r.harvest_ns / 1e3)
-            log.collect_us.append((r.built_ns - r.seen_ns) / 1e3)
-            log.send_us.append((r.sent_ns - r.built_ns) / 1e3)
+            log.collect_us.append(r.build_ns / 1e3)
+            log.send_us.append(r.send_ns / 1e3)
+            log.ack_us.append(r.ack_ns / 1e3)
             log.run_us.append((r.seen_ns - r.prev_resume_ns) / 1e3)
             if r.resume_ns:
-                log.ack_us.append((r.acked_ns - r.sent_ns + r.drained_ns - r.resume_ns) / 1e3)
                 log.pause_us.append((r.resume_ns - r.paused_ns) / 1e3)
+                log.cycle_us.append((r.resume_ns - r.prev_resume_ns) / 1e3)
                 log.unacked.append(r.unacked)
-            else:
-                log.ack_us.append(0.0)
         log.commit_ms.extend(self._commit[i] / 1e6 for i in range(p.commit_len))
         p.log_len = p.commit_len = 0

@@ -86,6 +86,7 @@ class Checkpointer:
         self._stop = threading.Event()
         self._stop_flag = ffi.new("int *")  # the same, for the native epoch loop
         self.epoch_loop = "python"  # or "native": the epochs after the first ran in C
+        self.overlap = False  # epochs sent while the guest runs the next
         self._channel: Channel | None = None
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None
@@ -272,9 +273,11 @@ class Checkpointer:
         # round trip per epoch); other logs are harvested here while it is parked.
         in_guest = dirty.name == "pagemap-scan"
         finished = False
+        resume_ns = None  # when the guest was last let run
         # After the first epoch the loop goes on in C where it can (epochloop.py).
-        native = (cfg.native_loop and in_guest and not cfg.overlap and cfg.cut_mid_epoch is None
+        native = (cfg.native_loop and in_guest and cfg.cut_mid_epoch is None
                   and fits(runner, self._pages, cfg.max_unacked))
+        self.overlap = not synchronous and (cfg.overlap if cfg.overlap is not None else native)
         while True:
             # The guest is parked at a step boundary: take epoch n.
             paused_ns = parked.get("paused_ns") or mono_ns()  # none for a guest that never ran
@@ -291,7 +294,7 @@ class Checkpointer:
             stopping = (finished or self._stop.is_set()
                         or (cfg.epochs is not None and self.epoch >= cfg.epochs)
                         or (deadline is not None and time.monotonic() >= deadline))
-            overlap = cfg.overlap and not (stopping or synchronous)
+            overlap = self.overlap and not stopping
             plan, commit = self._collect(runs, steps, paused_ns, overlap)
             npages, nruns = plan.npages, plan.nruns
             t3 = perf()
@@ -310,8 +313,10 @@ class Checkpointer:
             log.ack_us.append((t5 - t4) * 1e6)
             if stopping:
                 return self._end_reason(finished), True, self._finish()
-            resume_ns = mono_ns()
+            previous, resume_ns = resume_ns, mono_ns()
             log.pause_us.append((resume_ns - paused_ns) / 1e3)
+            if previous is not None:
+                log.cycle_us.append((resume_ns - previous) / 1e3)
             log.unacked.append(self.epoch - self.acked)
             try:
                 runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
@@ -326,7 +331,8 @@ class Checkpointer:
             log.ack_us[-1] += (perf() - t7) * 1e6
             del plan
             if native:  # the doorbell is open now
-                loop = NativeEpochLoop(runner, self._pages, len(steps), budget, self._stop_flag)
+                loop = NativeEpochLoop(runner, self._pages, len(steps), budget, self._stop_flag,
+                                       overlap=self.overlap, max_dirty=cfg.max_dirty)
                 return self._run_native(loop, resume_ns, deadline)
             try:
                 parked = runner.wait(self._heartbeat, cfg.heartbeat)

@@ -165,6 +165,7 @@ def _bound_figures(prim: dict, stby: dict, guest_cpu: float, reference: str | No
     fo = stby.get("failover") or {}
     return {
         "checkpoints_per_s": prim["checkpoints_per_s"],
+        "checkpoints_per_s_pause_plus_run": prim.get("checkpoints_per_s_pause_plus_run"),
         "dirty_log": prim.get("dirty_log"),
         "pause_ms": {k: prim["pause_ms"][k] for k in ("p50", "p99", "max", "count")},
         "dirty_pages": {k: prim["dirty_pages"][k] for k in ("p50", "max", "mean")},
