@@ -41,8 +41,8 @@ def primary_report(primary, mem, dirty, runner, status: dict, budget: int, sync:
     wall time (from one resume to the next; ``checkpoints_per_s_pause_plus_run``, the
     figure reported before, sums pause and run times, which counts the time from the
     guest's park to the agent's notice twice: the harvest and a wake-up, ~10 % of an
-    epoch of 64 pages, and with ``overlap`` the agent's send of the previous epoch too). ``commit_latency_ms``: marker sent to
-    acknowledgement read."""
+    epoch of 64 pages, and with ``overlap`` the agent's send of the previous epoch too).
+    ``commit_latency_ms``: marker sent to acknowledgement read."""
     log, cfg = primary.log, primary.config
     steady = slice(1, None)
     elapsed = (loop_ended - loop_started) if loop_started else 0.0

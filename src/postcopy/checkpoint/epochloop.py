@@ -53,7 +53,8 @@ class NativeEpochLoop:
         db, _ = runner.native
         p.db, p.threads, p.budget = db, threads, budget
         p.ram, p.page_size, p.max_run_pages = pages.ram, pages.mem.page_size, pages.max_run_pages
-        p.runs, p.log, p.log_cap, p.commit_ns, p.commit_cap = self._runs, self._log, LOG_EPOCHS, self._commit, LOG_EPOCHS
+        p.runs, p.log, p.log_cap = self._runs, self._log, LOG_EPOCHS
+        p.commit_ns, p.commit_cap = self._commit, LOG_EPOCHS
         p.stop = stop_flag
         p.slice_ns = int(WAIT_SLICE_S * 1e9)
 

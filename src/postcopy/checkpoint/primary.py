@@ -25,14 +25,17 @@ bound, which only an unforeseen workload could do). Optionally an epoch also end
 **Consistency.** Each epoch is the RAM at one step boundary: the dirty pages are
 copied while the guest is parked, either into the socket (``sendmsg`` copies; unlike
 ``sendfile``, whose pages could change under the guest after it resumes) or, with
-``overlap``, into an epoch buffer that is sent while the guest runs the next epoch.
-Either way one native call builds, tags and sends the whole epoch (EpochBegin, its page
-runs, EpochCommit: ``pc_ckpt_send_epoch`` in native/ckpt_io.c).
-The run request and its reply are split for that (:mod:`postcopy.checkpoint.epochrun`), so the
-agent works while the guest runs. The first epoch is preceded by
-an initial sync of every populated page (epoch 0, sent while the guest runs, never a
-commit point on its own): the dirty log is started before it, so epoch 1 resends
-everything written meanwhile and is the first consistent image.
+``overlap``, into an epoch buffer sent while the guest runs the next epoch. One native
+call builds, tags and sends the whole epoch (``pc_ckpt_send_epoch``, native/ckpt_io.c).
+The first epoch is preceded by an initial sync of every populated page (epoch 0, sent
+while the guest runs, never a commit point on its own): the dirty log is started before
+it, so epoch 1 resends everything written meanwhile and is the first consistent image.
+
+**Where the loop runs.** With the doorbell and memfd RAM, the epochs after the first run
+in C (:mod:`postcopy.checkpoint.epochloop`, native/ckpt_primary.c: wait for the guest,
+send, take the acknowledgements, ring), and Python handles only what the loop hands
+back; otherwise each epoch runs here, the run request and its reply split
+(:mod:`postcopy.checkpoint.epochrun`) so that the agent works while the guest runs.
 
 The wire protocol is :mod:`postcopy.protocol.wire`'s; the epoch messages are described in
 :mod:`postcopy.checkpoint.standby`.
@@ -47,7 +50,6 @@ import threading
 import time
 from typing import Callable
 
-from postcopy import ranges
 from postcopy.checkpoint.config import (CheckpointConfig, CheckpointError, GuestLost, bound_problem,
                                         steps_per_epoch)
 from postcopy.checkpoint.epochlog import EpochLog, primary_report
@@ -243,19 +245,12 @@ class Checkpointer:
 
     # -- epoch 0 ------------------------------------------------------------------------
     def _initial_sync(self, mem: GuestMemory) -> int:
-        """Send every populated page (sendfile for memfd RAM: these pages need not be
-        stable, whatever changes is in epoch 1's dirty set). Returns the pages sent."""
-        pages = 0
-        run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
-        channel = self._channel
-        before = channel.bytes_sent
+        """Send every populated page (:meth:`EpochPages.send_populated`); returns how many."""
+        before = self._channel.bytes_sent
         try:
-            for first, count in ranges.split(mem.populated_extents(), run_pages):
-                mem.send_run(channel, first, count, wire.Cause.PRECOPY, self._pages.scratch)
-                pages += count
+            return self._pages.send_populated(self._channel, min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size))
         finally:
-            self.bytes_sent += channel.bytes_sent - before
-        return pages
+            self.bytes_sent += self._channel.bytes_sent - before
 
     # -- the epoch loop ---------------------------------------------------------------
     def _loop(self, mem: GuestMemory, dirty, runner: EpochRunner, parked: dict, budget: int,
@@ -313,15 +308,7 @@ class Checkpointer:
             log.ack_us.append((t5 - t4) * 1e6)
             if stopping:
                 return self._end_reason(finished), True, self._finish()
-            previous, resume_ns = resume_ns, mono_ns()
-            log.pause_us.append((resume_ns - paused_ns) / 1e3)
-            if previous is not None:
-                log.cycle_us.append((resume_ns - previous) / 1e3)
-            log.unacked.append(self.epoch - self.acked)
-            try:
-                runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
-            except GuestError as exc:
-                raise GuestLost(exc) from None
+            resume_ns = self._resume(runner, budget, in_guest, paused_ns, resume_ns)
             t6 = perf()
             if overlap:  # send while the guest runs
                 self._send_epoch(plan, commit)
@@ -341,6 +328,21 @@ class Checkpointer:
             log.run_us.append((mono_ns() - resume_ns) / 1e3)
             if parked["state"] == "finished":
                 finished = True  # one more epoch takes the final state, if the guest is still there
+
+    def _resume(self, runner, budget: int, harvest: bool, paused_ns: int, previous: int | None) -> int:
+        """Let the parked guest run one epoch (each vCPU exactly ``budget`` steps), its
+        pause logged (and the epoch's wall time since the ``previous`` resume); returns
+        the resume's time."""
+        log, resume_ns = self.log, time.monotonic_ns()
+        log.pause_us.append((resume_ns - paused_ns) / 1e3)
+        if previous is not None:
+            log.cycle_us.append((resume_ns - previous) / 1e3)
+        log.unacked.append(self.epoch - self.acked)
+        try:
+            runner.start(budget, harvest=harvest)
+        except GuestError as exc:
+            raise GuestLost(exc) from None
+        return resume_ns
 
     def _end_reason(self, finished: bool) -> str:
         """Why the last epoch was the last (a clean end)."""

@@ -239,7 +239,8 @@ class Standby:
         image_ptr = ffi.from_buffer("uint8_t[]", self._image)
         ps = self._layout.page_size
         stage = EpochStage(self._layout)
-        loop = NativeStandbyLoop(self._layout, stage, image_ptr, self.config.timeout) if self.config.native_loop else None
+        loop = (NativeStandbyLoop(self._layout, stage, image_ptr, self.config.timeout)
+                if self.config.native_loop else None)
         expect = 0  # next epoch
         in_epoch = False  # between an EpochBegin and its commit
         try:
