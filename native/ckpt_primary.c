@@ -3,94 +3,53 @@
 #include "ckpt_primary.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <string.h>
-#include <sys/socket.h>
 
 #include "ckpt_io.h"
 
-#define WAIT_MS 100 /* a blocked wait for acknowledgements polls this long at a time */
-#define NOTHING 100 /* fill: no byte has arrived (and we were not to wait) */
 
 _Static_assert(PC_CKPT_RING == 64 && PC_GUEST_MAX_THREADS == 56, "ckpt_primary.cdef spells the ring [64][56]");
 
 static int64_t now(void) { return (int64_t)pc_monotonic_ns(); }
 
-/* Receives what has arrived, room made for a frame of `need` bytes; with `block`,
- * waits until something does. 0, NOTHING, CLOSED or -errno. */
-static int fill(struct pc_ckpt_primary *p, size_t need, int block)
-{
-    if (p->rstart == p->rend)
-        p->rstart = p->rend = 0;
-    if (p->rstart + need > p->rcap) {
-        memmove(p->rbuf, p->rbuf + p->rstart, p->rend - p->rstart);
-        p->rend -= p->rstart;
-        p->rstart = 0;
-    }
-    for (;;) {
-        ssize_t got = recv(p->rfd, p->rbuf + p->rend, p->rcap - p->rend, MSG_DONTWAIT);
-        if (got > 0) {
-            p->rend += (size_t)got;
-            p->bytes_received += (uint64_t)got;
-            return 0;
-        }
-        if (got == 0)
-            return PC_CKPT_LOOP_CLOSED;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN)
-            return -errno;
-        if (!block)
-            return NOTHING;
-        struct pollfd pf = {.fd = p->rfd, .events = POLLIN};
-        if (poll(&pf, 1, WAIT_MS) < 0 && errno != EINTR)
-            return -errno;
-    }
-}
-
 /* Takes the acknowledgements that arrived, waiting while more than block_over epochs
  * are unacknowledged. 0, or why to return. */
 static int take_acks(struct pc_ckpt_primary *p, uint64_t block_over)
 {
+    struct pc_ckpt_rx *rx = &p->rx;
     uint8_t frame[PC_CKPT_FRAME_MAX];
     uint64_t built_for = 0;
-    size_t len = 0;
+    size_t len = 0, need = PC_DP_HEADER_BYTES;
     for (;;) {
+        if (rx->start != rx->end) {
+            if (p->acked == p->epoch)
+                return PC_CKPT_LOOP_FRAME; /* no acknowledgement is due: this frame is Python's */
+            const uint64_t next = p->acked + 1;
+            if (built_for != next) {
+                len = pc_ckpt_ack_frame(frame, next, p->ring_steps[next % PC_CKPT_RING], p->threads);
+                built_for = next;
+            }
+            const int m = pc_ckpt_match(rx->buf + rx->start, rx->end - rx->start, frame, len, rx->verify, rx->seq,
+                                        &need);
+            if (m < 0)
+                return PC_CKPT_LOOP_FRAME;
+            if (m > 0) {
+                pc_ckpt_rx_consume(rx, need);
+                p->acked = next;
+                if (p->commit_len < p->commit_cap)
+                    p->commit_ns[p->commit_len++] = now() - p->ring_sent_ns[next % PC_CKPT_RING];
+                if (p->notify_acked && p->acked >= p->notify_acked)
+                    return PC_CKPT_LOOP_ACKED;
+                need = PC_DP_HEADER_BYTES;
+                continue;
+            }
+        }
         const int block = p->epoch - p->acked > block_over;
-        if (p->rstart == p->rend) {
-            int rc = fill(p, PC_DP_HEADER_BYTES, block);
-            if (rc == NOTHING)
-                return 0;
-            if (rc)
-                return rc;
-            continue;
-        }
-        if (p->acked == p->epoch)
-            return PC_CKPT_LOOP_FRAME; /* no acknowledgement is due: this frame is Python's */
-        const uint64_t next = p->acked + 1;
-        if (built_for != next) {
-            len = pc_ckpt_ack_frame(frame, next, p->ring_steps[next % PC_CKPT_RING], p->threads);
-            built_for = next;
-        }
-        size_t used;
-        const int m = pc_ckpt_match(p->rbuf + p->rstart, p->rend - p->rstart, frame, len, p->verify, p->rseq, &used);
-        if (m < 0)
-            return PC_CKPT_LOOP_FRAME;
-        if (m == 0) {
-            int rc = fill(p, used, block);
-            if (rc == NOTHING)
-                return 0;
-            if (rc)
-                return rc;
-            continue;
-        }
-        p->rstart += used;
-        p->rseq++;
-        p->acked = next;
-        if (p->commit_len < p->commit_cap)
-            p->commit_ns[p->commit_len++] = now() - p->ring_sent_ns[next % PC_CKPT_RING];
-        if (p->notify_acked && p->acked >= p->notify_acked)
-            return PC_CKPT_LOOP_ACKED;
+        const int rc = pc_ckpt_rx_fill(rx, need, block ? PC_CKPT_RX_FOREVER : 0);
+        if (rc == PC_CKPT_RX_AGAIN)
+            return 0;
+        if (rc)
+            return rc == PC_CKPT_RX_CLOSED ? PC_CKPT_LOOP_CLOSED : rc;
     }
 }
 

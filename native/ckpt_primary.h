@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #include "ckpt_frames.h"
+#include "ckpt_link.h"
 #include "dp_send.h"
 #include "epoch_doorbell.h"
 
@@ -60,14 +61,8 @@ struct pc_ckpt_epoch_rec {
 };
 
 struct pc_ckpt_primary {
-    /* the send side (lent by the channel) and the receive side (fd, verifier, buffer) */
-    struct pc_dp_link *link;
-    int rfd;
-    struct pc_frame_auth *verify;
-    uint64_t rseq;
-    uint8_t *rbuf;
-    size_t rcap, rstart, rend;
-    uint64_t bytes_received;
+    struct pc_dp_link *link; /* the channel's send side and receive side, lent */
+    struct pc_ckpt_rx rx;
     /* the guest */
     struct pc_doorbell *db;
     uint32_t threads;

@@ -3,59 +3,15 @@
 #include "ckpt_standby.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/uio.h>
 
-#define WAIT_MS 100 /* the longest single poll (the silence is measured across them) */
 #define MORE 0     /* take: the frame needs more bytes */
 #define TAKEN 100 /* take: the frame was taken (apart from the PC_CKPT_STANDBY_* codes) */
 
 static int64_t now(void) { return (int64_t)pc_monotonic_ns(); }
 
 static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-
-/* Receives what has arrived, room made for a frame of `need` bytes; waits for it up to
- * the silence limit (counted from *last, the last byte's time). 0, CLOSED, SILENT or -errno. */
-static int fill(struct pc_ckpt_standby *s, size_t need, int64_t *last)
-{
-    if (s->rstart == s->rend)
-        s->rstart = s->rend = 0;
-    if (s->rstart + need > s->rcap) {
-        memmove(s->rbuf, s->rbuf + s->rstart, s->rend - s->rstart);
-        s->rend -= s->rstart;
-        s->rstart = 0;
-    }
-    for (;;) {
-        ssize_t got = recv(s->rfd, s->rbuf + s->rend, s->rcap - s->rend, MSG_DONTWAIT);
-        if (got > 0) {
-            s->rend += (size_t)got;
-            s->bytes_received += (uint64_t)got;
-            *last = now();
-            return 0;
-        }
-        if (got == 0)
-            return PC_CKPT_STANDBY_CLOSED;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN)
-            return -errno;
-        const int64_t left = s->silence_ns - (now() - *last);
-        if (left <= 0)
-            return PC_CKPT_STANDBY_SILENT;
-        const int ms = left / 1000000 + 1 < WAIT_MS ? (int)(left / 1000000 + 1) : WAIT_MS;
-        struct pollfd pf = {.fd = s->rfd, .events = POLLIN};
-        if (poll(&pf, 1, ms) < 0 && errno != EINTR)
-            return -errno;
-    }
-}
-
-static void consume(struct pc_ckpt_standby *s, size_t bytes)
-{
-    s->rstart += bytes;
-    s->rseq++;
-}
 
 /* Sends the EpochAck of the epoch just applied, tagged: 0 or -errno. */
 static int acknowledge(struct pc_ckpt_standby *s)
@@ -83,18 +39,18 @@ static int take_commit(struct pc_ckpt_standby *s, const uint8_t *at, size_t have
     pc_dp_header(header, PC_CKPT_EPOCH_COMMIT, 0, length, 0);
     if (memcmp(at, header, sizeof(header)) || length > PC_CKPT_FRAME_MAX - PC_DP_HEADER_BYTES)
         return PC_CKPT_STANDBY_FRAME;
-    *need = PC_DP_HEADER_BYTES + length + (s->verify ? PC_AUTH_TAG_BYTES : 0);
+    *need = PC_DP_HEADER_BYTES + length + (s->rx.verify ? PC_AUTH_TAG_BYTES : 0);
     if (have < *need)
         return MORE;
     struct pc_ckpt_commit c;
     const uint8_t *payload = at + PC_DP_HEADER_BYTES;
     if (pc_ckpt_parse_commit(payload, length, &c) || c.epoch != s->expect || c.pages != s->stage->pages)
         return PC_CKPT_STANDBY_FRAME; /* Python's protocol error names what is wrong */
-    if (s->verify && pc_frame_auth_check(s->verify, s->rseq, at, PC_DP_HEADER_BYTES, payload, length, payload + length))
+    if (s->rx.verify && pc_frame_auth_check(s->rx.verify, s->rx.seq, at, PC_DP_HEADER_BYTES, payload, length, payload + length))
         return PC_CKPT_STANDBY_FRAME;
     if (s->log_len >= s->log_cap)
         return PC_CKPT_STANDBY_LOG_FULL; /* taken by the next call */
-    consume(s, *need);
+    pc_ckpt_rx_consume(&s->rx, *need);
     struct pc_ckpt_stage *st = s->stage;
     const int64_t t0 = now();
     pc_ckpt_apply(s->image, st->arena, st->page_size, st->runs, st->nruns);
@@ -115,20 +71,20 @@ static int take(struct pc_ckpt_standby *s, const uint8_t *at, size_t have, size_
     if (!s->in_epoch) {
         uint8_t begin[PC_DP_HEADER_BYTES];
         pc_ckpt_begin_frame(begin, s->expect);
-        const int m = pc_ckpt_match(at, have, begin, sizeof(begin), s->verify, s->rseq, &used);
+        const int m = pc_ckpt_match(at, have, begin, sizeof(begin), s->rx.verify, s->rx.seq, &used);
         if (m < 0)
             return PC_CKPT_STANDBY_FRAME;
         *need = used;
         if (!m)
             return MORE;
-        consume(s, used);
+        pc_ckpt_rx_consume(&s->rx, used);
         s->in_epoch = 1;
         return TAKEN;
     }
     if (at[2] == PC_CKPT_EPOCH_COMMIT)
         return take_commit(s, at, have, need);
     struct pc_dp_frame f;
-    const int verdict = pc_dp_recv_parse(at, have, s->verify, s->rseq, s->rules, &f);
+    const int verdict = pc_dp_recv_parse(at, have, s->rx.verify, s->rx.seq, s->rules, &f);
     if (verdict == PC_DP_RECV_OTHER
         || (verdict == PC_DP_RECV_OK && (f.type != s->rules->page_run_type || f.cause != PC_CKPT_CAUSE_RESENT)))
         return PC_CKPT_STANDBY_FRAME;
@@ -137,21 +93,22 @@ static int take(struct pc_ckpt_standby *s, const uint8_t *at, size_t have, size_
         return MORE;
     if (pc_ckpt_stage_run(s->stage, f.first, f.npages, at + PC_DP_RECV_HEADER_BYTES))
         return -ENOMEM;
-    consume(s, f.bytes);
+    pc_ckpt_rx_consume(&s->rx, f.bytes);
     return TAKEN;
 }
 
 int pc_ckpt_standby_run(struct pc_ckpt_standby *s)
 {
-    if (s->rcap < pc_dp_recv_min_buffer(s->rules) || s->rstart > s->rend || s->rend > s->rcap || !s->log_cap)
+    struct pc_ckpt_rx *rx = &s->rx;
+    if (rx->cap < pc_dp_recv_min_buffer(s->rules) || rx->start > rx->end || rx->end > rx->cap || !s->log_cap)
         return -EINVAL;
     const int64_t called = now();
-    if (!s->last_ns)
-        s->last_ns = called;
+    if (!rx->last_ns)
+        rx->last_ns = called;
     for (;;) {
         size_t need = PC_DP_HEADER_BYTES;
-        if (s->rend - s->rstart >= PC_DP_HEADER_BYTES) {
-            const int rc = take(s, s->rbuf + s->rstart, s->rend - s->rstart, &need);
+        if (rx->end - rx->start >= PC_DP_HEADER_BYTES) {
+            const int rc = take(s, rx->buf + rx->start, rx->end - rx->start, &need);
             if (rc == TAKEN && (s->in_epoch || now() - called < s->slice_ns))
                 continue;
             if (rc == TAKEN)
@@ -161,8 +118,8 @@ int pc_ckpt_standby_run(struct pc_ckpt_standby *s)
         }
         if (now() - called >= s->slice_ns)
             return PC_CKPT_STANDBY_YIELD;
-        const int rc = fill(s, need, &s->last_ns);
+        const int rc = pc_ckpt_rx_fill(rx, need, rx->last_ns + s->silence_ns);
         if (rc)
-            return rc;
+            return rc == PC_CKPT_RX_CLOSED ? PC_CKPT_STANDBY_CLOSED : rc == PC_CKPT_RX_TIMEOUT ? PC_CKPT_STANDBY_SILENT : rc;
     }
 }

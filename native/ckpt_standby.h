@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "ckpt_frames.h"
+#include "ckpt_link.h"
 #include "ckpt_io.h"
 #include "dp_recv.h"
 #include "dp_send.h"
@@ -35,15 +36,10 @@
 #define PC_CKPT_STANDBY_YIELD 5
 
 struct pc_ckpt_standby {
-    /* the receive side (fd, verifier, its sequence number, a buffer of at least
-     * pc_dp_recv_min_buffer(rules) bytes) and the send side (lent by the channel) */
-    int rfd;
-    struct pc_frame_auth *verify;
-    uint64_t rseq;
-    uint8_t *rbuf;
-    size_t rcap, rstart, rend;
-    uint64_t bytes_received;
+    /* the channel's send side and receive side (a buffer of at least
+     * pc_dp_recv_min_buffer(rules) bytes; rx.last_ns 0: the first call's start), lent */
     struct pc_dp_link *link;
+    struct pc_ckpt_rx rx;
     const struct pc_dp_recv_rules *rules; /* the layout, limits and frame types */
     struct pc_ckpt_stage *stage;
     uint8_t *image;
@@ -52,7 +48,6 @@ struct pc_ckpt_standby {
     /* state, kept across calls */
     uint64_t expect;  /* the next epoch */
     int in_epoch;     /* its EpochBegin was taken */
-    int64_t last_ns;  /* the last byte's arrival (0: the first call's start), for the silence */
     struct pc_ckpt_commit committed; /* the last epoch applied */
     /* the log of applied epochs, drained by Python */
     uint64_t *log_pages;

@@ -10,6 +10,7 @@ from postcopy._native import ffi, lib
 from postcopy.checkpoint.epochdoorbell import DoorbellRunner
 from postcopy.checkpoint.epochlog import EpochLog
 from postcopy.checkpoint.epochpages import EpochPages
+from postcopy.checkpoint.nativelink import lend
 from postcopy.protocol.channel import Channel
 
 # Epochs logged per stretch of the loop (drained into the EpochLog when full).
@@ -46,7 +47,7 @@ class NativeEpochLoop:
         self._runs = ffi.new("uint64_t[]", 2 * (runner.runs_cap + 1))
         self._rbuf = ffi.new("uint8_t[]", RECEIVE_BUFFER)
         self._frames = ffi.new("uint8_t[]", 16 + lib.PC_CKPT_FRAME_MAX)
-        copy_cap = COPY_BOUNDS * max_dirty * pages.mem.page_size if overlap else 0
+        copy_cap = min(COPY_BOUNDS * max_dirty * pages.mem.page_size, pages.mem.size) if overlap else 0
         self._copy = ffi.new("uint8_t[]", copy_cap) if copy_cap else ffi.NULL
         p.frames, p.overlap, p.copy, p.copy_cap = self._frames, overlap, self._copy, copy_cap
         self.runner = runner
@@ -75,16 +76,9 @@ class NativeEpochLoop:
         returns its reason (``lib.PC_CKPT_LOOP_*`` or -errno)."""
         p = self.p
         acked = p.acked
-        with channel.native_send(*EPOCH_KINDS) as link, \
-                channel.native_receive(buffer=self._rbuf) as (fd, verify, seq, buf, cap, start, end):
-            p.link, p.rfd, p.verify, p.rseq = link, fd, verify, seq[0]
-            p.rbuf, p.rcap, p.rstart, p.rend, p.bytes_received = buf, cap, start[0], end[0], 0
-            try:
-                rc = lib.pc_ckpt_primary_run(p)
-            finally:
-                seq[0], start[0], end[0] = p.rseq, p.rstart, p.rend
-                p.link = p.verify = p.rbuf = ffi.NULL
-        channel.bytes_received += p.bytes_received
+        with lend(channel, p.rx, EPOCH_KINDS, self._rbuf) as p.link:
+            rc = lib.pc_ckpt_primary_run(p)
+        p.link = ffi.NULL
         if p.acked != acked and channel.session is not None:
             channel.session.received("EPOCH_ACK", channel.name)  # a self-loop: one check covers them
         self.runner.adopt(p.req, p.final_state)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from postcopy._native import ffi, lib
 from postcopy.checkpoint.epochstage import EpochStage
+from postcopy.checkpoint.nativelink import lend
+from postcopy.migration.dp_recv import receive_rules
 from postcopy.protocol import wire
 from postcopy.protocol.channel import Channel
 
@@ -25,15 +27,9 @@ class NativeStandbyLoop:
     its log of applied epochs."""
 
     def __init__(self, layout: wire.Layout, stage: EpochStage, image, silence_s: float):
-        ps = layout.page_size
-        self._regions = ffi.new("uint64_t[]", [v for offset, length in layout.regions
-                                               for v in (offset // ps, (offset + length) // ps)] or [0])
-        rules = self._rules = ffi.new("struct pc_dp_recv_rules *")
-        rules.page_size, rules.max_payload = ps, wire.MAX_PAYLOAD
-        rules.regions, rules.nregions = self._regions, len(layout.regions)
-        rules.known_causes = sum(1 << cause for cause in wire.Cause)
+        rules, self._regions = receive_rules(layout)
         rules.taken_causes = 1 << wire.Cause.RESENT
-        rules.page_run_type, rules.zero_range_type = wire.FrameType.PAGE_RUN, wire.FrameType.ZERO_RANGE
+        self._rules = rules
         self._rbuf = ffi.new("uint8_t[]", lib.pc_dp_recv_min_buffer(rules))
         self._pages = ffi.new("uint64_t[]", LOG_EPOCHS)
         self._apply_ns = ffi.new("int64_t[]", LOG_EPOCHS)
@@ -60,18 +56,11 @@ class NativeStandbyLoop:
         if session is not None:
             for kind in CYCLE[in_epoch]:
                 session.received(kind, channel.name)
-        with channel.native_send("EPOCH_ACK") as link, \
-                channel.native_receive(buffer=self._rbuf) as (fd, verify, seq, buf, cap, start, end):
-            s.link, s.rfd, s.verify, s.rseq = link, fd, verify, seq[0]
-            s.rbuf, s.rcap, s.rstart, s.rend, s.bytes_received = buf, cap, start[0], end[0], 0
-            try:
-                rc = lib.pc_ckpt_standby_run(s)
-            finally:
-                seq[0], start[0], end[0] = s.rseq, s.rstart, s.rend
-                s.link = s.verify = s.rbuf = ffi.NULL
-        channel.bytes_received += s.bytes_received
+        with lend(channel, s.rx, ("EPOCH_ACK",), self._rbuf) as s.link:
+            rc = lib.pc_ckpt_standby_run(s)
+        s.link = ffi.NULL
         if rc == lib.PC_CKPT_STANDBY_FRAME:
-            s.last_ns = 0  # Python's decoder reads on (its socket timeout counts meanwhile)
+            s.rx.last_ns = 0  # Python's decoder reads on (its socket timeout counts meanwhile)
         if session is not None and bool(s.in_epoch) != in_epoch:  # the loop stopped inside an epoch, or left one
             session.received("EPOCH_BEGIN" if s.in_epoch else "EPOCH_COMMIT", channel.name)
         return rc
