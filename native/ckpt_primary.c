@@ -7,7 +7,6 @@
 
 #include "ckpt_io.h"
 
-
 _Static_assert(PC_CKPT_RING == 64 && PC_GUEST_MAX_THREADS == 56, "ckpt_primary.cdef spells the ring [64][56]");
 
 static int64_t now(void) { return (int64_t)pc_monotonic_ns(); }

@@ -6,12 +6,15 @@
 #include <string.h>
 #include <sys/uio.h>
 
-#define MORE 0     /* take: the frame needs more bytes */
+#define MORE 0    /* take: the frame needs more bytes */
 #define TAKEN 100 /* take: the frame was taken (apart from the PC_CKPT_STANDBY_* codes) */
 
 static int64_t now(void) { return (int64_t)pc_monotonic_ns(); }
 
-static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
 
 /* Sends the EpochAck of the epoch just applied, tagged: 0 or -errno. */
 static int acknowledge(struct pc_ckpt_standby *s)
@@ -46,7 +49,8 @@ static int take_commit(struct pc_ckpt_standby *s, const uint8_t *at, size_t have
     const uint8_t *payload = at + PC_DP_HEADER_BYTES;
     if (pc_ckpt_parse_commit(payload, length, &c) || c.epoch != s->expect || c.pages != s->stage->pages)
         return PC_CKPT_STANDBY_FRAME; /* Python's protocol error names what is wrong */
-    if (s->rx.verify && pc_frame_auth_check(s->rx.verify, s->rx.seq, at, PC_DP_HEADER_BYTES, payload, length, payload + length))
+    if (s->rx.verify
+        && pc_frame_auth_check(s->rx.verify, s->rx.seq, at, PC_DP_HEADER_BYTES, payload, length, payload + length))
         return PC_CKPT_STANDBY_FRAME;
     if (s->log_len >= s->log_cap)
         return PC_CKPT_STANDBY_LOG_FULL; /* taken by the next call */
@@ -120,6 +124,8 @@ int pc_ckpt_standby_run(struct pc_ckpt_standby *s)
             return PC_CKPT_STANDBY_YIELD;
         const int rc = pc_ckpt_rx_fill(rx, need, rx->last_ns + s->silence_ns);
         if (rc)
-            return rc == PC_CKPT_RX_CLOSED ? PC_CKPT_STANDBY_CLOSED : rc == PC_CKPT_RX_TIMEOUT ? PC_CKPT_STANDBY_SILENT : rc;
+            return rc == PC_CKPT_RX_CLOSED    ? PC_CKPT_STANDBY_CLOSED
+                   : rc == PC_CKPT_RX_TIMEOUT ? PC_CKPT_STANDBY_SILENT
+                                              : rc;
     }
 }

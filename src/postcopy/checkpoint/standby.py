@@ -255,6 +255,8 @@ class Standby:
                         raise ChannelClosed(f"{channel.name}: the peer closed the connection")
                     if rc == lib.PC_CKPT_STANDBY_SILENT:
                         raise TimeoutError
+                    if rc == -errno.ENOMEM:  # as the Python loop's stage: no failover from a standby that broke
+                        raise MemoryError("no memory to stage an epoch")
                     if rc < 0:
                         raise ChannelClosed(f"{channel.name}: epoch loop failed: {os.strerror(-rc)}")
                 message = channel.recv()
