@@ -190,3 +190,31 @@ def test_the_standby_loop_ends_mutated_streams_as_python_does(reseal):
         c = _run_standby(True, mutate)
         python = _run_standby(False, lambda index, length: mutate(index, length))
         assert c == python, (target, where, flip)
+
+
+@pytest.mark.parametrize("native,sent", [(True, 7), (False, 7), (True, 9)])
+def test_a_silent_primary_is_lost_after_the_timeout(native, sent):
+    """The connection stays open but nothing comes: after ``timeout`` seconds of silence
+    the standby counts the primary as lost and keeps the last complete epoch. Between
+    epochs in either loop; inside one (2 frames of epoch 2 sent) in the C loop, where
+    the Python loop leaves a dead link to TCP's keepalive."""
+    key = wire.new_key()
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=0.3, native_loop=native))
+    try:
+        port = sb.bind().getsockname()[1]
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
+        thread.start()
+        regions = ((0, NPAGES * PS),)
+        channel = Channel(socket.create_connection(("127.0.0.1", port), timeout=10), "main",
+                          wire.Layout(PS, regions), None)
+        handshake(channel, "client", key, wire.make_hello("primary", "main", PS, regions))
+        frames = _epoch_stream()
+        channel.send_frames(frames[:sent])  # epoch 0 and epoch 1 (and the start of epoch 2)
+        thread.join(timeout=20)  # silence from here on, the connection open
+        channel.close()
+        assert result["end_reason"] == "primary-silent" and result["primary_lost"]
+        assert result["committed_epoch"] == 1
+        assert result["discarded_partial_epoch"] == ({"epoch": 2, "pages": 1} if sent > 7 else None)
+    finally:
+        sb.close()

@@ -5,13 +5,16 @@ the primary's epochs to it (:mod:`postcopy.checkpoint.primary` sends them). An e
 only once all of it has arrived: its pages are staged in a buffer as they come and
 copied into the image when the epoch's commit arrives, then acknowledged. So the image
 is always exactly the last complete epoch: a connection cut in the middle of an epoch
-leaves the staged half unapplied (it is counted and dropped). An epoch's page runs are
-received, verified and staged in C (:mod:`postcopy.checkpoint.epochstage`: every frame
-checked as the decoder checks it, anything else left to it), the rest in Python.
+leaves the staged half unapplied (it is counted and dropped). From epoch 1 on the
+whole epoch is received, verified, staged, applied and acknowledged in C
+(:mod:`postcopy.checkpoint.standbyloop`; every frame checked as the decoder checks it,
+anything else left to the decoder and handled here); with ``native_loop`` off, only the
+page runs are (:mod:`postcopy.checkpoint.epochstage`) and the rest runs in Python.
 
 When the primary is lost (connection closed or broken, silent for ``timeout`` seconds
-between epochs (within one, a dead link is noticed by its keepalive,
-:data:`postcopy.protocol.channel.LINK_TIMEOUT_S`), or the primary reports that its guest died) the standby can fail over: it starts an
+between epochs (within one too in the C loop; the Python loop leaves a dead link within
+an epoch to its keepalive, :data:`postcopy.protocol.channel.LINK_TIMEOUT_S`), or the
+primary reports that its guest died) the standby can fail over: it starts an
 incoming guest (``postcopy guest --incoming``), installs the image into it with
 UFFDIO_COPY (as the destination agent installs migrated pages), unregisters the range
 so untouched pages read as zero, and resumes it. The guest continues from the step
