@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -120,11 +121,12 @@ def _epoch_stream() -> list[tuple[bytes, bytes]]:
     return [(e[:wire.HEADER.size], e[wire.HEADER.size:]) for e in encoded]
 
 
-def _run_standby(native: bool, mutate) -> dict:
-    """A standby (native loop or not) fed the epoch stream, one byte of one frame
-    changed by ``mutate`` (before or after tagging), then the end of the stream."""
+@contextmanager
+def _standby_and_primary(native: bool, timeout: float = 10.0):
+    """A standby (native loop or not) running in a thread and a channel to it, its
+    handshake done; yields (channel, the standby's thread, its figures once it ends)."""
     key = wire.new_key()
-    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10, native_loop=native))
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=timeout, native_loop=native))
     try:
         port = sb.bind().getsockname()[1]
         result: dict = {}
@@ -134,6 +136,15 @@ def _run_standby(native: bool, mutate) -> dict:
         channel = Channel(socket.create_connection(("127.0.0.1", port), timeout=10), "main",
                           wire.Layout(PS, regions), None)
         handshake(channel, "client", key, wire.make_hello("primary", "main", PS, regions))
+        yield channel, thread, result
+    finally:
+        sb.close()
+
+
+def _run_standby(native: bool, mutate) -> dict:
+    """A standby (native loop or not) fed the epoch stream, one byte of one frame
+    changed by ``mutate`` (before or after tagging), then the end of the stream."""
+    with _standby_and_primary(native) as (channel, thread, result):
         sealer = channel._sealer
         stream = bytearray()
         for index, (header, payload) in enumerate(_epoch_stream()):
@@ -158,8 +169,6 @@ def _run_standby(native: bool, mutate) -> dict:
         keep = ("end_reason", "end_detail", "committed_epoch", "committed_steps", "committed_paused_ns",
                 "epochs_applied", "discarded_partial_epoch", "image_hash")
         return {k: result.get(k) for k in keep}
-    finally:
-        sb.close()
 
 
 def test_the_standby_loop_ends_a_clean_stream_as_python_does():
@@ -198,17 +207,7 @@ def test_a_silent_primary_is_lost_after_the_timeout(native, sent):
     the standby counts the primary as lost and keeps the last complete epoch. Between
     epochs in either loop; inside one (2 frames of epoch 2 sent) in the C loop, where
     the Python loop leaves a dead link to TCP's keepalive."""
-    key = wire.new_key()
-    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=0.3, native_loop=native))
-    try:
-        port = sb.bind().getsockname()[1]
-        result: dict = {}
-        thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
-        thread.start()
-        regions = ((0, NPAGES * PS),)
-        channel = Channel(socket.create_connection(("127.0.0.1", port), timeout=10), "main",
-                          wire.Layout(PS, regions), None)
-        handshake(channel, "client", key, wire.make_hello("primary", "main", PS, regions))
+    with _standby_and_primary(native, timeout=0.3) as (channel, thread, result):
         frames = _epoch_stream()
         channel.send_frames(frames[:sent])  # epoch 0 and epoch 1 (and the start of epoch 2)
         thread.join(timeout=20)  # silence from here on, the connection open
@@ -216,5 +215,3 @@ def test_a_silent_primary_is_lost_after_the_timeout(native, sent):
         assert result["end_reason"] == "primary-silent" and result["primary_lost"]
         assert result["committed_epoch"] == 1
         assert result["discarded_partial_epoch"] == ({"epoch": 2, "pages": 1} if sent > 7 else None)
-    finally:
-        sb.close()
