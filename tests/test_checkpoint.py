@@ -21,7 +21,8 @@ from postcopy.checkpoint.primary import CheckpointConfig, Checkpointer, bound_pr
 from postcopy.guest import GuestClient, GuestParams, reference_hash, wait_for_control
 from postcopy.checkpoint.epochdoorbell import DoorbellRunner
 from postcopy.checkpoint.epochrun import EpochRunner
-from postcopy.checkpoint.standby import Standby, StandbyConfig, reference_hash_at
+from postcopy.checkpoint.reference import reference_hash_at
+from postcopy.checkpoint.standby import Standby, StandbyConfig
 from postcopy.protocol.channel import Channel, handshake
 
 PS = os.sysconf("SC_PAGE_SIZE")
@@ -101,10 +102,10 @@ class _ScriptedPrimary:
         return message.info["epoch"]
 
 
-@pytest.fixture
-def standby():
+@pytest.fixture(params=[True, False], ids=["c-loop", "python-loop"])
+def standby(request):
     key = wire.new_key()
-    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10))
+    sb = Standby(StandbyConfig(listen=("127.0.0.1", 0), key=key, timeout=10, native_loop=request.param))
     port = sb.bind().getsockname()[1]
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(sb.run()), daemon=True)
@@ -291,10 +292,14 @@ def test_long_epochs_keep_the_standby_from_failing_over(tmp_path):
         sb.close()
 
 
-@pytest.mark.parametrize("max_unacked,doorbell", [(0, True), (2, True), (2, False)])
-def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, doorbell):
+@pytest.mark.parametrize("max_unacked,doorbell,native,overlap", [
+    (0, True, True, None), (2, True, True, None), (2, True, True, False), (0, True, False, None),
+    (2, True, False, None), (2, False, False, None)])
+def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, doorbell, native, overlap):
     """At most max_unacked epochs go unacknowledged while the guest runs (0: every epoch
-    is committed before the guest runs on), whichever side reads the acknowledgements."""
+    is committed before the guest runs on), whichever side reads the acknowledgements:
+    the Python loop or the C loop (native/ckpt_primary.c; it logs the lag itself), the
+    epochs sent while the guest is parked or (the C loop's default) while it runs."""
     _require_dirty_log()
     params = GuestParams(ram=8 << 20, threads=1, workload="random-write", seed=5, steps=1_000_000)
     control = str(tmp_path / "g.sock")
@@ -309,7 +314,7 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, d
         lag: list[int] = []  # epochs sent but unacknowledged whenever the guest was let run
         primary = Checkpointer(CheckpointConfig(guest_control=control, endpoint=("127.0.0.1", port), key=key,
                                                 max_dirty=64, epochs=40, max_unacked=max_unacked,
-                                                doorbell=doorbell))
+                                                doorbell=doorbell, native_loop=native, overlap=overlap))
         for runner_class in (EpochRunner, DoorbellRunner):  # whichever lets the guest run
             def watched_start(runner, steps, harvest, start=runner_class.start):
                 lag.append(primary.epoch - primary.acked)
@@ -319,7 +324,13 @@ def test_a_lagging_standby_holds_the_guest(tmp_path, monkeypatch, max_unacked, d
         figures = primary.run()
         thread.join(timeout=30)
         assert figures["ok"] and figures["committed_epoch"] == 40
-        assert len(lag) == 39 and max(lag) <= max_unacked
+        assert figures["epoch_loop"] == ("native" if native else "python")
+        assert figures["overlap"] == (native and max_unacked > 0 and overlap is None)
+        if not native:
+            assert len(lag) == 39 and max(lag) <= max_unacked
+        else:  # the first epoch goes from Python, the rest from C
+            assert len(lag) == 1
+        assert figures["unacked_at_resume"]["count"] == 39 and figures["unacked_at_resume"]["max"] <= max_unacked
         assert figures["epoch_driver"] == ("doorbell" if doorbell else "run")
         assert result["committed_epoch"] == 40
     finally:

@@ -69,12 +69,16 @@ def register(subparsers) -> None:
     p.add_argument("--max-unacked", type=int, default=4, metavar="N",
                    help="epochs the standby may lag behind before the guest waits (default 4; 0: every "
                         "epoch is committed before the guest runs on)")
-    p.add_argument("--overlap", action="store_true",
-                   help="send each epoch while the guest runs the next (copies the pages first; pays "
-                        "with spare cores) instead of while it is parked")
+    p.add_argument("--overlap", action="store_true", default=None,
+                   help="send each epoch while the guest runs the next (copies the pages first) instead of "
+                        "while it is parked (default: with the C epoch loop only)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="send each epoch while the guest is parked")
     p.add_argument("--no-doorbell", dest="doorbell", action="store_false",
                    help="one control request per epoch instead of the guest's doorbell in shared memory "
                         "(pagemap-scan without --interval-ms uses the doorbell by default)")
+    p.add_argument("--no-native-loop", dest="native_loop", action="store_false",
+                   help="run every epoch in Python instead of the C epoch loop (A/B)")
     p.add_argument("--dirty-log", choices=DIRTY_LOG_KINDS, default="auto",
                    help="dirty log backend (auto: whichever this kernel offers; a KVM guest's own log "
                         "on a --vm kvm guest)")
@@ -98,6 +102,8 @@ def register(subparsers) -> None:
     s.add_argument("--timeout", type=positive_float_arg, default=5.0, metavar="S",
                    help="silence from the primary that counts as losing it (default 5)")
     s.add_argument("--no-wait", action="store_true", help="after failover, exit once the guest runs")
+    s.add_argument("--no-native-loop", dest="native_loop", action="store_false",
+                   help="receive every epoch in Python instead of the C epoch loop (A/B)")
     s.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     s.set_defaults(func=run_standby)
 
@@ -120,6 +126,7 @@ def run_primary(args) -> int:
         guest_control=args.guest, endpoint=args.connect, key=key, max_dirty=args.max_dirty,
         epochs=args.epochs, seconds=args.seconds, interval_ms=args.interval_ms,
         max_unacked=args.max_unacked, overlap=args.overlap, dirty_log=args.dirty_log, doorbell=args.doorbell,
+        native_loop=args.native_loop,
         on_commit=committed))
     # The first SIGINT/SIGTERM ends checkpointing cleanly after the current epoch (the
     # standby then does not fail over); a second one forces the exit.
@@ -179,7 +186,8 @@ def run_standby(args) -> int:
         return 2
     standby = Standby(StandbyConfig(listen=args.listen, key=key, failover=args.failover, backing=args.backing,
                                     workdir=args.workdir, guest_control=args.guest_control,
-                                    timeout=args.timeout, wait_guest=not args.no_wait))
+                                    timeout=args.timeout, wait_guest=not args.no_wait,
+                                    native_loop=args.native_loop))
     try:
         standby.bind()
         print(f"listening on {format_endpoint(args.listen)}", flush=True)

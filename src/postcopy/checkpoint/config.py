@@ -33,13 +33,18 @@ class CheckpointConfig:
     interval_ms: float | None = None  # also end an epoch after this long
     max_unacked: int = 4  # epochs sent but not yet acknowledged before the guest may run on
     # Send an epoch while the guest runs the next (its pages copied into a buffer first)
-    # instead of while it is parked. Pays with spare cores; on 2 cores the copy and the
+    # instead of while it is parked. None: with the native loop only. On 2 cores it pays
+    # in C (the copy is ~15 µs per 64 pages, the send ~150 µs leaves the pause: measured
+    # 1.2-1.4x the checkpoints/s at 64 pages) but not in Python, whose copy and
     # competition with the running guest cost more than they hide.
-    overlap: bool = False
+    overlap: bool | None = None
     dirty_log: str = "auto"
     # pagemap-scan without an interval: epochs through the guest's doorbell (shared
     # memory) instead of a control request each; False keeps the request (A/B, tests).
     doorbell: bool = True
+    # With the doorbell and memfd RAM, the epochs after the first run in C
+    # (native/ckpt_primary.c); False keeps them in Python (A/B, tests).
+    native_loop: bool = True
     run_pages: int = 256  # pages per frame of the initial sync
     connect_timeout: float = 15.0
     ack_timeout: float = 30.0  # how long to wait for the standby's acknowledgements at the end

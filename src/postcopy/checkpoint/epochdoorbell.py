@@ -76,6 +76,24 @@ class DoorbellRunner:
         if self._client.peer_gone():
             raise GuestError("the guest went away during an epoch")
 
+    check_alive = _check_alive
+
+    # -- lending the session to the native epoch loop (native/ckpt_primary.c) ----------
+    @property
+    def native(self):
+        """The doorbell (``struct pc_doorbell *``) and the request under way (0: none),
+        for the native epoch loop; hand them back with :meth:`adopt`."""
+        return self._doorbell.db, self._req if self.pending else 0
+
+    @property
+    def runs_cap(self) -> int:
+        return self._runs_cap
+
+    def adopt(self, req: int, final_state: int) -> None:
+        """The native loop's request under way (0: none) and the last answer's state."""
+        self._req, self.pending = (req, True) if req else (self._req, False)
+        self._over = final_state in FINAL
+
     def settle(self) -> None:
         """After a failure between start and wait: take the answer if it comes soon."""
         if self.pending and self._doorbell is not None:

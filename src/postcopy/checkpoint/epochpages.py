@@ -9,9 +9,11 @@ import os
 from array import array
 from dataclasses import dataclass
 
+from postcopy import ranges
 from postcopy._native import ffi, lib
 from postcopy.checkpoint.config import GuestLost
 from postcopy.migration.guestmem import GuestMemory
+from postcopy.protocol import wire
 from postcopy.protocol.wire import MAX_RUN_BYTES
 
 
@@ -69,6 +71,11 @@ class EpochPages:
         self._buffer_ptr = ffi.from_buffer("uint8_t[]", self._buffer)
 
     @property
+    def ram(self):
+        """memfd RAM's read-only mapping (a cffi pointer), or None (anonymous RAM)."""
+        return self._ram
+
+    @property
     def max_run_pages(self) -> int:
         return MAX_RUN_BYTES // self.mem.page_size
 
@@ -95,6 +102,16 @@ class EpochPages:
                 pos = end
             view.release()
         return EpochPlan(runs, npages, buf, packed=True)
+
+    def send_populated(self, channel, run_pages: int) -> int:
+        """Epoch 0: send every populated page in runs of at most ``run_pages`` (sendfile
+        for memfd RAM: these pages need not be stable, whatever changes is in epoch 1's
+        dirty set). Returns the pages sent."""
+        pages = 0
+        for first, count in ranges.split(self.mem.populated_extents(), run_pages):
+            self.mem.send_run(channel, first, count, wire.Cause.PRECOPY, self.scratch)
+            pages += count
+        return pages
 
     def _epoch_buffer(self, need: int):
         if len(self._buffer) < need:

@@ -26,6 +26,11 @@ class EpochStage:
         self._receiver = PageReceiver(layout, Sink(sink, (self._stage,), _stage_error))
 
     @property
+    def native(self):
+        """The staging struct (``struct pc_ckpt_stage *``), for the native standby loop."""
+        return self._stage
+
+    @property
     def pages(self) -> int:
         return self._stage.pages
 

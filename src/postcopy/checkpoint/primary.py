@@ -25,14 +25,17 @@ bound, which only an unforeseen workload could do). Optionally an epoch also end
 **Consistency.** Each epoch is the RAM at one step boundary: the dirty pages are
 copied while the guest is parked, either into the socket (``sendmsg`` copies; unlike
 ``sendfile``, whose pages could change under the guest after it resumes) or, with
-``overlap``, into an epoch buffer that is sent while the guest runs the next epoch.
-Either way one native call builds, tags and sends the whole epoch (EpochBegin, its page
-runs, EpochCommit: ``pc_ckpt_send_epoch`` in native/ckpt_io.c).
-The run request and its reply are split for that (:mod:`postcopy.checkpoint.epochrun`), so the
-agent works while the guest runs. The first epoch is preceded by
-an initial sync of every populated page (epoch 0, sent while the guest runs, never a
-commit point on its own): the dirty log is started before it, so epoch 1 resends
-everything written meanwhile and is the first consistent image.
+``overlap``, into an epoch buffer sent while the guest runs the next epoch. One native
+call builds, tags and sends the whole epoch (``pc_ckpt_send_epoch``, native/ckpt_io.c).
+The first epoch is preceded by an initial sync of every populated page (epoch 0, sent
+while the guest runs, never a commit point on its own): the dirty log is started before
+it, so epoch 1 resends everything written meanwhile and is the first consistent image.
+
+**Where the loop runs.** With the doorbell and memfd RAM, the epochs after the first run
+in C (:mod:`postcopy.checkpoint.epochloop`, native/ckpt_primary.c: wait for the guest,
+send, take the acknowledgements, ring), and Python handles only what the loop hands
+back; otherwise each epoch runs here, the run request and its reply split
+(:mod:`postcopy.checkpoint.epochrun`) so that the agent works while the guest runs.
 
 The wire protocol is :mod:`postcopy.protocol.wire`'s; the epoch messages are described in
 :mod:`postcopy.checkpoint.standby`.
@@ -47,19 +50,20 @@ import threading
 import time
 from typing import Callable
 
-from postcopy import ranges
 from postcopy.checkpoint.config import (CheckpointConfig, CheckpointError, GuestLost, bound_problem,
                                         steps_per_epoch)
 from postcopy.checkpoint.epochlog import EpochLog, primary_report
 from postcopy.checkpoint.epochpages import EpochPages, EpochPlan, flat_runs
 from postcopy.checkpoint.epochdoorbell import DoorbellRunner
+from postcopy.checkpoint.epochloop import NativeEpochLoop, fits
 from postcopy.checkpoint.epochrun import EpochRunner
+from postcopy.checkpoint.standbylink import close_channel, connect_standby
 from postcopy.guest.control import GuestClient, GuestError
 from postcopy.guest.dirtytrack import decode_flat
 from postcopy.kernel.dirtylog import DirtyLogUnavailable, open_dirty_log
 from postcopy.migration.guestmem import GuestMemory
 from postcopy.protocol import wire
-from postcopy.protocol.channel import Channel, ChannelClosed, handshake, tune
+from postcopy.protocol.channel import Channel, ChannelClosed
 from postcopy._native import ffi, lib
 from postcopy.protocol.wire import MAX_RUN_BYTES
 
@@ -82,6 +86,9 @@ class Checkpointer:
         self.bytes_sent = 0
         self._marker_sent_ns: dict[int, int] = {}
         self._stop = threading.Event()
+        self._stop_flag = ffi.new("int *")  # the same, for the native epoch loop
+        self.epoch_loop = "python"  # or "native": the epochs after the first ran in C
+        self.overlap = False  # epochs sent while the guest runs the next
         self._channel: Channel | None = None
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None
@@ -91,40 +98,9 @@ class Checkpointer:
     def stop(self) -> None:
         """Ask :meth:`run` to end after the current epoch (thread safe)."""
         self._stop.set()
+        self._stop_flag[0] = 1
 
     # -- connection ------------------------------------------------------------------
-    def _connect(self, mem: GuestMemory, socket_factory: Callable[[], socket.socket] | None) -> Channel:
-        """Connect (retrying while the standby is not listening yet) and authenticate."""
-        cfg = self.config
-        factory = socket_factory or (lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        deadline = time.monotonic() + cfg.connect_timeout
-        while True:
-            s = factory()
-            try:
-                s.settimeout(cfg.connect_timeout)
-                s.connect(cfg.endpoint)
-                break
-            except OSError as exc:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise CheckpointError(f"cannot reach the standby at {cfg.endpoint[0]}:{cfg.endpoint[1]}: "
-                                          f"{exc}") from None
-                time.sleep(0.05)
-        s.settimeout(None)
-        tune(s, urgent=False)
-        channel = Channel(s, "main", mem.layout, wire.Session(wire.CHECKPOINT, "primary"))
-        hello = wire.make_hello("primary", "main", mem.page_size, mem.layout.regions)
-        try:
-            handshake(channel, "client", cfg.key, hello)
-        except (wire.ProtocolError, ChannelClosed) as exc:
-            channel.close()
-            raise CheckpointError(f"handshake with the standby failed: {exc}") from None
-        channel.session.established()
-        self._sock = s
-        self._poll = select.poll()
-        self._poll.register(s, select.POLLIN)
-        return channel
-
     # -- the run ----------------------------------------------------------------------
     def run(self, socket_factory: Callable[[], socket.socket] | None = None) -> dict:
         """Checkpoint until the epoch or time limit, :meth:`stop`, the guest finishing
@@ -165,7 +141,10 @@ class Checkpointer:
                 dirty = open_dirty_log(cfg.dirty_log, guest, info)
             except DirtyLogUnavailable as exc:
                 raise CheckpointError(str(exc)) from None
-            self._channel = self._connect(mem, socket_factory)
+            self._channel = connect_standby(cfg, mem, socket_factory)
+            self._sock = self._channel.sock
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN)
             self._pages = EpochPages(mem)
             try:
                 if dirty.name == "pagemap-scan" and cfg.interval_ms is None and cfg.doorbell:
@@ -182,7 +161,7 @@ class Checkpointer:
             if dirty is not None:
                 dirty.stop()
             if self._channel is not None:
-                self._close_channel()
+                close_channel(self._channel)
             if self._pages is not None:
                 self._pages.close()
             if mem is not None:
@@ -249,23 +228,9 @@ class Checkpointer:
                                  loop_ended)
         figures.update(end_reason=end_reason, ok=ok, error=error,
                        epoch_driver="doorbell" if isinstance(runner, DoorbellRunner) else "run",
+                       epoch_loop=self.epoch_loop,
                        cpu_us_per_epoch=round(cpu / self.epoch * 1e6, 1) if cpu is not None and self.epoch else None)
         return figures
-
-    def _close_channel(self) -> None:
-        """Close after reading what the standby still sends (acknowledgements) up to its
-        end of stream: closing with unread data would reset the connection, and a reset
-        can discard our last frames (an Error) before the standby reads them."""
-        sock = self._sock
-        if sock is not None and sock.fileno() >= 0:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-                sock.settimeout(2.0)
-                while sock.recv(65536):
-                    pass
-            except OSError:
-                pass
-        self._channel.close()
 
     def _heartbeat(self) -> None:
         """A Ping during a long epoch (the standby answers with a Pong, read with the
@@ -280,19 +245,12 @@ class Checkpointer:
 
     # -- epoch 0 ------------------------------------------------------------------------
     def _initial_sync(self, mem: GuestMemory) -> int:
-        """Send every populated page (sendfile for memfd RAM: these pages need not be
-        stable, whatever changes is in epoch 1's dirty set). Returns the pages sent."""
-        pages = 0
-        run_pages = min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size)
-        channel = self._channel
-        before = channel.bytes_sent
+        """Send every populated page (:meth:`EpochPages.send_populated`); returns how many."""
+        before = self._channel.bytes_sent
         try:
-            for first, count in ranges.split(mem.populated_extents(), run_pages):
-                mem.send_run(channel, first, count, wire.Cause.PRECOPY, self._pages.scratch)
-                pages += count
+            return self._pages.send_populated(self._channel, min(self.config.run_pages, MAX_RUN_BYTES // mem.page_size))
         finally:
-            self.bytes_sent += channel.bytes_sent - before
-        return pages
+            self.bytes_sent += self._channel.bytes_sent - before
 
     # -- the epoch loop ---------------------------------------------------------------
     def _loop(self, mem: GuestMemory, dirty, runner: EpochRunner, parked: dict, budget: int,
@@ -310,6 +268,11 @@ class Checkpointer:
         # round trip per epoch); other logs are harvested here while it is parked.
         in_guest = dirty.name == "pagemap-scan"
         finished = False
+        resume_ns = None  # when the guest was last let run
+        # After the first epoch the loop goes on in C where it can (epochloop.py).
+        native = (cfg.native_loop and in_guest and cfg.cut_mid_epoch is None
+                  and fits(runner, self._pages, cfg.max_unacked))
+        self.overlap = not synchronous and (cfg.overlap if cfg.overlap is not None else native)
         while True:
             # The guest is parked at a step boundary: take epoch n.
             paused_ns = parked.get("paused_ns") or mono_ns()  # none for a guest that never ran
@@ -326,7 +289,7 @@ class Checkpointer:
             stopping = (finished or self._stop.is_set()
                         or (cfg.epochs is not None and self.epoch >= cfg.epochs)
                         or (deadline is not None and time.monotonic() >= deadline))
-            overlap = cfg.overlap and not (stopping or synchronous)
+            overlap = self.overlap and not stopping
             plan, commit = self._collect(runs, steps, paused_ns, overlap)
             npages, nruns = plan.npages, plan.nruns
             t3 = perf()
@@ -344,15 +307,8 @@ class Checkpointer:
             log.send_us.append((t4 - t3) * 1e6)
             log.ack_us.append((t5 - t4) * 1e6)
             if stopping:
-                reason = ("guest-finished" if finished else "stopped" if self._stop.is_set()
-                          else "epochs" if cfg.epochs is not None and self.epoch >= cfg.epochs else "seconds")
-                return reason, True, self._finish()
-            resume_ns = mono_ns()
-            log.pause_us.append((resume_ns - paused_ns) / 1e3)
-            try:
-                runner.start(budget, harvest=in_guest)  # each vCPU: exactly `budget` steps
-            except GuestError as exc:
-                raise GuestLost(exc) from None
+                return self._end_reason(finished), True, self._finish()
+            resume_ns = self._resume(runner, budget, in_guest, paused_ns, resume_ns)
             t6 = perf()
             if overlap:  # send while the guest runs
                 self._send_epoch(plan, commit)
@@ -361,6 +317,10 @@ class Checkpointer:
             log.send_us[-1] += (t7 - t6) * 1e6
             log.ack_us[-1] += (perf() - t7) * 1e6
             del plan
+            if native:  # the doorbell is open now
+                loop = NativeEpochLoop(runner, self._pages, len(steps), budget, self._stop_flag,
+                                       overlap=self.overlap, max_dirty=cfg.max_dirty)
+                return self._run_native(loop, resume_ns, deadline)
             try:
                 parked = runner.wait(self._heartbeat, cfg.heartbeat)
             except GuestError as exc:
@@ -368,6 +328,74 @@ class Checkpointer:
             log.run_us.append((mono_ns() - resume_ns) / 1e3)
             if parked["state"] == "finished":
                 finished = True  # one more epoch takes the final state, if the guest is still there
+
+    def _resume(self, runner, budget: int, harvest: bool, paused_ns: int, previous: int | None) -> int:
+        """Let the parked guest run one epoch (each vCPU exactly ``budget`` steps), its
+        pause logged (and the epoch's wall time since the ``previous`` resume); returns
+        the resume's time."""
+        log, resume_ns = self.log, time.monotonic_ns()
+        log.pause_us.append((resume_ns - paused_ns) / 1e3)
+        if previous is not None:
+            log.cycle_us.append((resume_ns - previous) / 1e3)
+        log.unacked.append(self.epoch - self.acked)
+        try:
+            runner.start(budget, harvest=harvest)
+        except GuestError as exc:
+            raise GuestLost(exc) from None
+        return resume_ns
+
+    def _end_reason(self, finished: bool) -> str:
+        """Why the last epoch was the last (a clean end)."""
+        cfg = self.config
+        return ("guest-finished" if finished else "stopped" if self._stop.is_set()
+                else "epochs" if cfg.epochs is not None and self.epoch >= cfg.epochs else "seconds")
+
+    def _run_native(self, loop: NativeEpochLoop, resume_ns: int,
+                    deadline: float | None) -> tuple[str, bool, str | None]:
+        """The epochs after the first, in C (native/ckpt_primary.c), from the guest let
+        run at ``resume_ns`` on. Python handles what the loop hands back: a frame it did
+        not take, the guest to look at and heartbeats while an epoch runs long, commits
+        to report (the first at once, later ones when the loop returns), the end."""
+        cfg, runner = self.config, loop.runner
+        self.epoch_loop = "native"
+        loop.configure(epoch=self.epoch, acked=self.acked, resume_ns=resume_ns, max_unacked=cfg.max_unacked,
+                       last_epoch=cfg.epochs, deadline=deadline,
+                       notify_acked=1 if cfg.on_commit is not None and self.acked < 1 else 0)
+        last_beat = 0.0
+        try:
+            while True:
+                acked = self.acked
+                rc = loop.run(self._channel)
+                self.epoch, self.acked = loop.p.epoch, loop.p.acked
+                if cfg.on_commit is not None:
+                    for epoch in range(acked + 1, self.acked + 1):
+                        cfg.on_commit(epoch, loop.steps_of(epoch))
+                if rc == lib.PC_CKPT_LOOP_WAITING:  # an epoch runs long
+                    try:
+                        runner.check_alive()
+                    except GuestError as exc:
+                        raise GuestLost(exc) from None
+                    if time.monotonic() >= max(loop.p.resume_ns / 1e9, last_beat) + cfg.heartbeat:
+                        self._heartbeat()
+                        last_beat = time.monotonic()
+                elif rc == lib.PC_CKPT_LOOP_FRAME:
+                    self._read_ack()  # a Pong, an Error or an acknowledgement C did not take
+                    loop.p.acked = self.acked
+                elif rc == lib.PC_CKPT_LOOP_ACKED:
+                    loop.p.notify_acked = 0
+                elif rc == lib.PC_CKPT_LOOP_LOG_FULL:
+                    loop.drain(self.log)
+                elif rc == lib.PC_CKPT_LOOP_ENDED:
+                    loop.drain(self.log)
+                    return self._end_reason(loop.p.final_state == lib.PC_DB_FINISHED), True, self._finish()
+                elif rc == lib.PC_CKPT_LOOP_GUEST_ERROR:
+                    raise GuestLost(GuestError(f"the guest's doorbell failed: error {loop.p.guest_error}"))
+                elif rc == lib.PC_CKPT_LOOP_CLOSED:
+                    raise ChannelClosed(f"{self._channel.name}: the peer closed the connection")
+                else:
+                    raise ChannelClosed(f"{self._channel.name}: epoch loop failed: {os.strerror(-rc)}")
+        finally:
+            loop.drain(self.log)
 
     def _collect(self, runs, steps: list[int], paused_ns: int, copy: bool) -> tuple[EpochPlan, bytes]:
         """The epoch's pages (:meth:`EpochPages.plan`: the state page always among them)

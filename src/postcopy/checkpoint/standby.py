@@ -5,13 +5,16 @@ the primary's epochs to it (:mod:`postcopy.checkpoint.primary` sends them). An e
 only once all of it has arrived: its pages are staged in a buffer as they come and
 copied into the image when the epoch's commit arrives, then acknowledged. So the image
 is always exactly the last complete epoch: a connection cut in the middle of an epoch
-leaves the staged half unapplied (it is counted and dropped). An epoch's page runs are
-received, verified and staged in C (:mod:`postcopy.checkpoint.epochstage`: every frame
-checked as the decoder checks it, anything else left to it), the rest in Python.
+leaves the staged half unapplied (it is counted and dropped). From epoch 1 on the
+whole epoch is received, verified, staged, applied and acknowledged in C
+(:mod:`postcopy.checkpoint.standbyloop`; every frame checked as the decoder checks it,
+anything else left to the decoder and handled here); with ``native_loop`` off, only the
+page runs are (:mod:`postcopy.checkpoint.epochstage`) and the rest runs in Python.
 
 When the primary is lost (connection closed or broken, silent for ``timeout`` seconds
-between epochs (within one, a dead link is noticed by its keepalive,
-:data:`postcopy.protocol.channel.LINK_TIMEOUT_S`), or the primary reports that its guest died) the standby can fail over: it starts an
+between epochs (within one too in the C loop; the Python loop leaves a dead link within
+an epoch to its keepalive, :data:`postcopy.protocol.channel.LINK_TIMEOUT_S`), or the
+primary reports that its guest died) the standby can fail over: it starts an
 incoming guest (``postcopy guest --incoming``), installs the image into it with
 UFFDIO_COPY (as the destination agent installs migrated pages), unregisters the range
 so untouched pages read as zero, and resumes it. The guest continues from the step
@@ -46,7 +49,6 @@ armed before the initial sync read any page.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import mmap
 import os
@@ -61,11 +63,12 @@ import time
 from dataclasses import dataclass
 
 from postcopy import report
-from postcopy._native import ffi
+from postcopy._native import ffi, lib
 from postcopy.checkpoint.epochstage import EpochStage
+from postcopy.checkpoint.standbyloop import NativeStandbyLoop
 
 from postcopy.protocol import wire
-from postcopy.guest.control import GuestClient, GuestError, GuestParams, parse_final_hash, wait_for_control
+from postcopy.guest.control import GuestClient, GuestError, parse_final_hash, wait_for_control
 from postcopy.protocol.endpoint import listen_socket
 from postcopy.protocol.channel import Channel, ChannelClosed
 from postcopy.migration.listener import AcceptTimeout, Listener
@@ -92,6 +95,7 @@ class StandbyConfig:
     timeout: float = 5.0  # seconds of silence after which the primary counts as lost
     accept_timeout: float = 60.0
     wait_guest: bool = True  # after failover, wait for the guest to finish and take its hash
+    native_loop: bool = True  # epochs 1 on received in C (native/ckpt_standby.c); False: in Python
 
 
 @dataclass(frozen=True)
@@ -238,10 +242,26 @@ class Standby:
         image_ptr = ffi.from_buffer("uint8_t[]", self._image)
         ps = self._layout.page_size
         stage = EpochStage(self._layout)
+        loop = (NativeStandbyLoop(self._layout, stage, image_ptr, self.config.timeout)
+                if self.config.native_loop else None)
         expect = 0  # next epoch
         in_epoch = False  # between an EpochBegin and its commit
         try:
             while True:
+                if loop is not None and expect > 0:  # C takes the epochs; Python what it leaves
+                    rc = loop.run(channel, expect, in_epoch)
+                    expect, in_epoch = loop.expect, loop.in_epoch
+                    self._native_commits(loop)
+                    if rc in (lib.PC_CKPT_STANDBY_LOG_FULL, lib.PC_CKPT_STANDBY_YIELD):
+                        continue
+                    if rc == lib.PC_CKPT_STANDBY_CLOSED:
+                        raise ChannelClosed(f"{channel.name}: the peer closed the connection")
+                    if rc == lib.PC_CKPT_STANDBY_SILENT:
+                        raise TimeoutError
+                    if rc == -errno.ENOMEM:  # as the Python loop's stage: no failover from a standby that broke
+                        raise MemoryError("no memory to stage an epoch")
+                    if rc < 0:
+                        raise ChannelClosed(f"{channel.name}: epoch loop failed: {os.strerror(-rc)}")
                 message = channel.recv()
                 if isinstance(message, wire.PageRun):
                     first, npages = message.first_page, message.npages
@@ -310,6 +330,16 @@ class Standby:
         self._epochs_applied += 1
         channel.send(wire.EpochAck(info={"epoch": epoch, "steps": list(steps)}))
         self.committed_event.set()
+
+    def _native_commits(self, loop: NativeStandbyLoop) -> None:
+        """The epochs the native loop applied and acknowledged, into the figures."""
+        applied = len(self._epoch_pages)
+        last = loop.drain(self._epoch_pages, self._apply_us)
+        if last is not None:
+            self._epochs_applied += len(self._epoch_pages) - applied
+            epoch, pages, paused_ns, steps = last
+            self.committed = CommittedEpoch(epoch, steps, paused_ns, pages)
+            self.committed_event.set()
 
     def _end(self, reason: str, detail: str) -> None:
         self.end_reason, self.end_detail = reason, detail
@@ -452,35 +482,3 @@ def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.communicate()
-
-
-def reference_hash_at(params: GuestParams, steps: int, workdir: str, timeout: float = 120.0) -> str:
-    """The RAM hash of the same guest run without checkpointing, parked when every vCPU
-    has done exactly ``steps`` steps (what a standby image of an epoch at that step
-    count must hash to). ``workdir`` holds the reference guest's control socket."""
-    from postcopy.guest import reference_hash
-
-    params = dataclasses.replace(params, rate=0)
-    if params.steps is not None and steps >= params.steps:
-        return reference_hash(params, timeout=timeout)
-    control = os.path.join(workdir, f"reference-{os.getpid()}-{steps}.sock")
-    proc = subprocess.Popen(params.argv(control=control, pause_at=steps) if steps > 0 else
-                            params.argv(control=control, start_paused=True),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_control(control, proc=proc)
-        with GuestClient(control, timeout=timeout) as client:
-            deadline = time.monotonic() + timeout
-            while (status := client.status())["state"] != "paused" or min(status["steps"]) < steps:
-                if time.monotonic() > deadline:
-                    raise GuestError(f"reference guest did not reach step {steps}: {status}")
-                time.sleep(0.005)
-            value = client.hash()
-            client.quit()
-        proc.wait(timeout=10)
-        return value
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-        elif proc.stderr is not None:
-            proc.stderr.close()

@@ -132,20 +132,30 @@ def memory_sink(memory, page_size: int) -> Sink:
     return Sink(sink, (mem, view, memory), lambda rc: IndexError(f"a frame's pages lie outside the memory ({rc})"))
 
 
+def receive_rules(layout: wire.Layout):
+    """The checks C makes of a page frame as the decoder makes them (``struct
+    pc_dp_recv_rules``: the layout, the payload limit, the causes and frame types);
+    which causes it takes is the caller's to set. Returns the rules and the regions
+    array they point to (keep both)."""
+    ps = layout.page_size
+    regions = ffi.new("uint64_t[]", [v for offset, length in layout.regions
+                                     for v in (offset // ps, (offset + length) // ps)] or [0])
+    rules = ffi.new("struct pc_dp_recv_rules *")
+    rules.page_size, rules.max_payload = ps, wire.MAX_PAYLOAD
+    rules.regions, rules.nregions = regions, len(layout.regions)
+    rules.known_causes = sum(1 << cause for cause in wire.Cause)
+    rules.page_run_type, rules.zero_range_type = wire.FrameType.PAGE_RUN, wire.FrameType.ZERO_RANGE
+    return rules, regions
+
+
 class PageReceiver:
     """Takes the data frames of one channel in C (see the module docstring). One per
     channel, used by its receiving thread only; ``stop`` (a C ``int *``, e.g. the
     table's stop flag) makes a waiting call return."""
 
     def __init__(self, layout: wire.Layout, sink: Sink, stop=ffi.NULL) -> None:
-        ps = layout.page_size
-        self._regions = ffi.new("uint64_t[]", [v for offset, length in layout.regions
-                                               for v in (offset // ps, (offset + length) // ps)] or [0])
-        rules = self._rules = ffi.new("struct pc_dp_recv_rules *")
-        rules.page_size, rules.max_payload = ps, wire.MAX_PAYLOAD
-        rules.regions, rules.nregions = self._regions, len(layout.regions)
-        rules.known_causes = sum(1 << cause for cause in wire.Cause)
-        rules.page_run_type, rules.zero_range_type = wire.FrameType.PAGE_RUN, wire.FrameType.ZERO_RANGE
+        rules, self._regions = receive_rules(layout)
+        self._rules = rules
         rules.stop = stop
         self.sink = sink
         self._buffer = ffi.new("uint8_t[]", lib.pc_dp_recv_min_buffer(rules))

@@ -80,7 +80,7 @@ def run_checkpoint_demo(ram: int = 64 << 20, dirty_bounds=DEMO_BOUNDS, seconds: 
     ``postcopy checkpoint`` as they are (e.g. ``--overlap``, ``--no-doorbell``)."""
     from postcopy.guest import GuestParams, reference_hash
     from postcopy.testbed.netns import Testbed
-    from postcopy.checkpoint.standby import reference_hash_at
+    from postcopy.checkpoint.reference import reference_hash_at
 
     started = time.monotonic()
     # Enough steps that no guest finishes while checkpointed (~3000 epochs/s at most).
@@ -165,6 +165,7 @@ def _bound_figures(prim: dict, stby: dict, guest_cpu: float, reference: str | No
     fo = stby.get("failover") or {}
     return {
         "checkpoints_per_s": prim["checkpoints_per_s"],
+        "checkpoints_per_s_pause_plus_run": prim.get("checkpoints_per_s_pause_plus_run"),
         "dirty_log": prim.get("dirty_log"),
         "pause_ms": {k: prim["pause_ms"][k] for k in ("p50", "p99", "max", "count")},
         "dirty_pages": {k: prim["dirty_pages"][k] for k in ("p50", "max", "mean")},
