@@ -133,6 +133,18 @@ for log in $LOGS; do
         t0=$SECONDS
         postcopy demo "${args[@]}" >"$OUT/$name.txt" 2>&1
         rc=$?
+        # Under software emulation the agents' 2 s link timeout (TCP_USER_TIMEOUT, which
+        # zero-window probes count against too) has ended a precopy once in ~10 runs: a
+        # clean failure, the guest kept on the source. One retry, the first output kept
+        # beside it and named in the result; any other failure, or a second, fails.
+        retried=""
+        if [ "$rc" -ne 0 ] && grep -q "Connection timed out" "$OUT/$name.txt"; then
+            mv "$OUT/$name.txt" "$OUT/$name.first-try.txt"
+            say "RETRY demo --mode $mode --dirty-log $log: the link timed out under emulation ($(grep -m1 'timed out' "$OUT/$name.first-try.txt" | cut -c1-160))"
+            retried=" (on a retry: the first try's link timed out, see $name.first-try.txt)"
+            postcopy demo "${args[@]}" >"$OUT/$name.txt" 2>&1
+            rc=$?
+        fi
         check=$("$PY" - "$OUT/$name.json" "$log" <<'EOF' 2>&1
 import json, sys
 try:
@@ -148,9 +160,9 @@ EOF
         exercised[$log]+="${exercised[$log]:+, }$mode"
         if [ "$rc" -eq 0 ] && [ "$check" = verified ]; then
             grep -E 'downtime|rounds|final hash' "$OUT/$name.txt" | head -n 4
-            say "demo --mode $mode --dirty-log $log: VERIFIED in $(took $t0)"
-            record "$name" verified
-            exercised[$log]+=" verified"
+            say "demo --mode $mode --dirty-log $log: VERIFIED in $(took $t0)$retried"
+            record "$name" "verified$retried"
+            exercised[$log]+=" verified$retried"
         else
             tail -n 15 "$OUT/$name.txt"
             fail "demo --mode $mode --dirty-log $log: exit $rc, $check"
