@@ -117,19 +117,11 @@ static int tcp_pair(int *client, int *server)
 /* A userfaultfd with async write-protect over [ram, ram + size), all protected. */
 static int arm_wp_async(uint8_t *ram, uint64_t size)
 {
-    int how, rc;
-    int fd = pc_uffd_open(0, &how);
-    if (fd < 0)
-        return fd;
     const uint64_t need = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-    uint64_t got = 0, ioctls = 0;
-    rc = pc_uffd_api(fd, need, &got, &ioctls);
-    if (!rc && (got & need) != need)
-        rc = -EOPNOTSUPP;
-    if (!rc)
-        rc = pc_uffd_register(fd, (uint64_t)(uintptr_t)ram, size, UFFDIO_REGISTER_MODE_WP, &ioctls);
-    if (!rc)
-        rc = pc_uffd_writeprotect(fd, (uint64_t)(uintptr_t)ram, size, UFFDIO_WRITEPROTECT_MODE_WP);
+    int fd = pc_uffd_open_registered(0, need, (uint64_t)(uintptr_t)ram, size, UFFDIO_REGISTER_MODE_WP);
+    if (fd < 0)
+        return fd == -EINVAL ? -EOPNOTSUPP : fd;
+    int rc = pc_uffd_writeprotect(fd, (uint64_t)(uintptr_t)ram, size, UFFDIO_WRITEPROTECT_MODE_WP);
     if (rc) {
         close(fd);
         return rc == -EINVAL ? -EOPNOTSUPP : rc;

@@ -59,7 +59,7 @@ int64_t pc_memfd_data_runs(int memfd, const void *map, uint64_t npages, uint32_t
     if (!vec)
         return -ENOMEM;
     struct run_list l = {.runs = runs, .max = max_runs};
-    uint64_t absent_from = 0; /* start of the absent range being walked, or UINT64_MAX */
+    uint64_t absent_from = 0; /* start of the absent range being walked (when in_absent) */
     int in_absent = 0, rc = 0;
     for (uint64_t base = 0; base < npages && !rc; base += MINCORE_CHUNK_PAGES) {
         uint64_t n = npages - base < MINCORE_CHUNK_PAGES ? npages - base : MINCORE_CHUNK_PAGES;

@@ -21,23 +21,6 @@ static uint64_t page_size(void)
 	return (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
-/* A fresh uffd on [ram, ram + bytes) registered in `mode` (with `features`). */
-static int register_uffd(uint8_t *ram, uint64_t bytes, uint64_t features, uint64_t mode)
-{
-	int how, fd = pc_uffd_open(0, &how);
-	if (fd < 0)
-		return fd;
-	uint64_t got, ioctls;
-	int rc = pc_uffd_api(fd, features, &got, &ioctls);
-	if (rc == 0)
-		rc = pc_uffd_register(fd, (uint64_t)(uintptr_t)ram, bytes, mode, &ioctls);
-	if (rc < 0) {
-		close(fd);
-		return rc;
-	}
-	return fd;
-}
-
 int pc_ram_target_open(struct pc_ram_target *t, int kind, uint64_t bytes)
 {
 	uint64_t ps = page_size();
@@ -57,7 +40,7 @@ int pc_ram_target_open(struct pc_ram_target *t, int kind, uint64_t bytes)
 	}
 	madvise(t->ram, t->bytes, MADV_NOHUGEPAGE); /* page granularity, as a guest's RAM */
 	if (kind == PC_RAM_COPY) {
-		if ((rc = register_uffd(t->ram, t->bytes, 0, UFFDIO_REGISTER_MODE_MISSING)) < 0)
+		if ((rc = pc_uffd_open_registered(0, 0, (uint64_t)(uintptr_t)t->ram, t->bytes, UFFDIO_REGISTER_MODE_MISSING)) < 0)
 			goto fail;
 		t->uffd = rc;
 		return 0;
@@ -129,7 +112,8 @@ static int time_continue(struct pc_ram_target *t, struct pc_ram_floor *out)
 	if (view == MAP_FAILED)
 		return -errno;
 	madvise(view, t->bytes, MADV_NOHUGEPAGE);
-	int rc = register_uffd(view, t->bytes, UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR);
+	int rc = pc_uffd_open_registered(0, UFFD_FEATURE_MINOR_SHMEM, (uint64_t)(uintptr_t)view, t->bytes,
+					 UFFDIO_REGISTER_MODE_MINOR);
 	if (rc >= 0) {
 		int uffd = rc;
 		uint64_t cpu0, wall0;

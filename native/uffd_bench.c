@@ -130,16 +130,11 @@ int pc_bench_uffd_roundtrip_at(size_t npages, uint64_t *lat_ns, int flags, int f
 	memset(src, 0xA5, s.page_size);
 	s.src = (uint64_t)(uintptr_t)src;
 
-	s.uffd = pc_uffd_open(1, NULL);
+	s.uffd = pc_uffd_open_registered(1, 0, (uint64_t)(uintptr_t)dst, len, UFFDIO_REGISTER_MODE_MISSING);
 	if (s.uffd < 0) {
 		ret = s.uffd;
 		goto out;
 	}
-	if ((ret = pc_uffd_api(s.uffd, 0, NULL, NULL)) < 0)
-		goto out;
-	if ((ret = pc_uffd_register(s.uffd, (uint64_t)(uintptr_t)dst, len,
-				    UFFDIO_REGISTER_MODE_MISSING, NULL)) < 0)
-		goto out;
 	s.stop_fd = eventfd(0, EFD_CLOEXEC);
 	if (s.stop_fd < 0) {
 		ret = -errno;

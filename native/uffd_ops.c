@@ -83,6 +83,24 @@ int pc_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64
 	return 0;
 }
 
+int pc_uffd_open_registered(int nonblock, uint64_t features, uint64_t start, uint64_t len, uint64_t mode)
+{
+	int fd = pc_uffd_open(nonblock, NULL);
+	if (fd < 0)
+		return fd;
+	uint64_t got = 0;
+	int rc = pc_uffd_api(fd, features, &got, NULL);
+	if (!rc && (got & features) != features)
+		rc = -EOPNOTSUPP;
+	if (!rc)
+		rc = pc_uffd_register(fd, start, len, mode, NULL);
+	if (rc) {
+		close(fd);
+		return rc;
+	}
+	return fd;
+}
+
 int pc_uffd_unregister(int fd, uint64_t start, uint64_t len)
 {
 	struct uffdio_range range = { .start = start, .len = len };

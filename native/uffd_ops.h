@@ -180,6 +180,9 @@ int pc_uffd_open(int nonblock, int *how);
 
 int pc_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
 int pc_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+/* A userfaultfd (opened as pc_uffd_open) with every one of `features` granted (else
+ * -EOPNOTSUPP), registered over [start, start + len) in `mode`: its descriptor, or -errno. */
+int pc_uffd_open_registered(int nonblock, uint64_t features, uint64_t start, uint64_t len, uint64_t mode);
 int pc_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
 int pc_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);

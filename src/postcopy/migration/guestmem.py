@@ -67,10 +67,10 @@ class GuestMemory:
             return self._pagemap.runs(self.base, self.npages, PM_PRESENT | PM_SWAP)
         from postcopy._native import ffi, lib
 
-        self._mapped(0, 0).release()  # the read-only mapping: mincore faults nothing in
+        ram = self._read_only_map()  # mincore faults nothing in
         max_runs = self.npages // 2 + 1  # runs are separated by holes: at most this many
         runs = ffi.new("uint64_t[]", 2 * max_runs)
-        n = lib.pc_memfd_data_runs(self.memfd, ffi.from_buffer(self._map), self.npages, self.page_size, runs,
+        n = lib.pc_memfd_data_runs(self.memfd, ffi.from_buffer(ram), self.npages, self.page_size, runs,
                                    max_runs)
         if n < 0:
             raise OSError(-n, f"finding the guest RAM's populated pages: {os.strerror(-n)}")
@@ -125,11 +125,15 @@ class GuestMemory:
         end = min(-(-(offset + length) // _FAULT_AROUND) * _FAULT_AROUND, self.size)
         self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def _mapped(self, offset: int, length: int) -> memoryview:
+    def _read_only_map(self) -> mmap.mmap:
+        """This agent's read-only shared mapping of the memfd (made once)."""
         with self._map_lock:
             if self._map is None:
                 self._map = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
-        return memoryview(self._map)[offset:offset + length]
+            return self._map
+
+    def _mapped(self, offset: int, length: int) -> memoryview:
+        return memoryview(self._read_only_map())[offset:offset + length]
 
     def native_handles(self) -> tuple[int, int, int]:
         """(memfd, /proc/PID/mem, pagemap) descriptors for the native data plane, -1
