@@ -59,8 +59,10 @@ def test_pusher_sends_the_stale_set_before_its_sweep():
     mem = GuestMemory({"pid": os.getpid(), "ram_address": 0, "ram_size": npages * ps, "page_size": ps},
                       {"memfd": fd})
 
-    def pushed(stale, precopied):
+    def pushed(stale, precopied, plane_first=False):
         sender = PageSender(mem, run_pages=256)
+        if plane_first:  # as the source does: plane and sent map made before the pause
+            sender.make_plane(precopied)
         sender.prepare_postcopy(stale, precopied=precopied)
         a, b = socket.socketpair()
         main = Channel(a, "main", mem.layout)
@@ -79,6 +81,8 @@ def test_pusher_sends_the_stale_set_before_its_sweep():
     runs = pushed([(900, 3)], False)  # pure postcopy with a priority run
     assert runs[:2] == [(900, 3), (1, 256)]  # then the sweep (page 0 went with the state)
     assert sum(count for _, count in runs) == 1023
+    for precopied, stale in ((True, [(700, 10), (100, 5)]), (False, [(900, 3)])):  # same pages when made first
+        assert pushed(stale, precopied, plane_first=True) == pushed(stale, precopied)
     mem.close()
 
 

@@ -94,6 +94,7 @@ class PageSender:
         self.urgent_error: BaseException | None = None
         self._on_progress = on_progress
         self._sent = bytearray(mem.npages)  # per page: sent once already (claimed under the plane's lock)
+        self._sent_start: int | None = None  # the marks make_plane wrote (none yet: untouched)
         self._priority: ranges.Runs = []  # pushed before the sweep (hybrid: the stale set)
         self._plane: SendPlane | None = None  # the native push loop and demand server, from the switchover
         self._extents_set = False
@@ -123,17 +124,23 @@ class PageSender:
     def prepare_postcopy(self, stale: ranges.Runs, precopied: bool) -> None:
         """What is left to push: everything (pure postcopy) or the stale pages
         (hybrid), which go first: the guest is most likely to touch them next."""
+        self.make_plane(precopied)  # the map's starting marks: already written before the pause
         sent = self._sent  # changed in place: the native plane holds its address
-        sent[:] = b"\x01" * self.mem.npages if precopied else bytes(self.mem.npages)
         for first, count in stale:
             sent[first:first + count] = bytes(count)
         sent[0] = 1  # the state page went with the switchover
         self._priority = list(stale)
-        self.make_plane()
 
-    def make_plane(self) -> None:
-        """The native push loop and demand server (idempotent; may come before the
-        pause: it maps the RAM, it does not read it)."""
+    def make_plane(self, precopied: bool) -> None:
+        """The native push loop and demand server, and every page's starting mark in the
+        sent map: sent (precopy ran) or not (idempotent). Comes before the pause: it maps
+        the RAM without reading it, and the map's pages are written here, not in the
+        downtime (a first write to a fresh page can cost ~10 µs on a VM: at 2 GiB the
+        map's 128 pages took 1.5 ms of downtime)."""
+        start = int(precopied)
+        if self._sent_start != start:
+            self._sent[:] = bytes((start,)) * len(self._sent)
+            self._sent_start = start
         if self._plane is None:
             self._plane = SendPlane(self.mem, self._sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
 

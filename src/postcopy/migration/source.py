@@ -249,7 +249,7 @@ class SourceAgent:
         # Connected before the pause, armed by the pause itself (the guest sets the fence,
         # then parks): before any Switchover, and no round trip of its own in the downtime.
         self._fence = fence_keeper(cfg.guest_control, self._lease, cfg.recovery_timeout, in_contact=self._in_contact)
-        m.sender.make_plane()  # the demand server's (mapping the RAM is not downtime)
+        m.sender.make_plane(precopied=m.dirty_log is not None)  # mapping the RAM, writing the sent map: not downtime
         m.server = DemandServer(m.sender, lambda: m.urgent, held=True)  # released right after the Switchover
         marks["pause_started"] = time.monotonic()  # downtime starts: the guest parks at a step boundary
         m.steps_ns["pause_asked"] = time.monotonic_ns()
