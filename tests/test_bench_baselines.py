@@ -252,3 +252,66 @@ def test_the_push_figure_is_the_best_install_path_and_names_it():
     assert "| guest RAM: uffdio_copy_fresh | one thread | 3.00 GB/s | 0.30 s/GiB |" in text
     assert "| source agent CPU s per GiB moved in the push window (install continue+prealloc, the best of 3) | " \
            "1.00 |" in text
+
+
+def test_popen_pins_the_child_and_everything_it_starts(bed):
+    """Testbed.popen(cpus=...): the child and its own children run on those CPUs (a
+    pinned bench migration's incoming guest is started by the destination agent); the
+    caller's thread keeps its CPUs."""
+    mine = os.sched_getaffinity(0)
+    cpu = max(mine)
+    script = ("import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); sys.stdout.flush(); "
+              "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])")
+    proc = bed.popen(bed.dest, [sys.executable, "-c", script], cpus=frozenset({cpu}), stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert out.split("\n")[:2] == [str([cpu])] * 2
+    assert os.sched_getaffinity(0) == mine
+    unpinned = bed.popen(bed.dest, [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    out, _ = unpinned.communicate(timeout=30)
+    assert out.split("\n")[:2] == [str(sorted(mine))] * 2
+
+
+def test_pinned_fault_floors_place_each_hop_as_the_migration_does():
+    rtt = {"same_cpu": {"latency_us": {"p50": 14.0, "p99": 15.0}},
+           "across_cpus": {"latency_us": {"p50": 37.0, "p99": 47.0}}}
+    uffd = {"same_cpu": {"p50": 7.0, "p99": 10.0}, "across_cpus": {"p50": 33.0, "p99": 42.0}}
+    # two hosts: the round trip crosses CPUs, the fault is woken on the guest's CPU.
+    assert baselines.pinned_fault_floors(rtt, uffd) == {"same_cpu": {"p50": 21.0, "p99": 25.0},
+                                                        "two_hosts": {"p50": 44.0, "p99": 57.0}}
+    assert baselines.pinned_fault_floors({"same_cpu": rtt["same_cpu"]}, uffd) == {"same_cpu": {"p50": 21.0, "p99": 25.0}}
+    placements = baselines.pinned_placements()
+    cpus = sorted(os.sched_getaffinity(0))
+    assert placements["same_cpu"] == (cpus[0], cpus[0])
+    assert placements.get("two_hosts") == ((cpus[0], cpus[1]) if len(cpus) > 1 else None)
+
+
+def test_pinned_faults_are_compared_with_the_floor_of_their_placement():
+    result = _synthetic_bench()
+    result["baselines"]["pinned_placements"] = {"same_cpu": [0, 0], "two_hosts": [0, 1]}
+    result["baselines"]["pinned_fault_floor_us"] = {"same_cpu": {"p50": 20.0, "p99": 25.0},
+                                                    "two_hosts": {"p50": 40.0, "p99": 50.0}}
+    result["postcopy"]["fault_us_pinned"] = {
+        "same_cpu": {"cpus": [0, 0], "fault_us": {"p50": 30.0, "p99": 50.0}, "verified": True},
+        "two_hosts": {"cpus": [0, 1], "fault_us": {"p50": 44.0, "p99": 60.0}, "verified": True}}
+    ratios = baseline_ratios(result["baselines"], result["postcopy"])
+    assert {k: v for k, v in ratios.items() if "pinned" in k} == {
+        "fault_p50_pinned_same_cpu_vs_floor": 1.5, "fault_p99_pinned_same_cpu_vs_floor": 2.0,
+        "fault_p50_pinned_two_hosts_vs_floor": pytest.approx(1.1), "fault_p99_pinned_two_hosts_vs_floor": 1.2}
+    result["ratios"] = ratios
+    text = format_bench(result)
+    assert ("| demand fault p50 / p99, no pusher, pinned two_hosts (source CPU 0, dest CPU 1) | 44.0 / 60.0 µs | "
+            "RTT+uffd 40.0 / 50.0 µs | 1.10x / 1.20x |") in text
+    assert "demand fault, pinned same_cpu  p50 30.0 µs  p99 50.0 µs  (source CPU 0, dest CPU 0;" in text
+
+
+def test_a_pinned_migration_runs_and_verifies():
+    """The bench's pinned placement end to end: every process on one CPU."""
+    require_netns()
+    require_uffd()
+    from postcopy.testbed.demo import DemoOptions, run_demo
+
+    cpu = frozenset({min(os.sched_getaffinity(0))})
+    params = GuestParams(ram=16 << 20, threads=2, workload="random-write", seed=4, steps=300_000, rate=100_000)
+    result = run_demo(DemoOptions(params=params, migrate_after=0.3, port=PORT + 2, cpus=(cpu, cpu)))
+    assert result["verified"]
+    assert result["dest"]["fault_latency_us_before_push"]["count"] > 0

@@ -23,6 +23,7 @@ from postcopy.bench.floors import floor_summary
 
 SAME_CPU = "same_cpu"
 ACROSS_CPUS = "across_cpus"
+TWO_HOSTS = "two_hosts"  # a pinned migration only: the source on one CPU, the destination on another
 
 
 def cpu_placements() -> dict[str, tuple[int, int]]:
@@ -72,6 +73,28 @@ def ram_floor(nbytes: int) -> dict:
                                     for name, (cpu, wall) in steps.items()}}
 
 
+def pinned_placements() -> dict[str, tuple[int, int]]:
+    """Where the bench pins a migration to compare its demand faults with a floor of the
+    same placement: name -> (the source host's CPU: its guest and agent; the
+    destination's: its agent and the incoming guest). same_cpu: everything on one CPU;
+    two_hosts: as two hosts would be, the link crosses CPUs, a fault's wake-ups do not."""
+    placements = cpu_placements()
+    pinned = {SAME_CPU: placements[SAME_CPU]}
+    if ACROSS_CPUS in placements:
+        pinned[TWO_HOSTS] = placements[ACROSS_CPUS]
+    return pinned
+
+
+def pinned_fault_floors(tcp_rtt: dict, uffd: dict) -> dict[str, dict]:
+    """The floor of one demand fault in each of :func:`pinned_placements`: the C round
+    trip over the link plus the C userfaultfd round trip, each placed as that migration's
+    hops are (two_hosts: the round trip across CPUs, the fault's on one)."""
+    floors = {SAME_CPU: _sum_latency(tcp_rtt[SAME_CPU]["latency_us"], uffd[SAME_CPU])}
+    if ACROSS_CPUS in tcp_rtt:
+        floors[TWO_HOSTS] = _sum_latency(tcp_rtt[ACROSS_CPUS]["latency_us"], uffd[SAME_CPU])
+    return floors
+
+
 def _sum_latency(a: dict, b: dict) -> dict:
     return {p: None if a.get(p) is None or b.get(p) is None else a[p] + b[p] for p in ("p50", "p99")}
 
@@ -104,6 +127,8 @@ def measure(*, bulk_bytes: int, rtt_count: int, uffd_faults: int, port: int) -> 
         "uffd_roundtrip_by_placement_us": uffd,
         # What one demand fault cannot beat: a request/reply over the link plus a fault.
         "fault_floor_us": {name: _sum_latency(tcp["rtt"][name]["latency_us"], uffd[name]) for name in placements},
+        "pinned_placements": {name: list(cpus) for name, cpus in pinned_placements().items()},
+        "pinned_fault_floor_us": pinned_fault_floors(tcp["rtt"], uffd),
         "tcp_bulk_placement": best_bulk,
         "tcp_bulk_bytes_per_s": tcp["bulk"][best_bulk]["bytes_per_s"],
         "tcp_rtt_4k_us": tcp["rtt"][SAME_CPU]["latency_us"],
@@ -138,6 +163,10 @@ def format_lines(base: dict) -> list[str]:
         lines.append(f"  C uffd round trip, {name:<17} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs")
     for name, lat in base["fault_floor_us"].items():
         lines.append(f"  fault floor (RTT+uffd), {name:<12} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs")
+    if TWO_HOSTS in base.get("pinned_fault_floor_us", {}):
+        lat = base["pinned_fault_floor_us"][TWO_HOSTS]
+        lines.append(f"  fault floor (RTT+uffd), {TWO_HOSTS:<12} p50 {us(lat['p50'])} µs  p99 {us(lat['p99'])} µs"
+                     "  (RTT across CPUs, uffd on one)")
     return lines
 
 

@@ -39,11 +39,34 @@ def _park_at(params: GuestParams) -> int:
 
 
 def migration(ram: int, *, workload: str, steps: int, rate: float = 0, migrate_after: float = 0.5,
-              push_delay: float = 0.0, threads: int = 2, install: str = "copy", prealloc: bool = False) -> dict:
+              push_delay: float = 0.0, threads: int = 2, install: str = "copy", prealloc: bool = False,
+              cpus: tuple[int, int] | None = None) -> dict:
+    """One bench migration on a fresh testbed; ``cpus``: (the source host's CPU, the
+    destination's) to pin it, else unpinned."""
     params = GuestParams(ram=ram, threads=threads, workload=workload, seed=11, steps=steps, rate=rate, working_set=1.0)
     return run_demo(DemoOptions(params=params, park_at=_park_at(params), migrate_after=migrate_after,
                                 port=BENCH_PORT + 1,
-                                push_delay=push_delay, install=install, prealloc=prealloc))
+                                push_delay=push_delay, install=install, prealloc=prealloc,
+                                cpus=cpus and (frozenset({cpus[0]}), frozenset({cpus[1]}))))
+
+
+def demand_migration(cpus: tuple[int, int] | None = None) -> dict:
+    """The demand-fault migration (256 MiB, random-write: faults stay random): the
+    pusher waits a second, so faults are first served alone, then beside it."""
+    return migration(256 << 20, workload="random-write", steps=900_000, rate=300_000, push_delay=1.0, cpus=cpus)
+
+
+def pinned_faults(base: dict) -> dict[str, dict]:
+    """Demand faults served alone with the migration pinned as each floor of
+    ``base["pinned_placements"]`` was measured (bench/baselines.py), so that each is
+    compared with the floor of its own placement: name -> the CPUs, the latency
+    summary and whether the migration verified."""
+    rows = {}
+    for name, (source_cpu, dest_cpu) in base["pinned_placements"].items():
+        result = demand_migration(cpus=(source_cpu, dest_cpu))
+        rows[name] = {"cpus": [source_cpu, dest_cpu], "fault_us": result["dest"]["fault_latency_us_before_push"],
+                      "verified": result["verified"]}
+    return rows
 
 
 # Push variants: (install path, --prealloc, the C floor of the same RAM work: bulk into
@@ -247,6 +270,10 @@ def baseline_ratios(base: dict, figures: dict) -> dict:
     for placement, floor in base["fault_floor_us"].items():
         for p in ("p50", "p99"):
             ratios[f"fault_{p}_vs_floor_{placement}"] = _ratio(no_push[p], floor[p])
+    for placement, row in (figures.get("fault_us_pinned") or {}).items():
+        floor = base["pinned_fault_floor_us"][placement]
+        for p in ("p50", "p99"):
+            ratios[f"fault_{p}_pinned_{placement}_vs_floor"] = _ratio(row["fault_us"][p], floor[p])
     ratios["fault_p99_with_vs_without_pusher"] = _ratio(with_push["p99"], no_push["p99"])
     c_cpu = base["tcp_bulk"][base["tcp_bulk_placement"]]["cpu"]
     for role, side in (("source", "client"), ("dest", "server")):
@@ -259,7 +286,8 @@ def run_bench(quick: bool) -> dict:
     started = time.monotonic()
     base = c_baselines(quick)
     # Demand faults alone first (the pusher waits a second), then with the pusher.
-    demand = migration(256 << 20, workload="random-write", steps=900_000, rate=300_000, push_delay=1.0)
+    demand = demand_migration()
+    pinned = pinned_faults(base)
     pushes = push_runs()
     small = pushes["copy"]["result"]  # the default path's downtime
     large = migration(2 << 30, workload="sequential", steps=700_000, rate=200_000, migrate_after=1.8)
@@ -269,13 +297,15 @@ def run_bench(quick: bool) -> dict:
         **push_figures(pushes),
         "fault_us_without_pusher": no_push,
         "fault_us_with_pusher": with_push,
+        "fault_us_pinned": pinned,
         "downtime_ms_256M": small["downtime_ms"],
         "downtime_ms_2G": large["downtime_ms"],
         "downtime_breakdown_256M": small.get("downtime_breakdown"),
         "downtime_breakdown_2G": large.get("downtime_breakdown"),
         "agent_max_rss_mib_2G": {"source": large["source"]["max_rss_kib"] / 1024,
                                  "dest": large["source"]["dest"]["max_rss_kib"] / 1024},
-        "verified": all(r["verified"] for r in (demand, large, *(run["result"] for run in pushes.values()))),
+        "verified": all([*(r["verified"] for r in (demand, large, *(run["result"] for run in pushes.values()))),
+                         *(row["verified"] for row in pinned.values())]),
     }
     ratios = baseline_ratios(base, figures)
     return {
@@ -333,6 +363,14 @@ def _headline_rows(result: dict) -> list[str]:
         rows.append(f"| demand fault {p}, no pusher | {format_num(f['fault_us_without_pusher'][p], us)} µs | RTT+uffd "
                     + " / ".join(f"{format_num(floor[n][p], us)} µs ({n})" for n in placements) + " | "
                     + " / ".join(_times(r[f"fault_{p}_vs_floor_{n}"]) for n in placements) + " |")
+    pinned_floor = b.get("pinned_fault_floor_us") or {}
+    for name, row in (f.get("fault_us_pinned") or {}).items():
+        source_cpu, dest_cpu = row["cpus"]
+        rows.append(f"| demand fault p50 / p99, no pusher, pinned {name} (source CPU {source_cpu}, dest CPU {dest_cpu})"
+                    f" | {format_num(row['fault_us']['p50'], us)} / {format_num(row['fault_us']['p99'], us)} µs | "
+                    f"RTT+uffd {format_num(pinned_floor[name]['p50'], us)} / {format_num(pinned_floor[name]['p99'], us)}"
+                    f" µs | {_times(r[f'fault_p50_pinned_{name}_vs_floor'])} / "
+                    f"{_times(r[f'fault_p99_pinned_{name}_vs_floor'])} |")
     rows += [f"| demand fault p99, pusher on | {format_num(f['fault_us_with_pusher']['p99'], us)} µs | "
              f"p99 without pusher | {_times(r['fault_p99_with_vs_without_pusher'])} |",
              f"| downtime 256 MiB / 2 GiB | {format_num(f['downtime_ms_256M'])} / {format_num(f['downtime_ms_2G'])} ms | | |",
@@ -419,6 +457,11 @@ def format_bench(result: dict) -> str:
         f"  p99 {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs",
         *(f"    vs C floor {n:<13}   p50 {_times(r[f'fault_p50_vs_floor_{n}'])}  p99 {_times(r[f'fault_p99_vs_floor_{n}'])}"
           for n in b["fault_floor_us"]),
+        *(f"  demand fault, pinned {n:<9} p50 {num(row['fault_us']['p50'], '{:.1f}')} µs"
+          f"  p99 {num(row['fault_us']['p99'], '{:.1f}')} µs  (source CPU {row['cpus'][0]}, dest CPU {row['cpus'][1]};"
+          f" vs C floor of that placement p50 {_times(r[f'fault_p50_pinned_{n}_vs_floor'])}"
+          f"  p99 {_times(r[f'fault_p99_pinned_{n}_vs_floor'])})"
+          for n, row in (f.get("fault_us_pinned") or {}).items()),
         f"  demand fault, pusher on     p50 {num(f['fault_us_with_pusher']['p50'], '{:.1f}')} µs"
         f"  p99 {num(f['fault_us_with_pusher']['p99'], '{:.1f}')} µs ({num(r['fault_p99_with_vs_without_pusher'])}x without)",
         f"  downtime                    256 MiB {num(f['downtime_ms_256M'])} ms, 2 GiB {num(f['downtime_ms_2G'])} ms",

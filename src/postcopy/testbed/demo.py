@@ -68,6 +68,9 @@ class DemoOptions:
     park_at: int | None = None
     inject: list = field(default_factory=list)  # inject.Injection events, applied in order
     source_options: tuple[str, ...] = ()  # more `postcopy source` flags (convergence, limits, --events)
+    # Benchmarks: CPUs of the source host (its guest and agent) and of the destination's
+    # (its agent, and so the incoming guest it starts); None: unpinned.
+    cpus: tuple[frozenset[int], frozenset[int]] | None = None
 
 
 def _agent(*args: str) -> list[str]:
@@ -111,7 +114,8 @@ def run_demo(options: DemoOptions) -> dict:
 
         guest_started = time.monotonic()
         argv = params.argv(control=control, pause_at=options.hold_at or options.park_at)
-        guest = bed.popen(bed.source, argv, **pipes)
+        source_cpus, dest_cpus = options.cpus or (None, None)
+        guest = bed.popen(bed.source, argv, cpus=source_cpus, **pipes)
         wait_for_control(control, proc=guest)
         if options.hold_at is None:
             _warm_up(control, options, guest, guest_started)
@@ -121,7 +125,7 @@ def run_demo(options: DemoOptions) -> dict:
                                           "--backing", params.backing, "--install", options.install,
                                           "--vm", params.vm, "--workdir", dest_work,
                                           "--json", f"{work}/dest.json", *unsafe,
-                                          *(["--prealloc"] if options.prealloc else [])), **pipes)
+                                          *(["--prealloc"] if options.prealloc else [])), cpus=dest_cpus, **pipes)
         source = bed.popen(bed.source, _agent("source", "--guest", control, "--connect", endpoint,
                                               "--key-file", key_file, "--json", f"{work}/source.json", "--raw-json",
                                               "--push-delay", str(options.push_delay), "--mode", options.mode,
@@ -131,7 +135,7 @@ def run_demo(options: DemoOptions) -> dict:
                                               "--stall-rounds", str(options.stall_rounds),
                                               *([] if options.free_hints else ["--no-free-hints"]), *unsafe,
                                               *options.source_options),
-                       **pipes)
+                       cpus=source_cpus, **pipes)
         _progress(options, "migrating ...")
         if options.inject:
             watch = inject.PhaseWatch(control, dest, options.port, dest_work)

@@ -170,17 +170,22 @@ class Testbed:
 
     # -- running things inside a host
 
-    def popen(self, host: Host, argv: list[str], **popen_kwargs: Any) -> subprocess.Popen:
+    def popen(self, host: Host, argv: list[str], *, cpus: frozenset[int] | None = None,
+              **popen_kwargs: Any) -> subprocess.Popen:
         """Start ``argv`` inside ``host``'s namespace (the child inherits the namespace of
-        the thread that forks it; no preexec_fn, no wrapper).  The process is tracked and
-        killed at close.  By default it gets its own session (``start_new_session``), so
-        close() also kills what it forked and a terminal's Ctrl-C goes to us, not to it."""
+        the thread that forks it; no preexec_fn, no wrapper), on ``cpus`` if given (the
+        child and every thread and process it makes inherit the forking thread's
+        affinity too).  The process is tracked and killed at close.  By default it gets
+        its own session (``start_new_session``), so close() also kills what it forked and
+        a terminal's Ctrl-C goes to us, not to it."""
         nsfd = self._nsfd(host)
         popen_kwargs.setdefault("start_new_session", True)
         own_group = bool(popen_kwargs["start_new_session"]) and popen_kwargs.get("process_group") is None
         st = self._state
 
         def spawn() -> subprocess.Popen:
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)  # this short-lived thread only
             proc = subprocess.Popen(argv, **popen_kwargs)
             with st.lock:
                 if not st.closing:
