@@ -86,3 +86,12 @@ int64_t pc_memfd_data_runs(int memfd, const void *map, uint64_t npages, uint32_t
     free(vec);
     return rc ? rc : (int64_t)l.n;
 }
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+int pc_populate_write(void *addr, uint64_t length)
+{
+    return madvise(addr, length, MADV_POPULATE_WRITE) == 0 ? 0 : -errno;
+}

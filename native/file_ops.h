@@ -23,4 +23,14 @@ int pc_punch_hole(int fd, uint64_t offset, uint64_t length);
 int64_t pc_memfd_data_runs(int memfd, const void *map, uint64_t npages, uint32_t page_size, uint64_t *runs,
                            uint64_t max_runs);
 
+/*
+ * Allocate and map every page of [addr, addr + length) for writing
+ * (MADV_POPULATE_WRITE, Linux 5.14; defined here for older headers). A call from
+ * Python's mmap.madvise holds the GIL throughout: populating a 2 GiB guest here takes
+ * 1-5 s, and the destination's watchdog keeper (a Python thread renewing the incoming
+ * guest's 2 s watchdog every second) starved, so the guest stopped itself. cffi
+ * releases the GIL around this call. Returns 0 or -errno.
+ */
+int pc_populate_write(void *addr, uint64_t length);
+
 #endif

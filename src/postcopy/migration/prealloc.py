@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import time
-
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python 3.11's mmap lacks it
 
 
 class PreallocError(OSError):
@@ -38,17 +37,20 @@ def map_guest_ram(memfd: int, size: int) -> mmap.mmap:
 
 def populate(ram: mmap.mmap) -> float:
     """Allocate every page of ``ram`` (a shared mapping of the guest's memfd) and map it
-    here; returns the seconds it took. Raises PreallocError with the reason."""
+    here, without holding the GIL (the agent's other threads, such as the incoming
+    guest's watchdog keeper, go on); returns the seconds it took. Raises PreallocError
+    with the reason."""
+    from postcopy._native import ffi, lib
+
     started = time.monotonic()
-    try:
-        ram.madvise(MADV_POPULATE_WRITE)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            raise PreallocError(exc.errno, "--prealloc needs MADV_POPULATE_WRITE (Linux 5.14 or newer)") from None
-        if exc.errno in (errno.ENOMEM, errno.EFAULT, errno.ENOSPC):
-            raise PreallocError(exc.errno, f"--prealloc: could not allocate the guest's {len(ram) >> 20} MiB of "
-                                           f"RAM here: {exc.strerror}") from None
-        raise
+    rc = lib.pc_populate_write(ffi.from_buffer(ram), len(ram))
+    if rc == -errno.EINVAL:
+        raise PreallocError(errno.EINVAL, "--prealloc needs MADV_POPULATE_WRITE (Linux 5.14 or newer)")
+    if rc in (-errno.ENOMEM, -errno.EFAULT, -errno.ENOSPC):
+        raise PreallocError(-rc, f"--prealloc: could not allocate the guest's {len(ram) >> 20} MiB of "
+                                 f"RAM here: {os.strerror(-rc)}")
+    if rc:
+        raise OSError(-rc, f"--prealloc: populating the guest's RAM: {os.strerror(-rc)}")
     return time.monotonic() - started
 
 
