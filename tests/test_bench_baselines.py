@@ -15,7 +15,9 @@ import pytest
 from postcopy._native import ffi, lib
 from postcopy.bench import baselines, floors, net
 from postcopy.bench.agentcpu import AgentCpu, pages_moved_in_push_window, push_cpu_per_gib, push_window_ns
-from postcopy.bench.run import baseline_ratios, format_bench, push_figures
+from postcopy.bench.ratios import baseline_ratios
+from postcopy.bench.run import push_figures
+from postcopy.bench.tables import format_bench
 from postcopy.guest import GuestParams
 from conftest import require_netns, require_uffd
 

@@ -10,7 +10,8 @@ import pytest
 
 from postcopy._native import ffi, lib
 from postcopy.bench.ckptfloor import FloorUnavailable, attach_floors, checkpoint_floor
-from postcopy.bench.run import baseline_ratios, format_bench
+from postcopy.bench.ratios import baseline_ratios
+from postcopy.bench.tables import format_bench
 from test_bench_baselines import _synthetic_bench
 
 
