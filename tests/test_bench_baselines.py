@@ -195,8 +195,10 @@ def _synthetic_bench() -> dict:
             "tcp_into_ram": {"ram-copy": {"bytes_per_s": 8e8, "placement": "same_cpu",
                                           "by_placement": {"same_cpu": {**bulk, "bytes_per_s": 8e8}}},
                              "ram-prefault": {"bytes_per_s": 1.6e9, "placement": "across_cpus",
-                                              "by_placement": {"across_cpus": {**bulk, "bytes_per_s": 1.6e9,
-                                                                               "prefault_s_per_gib": 0.6}}}},
+                                              "by_placement": {"across_cpus": {
+                                                  "bytes_per_s": 1.6e9, "prefault_s_per_gib": 0.6,
+                                                  "cpu": {"client": {**side, "cpu_s_per_gib": 0.4},
+                                                          "server": {**side, "cpu_s_per_gib": 0.125}}}}}},
             "ram_floor": {"bytes": 1 << 20, "uffdio_copy_fresh": {"cpu_s_per_gib": 0.3, "bytes_per_s": 3e9}}}
     figures = {"push_bytes_per_s": 5e8, "fault_us_without_pusher": {"p50": 200.0, "p99": 800.0},
                "fault_us_with_pusher": {"p50": 300.0, "p99": 1600.0},
@@ -216,6 +218,8 @@ def test_ratios_are_taken_against_the_c_floor_of_each_placement():
         "fault_p50_vs_floor_across_cpus": 2.0, "fault_p99_vs_floor_across_cpus": 2.0,
         "fault_p99_with_vs_without_pusher": 2.0,
         "source_cpu_per_gib_vs_c": 2.0, "dest_cpu_per_gib_vs_c": None,  # no figure, no ratio
+        # No install variant named: no floor of its RAM work either.
+        "source_cpu_per_gib_vs_c_into_ram": None, "dest_cpu_per_gib_vs_c_into_ram": None,
     }
     result["ratios"] = ratios
     text = format_bench(result)
@@ -252,8 +256,12 @@ def test_the_push_figure_is_the_best_install_path_and_names_it():
            "1.00 GB/s | TCP bulk / TCP bulk into ram-prefault 1.60 GB/s | 0.50x / 0.62x |" in text
     assert "| TCP bulk into ram-prefault (populated first: 0.60 s/GiB) | across_cpus | 1.60 GB/s |" in text
     assert "| guest RAM: uffdio_copy_fresh | one thread | 3.00 GB/s | 0.30 s/GiB |" in text
+    # The agents' CPU also against the C floor doing the same RAM work (here: received into populated RAM).
+    assert result["ratios"]["source_cpu_per_gib_vs_c_into_ram"] == 2.5
     assert "| source agent CPU s per GiB moved in the push window (install continue+prealloc, the best of 3) | " \
-           "1.00 |" in text
+           "1.00 | TCP sender 0.50 / TCP sender into ram-prefault 0.40 | 2.00x / 2.50x |" in text
+    assert "source CPU per GiB moved while pushing   1.00 s   (2.00x C sender, 2.50x C sender into RAM the same way)" \
+        in text
 
 
 def test_popen_pins_the_child_and_everything_it_starts(bed):

@@ -27,7 +27,21 @@ def baseline_ratios(base: dict, figures: dict) -> dict:
             ratios[f"fault_{p}_pinned_{placement}_vs_floor"] = ratio(row["fault_us"][p], floor[p])
     ratios["fault_p99_with_vs_without_pusher"] = ratio(with_push["p99"], no_push["p99"])
     c_cpu = base["tcp_bulk"][base["tcp_bulk_placement"]]["cpu"]
+    into_cpu = push_floor_cpu(base, figures)
     for role, side in (("source", "client"), ("dest", "server")):
         agent = (figures.get("push_cpu") or {}).get(role) or {}
         ratios[f"{role}_cpu_per_gib_vs_c"] = ratio(agent.get("cpu_s_per_gib"), c_cpu[side]["cpu_s_per_gib"])
+        ratios[f"{role}_cpu_per_gib_vs_c_into_ram"] = ratio(agent.get("cpu_s_per_gib"),
+                                                            (into_cpu.get(side) or {}).get("cpu_s_per_gib"))
     return ratios
+
+
+def push_floor_cpu(base: dict, figures: dict) -> dict:
+    """The C sender's and receiver's CPU ("client", "server") of TCP bulk into guest RAM
+    done as the reported push does it (its install variant's RAM floor, at that floor's
+    faster placement): the same work, where the raw link's floor fills no RAM. {} if
+    either is missing."""
+    variant = (figures.get("push_by_install") or {}).get(figures.get("push_install")) or {}
+    floor = (base.get("tcp_into_ram") or {}).get(variant.get("ram_floor")) or {}
+    placement = (floor.get("by_placement") or {}).get(floor.get("placement")) or {}
+    return placement.get("cpu") or {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from postcopy import report
 from postcopy.bench.checkpointing import checkpoint_table
-from postcopy.bench.ratios import ratio
+from postcopy.bench.ratios import push_floor_cpu, ratio
 from postcopy.units import format_num
 
 
@@ -35,11 +35,16 @@ def _headline_rows(result: dict) -> list[str]:
                     f"{format_num(row['dest_cpu_s_per_gib'])}{prealloc}) | {format_num(push and push / 1e9)} GB/s | "
                     f"TCP bulk / TCP bulk into {into} {format_num(floor_rate and floor_rate / 1e9)} GB/s | "
                     f"{_times(ratio(push, tcp))} / {_times(r.get(f'push_{path}_vs_tcp_into_{into}'))} |")
+    into_cpu = push_floor_cpu(b, f)
+    into = (by_install.get(f.get("push_install")) or {}).get("ram_floor")
     for role, side, name in (("source", "client", "sender"), ("dest", "server", "receiver")):
         agent = push_cpu.get(role) or {}
+        c_floor, times = f"TCP {name} {bulk['cpu'][side]['cpu_s_per_gib']:.2f}", _times(r[f"{role}_cpu_per_gib_vs_c"])
+        if into:  # and the same RAM work's floor
+            c_floor += f" / TCP {name} into {into} {format_num((into_cpu.get(side) or {}).get('cpu_s_per_gib'))}"
+            times += f" / {_times(r.get(f'{role}_cpu_per_gib_vs_c_into_ram'))}"
         rows.append(f"| {role} agent CPU s per GiB moved in the push window{best} | "
-                    f"{format_num(agent.get('cpu_s_per_gib'))} | "
-                    f"TCP {name} {bulk['cpu'][side]['cpu_s_per_gib']:.2f} | {_times(r[f'{role}_cpu_per_gib_vs_c'])} |")
+                    f"{format_num(agent.get('cpu_s_per_gib'))} | {c_floor} | {times} |")
     for p in ("p50", "p99"):
         rows.append(f"| demand fault {p}, no pusher | {format_num(f['fault_us_without_pusher'][p], us)} µs | RTT+uffd "
                     + " / ".join(f"{format_num(floor[n][p], us)} µs ({n})" for n in placements) + " | "
@@ -132,7 +137,8 @@ def format_bench(result: dict) -> str:
         f"   ({_times(r['push_vs_tcp_bulk'])} C TCP bulk; install {f.get('push_install', 'copy')})",
         *(_push_line(name, row, b, r) for name, row in (f.get("push_by_install") or {}).items()),
         *(f"  {role} CPU per GiB moved while pushing   {num((f['push_cpu'].get(role) or {}).get('cpu_s_per_gib'))} s"
-          f"   ({_times(r[f'{role}_cpu_per_gib_vs_c'])} C {side})"
+          f"   ({_times(r[f'{role}_cpu_per_gib_vs_c'])} C {side},"
+          f" {_times(r.get(f'{role}_cpu_per_gib_vs_c_into_ram'))} C {side} into RAM the same way)"
           for role, side in (("source", "sender"), ("dest", "receiver"))),
         f"  demand fault, no pusher     p50 {num(f['fault_us_without_pusher']['p50'], '{:.1f}')} µs"
         f"  p99 {num(f['fault_us_without_pusher']['p99'], '{:.1f}')} µs",
