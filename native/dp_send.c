@@ -1,6 +1,7 @@
 /* dp_send: the source's push loop and demand server without the GIL (see dp_send.h). */
 #define _GNU_SOURCE
 #include "dp_send.h"
+#include "file_ops.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -15,7 +16,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FAULT_AROUND (64u << 10) /* the kernel's default fault_around_bytes */
 #define PM_PRESENT (1ull << 63)
 #define PM_SWAP (1ull << 62)
 #define PAGEMAP_CHUNK 512
@@ -246,17 +246,6 @@ static int read_memfd(struct pc_dp_send *s, uint8_t *buf, uint64_t offset, size_
     return 0;
 }
 
-/* Drops [offset, offset+len) widened to the fault-around window from this mapping
- * (from the agent's RSS, not from the guest's RAM). */
-static void unmap_pages(struct pc_dp_send *s, uint64_t offset, uint64_t len)
-{
-    uint64_t start = offset / FAULT_AROUND * FAULT_AROUND;
-    uint64_t end = (offset + len + FAULT_AROUND - 1) / FAULT_AROUND * FAULT_AROUND;
-    if (end > s->size)
-        end = s->size;
-    madvise((void *)(s->map + start), end - start, MADV_DONTNEED);
-}
-
 /* One PAGE_RUN frame of pages [first, first+npages). */
 static int send_run(struct pc_dp_send *s, struct pc_dp_link *link, uint64_t first, uint64_t npages, uint8_t cause,
                     int who)
@@ -283,7 +272,7 @@ static int send_run(struct pc_dp_send *s, struct pc_dp_link *link, uint64_t firs
     /* The guest is paused: the mapped bytes the tag covers are those sendfile sends. */
     int taglen = seal(link, header, s->map + offset, len, tag);
     if (link->seal)
-        unmap_pages(s, offset, len);
+        pc_drop_mapped(s->map, s->size, offset, len); /* see file_ops.h */
     if (taglen < 0)
         return taglen;
     struct iovec iov[1] = {{header, sizeof(header)}};

@@ -95,3 +95,19 @@ int pc_populate_write(void *addr, uint64_t length)
 {
     return madvise(addr, length, MADV_POPULATE_WRITE) == 0 ? 0 : -errno;
 }
+
+void pc_fault_around_span(uint64_t address, uint64_t size, uint64_t offset, uint64_t len, uint64_t *start,
+                          uint64_t *end)
+{
+    uint64_t lo = (address + offset) / PC_FAULT_AROUND * PC_FAULT_AROUND;
+    uint64_t hi = (address + offset + len + PC_FAULT_AROUND - 1) / PC_FAULT_AROUND * PC_FAULT_AROUND;
+    *start = lo < address ? 0 : lo - address;
+    *end = hi - address > size ? size : hi - address;
+}
+
+void pc_drop_mapped(const void *map, uint64_t size, uint64_t offset, uint64_t len)
+{
+    uint64_t start, end;
+    pc_fault_around_span((uint64_t)(uintptr_t)map, size, offset, len, &start, &end);
+    madvise((void *)((uintptr_t)map + start), end - start, MADV_DONTNEED);
+}

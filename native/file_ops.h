@@ -33,4 +33,18 @@ int64_t pc_memfd_data_runs(int memfd, const void *map, uint64_t npages, uint32_t
  */
 int pc_populate_write(void *addr, uint64_t length);
 
+/*
+ * After reading [offset, offset + len) of a shared file mapping of `size` bytes at
+ * `map` (to tag it), drop those pages from this mapping again (from the process's RSS,
+ * not from the file), with the neighbours the kernel's fault-around mapped on each
+ * fault: windows of PC_FAULT_AROUND bytes (its default fault_around_bytes) aligned in
+ * virtual addresses, while a mapping starts only page aligned (widened by offset into
+ * the mapping instead, a run left up to 15 pages mapped at its edges).
+ * pc_fault_around_span gives the byte range [*start, *end) of the mapping it drops.
+ */
+#define PC_FAULT_AROUND (64u << 10)
+void pc_fault_around_span(uint64_t address, uint64_t size, uint64_t offset, uint64_t len, uint64_t *start,
+                          uint64_t *end);
+void pc_drop_mapped(const void *map, uint64_t size, uint64_t offset, uint64_t len);
+
 #endif

@@ -232,7 +232,6 @@ def test_the_window_doubles_while_one_stream_keeps_faulting_past_it(mem):
     channel, peer = _channel_pair(True)
     raw = bytearray()
     reader = _drain(peer, raw)
-    order = []
     for request, batch in (((10, 2), (0, 2)),     # hint 12: a new stream, 4 pages
                            ((16, 1), (2, 4)),     # hint 17, past its window [12, 16): 8 pages
                            ((26, 1), (4, 6)),     # hint 27, past [17, 25): 16 pages, capped at 12
@@ -416,3 +415,38 @@ def test_fuzz_c_request_parser_accepts_exactly_what_the_decoder_accepts():
                 assert python is None, context
     print(f"request parser fuzz: {outcomes}")
     assert outcomes["ok"] > FUZZ_CASES // 50 and outcomes["other"] > FUZZ_CASES // 2, outcomes
+
+
+def test_an_authenticated_push_leaves_none_of_the_pages_mapped():
+    """Bulk memfd runs are tagged through the plane's own mapping and dropped from it
+    again (native/dp_send.c, unmap_pages): after a push of the whole RAM the source's
+    mappings of it hold at most one fault-around window, whatever the mapping's
+    alignment (runs of 97 pages, aligned to nothing)."""
+    from test_frame_auth import _mapping_rss_kib
+
+    npages = 2048
+    fd = os.memfd_create("dp-send-rss")
+    os.ftruncate(fd, npages * PS)
+    os.pwrite(fd, os.urandom(npages * PS), 0)
+    memory = GuestMemory({"pid": os.getpid(), "ram_size": npages * PS, "page_size": PS, "ram_address": 0},
+                         {"memfd": fd})
+    try:
+        sent = bytearray(npages)
+        plane = dp_send.SendPlane(memory, sent)
+        plane.set_extents(memory.populated_extents())
+        server = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(server.getsockname())
+        sock, _ = server.accept()
+        server.close()
+        channel = Channel(sock, "main", wire.Layout(PS, ((0, npages * PS),)))
+        channel.secure(SEND_KEY, RECV_KEY)
+        raw = bytearray()
+        reader = _drain(peer, raw)
+        status, counts = plane.push(channel, [(0, npages)], run_pages=97)
+        channel.close()
+        reader.join()
+        peer.close()
+        assert status == dp_send.DONE and counts.pages_sent == npages
+        assert _mapping_rss_kib("dp-send-rss") <= 64
+    finally:
+        memory.close()

@@ -316,6 +316,28 @@ def _mapping_rss_kib(name: str) -> int:
     return total
 
 
+def test_fault_around_span_follows_virtual_addresses():
+    """The kernel's fault-around windows are aligned in virtual addresses; a mapping
+    starts only page aligned, so the span dropped after a run is widened by address
+    (pc_fault_around_span, native/file_ops.h)."""
+    from postcopy._native import ffi, lib
+
+    def span(address, offset, length, size=1 << 20):
+        start, end = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        lib.pc_fault_around_span(address, size, offset, length, start, end)
+        return start[0], end[0]
+
+    window = 64 << 10
+    aligned, shifted = 0x7F0000000000, 0x7F0000000000 + 3 * PS  # a mapping 3 pages past a window
+    assert lib.PC_FAULT_AROUND == window
+    assert span(aligned, 16 * PS, PS) == (window, 2 * window)
+    # One page read at offset 16 pages (virtual: 19 pages in) may have mapped offsets
+    # 13..28: the window by offset, [16, 32), would leave pages 13-15 mapped.
+    assert span(shifted, 16 * PS, PS) == (13 * PS, 29 * PS)
+    assert span(shifted, 0, PS) == (0, 13 * PS)  # clipped to the mapping
+    assert span(shifted, (1 << 20) - PS, PS) == ((1 << 20) - 3 * PS, 1 << 20)
+
+
 def test_tagging_memfd_pages_leaves_none_of_them_mapped():
     """After the switchover memfd runs go out with sendfile, their tag computed through
     a mapping: each run's pages (and the kernel's fault-around neighbours) are dropped

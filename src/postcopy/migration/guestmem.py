@@ -16,7 +16,6 @@ from postcopy.protocol.wire import MAX_RUN_BYTES
 # Runs sent after the switchover: the source guest is paused, so their bytes cannot
 # change between the frame's tag and sendfile's copy.
 _STABLE_CAUSES = frozenset({wire.Cause.DEMAND, wire.Cause.PUSHED, wire.Cause.STATE})
-_FAULT_AROUND = 64 << 10  # the kernel's default fault_around_bytes
 
 
 class GuestMemory:
@@ -123,11 +122,14 @@ class GuestMemory:
 
     def _unmap_pages(self, offset: int, length: int) -> None:
         """Drop the pages of [offset, offset+length) from this mapping (from RSS, not
-        from the guest's RAM), widened to the kernel's fault-around window, which
-        maps neighbours of every page read."""
-        start = offset // _FAULT_AROUND * _FAULT_AROUND
-        end = min(-(-(offset + length) // _FAULT_AROUND) * _FAULT_AROUND, self.size)
-        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        from the guest's RAM), with the neighbours fault-around mapped (native/file_ops.h)."""
+        from postcopy._native import ffi, lib
+
+        pointer = ffi.from_buffer(self._map)
+        try:
+            lib.pc_drop_mapped(pointer, self.size, offset, length)
+        finally:
+            ffi.release(pointer)
 
     def _read_only_map(self) -> mmap.mmap:
         """This agent's read-only shared mapping of the memfd (made once)."""
