@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "ram_floor.h"
 #include "bench_util.h"
+#include "file_ops.h"
 #include "uffd_ops.h"
 
 #include <errno.h>
@@ -9,10 +10,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older headers lack it */
-#endif
 
 #define CHUNK (1u << 20)
 
@@ -46,8 +43,8 @@ int pc_ram_target_open(struct pc_ram_target *t, int kind, uint64_t bytes)
 		return 0;
 	}
 	uint64_t start = pc_now_ns();
-	if (madvise(t->ram, t->bytes, MADV_POPULATE_WRITE) < 0)
-		goto fail_errno;
+	if ((rc = pc_populate_write(t->ram, t->bytes)) < 0) /* as dest --prealloc does */
+		goto fail;
 	t->prep_ns = pc_now_ns() - start;
 	return 0;
 fail_errno:

@@ -94,7 +94,6 @@ class PageSender:
         self.urgent_error: BaseException | None = None
         self._on_progress = on_progress
         self._sent = bytearray(mem.npages)  # per page: sent once already (claimed under the plane's lock)
-        self._sent_start: int | None = None  # the marks make_plane wrote (none yet: untouched)
         self._priority: ranges.Runs = []  # pushed before the sweep (hybrid: the stale set)
         self._plane: SendPlane | None = None  # the native push loop and demand server, from the switchover
         self._extents_set = False
@@ -132,16 +131,13 @@ class PageSender:
         self._priority = list(stale)
 
     def make_plane(self, precopied: bool) -> None:
-        """The native push loop and demand server, and every page's starting mark in the
-        sent map: sent (precopy ran) or not (idempotent). Comes before the pause: it maps
-        the RAM without reading it, and the map's pages are written here, not in the
-        downtime (a first write to a fresh page can cost ~10 µs on a VM: at 2 GiB the
-        map's 128 pages took 1.5 ms of downtime)."""
-        start = int(precopied)
-        if self._sent_start != start:
-            self._sent[:] = bytes((start,)) * len(self._sent)
-            self._sent_start = start
+        """The native push loop and demand server, made with every page's starting mark
+        in the sent map: sent (precopy ran) or not (idempotent). Comes before the pause:
+        it maps the RAM without reading it, and the map's pages are written here, not in
+        the downtime (a first write to a fresh page can cost ~10 µs on a VM: at 2 GiB
+        the map's 128 pages took 1.5 ms of downtime)."""
         if self._plane is None:
+            self._sent[:] = bytes((int(precopied),)) * len(self._sent)
             self._plane = SendPlane(self.mem, self._sent, rate=self.push_limit.rate, burst=self.push_limit.burst)
 
     def outstanding_after_recovery(self, missing: ranges.Runs) -> None:
